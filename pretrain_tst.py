@@ -1,0 +1,50 @@
+"""Pre-train a GPT / MoE model with Token Superposition Training on Megatron-Core.
+
+Launch like Megatron-LM's pretrain_gpt.py, e.g.
+
+    torchrun --nproc-per-node 8 pretrain_tst.py --tensor-model-parallel-size 2 ... \
+        --tst-bag-size 6 --tst-phase1-fraction 0.3
+
+Without ``--tst-*`` flags it is a plain baseline trainer. ``--help`` lists every flag.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
+
+    args = parse_args(argv)
+    try:
+        validate_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as err:
+        print(f"pretrain_tst.py: error: {err}", file=sys.stderr)
+        return 2
+
+    import torch
+    from megatron.core import parallel_state
+
+    from tst_megatron.config import TSTConfigError
+    from tst_megatron.data.stream import DataError
+    from tst_megatron.data.tokenizer import TokenizerError
+    from tst_megatron.training.checkpointing import CheckpointError
+    from tst_megatron.training.loop import Trainer, initialize_distributed
+
+    initialize_distributed(args)
+    code = 0
+    try:
+        Trainer(args).train()
+    except (DataError, CheckpointError, TokenizerError, TSTConfigError) as err:
+        print(f"pretrain_tst.py: error: {err}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        parallel_state.destroy_model_parallel()
+        torch.distributed.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

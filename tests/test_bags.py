@@ -1,0 +1,49 @@
+"""Bag averaging against an explicit loop, and the row layout the model embeds."""
+
+import pytest
+import torch
+
+from tst_megatron.bags import average_bag_rows, average_bags, bag_rows
+
+
+def test_average_bags_matches_loop():
+    torch.manual_seed(0)
+    s, latent, b, h = 3, 5, 2, 4
+    emb = torch.randn(s * latent, b, h)
+    out = average_bags(emb, s)
+    assert out.shape == (latent, b, h)
+    for i in range(latent):
+        torch.testing.assert_close(out[i], emb[i * s : (i + 1) * s].mean(0))
+
+
+def test_average_bags_identity_and_errors():
+    emb = torch.randn(6, 1, 2)
+    assert average_bags(emb, 1) is emb
+    with pytest.raises(ValueError, match="6 embeddings is not a whole number of bags of 4"):
+        average_bags(emb, 4)
+    with pytest.raises(ValueError, match="bag_size must be >= 1, got 0"):
+        average_bags(emb, 0)
+
+
+def test_bag_rows_then_row_average_equals_average_bags():
+    torch.manual_seed(1)
+    s, latent, b, h, vocab = 4, 6, 3, 5, 50
+    table = torch.randn(vocab, h)
+    ids = torch.randint(0, vocab, (b, s * latent))
+    rows = bag_rows(ids, s)
+    assert rows.shape == (b * s, latent)
+    # row j*s + k holds token k of every bag of sample j
+    assert torch.equal(rows[1 * s + 2], ids[1, 2::s])
+    row_emb = table[rows].transpose(0, 1)  # [L, b*s, h]
+    expected = average_bags(table[ids].transpose(0, 1), s)
+    torch.testing.assert_close(average_bag_rows(row_emb, s), expected)
+    with pytest.raises(ValueError, match="input of 10 tokens per sample is not a whole number"):
+        bag_rows(torch.zeros(1, 10, dtype=torch.long), 4)
+
+
+def test_average_bags_accumulates_in_fp32():
+    emb = torch.full((16, 1, 1), 1.0, dtype=torch.bfloat16)
+    emb[0] = 256.0
+    out = average_bags(emb, 16)
+    assert out.dtype == torch.bfloat16
+    assert out.item() == pytest.approx((256 + 15) / 16, rel=1e-2)

@@ -1,0 +1,1 @@
+"""Data: tokenizers, the phase-aware training token stream, validation datasets."""

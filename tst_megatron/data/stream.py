@@ -1,0 +1,186 @@
+"""The training token stream, shared by both TST phases.
+
+Why not `GPTDataset` for training: it shuffles *samples*, and its sample boundaries depend
+on the sequence length, so a phase-1 dataset (windows of ``s*(L+1)`` tokens) and a phase-2
+dataset (``L+1``) over the same documents would overlap: phase 2 would re-read phase-1
+tokens. TST needs phase 2 to continue "in the token stream after the last token phase 1
+consumed". So each dataset of the blend is read as one stream: its split's documents in a
+seeded shuffled order (reshuffled per epoch), concatenated; a cursor counts the tokens
+consumed. A sample is the next window of the phase's length at the cursor, and consecutive
+windows share one token, exactly like `GPTDataset`'s ``L+1``-token samples. The blend
+between datasets uses Megatron's greedy rule (the dataset furthest behind its weight goes
+next), so per-dataset cursors are all the state there is: they go into the checkpoint and
+phase 2 (in-process or a second job) resumes from them.
+
+Validation still uses Megatron-Core's `GPTDataset` (see `validation.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """The data cannot serve the requested training (too short, bad blend, bad files)."""
+
+
+class DocumentStream:
+    """One dataset split as an endless document-shuffled token stream.
+
+    Args:
+        dataset: a Megatron-Core `IndexedDataset` (or anything with ``sequence_lengths`` and
+            ``get(idx, offset, length)``), one sequence per document.
+        documents: the document ids of this split.
+        seed: shuffle seed; epoch e uses ``RandomState(seed + e)``.
+        name: shown in messages.
+    """
+
+    def __init__(self, dataset, documents: np.ndarray, seed: int, name: str) -> None:
+        self.dataset = dataset
+        self.documents = np.asarray(documents, dtype=np.int64)
+        self.seed = seed
+        self.name = name
+        lengths = np.asarray(dataset.sequence_lengths, dtype=np.int64)[self.documents]
+        self.tokens_per_epoch = int(lengths.sum())
+        if self.tokens_per_epoch == 0:
+            raise DataError(f"dataset {name} has no tokens in this split")
+        self._epoch_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._warned_epochs: set[int] = set()
+
+    def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(document order, start offset of each document in the epoch)."""
+        if epoch not in self._epoch_cache:
+            if len(self._epoch_cache) > 2:
+                self._epoch_cache.clear()
+            order = np.random.RandomState(self.seed + epoch).permutation(self.documents)
+            lengths = np.asarray(self.dataset.sequence_lengths, dtype=np.int64)[order]
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            self._epoch_cache[epoch] = (order, starts)
+        return self._epoch_cache[epoch]
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens ``[start, start + length)`` of the stream (crossing documents and epochs)."""
+        pieces = []
+        position, remaining = start, length
+        while remaining > 0:
+            epoch, offset = divmod(position, self.tokens_per_epoch)
+            if epoch > 0 and epoch not in self._warned_epochs:
+                self._warned_epochs.add(epoch)
+                logger.warning(
+                    "dataset %s: starting epoch %d (the run has read all %d tokens of this "
+                    "split %d time(s); data now repeats in a new order)",
+                    self.name, epoch + 1, self.tokens_per_epoch, epoch,
+                )
+            order, starts = self._epoch_layout(epoch)
+            doc = int(np.searchsorted(starts, offset, side="right")) - 1
+            doc_offset = offset - int(starts[doc])
+            doc_length = int(self.dataset.sequence_lengths[order[doc]])
+            take = min(remaining, doc_length - doc_offset)
+            pieces.append(
+                np.asarray(self.dataset.get(int(order[doc]), offset=doc_offset, length=take))
+            )
+            position += take
+            remaining -= take
+        return np.concatenate(pieces).astype(np.int64)
+
+
+class MockStream:
+    """A synthetic learnable stream for ``--mock-data``: a seeded random sequence repeated."""
+
+    def __init__(self, vocab_size: int, seed: int, period: int = 10_007) -> None:
+        self.name = "mock"
+        self.tokens_per_epoch = period
+        self._tokens = np.random.RandomState(seed).randint(0, vocab_size, size=period)
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        return self._tokens[(start + np.arange(length)) % self.tokens_per_epoch].astype(np.int64)
+
+
+@dataclass
+class StreamState:
+    """Checkpointed position of the training stream."""
+
+    cursors: list[int]
+    samples: list[int]
+    consumed_tokens: int = 0
+
+    def as_dict(self) -> dict:
+        return {
+            "cursors": list(self.cursors),
+            "samples": list(self.samples),
+            "consumed_tokens": self.consumed_tokens,
+        }
+
+
+@dataclass
+class BlendedStream:
+    """Weighted blend of streams with one cursor per stream.
+
+    ``next_windows(n, window)`` returns the next ``n`` windows (a global batch) in order and
+    advances the cursors by ``window - 1`` tokens per window.
+    """
+
+    streams: Sequence
+    weights: Sequence[float]
+    state: StreamState = field(default=None)
+
+    def __post_init__(self) -> None:
+        if len(self.streams) != len(self.weights):
+            raise DataError(
+                f"{len(self.streams)} datasets but {len(self.weights)} blend weights"
+            )
+        if any(w <= 0 for w in self.weights):
+            raise DataError(f"blend weights must be positive, got {list(self.weights)}")
+        total = float(sum(self.weights))
+        self.weights = [w / total for w in self.weights]
+        if self.state is None:
+            self.state = StreamState([0] * len(self.streams), [0] * len(self.streams))
+
+    def load_state(self, state: dict) -> None:
+        if len(state["cursors"]) != len(self.streams):
+            raise DataError(
+                f"the checkpoint's data position has {len(state['cursors'])} datasets, this run "
+                f"has {len(self.streams)}: resume with the same --data-path blend"
+            )
+        self.state = StreamState(
+            [int(c) for c in state["cursors"]],
+            [int(c) for c in state["samples"]],
+            int(state.get("consumed_tokens", 0)),
+        )
+
+    def _next_dataset(self) -> int:
+        drawn = sum(self.state.samples) + 1
+        errors = [w * drawn - n for w, n in zip(self.weights, self.state.samples, strict=True)]
+        return int(np.argmax(errors))
+
+    def next_windows(self, count: int, window: int, rows: slice | None = None) -> np.ndarray:
+        """The next ``count`` windows of ``window`` tokens; advances the cursors.
+
+        Every rank advances the cursors over all ``count`` windows (cheap) but reads only
+        ``rows`` (its data-parallel share), so ranks stay in step without communication.
+
+        Returns:
+            ``[len(rows), window]`` int64 token windows.
+        """
+        placements = []
+        for _ in range(count):
+            k = self._next_dataset()
+            placements.append((k, self.state.cursors[k]))
+            self.state.cursors[k] += window - 1
+            self.state.samples[k] += 1
+            self.state.consumed_tokens += window - 1
+        chosen = placements[rows] if rows is not None else placements
+        out = np.empty((len(chosen), window), dtype=np.int64)
+        for row, (k, start) in enumerate(chosen):
+            out[row] = self.streams[k].read(start, window)
+        return out
+
+    def tokens_available(self) -> int:
+        """Tokens in one epoch of every stream together."""
+        return sum(s.tokens_per_epoch for s in self.streams)

@@ -1,0 +1,87 @@
+"""Run-time faults: non-finite steps, exit signals and time/iteration limits.
+
+Every decision here is agreed by all ranks through one small all-reduce, so no rank
+skips a step or exits alone.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from argparse import Namespace
+
+import torch
+
+
+def _any_rank(flag: bool) -> bool:
+    value = torch.tensor([1.0 if flag else 0.0])
+    if torch.cuda.is_available():
+        value = value.cuda()
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+class BadStepGuard:
+    """Detects NaN/Inf gradients on any rank; counts consecutive bad steps."""
+
+    def __init__(self, max_consecutive: int) -> None:
+        self.max_consecutive = max_consecutive
+        self.consecutive = 0
+        self.total = 0
+        self.last_bad_iteration: int | None = None
+
+    def grads_not_finite(self, chunks) -> bool:
+        """True on every rank when any rank's local gradients hold a NaN or Inf."""
+        bad = False
+        for chunk in chunks:
+            for buffer in [*chunk.buffers, *chunk.expert_parallel_buffers]:
+                if not torch.isfinite(buffer.grad_data).all():
+                    bad = True
+        return _any_rank(bad)
+
+    def record(self, bad: bool, iteration: int) -> None:
+        if bad:
+            self.consecutive += 1
+            self.total += 1
+            self.last_bad_iteration = iteration
+        else:
+            self.consecutive = 0
+
+    def should_stop(self) -> bool:
+        return self.max_consecutive > 0 and self.consecutive >= self.max_consecutive
+
+    def stop_message(self) -> str:
+        return (
+            f"stopping: {self.consecutive} consecutive iterations with a NaN/Inf loss or "
+            f"gradient, the last at iteration {self.last_bad_iteration} (limit "
+            f"--max-bad-steps {self.max_consecutive}); their updates were skipped and no "
+            "checkpoint was written from them: resume from the last checkpoint, e.g. with a "
+            "lower --lr"
+        )
+
+
+class ExitRequests:
+    """Exit signals (SIGTERM/SIGUSR1, Slurm's warning), --exit-duration-in-mins, --exit-interval."""
+
+    def __init__(self, args: Namespace) -> None:
+        self.duration_s = (args.exit_duration_in_mins or 0) * 60
+        self.interval = args.exit_interval or 0
+        self.received: str | None = None
+        if args.exit_signal_handler:
+            signal.signal(args.exit_signal, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def check(self, iteration: int, start_time: float) -> str | None:
+        """The reason to save and exit now, agreed by all ranks, or None."""
+        reason = None
+        if self.received:
+            reason = f"received {self.received}"
+        elif self.duration_s and time.time() - start_time > self.duration_s:
+            reason = f"--exit-duration-in-mins {self.duration_s / 60:g} reached"
+        elif self.interval and iteration % self.interval == 0:
+            reason = f"--exit-interval {self.interval} reached"
+        if _any_rank(reason is not None):
+            return reason or "another rank asked to exit"
+        return None

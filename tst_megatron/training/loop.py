@@ -1,0 +1,421 @@
+"""The pre-training loop: Megatron-Core schedules, DDP, optimizer, checkpoints, TST phases.
+
+Only the loop and what TST needs are written here; every parallel mechanism is mcore's:
+`get_forward_backward_func` (1F1B / interleaved pipeline), `DistributedDataParallel`,
+`get_megatron_optimizer` (ZeRO-1 with ``--use-distributed-optimizer``),
+`OptimizerParamScheduler`, the num-microbatches calculator and `dist_checkpointing`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from argparse import Namespace
+from datetime import timedelta
+from functools import partial
+
+import numpy as np
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.num_microbatches_calculator import (
+    get_current_global_batch_size,
+    get_num_microbatches,
+    init_num_microbatches_calculator,
+    update_num_microbatches,
+)
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_batch_on_this_cp_rank
+
+from tst_megatron.config import STANDARD_PHASE, PhaseSpec
+from tst_megatron.data.builders import build_train_stream, build_valid_dataset, mock_valid_windows
+from tst_megatron.data.tokenizer import build_tokenizer
+from tst_megatron.targets import build_batch
+from tst_megatron.training import checkpointing as ckpt
+from tst_megatron.training.faults import BadStepGuard, ExitRequests
+from tst_megatron.training.metrics import MetricsLogger
+from tst_megatron.training.model_builder import build_model, transformer_config_from_args
+from tst_megatron.training.optimizer import build_optimizer, build_scheduler
+
+
+def initialize_distributed(args: Namespace) -> None:
+    """Process group, model-parallel groups, seeds and the micro-batch calculator."""
+    if not torch.cuda.is_available():
+        from tst_megatron.cpu.shim import install_cpu_shim
+
+        install_cpu_shim()
+    if not torch.distributed.is_initialized():
+        timeout = timedelta(seconds=args.collective_timeout_s) if getattr(
+            args, "collective_timeout_s", None
+        ) else timedelta(minutes=args.distributed_timeout_minutes)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.distributed.init_process_group(args.distributed_backend, timeout=timeout)
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+    )
+    seed = args.seed + 100 * ps.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    init_num_microbatches_calculator(
+        torch.distributed.get_rank(),
+        args.rampup_batch_size,
+        args.global_batch_size,
+        args.micro_batch_size,
+        ps.get_data_parallel_world_size(),
+        decrease_batch_size_if_needed=False,
+    )
+
+
+def build_model_chunks(args: Namespace) -> list[DistributedDataParallel]:
+    """One DDP-wrapped `TSTGPTModel` per virtual pipeline stage on this rank."""
+    config = transformer_config_from_args(args)
+    vpp = args.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        model = build_model(
+            args,
+            config,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            vp_stage=stage,
+        )
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32,
+            overlap_grad_reduce=args.overlap_grad_reduce,
+            overlap_param_gather=args.overlap_param_gather,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+        )
+        chunks.append(
+            DistributedDataParallel(
+                config, ddp_config, model, disable_bucketing=vp_stage > 0
+            )
+        )
+    if args.overlap_grad_reduce:
+        no_sync = [chunk.no_sync for chunk in chunks]
+        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    return chunks
+
+
+def unwrap(chunk):
+    return getattr(chunk, "module", chunk)
+
+
+def _loss_func(position_mask: torch.Tensor, output: torch.Tensor):
+    """Mean loss over unmasked positions of the micro-batch (global over context parallel).
+
+    Args:
+        position_mask: ``[b, L]`` 1 where the position has at least one unmasked target.
+        output: ``[b, L]`` per-position loss from the model.
+    """
+    mask = position_mask.reshape(-1).float()
+    total = torch.stack([(output.float().reshape(-1) * mask).sum(), mask.sum()])
+    cp_size = ps.get_context_parallel_world_size()
+    if cp_size > 1:
+        torch.distributed.all_reduce(total, group=ps.get_context_parallel_group())
+    loss = total[0] * cp_size / total[1].clamp(min=1)
+    return loss, {"lm loss": total.detach().clone()}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    mask = batch["loss_mask"]
+    position_mask = mask.amax(dim=-1) if mask.dim() == 3 else mask
+    output = model(
+        batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=mask
+    )
+    return output, partial(_loss_func, position_mask)
+
+
+def split_for_context_parallel(batch: dict, bag_size: int) -> dict:
+    """This CP rank's share of latent positions (Megatron's load-balanced 2*CP chunks).
+
+    Bag-mode tokens ``[b, s*L]`` are split as ``[b, L, s]`` so whole bags move together.
+    """
+    if ps.get_context_parallel_world_size() == 1:
+        return batch
+    tokens = batch["tokens"]
+    b = tokens.shape[0]
+    shaped = {**batch, "tokens": tokens.view(b, -1, bag_size)}
+    local = get_batch_on_this_cp_rank(shaped)
+    local["tokens"] = local["tokens"].reshape(b, -1)
+    return local
+
+
+class Trainer:
+    """State of one run: model chunks, optimizer, data stream, counters."""
+
+    def __init__(self, args: Namespace) -> None:
+        self.args = args
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self.tokenizer = build_tokenizer(
+            args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file,
+            args.vocab_size,
+        )
+        self.stream = build_train_stream(args, self.tokenizer)
+        self.chunks = build_model_chunks(args)
+        self.optimizer = build_optimizer(args, self.chunks)
+        self.scheduler = build_scheduler(args, self.optimizer)
+        self.phase1_iters = args.tst.phase1_iterations(args.train_iters)
+        self.progress = ckpt.TrainingProgress(0, 0, 1 if self.phase1_iters else 2, {})
+        self.guard = BadStepGuard(args.max_bad_steps)
+        self.exits = ExitRequests(args)
+        self.metrics = MetricsLogger(args, self.phase1_iters)
+        self._valid = None
+
+    # --- phases -------------------------------------------------------------------------
+    def phase_spec(self, phase: int) -> PhaseSpec:
+        return self.args.tst.phase_spec(phase)
+
+    def set_phase(self, phase: int) -> None:
+        self.progress.phase = phase
+        for chunk in self.chunks:
+            unwrap(chunk).set_phase(self.phase_spec(phase))
+
+    def last_iteration(self) -> int:
+        """Where this invocation stops: end of phase 1 for ``--tst-phase 1``."""
+        if self.args.tst_phase == "1":
+            return self.phase1_iters
+        return self.args.train_iters
+
+    # --- checkpoints --------------------------------------------------------------------
+    def maybe_load(self) -> None:
+        args = self.args
+        if not args.load:
+            if args.tst_phase == "2":
+                raise ckpt.CheckpointError("--tst-phase 2 needs --load of a phase-1 checkpoint")
+            return
+        path = ckpt.find_checkpoint(args.load)
+        if path is None:
+            if args.allow_fresh_start:
+                self.metrics.print(f"no checkpoint under --load {args.load}; starting fresh")
+                return
+            raise ckpt.CheckpointError(
+                f"--load {args.load}: no checkpoint found (no {ckpt.TRACKER} and no "
+                f"{ckpt.META}); pass --allow-fresh-start to start from scratch"
+            )
+        meta = ckpt.read_checkpoint_meta(path)
+        ckpt.check_compatible(args, meta, path)
+        same_layout = meta["layout"] == {
+            "tensor_model_parallel_size": args.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
+            "world_size": torch.distributed.get_world_size(),
+        }
+        self.progress = ckpt.load_checkpoint(
+            args, self.chunks, self.optimizer, self.scheduler, path, load_rng=same_layout
+        )
+        if self.progress.data_state:
+            self.stream.load_state(self.progress.data_state)
+        self.metrics.print(
+            f"loaded checkpoint {path} at iteration {self.progress.iteration} "
+            f"(phase {self.progress.phase}, layout "
+            f"{'unchanged' if same_layout else 'changed: resharded'})"
+        )
+
+    def save(self) -> None:
+        if not self.args.save:
+            return
+        self.progress.data_state = self.stream.state.as_dict()
+        start = time.time()
+        path = ckpt.save_checkpoint(
+            self.args, self.chunks, self.optimizer, self.scheduler, self.progress
+        )
+        self.metrics.print(
+            f"saved checkpoint {path} at iteration {self.progress.iteration} "
+            f"({time.time() - start:.1f}s)"
+        )
+
+    # --- data ---------------------------------------------------------------------------
+    def _microbatches(self, spec: PhaseSpec) -> list[dict]:
+        args = self.args
+        num_micro = get_num_microbatches()
+        per_rank = num_micro * args.micro_batch_size
+        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        window = spec.window_length(args.seq_length)
+        rows = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+        windows = torch.from_numpy(self.stream.next_windows(per_rank * dp_size, window, rows))
+        target_mask = (windows != self.tokenizer.eod).float() if args.eod_mask_loss else None
+        batches = []
+        for i in range(num_micro):
+            rows_i = slice(i * args.micro_batch_size, (i + 1) * args.micro_batch_size)
+            sample = build_batch(
+                windows[rows_i], spec, args.seq_length,
+                None if target_mask is None else target_mask[rows_i],
+            ).as_dict()
+            sample = split_for_context_parallel(sample, spec.input_bag_size)
+            batches.append({k: v.to(self.device) for k, v in sample.items()})
+        return batches
+
+    # --- steps --------------------------------------------------------------------------
+    def _run_schedule(self, batches: list[dict], forward_only: bool) -> list[dict]:
+        args = self.args
+        iterators = [iter(batches) for _ in self.chunks]
+        return get_forward_backward_func()(
+            forward_step_func=_forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            num_microbatches=len(batches),
+            seq_length=args.seq_length // args.context_parallel_size,
+            micro_batch_size=args.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def train_step(self, spec: PhaseSpec) -> dict:
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self._run_schedule(self._microbatches(spec), forward_only=False)
+        bad = self.guard.grads_not_finite(self.chunks) and not self.args.fp16
+        if bad:
+            updated, grad_norm, num_zeros = False, float("nan"), None
+        else:
+            updated, grad_norm, num_zeros = self.optimizer.step()
+        gbs = get_current_global_batch_size()
+        if updated:
+            self.scheduler.step(increment=gbs)
+        self.guard.record(bad or not updated, self.progress.iteration + 1)
+        return {
+            "loss": _reduce_lm_loss(outputs),
+            "grad_norm": grad_norm,
+            "updated": updated,
+            "nan": bad,
+            "global_batch_size": gbs,
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+
+    def evaluate(self) -> float | None:
+        """Standard next-token validation loss (comparable across phases and baselines)."""
+        args = self.args
+        if not args.eval_iters:
+            return None
+        samples = self._validation_microbatches()
+        if not samples:
+            return None
+        phase = self.progress.phase
+        self.set_phase(2)
+        for chunk in self.chunks:
+            chunk.eval()
+        with torch.no_grad():
+            outputs = self._run_schedule(samples, forward_only=True)
+        for chunk in self.chunks:
+            chunk.train()
+        self.set_phase(phase)
+        return _reduce_lm_loss(outputs)
+
+    def _validation_microbatches(self) -> list[dict]:
+        if self._valid is not None:
+            return self._valid
+        args = self.args
+        mbs, dp_size = args.micro_batch_size, ps.get_data_parallel_world_size()
+        per_rank = args.eval_iters * mbs
+        total = per_rank * dp_size
+        first = ps.get_data_parallel_rank() * per_rank
+        if args.mock_data:
+            windows = mock_valid_windows(self.tokenizer, args.seed, total, args.seq_length + 1)
+            samples = [
+                build_batch(windows[first + i : first + i + 1], STANDARD_PHASE, args.seq_length)
+                .as_dict()
+                for i in range(per_rank)
+            ]
+        else:
+            dataset = build_valid_dataset(args, self.tokenizer, total)
+            if dataset is None:
+                self._valid = []
+                return self._valid
+            samples = []
+            for i in range(per_rank):
+                item = dataset[first + i]
+                samples.append({
+                    "tokens": torch.as_tensor(item["tokens"]).long().unsqueeze(0),
+                    "position_ids": torch.as_tensor(item["position_ids"]).long().unsqueeze(0),
+                    "labels": torch.as_tensor(item["labels"]).long().unsqueeze(0),
+                    "loss_mask": torch.as_tensor(item["loss_mask"]).float().unsqueeze(0),
+                })
+        batches = []
+        for start in range(0, per_rank, mbs):
+            group = samples[start : start + mbs]
+            batch = {k: torch.cat([g[k] for g in group]) for k in group[0]}
+            batch = split_for_context_parallel(batch, 1)
+            batches.append({k: v.to(self.device) for k, v in batch.items()})
+        self._valid = batches
+        return batches
+
+    # --- the loop -----------------------------------------------------------------------
+    def train(self) -> dict:
+        args = self.args
+        self.maybe_load()
+        if args.tst_phase == "2" and self.progress.phase == 1:
+            self.progress.phase = 2
+            self.metrics.phase_boundary(self.progress.iteration, self.stream.state)
+        elif self.progress.iteration >= self.phase1_iters and self.progress.phase == 1:
+            self.progress.phase = 2
+        self.set_phase(self.progress.phase)
+        stop_at = self.last_iteration()
+        update_num_microbatches(self.progress.consumed_samples, consistency_check=False)
+        final = {"iteration": self.progress.iteration}
+        while self.progress.iteration < stop_at:
+            if self.progress.phase == 1 and self.progress.iteration >= self.phase1_iters:
+                self.set_phase(2)
+                self.metrics.phase_boundary(self.progress.iteration, self.stream.state)
+            update_num_microbatches(self.progress.consumed_samples, consistency_check=True)
+            spec = self.phase_spec(self.progress.phase)
+            start = time.time()
+            step = self.train_step(spec)
+            self.progress.iteration += 1
+            self.progress.consumed_samples += step["global_batch_size"]
+            if not step["updated"]:
+                self.progress.skipped_iterations += 1
+            self.metrics.step(
+                self.progress, spec, step, time.time() - start, self.stream.state, stop_at
+            )
+            final = {"iteration": self.progress.iteration, "loss": step["loss"]}
+            if self.guard.should_stop():
+                raise RuntimeError(self.guard.stop_message())
+            if args.eval_interval and self.progress.iteration % args.eval_interval == 0:
+                self.metrics.validation(self.progress.iteration, self.evaluate())
+            saved = False
+            if args.save_interval and self.progress.iteration % args.save_interval == 0:
+                self.save()
+                saved = True
+            reason = self.exits.check(self.progress.iteration, self.metrics.start_time)
+            if reason:
+                if not saved:
+                    self.save()
+                self.metrics.print(f"exiting at iteration {self.progress.iteration}: {reason}")
+                final["exit_reason"] = reason
+                return final
+        if args.save and (not args.save_interval or self.progress.iteration % args.save_interval):
+            self.save()
+        valid = self.evaluate()
+        self.metrics.validation(self.progress.iteration, valid, final=True)
+        final["valid_loss"] = valid
+        return final
+
+
+def _reduce_lm_loss(outputs: list[dict]) -> float:
+    """Global mean lm loss of a step: sums and counts over micro-batches and data parallel."""
+    total = torch.zeros(2)
+    for out in outputs or []:
+        total += out["lm loss"].detach().float().cpu()
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        group = ps.get_data_parallel_group()
+        total = total.to(torch.cuda.current_device()) if torch.cuda.is_available() else total
+        torch.distributed.all_reduce(total, group=group)
+    src = torch.distributed.get_world_size() - 1
+    total = total.to(torch.cuda.current_device()) if torch.cuda.is_available() else total
+    torch.distributed.broadcast(total, src=src)
+    return (total[0] / total[1].clamp(min=1)).item()

@@ -1,0 +1,177 @@
+"""Megatron-style log lines plus the TST fields, TensorBoard / W&B scalars, a JSONL record.
+
+Printed by the last rank (it holds the loss, as in Megatron-LM's ``print_rank_last``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from argparse import Namespace
+from datetime import datetime
+
+import torch
+
+from tst_megatron.config import PhaseSpec
+from tst_megatron.training.flops import (
+    ModelShape,
+    flops_per_step,
+    mfu,
+    peak_tflops_for_device,
+)
+
+
+def _is_logging_rank() -> bool:
+    return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+
+
+class MetricsLogger:
+    """Accumulates per-interval figures and writes them every ``--log-interval``."""
+
+    def __init__(self, args: Namespace, phase1_iters: int) -> None:
+        self.args = args
+        self.phase1_iters = phase1_iters
+        self.start_time = time.time()
+        self.world = torch.distributed.get_world_size()
+        self.shape = ModelShape.from_args(args)
+        self.peak = args.peak_tflops
+        if self.peak is None and torch.cuda.is_available():
+            self.peak = peak_tflops_for_device(
+                torch.cuda.get_device_name(), fp8=bool(args.fp8_format)
+            )
+        self._interval = self._empty_interval()
+        self._boundary_loss: float | None = None
+        self._writers = self._open_writers() if _is_logging_rank() else []
+        self.history: list[dict] = []
+
+    @staticmethod
+    def _empty_interval() -> dict:
+        return {"loss": 0.0, "steps": 0, "time": 0.0, "model_tokens": 0, "data_tokens": 0,
+                "flops": 0.0, "nan": 0, "skipped": 0}
+
+    def _open_writers(self) -> list:
+        writers = []
+        if self.args.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter  # needs `tensorboard` installed
+
+            writers.append(("tb", SummaryWriter(log_dir=self.args.tensorboard_dir)))
+        if self.args.wandb_project:
+            import wandb
+
+            run = wandb.init(
+                project=self.args.wandb_project,
+                name=self.args.wandb_exp_name,
+                dir=self.args.wandb_save_dir,
+                config=vars(self.args) | {"tst": str(self.args.tst)},
+            )
+            writers.append(("wandb", run))
+        if getattr(self.args, "metrics_jsonl", None):
+            os.makedirs(os.path.dirname(os.path.abspath(self.args.metrics_jsonl)), exist_ok=True)
+            writers.append(("jsonl", open(self.args.metrics_jsonl, "a")))
+        return writers
+
+    def print(self, message: str) -> None:
+        if _is_logging_rank():
+            print(f"[{datetime.now():%Y-%m-%d %H:%M:%S}] {message}", flush=True)
+
+    def _write(self, iteration: int, scalars: dict) -> None:
+        for kind, writer in self._writers:
+            if kind == "tb":
+                for key, value in scalars.items():
+                    if value is not None:
+                        writer.add_scalar(key, value, iteration)
+                writer.flush()
+            elif kind == "wandb":
+                writer.log(scalars, step=iteration)
+            else:
+                writer.write(json.dumps({"iteration": iteration, **scalars}) + "\n")
+                writer.flush()
+
+    def step(self, progress, spec: PhaseSpec, step: dict, seconds: float, stream_state,
+             stop_at: int) -> None:
+        args, it = self.args, self._interval
+        gbs = step["global_batch_size"]
+        it["steps"] += 1
+        it["time"] += seconds
+        it["loss"] += step["loss"] if step["updated"] else 0.0
+        it["model_tokens"] += gbs * args.seq_length
+        it["data_tokens"] += gbs * spec.data_tokens_per_sample(args.seq_length)
+        it["flops"] += flops_per_step(self.shape, args.seq_length, gbs)
+        it["nan"] += int(step["nan"])
+        it["skipped"] += int(not step["updated"])
+        if progress.phase == 2 and self._boundary_loss is not None:
+            self.print(f"phase 2, iteration {progress.iteration}: lm loss {step['loss']:.4f} "
+                       f"(last phase-1 loss {self._boundary_loss:.4f})")
+            self._boundary_loss = None
+        if progress.phase == 1 and progress.iteration == self.phase1_iters:
+            self._boundary_loss = step["loss"]
+        if progress.iteration % args.log_interval and progress.iteration != stop_at:
+            return
+        good = max(it["steps"] - it["skipped"], 1)
+        loss = it["loss"] / good
+        per_iter = it["time"] / it["steps"]
+        tflops = it["flops"] / it["time"] / self.world / 1e12
+        elapsed = time.time() - self.start_time
+        eta = per_iter * (stop_at - progress.iteration)
+        phase = (f"1 (s={spec.bag_size}, {spec.mode})" if progress.phase == 1 and
+                 not spec.is_standard else "2" if self.phase1_iters else "baseline")
+        fields = [
+            f"iteration {progress.iteration:8d}/{args.train_iters:8d}",
+            f"phase: {phase}",
+            f"consumed samples: {progress.consumed_samples:12d}",
+            f"consumed data tokens: {stream_state.consumed_tokens:14d}",
+            f"elapsed time per iteration (ms): {per_iter * 1e3:.1f}",
+            f"throughput per GPU (TFLOP/s/GPU): {tflops:.3f}",
+        ]
+        if self.peak:
+            fields.append(f"MFU: {100 * mfu(tflops, self.peak):.1f}%")
+        fields += [
+            f"tokens/s (model): {it['model_tokens'] / it['time']:.0f}",
+            f"tokens/s (data): {it['data_tokens'] / it['time']:.0f}",
+            f"learning rate: {step['lr']:.6E}",
+            f"global batch size: {gbs:5d}",
+            f"lm loss: {loss:.6E}",
+            f"grad norm: {_fmt(step['grad_norm'])}",
+            f"number of skipped iterations: {it['skipped']:3d}",
+            f"number of nan iterations: {it['nan']:3d}",
+            f"elapsed: {elapsed:.0f}s ETA: {eta:.0f}s",
+        ]
+        self.print(" | ".join(fields) + " |")
+        record = {"lm_loss": loss, "phase": progress.phase, "lr": step["lr"],
+                  "grad_norm": _num(step["grad_norm"]), "tflops_per_gpu": tflops,
+                  "data_tokens": stream_state.consumed_tokens,
+                  "data_tokens_per_s": it["data_tokens"] / it["time"],
+                  "model_tokens_per_s": it["model_tokens"] / it["time"]}
+        if _is_logging_rank():
+            self._write(progress.iteration, record)
+        self.history.append({"iteration": progress.iteration, **record})
+        self._interval = self._empty_interval()
+
+    def phase_boundary(self, iteration: int, stream_state) -> None:
+        self.print(
+            f"TST phase boundary at iteration {iteration}: switching to standard next-token "
+            f"training (weights, optimizer state and LR schedule continue; data continues "
+            f"after token {stream_state.consumed_tokens} of the stream)"
+        )
+
+    def validation(self, iteration: int, loss: float | None, final: bool = False) -> None:
+        if loss is None:
+            return
+        ppl = float(torch.exp(torch.tensor(min(loss, 20.0))))
+        label = "final validation" if final else "validation"
+        self.print(f"{label} loss at iteration {iteration} | lm loss value: {loss:.6E} | "
+                   f"lm loss PPL: {ppl:.6E} |")
+        if _is_logging_rank():
+            self._write(iteration, {"valid_lm_loss": loss})
+
+
+def _fmt(value) -> str:
+    number = _num(value)
+    return "n/a" if number is None else f"{number:.3f}"
+
+
+def _num(value) -> float | None:
+    if value is None:
+        return None
+    return float(value)

@@ -1,0 +1,107 @@
+"""Megatron-Core optimizer + LR scheduler from args, with the torch-AdamW fallback fixed.
+
+Without apex/Transformer Engine, `get_megatron_optimizer` falls back to `torch.optim.AdamW`,
+and three mcore 0.16.1 paths then break checkpointing (found on CPU, and they bite on GPUs
+without apex/TE too):
+1. `init_state_fn` (optimizer/__init__.py) creates ``exp_avg``/``exp_avg_sq`` but no
+   ``step``, so `DistributedOptimizer.state_dict` asserts on a fresh optimizer and a
+   fully-reshardable load fails with ``KeyError: 'step'``.
+2. After a load, every parameter's state shares ONE ``step`` tensor; torch's in-place
+   ``step += 1`` then advances it once per parameter, breaking bias correction.
+`fix_torch_adam_state` patches (1) per optimizer instance and `unshare_adam_steps` undoes
+(2) after every load. Both are no-ops when apex/TE optimizers are in use.
+"""
+
+from __future__ import annotations
+
+from argparse import Namespace
+
+import torch
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+
+def optimizer_config_from_args(args: Namespace) -> OptimizerConfig:
+    return OptimizerConfig(
+        optimizer=args.optimizer,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad,
+        bf16=args.bf16,
+        fp16=args.fp16,
+        params_dtype=args.params_dtype,
+        loss_scale=args.loss_scale,
+        initial_loss_scale=args.initial_loss_scale,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+
+
+def build_optimizer(args: Namespace, model_chunks: list):
+    """`get_megatron_optimizer` (ZeRO-1 with ``--use-distributed-optimizer``) + fixes."""
+    optimizer = get_megatron_optimizer(optimizer_config_from_args(args), model_chunks)
+    for inner in _inner_optimizers(optimizer):
+        fix_torch_adam_state(inner)
+    return optimizer
+
+
+def build_scheduler(args: Namespace, optimizer) -> OptimizerParamScheduler:
+    """Megatron's LR/WD schedule in units of samples, like Megatron-LM's training loop."""
+    gbs = args.global_batch_size
+    decay_iters = args.lr_decay_iters or args.train_iters
+    warmup_iters = args.lr_warmup_iters
+    if getattr(args, "lr_warmup_fraction", None):
+        warmup_iters = int(args.lr_warmup_fraction * decay_iters)
+    wd = args.weight_decay
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=getattr(args, "lr_warmup_init", 0.0) or 0.0,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=warmup_iters * gbs,
+        lr_decay_steps=decay_iters * gbs,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=getattr(args, "start_weight_decay", None) or wd,
+        end_wd=getattr(args, "end_weight_decay", None) or wd,
+        wd_incr_steps=args.train_iters * gbs,
+        wd_incr_style=getattr(args, "weight_decay_incr_style", None) or "constant",
+        wsd_decay_steps=(args.lr_wsd_decay_iters or 0) * gbs
+        if args.lr_decay_style == "WSD"
+        else None,
+        lr_wsd_decay_style=args.lr_wsd_decay_style,
+    )
+
+
+def _inner_optimizers(optimizer) -> list:
+    chained = getattr(optimizer, "chained_optimizers", None)
+    return list(chained) if chained is not None else [optimizer]
+
+
+def fix_torch_adam_state(megatron_optimizer) -> None:
+    """Make ``init_state_fn`` also create a per-parameter ``step`` (see module doc, 1)."""
+    inner = getattr(megatron_optimizer, "optimizer", None)
+    original = getattr(megatron_optimizer, "init_state_fn", None)
+    if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW) or original is None:
+        return
+
+    def init_state_with_step(opt, config=None):
+        original(opt, config)
+        for group in opt.param_groups:
+            for param in group["params"]:
+                opt.state[param].setdefault("step", torch.tensor(0.0))
+
+    megatron_optimizer.init_state_fn = init_state_with_step
+
+
+def unshare_adam_steps(optimizer) -> None:
+    """Give every parameter its own ``step`` tensor after a load (see module doc, 2)."""
+    for megatron_optimizer in _inner_optimizers(optimizer):
+        inner = getattr(megatron_optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        for state in inner.state.values():
+            if "step" in state:
+                state["step"] = state["step"].clone()
