@@ -17,8 +17,8 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
 
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         validate_args(args, int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as err:
         print(f"pretrain_tst.py: error: {err}", file=sys.stderr)

@@ -24,7 +24,7 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from tst_megatron.training.optimizer import unshare_adam_steps
+from tst_megatron.training.optimizer import init_optimizer_state, unshare_adam_steps
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "tst_checkpoint.json"
@@ -238,6 +238,8 @@ def load_checkpoint(
     RNG states are per (pp, tp) rank, so pass ``load_rng=False`` when the layout changed.
     """
     load_optim = optimizer is not None and not args.no_load_optim and not args.finetune
+    if load_optim:
+        init_optimizer_state(optimizer)
     state = _sharded_state_dict(
         model_chunks,
         optimizer if load_optim else None,

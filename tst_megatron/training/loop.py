@@ -32,9 +32,10 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 from tst_megatron.config import STANDARD_PHASE, PhaseSpec
 from tst_megatron.data.builders import build_train_stream, build_valid_dataset, mock_valid_windows
-from tst_megatron.data.tokenizer import build_tokenizer
+from tst_megatron.data.tokenizer import TokenizerError, build_tokenizer
 from tst_megatron.targets import build_batch
 from tst_megatron.training import checkpointing as ckpt
+from tst_megatron.training.arguments import vocab_size_with_padding
 from tst_megatron.training.faults import BadStepGuard, ExitRequests
 from tst_megatron.training.metrics import MetricsLogger
 from tst_megatron.training.model_builder import build_model, transformer_config_from_args
@@ -166,6 +167,13 @@ class Trainer:
             args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file,
             args.vocab_size,
         )
+        if args.padded_vocab_size is None:
+            args.padded_vocab_size = vocab_size_with_padding(self.tokenizer.vocab_size, args)
+        elif self.tokenizer.vocab_size > args.padded_vocab_size:
+            raise TokenizerError(
+                f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's padded "
+                f"vocabulary (--vocab-size {args.vocab_size}) has {args.padded_vocab_size}"
+            )
         self.stream = build_train_stream(args, self.tokenizer)
         self.chunks = build_model_chunks(args)
         self.optimizer = build_optimizer(args, self.chunks)

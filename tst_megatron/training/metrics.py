@@ -14,12 +14,7 @@ from datetime import datetime
 import torch
 
 from tst_megatron.config import PhaseSpec
-from tst_megatron.training.flops import (
-    ModelShape,
-    flops_per_step,
-    mfu,
-    peak_tflops_for_device,
-)
+from tst_megatron.training.flops import ModelShape, flops_per_step, mfu
 
 
 def _is_logging_rank() -> bool:
@@ -36,10 +31,6 @@ class MetricsLogger:
         self.world = torch.distributed.get_world_size()
         self.shape = ModelShape.from_args(args)
         self.peak = args.peak_tflops
-        if self.peak is None and torch.cuda.is_available():
-            self.peak = peak_tflops_for_device(
-                torch.cuda.get_device_name(), fp8=bool(args.fp8_format)
-            )
         self._interval = self._empty_interval()
         self._boundary_loss: float | None = None
         self._writers = self._open_writers() if _is_logging_rank() else []
@@ -66,7 +57,7 @@ class MetricsLogger:
                 config=vars(self.args) | {"tst": str(self.args.tst)},
             )
             writers.append(("wandb", run))
-        if getattr(self.args, "metrics_jsonl", None):
+        if self.args.metrics_jsonl:
             os.makedirs(os.path.dirname(os.path.abspath(self.args.metrics_jsonl)), exist_ok=True)
             writers.append(("jsonl", open(self.args.metrics_jsonl, "a")))
         return writers

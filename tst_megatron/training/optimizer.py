@@ -8,16 +8,22 @@ without apex/TE too):
    fully-reshardable load fails with ``KeyError: 'step'``.
 2. After a load, every parameter's state shares ONE ``step`` tensor; torch's in-place
    ``step += 1`` then advances it once per parameter, breaking bias correction.
-`fix_torch_adam_state` patches (1) per optimizer instance and `unshare_adam_steps` undoes
-(2) after every load. Both are no-ops when apex/TE optimizers are in use.
+3. `DistributedOptimizer.sharded_state_dict(is_loading=True)` reads the state before it
+   initialises it, which asserts on a fresh optimizer; and its fully-reshardable load
+   copies every per-parameter state key from the checkpoint, ``step`` included, which is
+   stored once per optimizer instead (``KeyError: 'step'``). `fix_torch_adam_state` patches (1) and the
+copy of (3) per optimizer instance, `init_optimizer_state` fills a fresh optimizer's state before a load,
+and `unshare_adam_steps` undoes (2) after every load. All are no-ops with apex/TE Adam.
 """
 
 from __future__ import annotations
 
 from argparse import Namespace
+from functools import partial
 
 import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 
@@ -94,6 +100,30 @@ def fix_torch_adam_state(megatron_optimizer) -> None:
                 opt.state[param].setdefault("step", torch.tensor(0.0))
 
     megatron_optimizer.init_state_fn = init_state_with_step
+    if isinstance(megatron_optimizer, DistributedOptimizer) and not (
+        megatron_optimizer.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+    ):
+        megatron_optimizer._set_main_param_and_optimizer_states = partial(
+            _set_main_param_and_states_except_step, megatron_optimizer
+        )
+
+
+def _set_main_param_and_states_except_step(optimizer, model_param, tensors: dict) -> None:
+    """`DistributedOptimizer._set_main_param_and_optimizer_states` minus the ``step`` key."""
+    group_index, group_order = optimizer.model_param_group_index_map[model_param]
+    main_param = optimizer.optimizer.param_groups[group_index]["params"][group_order]
+    for key, destination in {"param": main_param, **optimizer.optimizer.state[main_param]}.items():
+        if key != "step":
+            destination.copy_(tensors[key])
+
+
+def init_optimizer_state(optimizer) -> None:
+    """Create zero optimizer state (moments and step) so a load has tensors to fill."""
+    for megatron_optimizer in _inner_optimizers(optimizer):
+        inner = getattr(megatron_optimizer, "optimizer", None)
+        init = getattr(megatron_optimizer, "init_state_fn", None)
+        if inner is not None and init is not None:
+            init(inner, megatron_optimizer.config)
 
 
 def unshare_adam_steps(optimizer) -> None:

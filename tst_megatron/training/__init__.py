@@ -1,0 +1,1 @@
+"""Training entry-point pieces: command-line arguments, model construction, FLOPs/MFU."""

@@ -1,0 +1,1339 @@
+"""Command-line arguments of ``pretrain_tst.py``, in the style of Megatron-LM's `pretrain_gpt.py`.
+
+Flag names, attribute names (``args.num_layers``, ``args.tensor_model_parallel_size``, ...),
+defaults and meanings follow Megatron-LM (``megatron/training/arguments.py``, core_v0.16); the
+``--tst-*`` flags and a few reliability flags are ours. `parse_args` reads the command line
+(and an optional YAML file of defaults), `validate_args` checks the combination and fills the
+derived fields (data-parallel size, padded vocabulary, ``args.tst``, ...), raising
+`ConfigError` with a message that names the flags, their values and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import signal
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from tst_megatron.config import TST_MODES, TSTConfig
+from tst_megatron.training.flops import current_device_peak_tflops
+
+TE_INSTALL_HINT = "install transformer-engine[pytorch]"
+TE_IMPL_MISSING = (
+    "--transformer-impl transformer_engine needs Transformer Engine, which is not installed: "
+    f"{TE_INSTALL_HINT} or pass --transformer-impl local"
+)
+EXIT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
+CKPT_FORMATS = ("torch_dist",)
+TOKENIZER_TYPES = ("HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer")
+REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
+            "train_iters", "lr")  # fmt: skip
+POSITIVE = (*REQUIRED[:-1], "tensor_model_parallel_size", "pipeline_model_parallel_size",
+            "context_parallel_size", "expert_model_parallel_size")  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """The command line (or YAML config) asks for an invalid or inconsistent setup."""
+
+
+# --------------------------------------------------------------------------------------------
+# Parser
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``pretrain_tst.py`` parser, one argument group per topic."""
+    parser = argparse.ArgumentParser(
+        prog="pretrain_tst.py",
+        description="Megatron-Core GPT/MoE pre-training with Token Superposition Training.",
+        allow_abbrev=False,
+        formatter_class=_HelpFormatter,
+    )
+    _add_config_file_args(parser)
+    _add_model_args(parser)
+    _add_moe_args(parser)
+    _add_parallelism_args(parser)
+    _add_precision_args(parser)
+    _add_optimization_args(parser)
+    _add_learning_rate_args(parser)
+    _add_data_args(parser)
+    _add_checkpointing_args(parser)
+    _add_logging_args(parser)
+    _add_tst_args(parser)
+    _add_reliability_args(parser)
+    return parser
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to flags that take a value and have a fixed default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.nargs != 0 and action.default is not None:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _add_config_file_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("config file")
+    group.add_argument(
+        "--yaml-config",
+        "--config",
+        dest="yaml_config",
+        metavar="PATH",
+        default=None,
+        help="YAML mapping of flag names (num_layers or num-layers) to values. File values "
+        "are defaults: flags given on the command line override them. Unknown keys are an "
+        "error. Flags without a value take true/false.",
+    )
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--num-layers", type=int, default=None, help="Number of transformer layers (required)."
+    )
+    group.add_argument(
+        "--hidden-size", type=int, default=None, help="Transformer hidden size (required)."
+    )
+    group.add_argument(
+        "--ffn-hidden-size",
+        type=int,
+        default=None,
+        help="MLP hidden size. Default 4*hidden-size, or with --swiglu "
+        "int(4*hidden-size*2/3 / 64)*64 (Megatron-LM's rule).",
+    )
+    group.add_argument(
+        "--num-attention-heads",
+        type=int,
+        default=None,
+        help="Number of attention heads (required).",
+    )
+    group.add_argument(
+        "--group-query-attention",
+        action="store_true",
+        help="Use grouped-query attention with --num-query-groups groups "
+        "(1 = multi-query attention when --num-query-groups is not given).",
+    )
+    group.add_argument(
+        "--num-query-groups",
+        type=int,
+        default=None,
+        help="Number of key/value head groups; giving it turns on "
+        "grouped-query attention. Default: one group per head (plain MHA).",
+    )
+    group.add_argument(
+        "--kv-channels",
+        type=int,
+        default=None,
+        help="Per-head projection size. Default hidden-size/num-attention-heads.",
+    )
+    group.add_argument(
+        "--seq-length",
+        type=int,
+        default=None,
+        help="Context length L in positions (required). In TST phase 1 this is "
+        "the number of latent positions; each sample then reads s*(L+1) tokens.",
+    )
+    group.add_argument(
+        "--max-position-embeddings",
+        type=int,
+        default=None,
+        help="Size of the position table / RoPE cache. Default --seq-length.",
+    )
+    group.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="Vocabulary size before padding (NullTokenizer, or to fix the model's "
+        "vocabulary independently of the tokenizer).",
+    )
+    group.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        default=128,
+        help="Pad the vocabulary to a multiple of this times the tensor-parallel size.",
+    )
+    group.add_argument(
+        "--position-embedding-type",
+        default="learned_absolute",
+        choices=["rope", "learned_absolute", "none"],
+        help="Position embedding type.",
+    )
+    group.add_argument("--rotary-base", type=int, default=10000, help="RoPE base.")
+    group.add_argument(
+        "--rotary-percent",
+        type=float,
+        default=1.0,
+        help="Fraction of each head's dimensions that RoPE rotates.",
+    )
+    group.add_argument(
+        "--normalization",
+        default="LayerNorm",
+        choices=["LayerNorm", "RMSNorm"],
+        help="Normalization layer type.",
+    )
+    group.add_argument(
+        "--norm-epsilon", type=float, default=1e-5, help="Epsilon of LayerNorm / RMSNorm."
+    )
+    group.add_argument(
+        "--apply-layernorm-1p",
+        action="store_true",
+        help="Zero-centred norm weights (weight = 1 + gamma).",
+    )
+    group.add_argument(
+        "--swiglu", action="store_true", help="Gated linear unit with SiLU instead of GeLU."
+    )
+    group.add_argument(
+        "--untie-embeddings-and-output-weights",
+        action="store_true",
+        help="Give the LM head its own weight instead of sharing the embedding.",
+    )
+    group.add_argument(
+        "--disable-bias-linear",
+        action="store_false",
+        dest="add_bias_linear",
+        help="No biases in the linear layers.",
+    )
+    group.add_argument(
+        "--qk-layernorm", action="store_true", help="Normalize queries and keys per head."
+    )
+    group.add_argument(
+        "--init-method-std",
+        type=float,
+        default=0.02,
+        help="Standard deviation of the normal weight initialization.",
+    )
+    group.add_argument(
+        "--hidden-dropout", type=float, default=0.1, help="Dropout probability on hidden states."
+    )
+    group.add_argument(
+        "--attention-dropout",
+        type=float,
+        default=0.1,
+        help="Dropout probability on attention weights.",
+    )
+    group.add_argument(
+        "--recompute-granularity",
+        default=None,
+        choices=["full", "selective"],
+        help="Activation recomputation: full layers or selected submodules.",
+    )
+    group.add_argument(
+        "--recompute-method",
+        default=None,
+        choices=["uniform", "block"],
+        help="With full recomputation: uniform chunks or the first N layers "
+        "of each pipeline stage.",
+    )
+    group.add_argument(
+        "--recompute-num-layers",
+        type=int,
+        default=None,
+        help="Layers per recompute chunk (uniform) or per stage (block).",
+    )
+
+
+def _add_moe_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("moe")
+    group.add_argument(
+        "--num-experts",
+        type=int,
+        default=None,
+        help="Number of routed experts per MoE layer (unset or 0 = dense model).",
+    )
+    group.add_argument(
+        "--moe-router-topk", type=int, default=2, help="Experts each token is routed to."
+    )
+    group.add_argument(
+        "--moe-ffn-hidden-size",
+        type=int,
+        default=None,
+        help="Hidden size of each expert's MLP. Default --ffn-hidden-size.",
+    )
+    group.add_argument(
+        "--moe-shared-expert-intermediate-size",
+        type=int,
+        default=None,
+        help="Total hidden size of the shared experts (unset = none).",
+    )
+    group.add_argument(
+        "--moe-aux-loss-coeff",
+        type=float,
+        default=0.0,
+        help="Load-balancing loss coefficient (1e-2 is a usual start).",
+    )
+    group.add_argument(
+        "--moe-router-load-balancing-type",
+        default="aux_loss",
+        choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"],
+        help="Router load-balancing strategy.",
+    )
+    group.add_argument(
+        "--moe-token-dispatcher-type",
+        default="allgather",
+        choices=["allgather", "alltoall"],
+        help="Token dispatcher; alltoall is recommended with expert parallelism.",
+    )
+    group.add_argument(
+        "--moe-grouped-gemm", action="store_true", help="Run the local experts as one grouped GEMM."
+    )
+    group.add_argument(
+        "--moe-layer-freq",
+        type=int,
+        default=1,
+        help="One MoE layer every N layers (layer i is MoE when i %% N == 0); "
+        "the others are dense.",
+    )
+    group.add_argument(
+        "--moe-router-score-function",
+        default="softmax",
+        choices=["softmax", "sigmoid"],
+        help="Router score function.",
+    )
+    group.add_argument(
+        "--moe-router-pre-softmax",
+        action="store_true",
+        help="Softmax over all experts before the top-k selection.",
+    )
+    group.add_argument(
+        "--moe-z-loss-coeff",
+        type=float,
+        default=None,
+        help="Router z-loss coefficient (1e-3 is a usual start).",
+    )
+
+
+def _add_parallelism_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("parallelism")
+    group.add_argument(
+        "--tensor-model-parallel-size", type=int, default=1, help="Tensor-parallel size."
+    )
+    group.add_argument(
+        "--pipeline-model-parallel-size", type=int, default=1, help="Pipeline-parallel size."
+    )
+    group.add_argument(
+        "--num-layers-per-virtual-pipeline-stage",
+        type=int,
+        default=None,
+        help="Layers per virtual pipeline stage (interleaved schedule).",
+    )
+    group.add_argument(
+        "--context-parallel-size",
+        type=int,
+        default=1,
+        help="Context-parallel size (splits the sequence).",
+    )
+    group.add_argument(
+        "--expert-model-parallel-size", type=int, default=1, help="Expert-parallel size."
+    )
+    group.add_argument(
+        "--expert-tensor-parallel-size",
+        type=int,
+        default=None,
+        help="Tensor-parallel size inside each expert. Default --tensor-model-parallel-size.",
+    )
+    group.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="Shard norms/dropout activations along the sequence over the "
+        "tensor-parallel group (ignored, with a warning, when TP is 1).",
+    )
+    group.add_argument(
+        "--use-distributed-optimizer",
+        action="store_true",
+        help="Shard optimizer state over data-parallel ranks.",
+    )
+    group.add_argument(
+        "--overlap-grad-reduce",
+        action="store_true",
+        help="Overlap the gradient reduce-scatter/all-reduce with backward.",
+    )
+    group.add_argument(
+        "--overlap-param-gather",
+        action="store_true",
+        help="Overlap the distributed optimizer's parameter all-gather with forward.",
+    )
+    group.add_argument(
+        "--distributed-backend",
+        default="nccl",
+        choices=["nccl", "gloo"],
+        help="torch.distributed backend.",
+    )
+    group.add_argument(
+        "--distributed-timeout-minutes",
+        type=int,
+        default=10,
+        help="Default timeout of torch.distributed process groups.",
+    )
+
+
+def _add_precision_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("precision")
+    group.add_argument("--bf16", action="store_true", help="Train in bfloat16.")
+    group.add_argument("--fp16", action="store_true", help="Train in float16 with loss scaling.")
+    group.add_argument(
+        "--fp8-format",
+        dest="fp8",
+        default=None,
+        choices=["e4m3", "hybrid"],
+        help="FP8 GEMMs with this format (needs Transformer Engine).",
+    )
+    group.add_argument(
+        "--fp8-recipe",
+        default="delayed",
+        choices=["delayed", "tensorwise", "mxfp8", "blockwise"],
+        help="FP8 scaling recipe.",
+    )
+    group.add_argument(
+        "--fp8-param-gather",
+        action="store_true",
+        help="Keep compute weights in FP8 and all-gather them in FP8.",
+    )
+    group.add_argument(
+        "--transformer-impl",
+        default=None,
+        choices=["local", "transformer_engine"],
+        help="Layer implementation. Default transformer_engine when a CUDA GPU "
+        "and Transformer Engine are present, else local.",
+    )
+    group.add_argument(
+        "--use-cpu-initialization",
+        action="store_true",
+        help="Initialize weights on the CPU (always on without a GPU).",
+    )
+    group.add_argument(
+        "--attention-softmax-in-fp32",
+        action="store_true",
+        help="Run attention masking and softmax in fp32.",
+    )
+    group.add_argument(
+        "--accumulate-allreduce-grads-in-fp32",
+        action="store_true",
+        help="Accumulate and all-reduce gradients in fp32 (always on with --bf16).",
+    )
+    group.add_argument(
+        "--loss-scale",
+        type=float,
+        default=None,
+        help="Static fp16 loss scale; unset = dynamic loss scaling.",
+    )
+    group.add_argument(
+        "--initial-loss-scale", type=float, default=2**32, help="Initial dynamic fp16 loss scale."
+    )
+
+
+def _add_optimization_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("optimization")
+    group.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=None,
+        help="Samples per model replica per micro-batch (required).",
+    )
+    group.add_argument(
+        "--global-batch-size",
+        type=int,
+        default=None,
+        help="Samples per optimizer step. Default micro-batch-size * data-parallel size.",
+    )
+    group.add_argument(
+        "--rampup-batch-size",
+        nargs=3,
+        type=int,
+        default=None,
+        metavar=("START", "INCREMENT", "SAMPLES"),
+        help="Grow the global batch from START by INCREMENT over SAMPLES samples.",
+    )
+    group.add_argument(
+        "--train-iters",
+        type=int,
+        default=None,
+        help="Total optimizer steps T over all runs (required).",
+    )
+    group.add_argument(
+        "--optimizer",
+        default="adam",
+        choices=["adam", "sgd"],
+        help="Optimizer (adam = AdamW with decoupled weight decay).",
+    )
+    group.add_argument("--weight-decay", type=float, default=0.01, help="Weight decay coefficient.")
+    group.add_argument(
+        "--start-weight-decay",
+        type=float,
+        default=None,
+        help="Initial weight decay for a non-constant --weight-decay-incr-style.",
+    )
+    group.add_argument(
+        "--end-weight-decay",
+        type=float,
+        default=None,
+        help="Final weight decay for a non-constant --weight-decay-incr-style.",
+    )
+    group.add_argument(
+        "--weight-decay-incr-style",
+        default="constant",
+        choices=["constant", "linear", "cosine"],
+        help="How weight decay moves from start to end.",
+    )
+    group.add_argument("--adam-beta1", type=float, default=0.9, help="Adam beta1.")
+    group.add_argument("--adam-beta2", type=float, default=0.999, help="Adam beta2.")
+    group.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon.")
+    group.add_argument(
+        "--clip-grad",
+        type=float,
+        default=1.0,
+        help="Clip the global gradient L2 norm to this value (0 = off).",
+    )
+    group.add_argument("--seed", type=int, default=1234, help="Random seed.")
+
+
+def _add_learning_rate_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("learning-rate")
+    group.add_argument("--lr", type=float, default=None, help="Peak learning rate (required).")
+    group.add_argument("--min-lr", type=float, default=0.0, help="Floor of the learning rate.")
+    group.add_argument(
+        "--lr-decay-style",
+        default="linear",
+        choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"],
+        help="Learning-rate decay (WSD = warmup-stable-decay).",
+    )
+    group.add_argument(
+        "--lr-decay-iters",
+        type=int,
+        default=None,
+        help="Steps over which the learning rate decays. Default --train-iters.",
+    )
+    group.add_argument(
+        "--lr-wsd-decay-style",
+        default="exponential",
+        choices=["exponential", "linear", "cosine"],
+        help="Shape of WSD's final decay.",
+    )
+    group.add_argument(
+        "--lr-wsd-decay-iters",
+        type=int,
+        default=None,
+        help="Length of WSD's final decay in steps (required with WSD).",
+    )
+    group.add_argument("--lr-warmup-iters", type=int, default=0, help="Linear warmup steps.")
+    group.add_argument(
+        "--lr-warmup-fraction",
+        type=float,
+        default=None,
+        help="Warmup as a fraction of --lr-decay-iters (instead of --lr-warmup-iters).",
+    )
+    group.add_argument(
+        "--lr-warmup-init", type=float, default=0.0, help="Learning rate at the start of warmup."
+    )
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--data-path",
+        nargs="*",
+        default=None,
+        help="Megatron blend: PREFIX, or W1 PREFIX1 W2 PREFIX2 ..., split into "
+        "train/valid/test by --split.",
+    )
+    group.add_argument(
+        "--train-data-path", nargs="*", default=None, help="Blend for the training split only."
+    )
+    group.add_argument(
+        "--valid-data-path", nargs="*", default=None, help="Blend for the validation split only."
+    )
+    group.add_argument(
+        "--test-data-path", nargs="*", default=None, help="Blend for the test split only."
+    )
+    group.add_argument(
+        "--split", default="969, 30, 1", help="Train, validation, test proportions for --data-path."
+    )
+    group.add_argument(
+        "--data-cache-path", default=None, help="Directory for the dataset index caches."
+    )
+    group.add_argument("--mock-data", action="store_true", help="Synthetic data instead of files.")
+    group.add_argument(
+        "--tokenizer-type",
+        default=None,
+        choices=list(TOKENIZER_TYPES),
+        help="Tokenizer. Default NullTokenizer when only --vocab-size is given.",
+    )
+    group.add_argument(
+        "--tokenizer-model", default=None, help="HuggingFace tokenizer name or directory."
+    )
+    group.add_argument("--vocab-file", default=None, help="GPT-2 BPE vocabulary file.")
+    group.add_argument("--merge-file", default=None, help="GPT-2 BPE merges file.")
+    group.add_argument(
+        "--eod-mask-loss", action="store_true", help="Drop end-of-document targets from the loss."
+    )
+    group.add_argument(
+        "--reset-position-ids",
+        action="store_true",
+        help="Restart position ids after each end-of-document token.",
+    )
+    group.add_argument(
+        "--reset-attention-mask",
+        action="store_true",
+        help="Block attention across end-of-document tokens.",
+    )
+    group.add_argument("--num-workers", type=int, default=2, help="Data loader workers.")
+    group.add_argument(
+        "--no-create-attention-mask-in-dataloader",
+        action="store_false",
+        dest="create_attention_mask_in_dataloader",
+        help="Do not build attention masks in the data loader.",
+    )
+
+
+def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("checkpointing")
+    group.add_argument("--save", default=None, help="Directory to save checkpoints to.")
+    group.add_argument("--load", default=None, help="Directory to resume or load from.")
+    group.add_argument(
+        "--save-interval",
+        type=int,
+        default=None,
+        help="Steps between checkpoints (required with --save).",
+    )
+    group.add_argument(
+        "--ckpt-format",
+        default="torch_dist",
+        help="Checkpoint format; only torch_dist (Megatron-Core distributed "
+        "checkpoints, reshardable across parallel layouts) is supported.",
+    )
+    group.add_argument(
+        "--no-load-optim", action="store_true", help="Do not load the optimizer state."
+    )
+    group.add_argument(
+        "--no-load-rng", action="store_true", help="Do not load the random number generator states."
+    )
+    group.add_argument(
+        "--finetune", action="store_true", help="Load weights only and restart at iteration 0."
+    )
+    group.add_argument(
+        "--ckpt-keep-last",
+        type=int,
+        default=0,
+        help="Keep only the newest N checkpoints (0 = keep all).",
+    )
+    group.add_argument(
+        "--allow-fresh-start",
+        action="store_true",
+        help="When --load holds no checkpoint, start from scratch instead of failing.",
+    )
+
+
+def _add_logging_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("logging")
+    group.add_argument(
+        "--log-interval", type=int, default=100, help="Steps between training log lines."
+    )
+    group.add_argument(
+        "--eval-interval", type=int, default=1000, help="Steps between validation runs."
+    )
+    group.add_argument(
+        "--eval-iters",
+        type=int,
+        default=100,
+        help="Validation iterations per evaluation (0 = no evaluation).",
+    )
+    group.add_argument("--tensorboard-dir", default=None, help="TensorBoard log directory.")
+    group.add_argument(
+        "--wandb-project", default=None, help="Weights & Biases project (unset = no wandb)."
+    )
+    group.add_argument("--wandb-exp-name", default=None, help="Weights & Biases run name.")
+    group.add_argument("--wandb-save-dir", default=None, help="Local Weights & Biases directory.")
+    group.add_argument(
+        "--metrics-jsonl",
+        default=None,
+        help="Append every logged step and validation as one JSON line to this file "
+        "(full-precision losses; the demo plots its loss curve from it).",
+    )
+    group.add_argument("--log-throughput", action="store_true", help="Log TFLOP/s per GPU and MFU.")
+    group.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="Per-GPU peak TFLOP/s for MFU. Default from the GPU model (dense "
+        "BF16, doubled with --fp8-format); none on CPU.",
+    )
+    group.add_argument(
+        "--timing-log-level",
+        type=int,
+        default=0,
+        choices=[0, 1, 2],
+        help="Timer detail: 0 = iteration time only, 2 = everything.",
+    )
+
+
+def _add_tst_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("TST", "Token Superposition Training.")
+    group.add_argument(
+        "--tst-bag-size",
+        type=int,
+        default=1,
+        help="Bag size s: tokens averaged per latent position and targets per "
+        "position in phase 1 (1 = TST off, plain next-token training).",
+    )
+    group.add_argument(
+        "--tst-phase1-fraction",
+        type=float,
+        default=None,
+        help="Phase 1 is the first r*T steps, r in (0, 1) (0.2-0.4 reported).",
+    )
+    group.add_argument(
+        "--tst-phase1-iters",
+        type=int,
+        default=None,
+        help="Phase 1 length in steps (instead of --tst-phase1-fraction).",
+    )
+    group.add_argument(
+        "--tst-mode",
+        default="full",
+        choices=list(TST_MODES),
+        help="full: bag inputs + multi-hot targets; input-only; output-only.",
+    )
+    group.add_argument(
+        "--tst-phase",
+        default="auto",
+        choices=["auto", "1", "2"],
+        help="auto: switch phases in this job at the boundary; 1: this job runs "
+        "phase 1 only; 2: this job runs phase 2 from the phase-1 checkpoint "
+        "in --load.",
+    )
+
+
+def _add_reliability_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("reliability")
+    group.add_argument(
+        "--exit-signal-handler",
+        action="store_true",
+        help="On --exit-signal, save a checkpoint and exit cleanly.",
+    )
+    group.add_argument(
+        "--exit-signal",
+        default="SIGTERM",
+        choices=list(EXIT_SIGNALS),
+        help="Signal that --exit-signal-handler reacts to.",
+    )
+    group.add_argument(
+        "--exit-duration-in-mins",
+        type=int,
+        default=None,
+        help="Save and exit after this many minutes of wall time.",
+    )
+    group.add_argument(
+        "--exit-interval",
+        type=int,
+        default=None,
+        help="Save and exit when the iteration is a multiple of this.",
+    )
+    group.add_argument(
+        "--max-bad-steps",
+        type=int,
+        default=3,
+        help="Stop after this many consecutive steps with a NaN/Inf loss or gradient norm.",
+    )
+    group.add_argument(
+        "--collective-timeout-s",
+        type=float,
+        default=None,
+        help="Timeout of collectives (hang detection) in seconds; sets the "
+        "process-group timeout. Default --distributed-timeout-minutes * 60.",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing, with an optional YAML file of defaults
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` (default ``sys.argv[1:]``); unknown flags exit with argparse's error.
+
+    With ``--yaml-config PATH`` the file's values become the parser's defaults, so any flag
+    on the command line overrides them.
+    """
+    parser = build_parser()
+    config_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    config_parser.add_argument("--yaml-config", "--config", dest="yaml_config", default=None)
+    yaml_path = config_parser.parse_known_args(argv)[0].yaml_config
+    if yaml_path is not None:
+        parser.set_defaults(**load_yaml_defaults(parser, yaml_path))
+    return parser.parse_args(argv)
+
+
+def load_yaml_defaults(parser: argparse.ArgumentParser, path: str | Path) -> dict[str, Any]:
+    """Read a YAML config into ``{dest: value}`` for ``parser.set_defaults``.
+
+    Keys are flag names in either spelling (``num_layers`` / ``num-layers``) or attribute
+    names (``add_bias_linear``); a key of a flag without a value (``disable_bias_linear``)
+    takes a boolean meaning "flag given".
+    """
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read --yaml-config {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--yaml-config {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--yaml-config {path} must hold a mapping of flag names to values")
+    targets = _yaml_targets(parser)
+    defaults = {}
+    for key, value in data.items():
+        target = targets.get(str(key).replace("-", "_"))
+        if target is None:
+            raise ConfigError(
+                f"unknown key {key!r} in --yaml-config {path}: not a pretrain_tst.py flag "
+                "(keys are flag names such as num_layers or num-layers; see --help)"
+            )
+        action, via_flag = target
+        defaults[action.dest] = _yaml_value(action, via_flag, value, f"{key!r} in {path}")
+    return defaults
+
+
+def _yaml_targets(parser: argparse.ArgumentParser) -> dict[str, tuple[argparse.Action, bool]]:
+    """Key -> (action, whether the key is the flag's name rather than its attribute)."""
+    targets: dict[str, tuple[argparse.Action, bool]] = {}
+    for action in parser._actions:
+        if action.dest in ("help", "yaml_config"):
+            continue
+        targets[action.dest] = (action, False)
+        for option in action.option_strings:
+            targets.setdefault(option.lstrip("-").replace("-", "_"), (action, True))
+    return targets
+
+
+def _yaml_value(action: argparse.Action, via_flag: bool, value: Any, where: str) -> Any:
+    if action.nargs == 0:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        if via_flag:
+            return action.const if value else action.default
+        return value
+    if value is None:
+        return None
+    if action.nargs is None or action.nargs == "?":
+        return _yaml_scalar(action, value, where)
+    items = value.split() if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise ConfigError(f"{where} must be a list, got {value!r}")
+    if isinstance(action.nargs, int) and len(items) != action.nargs:
+        raise ConfigError(f"{where} needs {action.nargs} values, got {len(items)}: {items!r}")
+    return [_yaml_scalar(action, item, where) for item in items]
+
+
+def _yaml_scalar(action: argparse.Action, value: Any, where: str) -> Any:
+    kind = action.type or str
+    if isinstance(value, (bool, dict, list)):
+        raise ConfigError(f"{where} must be a single {kind.__name__}, got {value!r}")
+    if kind is int and isinstance(value, float):
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    try:
+        converted = kind(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where} must be a {kind.__name__}, got {value!r}") from exc
+    if action.choices is not None and converted not in action.choices:
+        allowed = ", ".join(str(choice) for choice in action.choices)
+        raise ConfigError(f"{where} must be one of {allowed}; got {converted!r}")
+    return converted
+
+
+# --------------------------------------------------------------------------------------------
+# Validation and derived fields
+# --------------------------------------------------------------------------------------------
+
+
+def validate_args(args: argparse.Namespace, world_size: int) -> None:
+    """Check ``args`` for a job of ``world_size`` ranks and fill the derived fields.
+
+    Derived: ``world_size``, ``data_parallel_size``, ``transformer_impl`` (when unset),
+    ``use_cpu_initialization`` (forced on without CUDA), ``params_dtype``, ``ffn_hidden_size``,
+    ``kv_channels``, ``num_query_groups``, ``group_query_attention``,
+    ``max_position_embeddings``, ``padded_vocab_size`` (None until the caller sets it from the
+    tokenizer when ``--vocab-size`` is not given), ``expert_tensor_parallel_size``,
+    ``moe_ffn_hidden_size``, ``virtual_pipeline_model_parallel_size``, ``global_batch_size``,
+    ``lr_decay_iters``, ``lr_warmup_iters``, ``start/end_weight_decay``, ``tokenizer_type``,
+    ``collective_timeout_s``, ``exit_signal`` (a `signal.Signals`), ``peak_tflops``, and
+    ``tst`` (a `TSTConfig`).
+
+    Raises:
+        ConfigError: naming the offending flags, their values and what is allowed.
+    """
+    args.world_size = world_size
+    _check_required(args)
+    _validate_implementation(args)
+    _validate_precision(args)
+    _validate_parallel_layout(args)
+    _validate_model_shape(args)
+    _validate_moe(args)
+    _validate_batch(args)
+    _validate_learning_rate(args)
+    _validate_data(args)
+    _validate_checkpointing(args)
+    _validate_logging(args)
+    _validate_tst(args)
+    _validate_reliability(args)
+
+
+def vocab_size_with_padding(vocab_size: int, args: argparse.Namespace) -> int:
+    """Megatron's padding: round up to a multiple of make-vocab-size-divisible-by * TP."""
+    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def transformer_engine_installed() -> bool:
+    """Whether Transformer Engine can be imported (checked without importing it)."""
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def _check_required(args: argparse.Namespace) -> None:
+    for dest in REQUIRED:
+        if getattr(args, dest) is None:
+            raise ConfigError(f"--{dest.replace('_', '-')} is required")
+    for dest in POSITIVE:
+        _check_positive(args, dest)
+
+
+def _check_positive(args: argparse.Namespace, dest: str) -> None:
+    value = getattr(args, dest)
+    if value is not None and value < 1:
+        raise ConfigError(f"--{dest.replace('_', '-')} must be >= 1, got {value}")
+
+
+def _validate_implementation(args: argparse.Namespace) -> None:
+    has_cuda = torch.cuda.is_available()
+    has_te = transformer_engine_installed()
+    if args.fp8 is not None and not has_te:
+        raise ConfigError(
+            f"--fp8-format {args.fp8} needs Transformer Engine, which is not installed: "
+            f"{TE_INSTALL_HINT} or drop --fp8-format"
+        )
+    if args.transformer_impl is None:
+        args.transformer_impl = "transformer_engine" if has_cuda and has_te else "local"
+        if has_cuda and not has_te:
+            warnings.warn(
+                "Transformer Engine is not installed: using --transformer-impl local "
+                f"({TE_INSTALL_HINT} for the faster fused layers and FP8)",
+                stacklevel=3,
+            )
+    if args.transformer_impl == "transformer_engine" and not has_te:
+        raise ConfigError(TE_IMPL_MISSING)
+    if args.fp8 is not None and args.transformer_impl != "transformer_engine":
+        raise ConfigError(
+            f"--fp8-format {args.fp8} needs --transformer-impl transformer_engine "
+            f"(got {args.transformer_impl}); FP8 GEMMs come from Transformer Engine"
+        )
+    if not has_cuda:
+        args.use_cpu_initialization = True
+
+
+def _validate_precision(args: argparse.Namespace) -> None:
+    if args.bf16 and args.fp16:
+        raise ConfigError("--bf16 and --fp16 are mutually exclusive; give at most one")
+    if args.fp8_param_gather:
+        if args.fp8 is None:
+            raise ConfigError("--fp8-param-gather needs --fp8-format")
+        if not args.use_distributed_optimizer:
+            raise ConfigError("--fp8-param-gather needs --use-distributed-optimizer")
+    if args.bf16:
+        args.params_dtype = torch.bfloat16
+        args.accumulate_allreduce_grads_in_fp32 = True
+    elif args.fp16:
+        args.params_dtype = torch.float16
+    else:
+        args.params_dtype = torch.float32
+
+
+def _validate_parallel_layout(args: argparse.Namespace) -> None:
+    tp = args.tensor_model_parallel_size
+    pp = args.pipeline_model_parallel_size
+    cp = args.context_parallel_size
+    model_size = tp * pp * cp
+    if args.world_size % model_size:
+        raise ConfigError(
+            f"world size {args.world_size} is not divisible by --tensor-model-parallel-size "
+            f"{tp} x --pipeline-model-parallel-size {pp} x --context-parallel-size {cp} = "
+            f"{model_size}"
+        )
+    args.data_parallel_size = args.world_size // model_size
+
+    if args.num_layers % pp:
+        raise ConfigError(
+            f"--num-layers {args.num_layers} is not divisible by "
+            f"--pipeline-model-parallel-size {pp}: every stage needs the same number of layers"
+        )
+    args.virtual_pipeline_model_parallel_size = None
+    per_virtual = args.num_layers_per_virtual_pipeline_stage
+    if per_virtual is not None:
+        if pp == 1:
+            raise ConfigError(
+                f"--num-layers-per-virtual-pipeline-stage {per_virtual} needs "
+                "--pipeline-model-parallel-size > 1 (the interleaved schedule)"
+            )
+        per_stage = args.num_layers // pp
+        if per_virtual < 1 or per_stage % per_virtual:
+            raise ConfigError(
+                f"--num-layers-per-virtual-pipeline-stage {per_virtual} must divide the "
+                f"{per_stage} layers per pipeline stage (--num-layers {args.num_layers} / "
+                f"--pipeline-model-parallel-size {pp})"
+            )
+        if per_stage // per_virtual > 1:
+            args.virtual_pipeline_model_parallel_size = per_stage // per_virtual
+
+    if args.sequence_parallel and tp == 1:
+        warnings.warn(
+            "--sequence-parallel has no effect with --tensor-model-parallel-size 1: disabled",
+            stacklevel=3,
+        )
+        args.sequence_parallel = False
+    if args.sequence_parallel and args.seq_length % tp:
+        raise ConfigError(
+            f"--sequence-parallel splits --seq-length {args.seq_length} over "
+            f"--tensor-model-parallel-size {tp}: the sequence length (in TST phase 1 the "
+            "latent length, the same L) must be a multiple of it"
+        )
+    if cp > 1 and args.seq_length % (2 * cp):
+        raise ConfigError(
+            f"--seq-length {args.seq_length} must be a multiple of 2 x --context-parallel-size "
+            f"{cp} = {2 * cp} (load-balanced context parallelism splits it into 2*CP chunks; "
+            "in TST phase 1 this is the latent length, the same L)"
+        )
+    if args.overlap_param_gather and not (
+        args.use_distributed_optimizer and args.overlap_grad_reduce
+    ):
+        raise ConfigError(
+            "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce"
+        )
+
+
+def _validate_model_shape(args: argparse.Namespace) -> None:
+    tp = args.tensor_model_parallel_size
+    heads = args.num_attention_heads
+    if heads % tp:
+        raise ConfigError(
+            f"--num-attention-heads {heads} is not divisible by --tensor-model-parallel-size "
+            f"{tp}: each tensor-parallel rank must hold whole heads"
+        )
+    if args.num_query_groups is not None:
+        args.group_query_attention = True
+    elif args.group_query_attention:
+        args.num_query_groups = 1
+    else:
+        args.num_query_groups = heads
+    groups = args.num_query_groups
+    if groups < 1 or heads % groups:
+        raise ConfigError(
+            f"--num-attention-heads {heads} is not divisible by --num-query-groups {groups}: "
+            "every key/value group must serve the same number of query heads"
+        )
+    if groups % tp:
+        raise ConfigError(
+            f"--num-query-groups {groups} is not divisible by --tensor-model-parallel-size "
+            f"{tp}: each tensor-parallel rank must hold whole key/value groups"
+        )
+    if args.kv_channels is None:
+        if args.hidden_size % heads:
+            raise ConfigError(
+                f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
+                f"{heads}; give --kv-channels explicitly"
+            )
+        args.kv_channels = args.hidden_size // heads
+    if args.ffn_hidden_size is None:
+        if args.swiglu:
+            args.ffn_hidden_size = int((4 * args.hidden_size * 2 / 3) / 64) * 64
+        else:
+            args.ffn_hidden_size = 4 * args.hidden_size
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.max_position_embeddings < args.seq_length:
+        raise ConfigError(
+            f"--max-position-embeddings {args.max_position_embeddings} is smaller than "
+            f"--seq-length {args.seq_length}"
+        )
+    args.padded_vocab_size = None
+    if args.vocab_size is not None:
+        _check_positive(args, "vocab_size")
+        args.padded_vocab_size = vocab_size_with_padding(args.vocab_size, args)
+    if args.recompute_granularity == "full" and (
+        args.recompute_method is None or args.recompute_num_layers is None
+    ):
+        raise ConfigError(
+            "--recompute-granularity full needs --recompute-method (uniform or block) and "
+            "--recompute-num-layers"
+        )
+    if args.recompute_granularity == "selective" and args.recompute_method is not None:
+        raise ConfigError(
+            f"--recompute-method {args.recompute_method} applies only to "
+            "--recompute-granularity full, not selective"
+        )
+
+
+def _validate_moe(args: argparse.Namespace) -> None:
+    if args.expert_tensor_parallel_size is None:
+        args.expert_tensor_parallel_size = args.tensor_model_parallel_size
+    ep = args.expert_model_parallel_size
+    etp = args.expert_tensor_parallel_size
+    if args.num_experts == 0:
+        args.num_experts = None
+    experts = args.num_experts
+    if experts is None:
+        if ep > 1:
+            raise ConfigError(f"--expert-model-parallel-size {ep} needs --num-experts")
+        return
+    if experts < 1:
+        raise ConfigError(f"--num-experts must be >= 1 (or 0 for a dense model), got {experts}")
+    if not 1 <= args.moe_router_topk <= experts:
+        raise ConfigError(
+            f"--moe-router-topk {args.moe_router_topk} must be between 1 and --num-experts "
+            f"{experts}"
+        )
+    if experts % ep:
+        raise ConfigError(
+            f"--num-experts {experts} is not divisible by --expert-model-parallel-size {ep}"
+        )
+    expert_model_size = ep * etp * args.pipeline_model_parallel_size
+    if etp < 1 or args.world_size % expert_model_size:
+        raise ConfigError(
+            f"world size {args.world_size} is not divisible by --expert-model-parallel-size "
+            f"{ep} x --expert-tensor-parallel-size {etp} x --pipeline-model-parallel-size "
+            f"{args.pipeline_model_parallel_size} = {expert_model_size}"
+        )
+    if (
+        args.moe_router_topk == 1
+        and args.moe_router_score_function == "softmax"
+        and not args.moe_router_pre_softmax
+        and args.moe_router_load_balancing_type != "sinkhorn"
+    ):
+        raise ConfigError(
+            "--moe-router-topk 1 with --moe-router-score-function softmax needs "
+            "--moe-router-pre-softmax (a softmax over the one selected expert has zero gradient)"
+        )
+    if (
+        args.moe_grouped_gemm
+        and args.transformer_impl == "local"
+        and importlib.util.find_spec("grouped_gemm") is None
+    ):
+        raise ConfigError(
+            "--moe-grouped-gemm with --transformer-impl local needs the grouped_gemm package, "
+            "which is not installed: install it (github.com/fanshiqing/grouped_gemm), use "
+            "--transformer-impl transformer_engine, or drop --moe-grouped-gemm"
+        )
+    if args.moe_layer_freq < 1:
+        raise ConfigError(f"--moe-layer-freq must be >= 1, got {args.moe_layer_freq}")
+    if args.tensor_model_parallel_size > 1 and not args.sequence_parallel:
+        raise ConfigError(
+            f"--num-experts {experts} with --tensor-model-parallel-size "
+            f"{args.tensor_model_parallel_size} needs --sequence-parallel (Megatron-Core's MoE "
+            "layer refuses to train tensor-parallel without it)"
+        )
+    if args.moe_shared_expert_intermediate_size is not None and args.add_bias_linear:
+        raise ConfigError(
+            "--moe-shared-expert-intermediate-size needs --disable-bias-linear (Megatron-Core's "
+            "shared experts have no biases)"
+        )
+    if args.moe_ffn_hidden_size is None:
+        args.moe_ffn_hidden_size = args.ffn_hidden_size
+
+
+def _validate_batch(args: argparse.Namespace) -> None:
+    per_step = args.micro_batch_size * args.data_parallel_size
+    if args.global_batch_size is None:
+        args.global_batch_size = per_step
+    _check_positive(args, "global_batch_size")
+    if args.global_batch_size % per_step:
+        raise ConfigError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by "
+            f"--micro-batch-size {args.micro_batch_size} x data-parallel size "
+            f"{args.data_parallel_size} = {per_step}"
+        )
+    if args.rampup_batch_size is None:
+        return
+    start, increment, samples = args.rampup_batch_size
+    name = f"--rampup-batch-size {start} {increment} {samples}"
+    if start < 1 or increment < 1 or samples < 0:
+        raise ConfigError(f"{name}: START and INCREMENT must be >= 1 and SAMPLES >= 0")
+    for label, value in (("START", start), ("INCREMENT", increment)):
+        if value % per_step:
+            raise ConfigError(
+                f"{name}: {label} {value} is not divisible by --micro-batch-size "
+                f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size} = "
+                f"{per_step}"
+            )
+    if start > args.global_batch_size or (args.global_batch_size - start) % increment:
+        raise ConfigError(
+            f"{name}: --global-batch-size {args.global_batch_size} must be START plus a "
+            "whole number of INCREMENTs"
+        )
+
+
+def _validate_learning_rate(args: argparse.Namespace) -> None:
+    if args.min_lr > args.lr:
+        raise ConfigError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    _check_positive(args, "lr_decay_iters")
+    if args.lr_warmup_fraction is not None:
+        if args.lr_warmup_iters:
+            raise ConfigError(
+                f"give either --lr-warmup-fraction {args.lr_warmup_fraction} or "
+                f"--lr-warmup-iters {args.lr_warmup_iters}, not both"
+            )
+        if not 0.0 <= args.lr_warmup_fraction < 1.0:
+            raise ConfigError(
+                f"--lr-warmup-fraction must be in [0, 1), got {args.lr_warmup_fraction}"
+            )
+        args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
+    if not 0 <= args.lr_warmup_iters < args.lr_decay_iters:
+        raise ConfigError(
+            f"--lr-warmup-iters {args.lr_warmup_iters} must be >= 0 and smaller than "
+            f"--lr-decay-iters {args.lr_decay_iters}"
+        )
+    if args.lr_decay_style == "WSD":
+        wsd = args.lr_wsd_decay_iters
+        if wsd is None:
+            raise ConfigError(
+                "--lr-decay-style WSD needs --lr-wsd-decay-iters (the length of the final decay)"
+            )
+        if not 0 < wsd <= args.lr_decay_iters - args.lr_warmup_iters:
+            raise ConfigError(
+                f"--lr-wsd-decay-iters {wsd} must be in [1, --lr-decay-iters "
+                f"{args.lr_decay_iters} - warmup {args.lr_warmup_iters}]"
+            )
+    if args.weight_decay_incr_style == "constant":
+        if args.start_weight_decay is not None or args.end_weight_decay is not None:
+            raise ConfigError(
+                "--start-weight-decay/--end-weight-decay need --weight-decay-incr-style "
+                "linear or cosine (with constant, --weight-decay applies throughout)"
+            )
+        args.start_weight_decay = args.end_weight_decay = args.weight_decay
+    elif args.start_weight_decay is None or args.end_weight_decay is None:
+        raise ConfigError(
+            f"--weight-decay-incr-style {args.weight_decay_incr_style} needs "
+            "--start-weight-decay and --end-weight-decay"
+        )
+
+
+def _validate_data(args: argparse.Namespace) -> None:
+    per_split = any((args.train_data_path, args.valid_data_path, args.test_data_path))
+    sources = [
+        name
+        for name, given in (
+            ("--data-path", bool(args.data_path)),
+            ("--train-data-path/--valid-data-path/--test-data-path", per_split),
+            ("--mock-data", args.mock_data),
+        )
+        if given
+    ]
+    if len(sources) != 1:
+        raise ConfigError(
+            "give exactly one data source: --data-path, --train-data-path (with optional "
+            "--valid-data-path/--test-data-path), or --mock-data; got "
+            + (" and ".join(sources) if sources else "none")
+        )
+    if per_split and not args.train_data_path:
+        raise ConfigError("--valid-data-path/--test-data-path need --train-data-path as well")
+    if args.tokenizer_type is None:
+        if args.vocab_size is None:
+            raise ConfigError(
+                "give --tokenizer-type (HuggingFaceTokenizer, GPT2BPETokenizer, NullTokenizer) "
+                "or --vocab-size (which implies NullTokenizer)"
+            )
+        args.tokenizer_type = "NullTokenizer"
+    if args.tokenizer_type == "HuggingFaceTokenizer" and not args.tokenizer_model:
+        raise ConfigError(
+            "--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model (a name or directory)"
+        )
+    if args.tokenizer_type == "GPT2BPETokenizer" and not (args.vocab_file and args.merge_file):
+        raise ConfigError("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
+    if args.tokenizer_type == "NullTokenizer" and args.vocab_size is None:
+        raise ConfigError("--tokenizer-type NullTokenizer needs --vocab-size")
+    if args.num_workers < 0:
+        raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
+
+
+def _validate_checkpointing(args: argparse.Namespace) -> None:
+    if args.ckpt_format not in CKPT_FORMATS:
+        raise ConfigError(
+            f"--ckpt-format {args.ckpt_format} is not supported; only torch_dist "
+            "(Megatron-Core distributed checkpoints) is"
+        )
+    if args.save_interval is not None and args.save_interval < 1:
+        raise ConfigError(
+            f"--save-interval must be >= 1 (got {args.save_interval}); leave it out to save "
+            "only at the end of the run and on exit signals"
+        )
+    if args.ckpt_keep_last < 0:
+        raise ConfigError(
+            f"--ckpt-keep-last must be >= 0 (0 = keep all), got {args.ckpt_keep_last}"
+        )
+
+
+def _validate_logging(args: argparse.Namespace) -> None:
+    for dest in ("log_interval", "eval_interval"):
+        _check_positive(args, dest)
+    if args.eval_iters < 0:
+        raise ConfigError(f"--eval-iters must be >= 0, got {args.eval_iters}")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise ConfigError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
+    if args.peak_tflops is None:
+        args.peak_tflops = current_device_peak_tflops(fp8=args.fp8 is not None)
+
+
+def _validate_tst(args: argparse.Namespace) -> None:
+    bag = args.tst_bag_size
+    fraction = args.tst_phase1_fraction
+    iters = args.tst_phase1_iters
+    if bag < 1:
+        raise ConfigError(f"--tst-bag-size must be >= 1 (1 = TST off), got {bag}")
+    if fraction is not None and iters is not None:
+        raise ConfigError(
+            f"give either --tst-phase1-fraction {fraction} or --tst-phase1-iters {iters}, not both"
+        )
+    if fraction is not None and not 0.0 < fraction < 1.0:
+        raise ConfigError(
+            f"--tst-phase1-fraction must be in the open interval (0, 1), got {fraction}"
+        )
+    if iters is not None and not 1 <= iters <= args.train_iters:
+        raise ConfigError(
+            f"--tst-phase1-iters {iters} must be between 1 and --train-iters {args.train_iters}"
+        )
+    if bag > 1 and fraction is None and iters is None:
+        raise ConfigError(
+            f"--tst-bag-size {bag} turns TST on: also give the phase-1 length, "
+            "--tst-phase1-fraction r in (0, 1) (e.g. 0.3) or --tst-phase1-iters N"
+        )
+    if args.tst_phase != "auto" and bag == 1:
+        raise ConfigError(
+            f"--tst-phase {args.tst_phase} needs TST on (--tst-bag-size > 1 and the phase-1 "
+            "length that the two jobs share); got --tst-bag-size 1"
+        )
+    if args.tst_phase == "2" and args.load is None:
+        raise ConfigError(
+            "--tst-phase 2 continues from the phase-1 checkpoint: give --load with its directory"
+        )
+    args.tst = TSTConfig(
+        bag_size=bag, mode=args.tst_mode, phase1_fraction=fraction, phase1_iters=iters
+    )
+
+
+def _validate_reliability(args: argparse.Namespace) -> None:
+    if args.max_bad_steps < 1:
+        raise ConfigError(f"--max-bad-steps must be >= 1, got {args.max_bad_steps}")
+    if args.collective_timeout_s is None:
+        args.collective_timeout_s = 60.0 * args.distributed_timeout_minutes
+    if args.collective_timeout_s <= 0:
+        raise ConfigError(f"--collective-timeout-s must be > 0, got {args.collective_timeout_s}")
+    for dest in ("exit_duration_in_mins", "exit_interval"):
+        _check_positive(args, dest)
+    if isinstance(args.exit_signal, str):
+        args.exit_signal = signal.Signals[args.exit_signal]

@@ -1,0 +1,335 @@
+"""Build a `TSTGPTModel` from validated ``pretrain_tst.py`` arguments.
+
+Mirrors Megatron-LM's `core_transformer_config_from_args` and `pretrain_gpt.model_provider`
+for the flags this project exposes. Building a model needs `megatron.core.parallel_state`
+initialised; `single_process_parallel_state` provides a 1-rank state for offline use.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from tst_megatron.model import TSTGPTModel
+from tst_megatron.training import arguments
+from tst_megatron.training.arguments import ConfigError
+from tst_megatron.training.flops import moe_layer_pattern
+
+LayerSpec = ModuleSpec | TransformerBlockSubmodules
+
+
+def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
+    """The `TransformerConfig` of validated args (see `arguments.validate_args`).
+
+    Pipeline p2p: ``batch_p2p_comm`` is off on gloo, and for the interleaved schedule at
+    pipeline size 2. A batched isend/irecv matches messages between the same two ranks in
+    posting order; in the interleaved schedule at PP=2 the previous and the next stage are
+    the same rank, and each rank posts "send to previous" before "send to next" while its
+    peer posts the receives the other way round, so the activations and gradients trade
+    places silently (measured on gloo: gradients off by ~1; Megatron-LM forbids PP=2
+    interleaving with batched p2p on NCCL for the same reason). The unbatched path orders
+    sends and receives by even/odd rank and, for a 2-rank pipeline group, carries one
+    direction over the world group, so nothing can be crossed. Gloo gains nothing from
+    batching (it issues the operations one by one anyway), so it always takes that path.
+    """
+    pp = args.pipeline_model_parallel_size
+    vpp = args.virtual_pipeline_model_parallel_size
+    interleaved_pp2 = vpp is not None and pp == 2
+    kwargs = dict(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        kv_channels=args.kv_channels,
+        normalization=args.normalization,
+        layernorm_epsilon=args.norm_epsilon,
+        layernorm_zero_centered_gamma=args.apply_layernorm_1p,
+        gated_linear_unit=args.swiglu,
+        activation_func=F.silu if args.swiglu else F.gelu,
+        add_bias_linear=args.add_bias_linear,
+        qk_layernorm=args.qk_layernorm,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std,
+        attention_softmax_in_fp32=args.attention_softmax_in_fp32,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=args.context_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        fp16=args.fp16,
+        bf16=args.bf16,
+        params_dtype=args.params_dtype,
+        pipeline_dtype=args.params_dtype,
+        use_cpu_initialization=args.use_cpu_initialization,
+        perform_initialization=True,
+        variable_seq_lengths=False,
+        deallocate_pipeline_outputs=True,
+        batch_p2p_comm=args.distributed_backend != "gloo" and not interleaved_pp2,
+        cross_entropy_loss_fusion=False,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        transformer_impl=args.transformer_impl,
+    )
+    if args.num_experts is not None:
+        kwargs.update(
+            num_moe_experts=args.num_experts,
+            moe_router_topk=args.moe_router_topk,
+            moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+            moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+            moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+            moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+            moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+            moe_grouped_gemm=args.moe_grouped_gemm,
+            moe_router_score_function=args.moe_router_score_function,
+            moe_router_pre_softmax=args.moe_router_pre_softmax,
+            moe_z_loss_coeff=args.moe_z_loss_coeff,
+            moe_layer_freq=args.moe_layer_freq,
+        )
+    if args.fp8 is not None:
+        kwargs.update(fp8=args.fp8, fp8_recipe=args.fp8_recipe, fp8_param=args.fp8_param_gather)
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec_from_args(
+    args: argparse.Namespace, config: TransformerConfig, vp_stage: int | None = None
+) -> LayerSpec:
+    """The decoder spec for ``--transformer-impl``.
+
+    - ``transformer_engine``: Megatron-Core's TE spec (checks TE is installed first).
+    - ``local`` on CUDA: Megatron-Core's local spec; without CUDA: the CPU-adapted local
+      block spec (`tst_megatron.cpu.layer_spec`), whose final norm supports sequence parallel.
+
+    With MoE every ``--moe-layer-freq``-th layer is MoE and the others dense: a block spec for
+    this pipeline stage (``vp_stage`` chunk), like Megatron-Core's `get_gpt_decoder_block_spec`.
+    """
+    num_experts = args.num_experts
+    mixed = num_experts is not None and args.moe_layer_freq != 1
+    if args.transformer_impl == "transformer_engine":
+        if not arguments.transformer_engine_installed():
+            raise ConfigError(arguments.TE_IMPL_MISSING)
+        if mixed:
+            return get_gpt_decoder_block_spec(
+                config, use_transformer_engine=True, vp_stage=vp_stage
+            )
+        return get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts,
+            moe_grouped_gemm=args.moe_grouped_gemm,
+            qk_layernorm=args.qk_layernorm,
+        )
+    if torch.cuda.is_available():
+        return _mcore_local_spec(args, config, vp_stage)
+
+    from tst_megatron.cpu.layer_spec import get_cpu_gpt_block_spec, get_cpu_gpt_layer_spec
+
+    block = get_cpu_gpt_block_spec(config, vp_stage=vp_stage)  # its final norm handles SP
+    if not mixed:
+        return block
+    dense, moe = (
+        get_cpu_gpt_layer_spec(
+            num_experts=experts,
+            moe_grouped_gemm=args.moe_grouped_gemm,
+            qk_layernorm=args.qk_layernorm,
+            normalization=args.normalization,
+            sequence_parallel=args.sequence_parallel,
+            context_parallel=args.context_parallel_size > 1,
+        )
+        for experts in (None, num_experts)
+    )
+    return _mixed_block_spec(config, dense, moe, block.layer_norm, vp_stage)
+
+
+def _mcore_local_spec(
+    args: argparse.Namespace, config: TransformerConfig, vp_stage: int | None
+) -> LayerSpec:
+    """Megatron-Core's own local (no-TE) spec."""
+    if args.num_experts is not None and args.moe_layer_freq != 1:
+        return get_gpt_decoder_block_spec(
+            config,
+            use_transformer_engine=False,
+            normalization=args.normalization,
+            vp_stage=vp_stage,
+        )
+    return get_gpt_layer_local_spec(
+        num_experts=args.num_experts,
+        moe_grouped_gemm=args.moe_grouped_gemm,
+        qk_layernorm=args.qk_layernorm,
+        normalization=args.normalization,
+    )
+
+
+def _mixed_block_spec(
+    config: TransformerConfig,
+    dense: ModuleSpec,
+    moe: ModuleSpec,
+    final_norm: type,
+    vp_stage: int | None,
+) -> TransformerBlockSubmodules:
+    """This pipeline stage's slice of the dense/MoE layer pattern, then ``final_norm``."""
+    pattern = moe_layer_pattern(config.num_layers, config.moe_layer_freq)
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage)
+    layers = [moe if pattern[i] else dense for i in range(offset, offset + count)]
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=final_norm)
+
+
+def build_model(
+    args: argparse.Namespace,
+    config: TransformerConfig,
+    *,
+    pre_process: bool,
+    post_process: bool,
+    vp_stage: int | None = None,
+) -> TSTGPTModel:
+    """One pipeline stage (or virtual chunk ``vp_stage``) of the model."""
+    return _build(
+        args,
+        config,
+        layer_spec_from_args(args, config, vp_stage),
+        pre_process=pre_process,
+        post_process=post_process,
+        vp_stage=vp_stage,
+    )
+
+
+def _build(
+    args: argparse.Namespace,
+    config: TransformerConfig,
+    spec: LayerSpec,
+    *,
+    pre_process: bool,
+    post_process: bool,
+    vp_stage: int | None,
+) -> TSTGPTModel:
+    if args.padded_vocab_size is None:
+        raise ConfigError("args.padded_vocab_size is not set (set it from the tokenizer)")
+    return TSTGPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        rotary_base=args.rotary_base,
+        vp_stage=vp_stage,
+    )
+
+
+class ModelProvider:
+    """``provider(pre_process, post_process, vp_stage=None) -> TSTGPTModel``.
+
+    All stages and virtual chunks share one `TransformerConfig`, ``provider.config``.
+    """
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.config = transformer_config_from_args(args)
+
+    def __call__(
+        self, pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None
+    ) -> TSTGPTModel:
+        return build_model(
+            self.args,
+            self.config,
+            pre_process=pre_process,
+            post_process=post_process,
+            vp_stage=vp_stage,
+        )
+
+
+def model_provider_from_args(args: argparse.Namespace) -> ModelProvider:
+    """The model provider for mcore-style ``get_model`` loops (see `ModelProvider`)."""
+    return ModelProvider(args)
+
+
+def build_meta_model(args: argparse.Namespace) -> TSTGPTModel:
+    """The whole model (TP=PP=CP=EP=1 view) on the meta device: shapes, no memory.
+
+    For parameter counting of any size. It always uses Megatron-Core's local spec, which
+    needs neither Transformer Engine nor a GPU and has the same parameter shapes as the TE
+    spec (TE fuses the pre-attention/pre-MLP norms into the following linear layer, so only
+    the parameter names differ); grouped-GEMM experts become per-expert MLPs (same counts).
+    Runs inside `single_process_parallel_state`.
+    """
+    view = argparse.Namespace(**vars(args))
+    view.tensor_model_parallel_size = 1
+    view.pipeline_model_parallel_size = 1
+    view.virtual_pipeline_model_parallel_size = None
+    view.context_parallel_size = 1
+    view.expert_model_parallel_size = 1
+    view.expert_tensor_parallel_size = 1
+    view.sequence_parallel = False
+    view.moe_grouped_gemm = False
+    view.transformer_impl = "local"
+    view.use_cpu_initialization = True
+    view.fp8 = None
+    config = transformer_config_from_args(view)
+    config.perform_initialization = False
+    with single_process_parallel_state(), torch.device("meta"):
+        spec = _mcore_local_spec(view, config, vp_stage=None)
+        return _build(view, config, spec, pre_process=True, post_process=True, vp_stage=None)
+
+
+@contextmanager
+def single_process_parallel_state() -> Iterator[None]:
+    """Megatron-Core parallel state for one process, if none exists; torn down on exit.
+
+    Starts a 1-rank gloo process group (in-process store, no port) when torch.distributed is
+    not initialised. An existing model-parallel state is used as it is when it is the trivial
+    one (all sizes 1) and refused otherwise: modules built under it would be sharded.
+    """
+    if parallel_state.model_parallel_is_initialized():
+        sizes = (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_context_parallel_world_size(),
+            parallel_state.get_expert_model_parallel_world_size(),
+        )
+        if sizes != (1, 1, 1, 1):
+            raise RuntimeError(
+                "a model-parallel state with (TP, PP, CP, EP) = "
+                f"{sizes} is active; build the single-device view in a separate process"
+            )
+        yield
+        return
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    elif dist.get_world_size() != 1:
+        raise RuntimeError(
+            f"torch.distributed runs {dist.get_world_size()} ranks but no model-parallel state; "
+            "initialise Megatron-Core's parallel state on all ranks first"
+        )
+    parallel_state.initialize_model_parallel()
+    try:
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        if own_group:
+            dist.destroy_process_group()
