@@ -60,6 +60,15 @@ def model_shape(args: Namespace) -> dict:
     return {key: getattr(args, key, None) for key in MODEL_SHAPE_KEYS}
 
 
+def layout(args: Namespace) -> dict:
+    """The parallel layout a checkpoint was written at (RNG states depend on it)."""
+    return {
+        "tensor_model_parallel_size": args.tensor_model_parallel_size,
+        "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
+        "world_size": torch.distributed.get_world_size(),
+    }
+
+
 def tst_state(args: Namespace, phase: int) -> dict:
     return {
         "phase": phase,
@@ -139,11 +148,8 @@ def save_checkpoint(args, model_chunks, optimizer, scheduler, progress: Training
             "iteration": progress.iteration,
             "tst": tst_state(args, progress.phase),
             "model": model_shape(args),
-            "layout": {
-                "tensor_model_parallel_size": args.tensor_model_parallel_size,
-                "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
-                "world_size": torch.distributed.get_world_size(),
-            },
+            "layout": layout(args),
+            "use_distributed_optimizer": bool(args.use_distributed_optimizer),
             "consumed_data_tokens": progress.data_state.get("consumed_tokens", 0),
         }
         _write_atomically(os.path.join(staging, META), json.dumps(meta, indent=2))
@@ -217,6 +223,14 @@ def check_compatible(args: Namespace, meta: dict, path: str) -> None:
     if diffs:
         raise CheckpointError(
             f"checkpoint {path} was saved for another model shape: " + "; ".join(diffs)
+        )
+    saved_dist_opt = meta.get("use_distributed_optimizer")
+    loads_optimizer = not (args.no_load_optim or args.finetune)
+    if loads_optimizer and saved_dist_opt != bool(args.use_distributed_optimizer):
+        flag = "with" if saved_dist_opt else "without"
+        raise CheckpointError(
+            f"checkpoint {path} was saved {flag} --use-distributed-optimizer; the optimizer "
+            "state formats differ: resume with the same setting, or pass --no-load-optim"
         )
     saved_tst = meta["tst"]
     if args.tst_phase == 2 or saved_tst["phase"] == 2 or getattr(args, "finetune", False):

@@ -116,30 +116,32 @@ def unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
-def _loss_func(position_mask: torch.Tensor, output: torch.Tensor):
-    """Mean loss over unmasked positions of the micro-batch (global over context parallel).
+def loss_func(position_mask: torch.Tensor, output: torch.Tensor):
+    """Mean loss over the unmasked positions of the micro-batch, global over context parallel.
 
     Args:
-        position_mask: ``[b, L]`` 1 where the position has at least one unmasked target.
-        output: ``[b, L]`` per-position loss from the model.
+        position_mask: ``[b, L/CP]`` 1 where the position has at least one unmasked target.
+        output: ``[b, L/CP]`` per-position loss from the model.
+
+    Returns the legacy 2-tuple: mcore's schedule multiplies the loss by the CP size and
+    divides it by the number of micro-batches, and DDP averages gradients over DP x CP.
     """
     mask = position_mask.reshape(-1).float()
     total = torch.stack([(output.float().reshape(-1) * mask).sum(), mask.sum()])
-    cp_size = ps.get_context_parallel_world_size()
-    if cp_size > 1:
+    if ps.get_context_parallel_world_size() > 1:
         torch.distributed.all_reduce(total, group=ps.get_context_parallel_group())
-    loss = total[0] * cp_size / total[1].clamp(min=1)
+    loss = total[0] / total[1].clamp(min=1)
     return loss, {"lm loss": total.detach().clone()}
 
 
-def _forward_step(data_iterator, model):
+def forward_step(data_iterator, model):
     batch = next(data_iterator)
     mask = batch["loss_mask"]
     position_mask = mask.amax(dim=-1) if mask.dim() == 3 else mask
     output = model(
         batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=mask
     )
-    return output, partial(_loss_func, position_mask)
+    return output, partial(loss_func, position_mask)
 
 
 def split_for_context_parallel(batch: dict, bag_size: int) -> dict:
@@ -218,11 +220,7 @@ class Trainer:
             )
         meta = ckpt.read_checkpoint_meta(path)
         ckpt.check_compatible(args, meta, path)
-        same_layout = meta["layout"] == {
-            "tensor_model_parallel_size": args.tensor_model_parallel_size,
-            "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
-            "world_size": torch.distributed.get_world_size(),
-        }
+        same_layout = meta["layout"] == ckpt.layout(args)
         self.progress = ckpt.load_checkpoint(
             args, self.chunks, self.optimizer, self.scheduler, path, load_rng=same_layout
         )
@@ -273,7 +271,7 @@ class Trainer:
         args = self.args
         iterators = [iter(batches) for _ in self.chunks]
         return get_forward_backward_func()(
-            forward_step_func=_forward_step,
+            forward_step_func=forward_step,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
             num_microbatches=len(batches),
