@@ -1,0 +1,1 @@
+"""Test helpers: multi-rank CPU launches of Megatron-Core code (``multirank``)."""
