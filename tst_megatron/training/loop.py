@@ -19,8 +19,11 @@ import numpy as np
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.distributed import finalize_model_grads
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from megatron.core.num_microbatches_calculator import (
     get_current_global_batch_size,
     get_num_microbatches,
@@ -35,8 +38,9 @@ from tst_megatron.data.builders import build_train_stream, build_valid_dataset, 
 from tst_megatron.data.tokenizer import TokenizerError, build_tokenizer
 from tst_megatron.targets import build_batch
 from tst_megatron.training import checkpointing as ckpt
+from tst_megatron.training import fault_injection
 from tst_megatron.training.arguments import vocab_size_with_padding
-from tst_megatron.training.faults import BadStepGuard, ExitRequests
+from tst_megatron.training.faults import BadStepGuard, ExitRequests, TrainingStopped
 from tst_megatron.training.metrics import MetricsLogger
 from tst_megatron.training.model_builder import build_model, transformer_config_from_args
 from tst_megatron.training.optimizer import build_optimizer, build_scheduler
@@ -246,6 +250,11 @@ class Trainer:
         )
 
     # --- data ---------------------------------------------------------------------------
+    def print_data_notices(self) -> None:
+        """Print the stream's notes (blend normalised, a dataset starting a new epoch) once."""
+        for notice in self.stream.pop_notices():
+            self.metrics.print(notice)
+
     def _microbatches(self, spec: PhaseSpec) -> list[dict]:
         args = self.args
         num_micro = get_num_microbatches()
@@ -267,11 +276,13 @@ class Trainer:
         return batches
 
     # --- steps --------------------------------------------------------------------------
-    def _run_schedule(self, batches: list[dict], forward_only: bool) -> list[dict]:
+    def _run_schedule(
+        self, batches: list[dict], forward_only: bool, step_func=forward_step
+    ) -> list[dict]:
         args = self.args
         iterators = [iter(batches) for _ in self.chunks]
         return get_forward_backward_func()(
-            forward_step_func=forward_step,
+            forward_step_func=step_func,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
             num_microbatches=len(batches),
@@ -284,12 +295,13 @@ class Trainer:
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = self._run_schedule(self._microbatches(spec), forward_only=False)
+        step_func = fault_injection.forward_step(forward_step, self.progress.iteration + 1)
+        outputs = self._run_schedule(self._microbatches(spec), False, step_func)
         bad = self.guard.grads_not_finite(self.chunks) and not self.args.fp16
         if bad:
-            updated, grad_norm, num_zeros = False, float("nan"), None
+            updated, grad_norm = False, float("nan")
         else:
-            updated, grad_norm, num_zeros = self.optimizer.step()
+            updated, grad_norm, _ = self.optimizer.step()
         gbs = get_current_global_batch_size()
         if updated:
             self.scheduler.step(increment=gbs)
@@ -370,6 +382,7 @@ class Trainer:
         elif self.progress.iteration >= self.phase1_iters and self.progress.phase == 1:
             self.progress.phase = 2
         self.set_phase(self.progress.phase)
+        self.print_data_notices()
         stop_at = self.last_iteration()
         update_num_microbatches(self.progress.consumed_samples, consistency_check=False)
         final = {"iteration": self.progress.iteration}
@@ -379,6 +392,7 @@ class Trainer:
                 self.metrics.phase_boundary(self.progress.iteration, self.stream.state)
             update_num_microbatches(self.progress.consumed_samples, consistency_check=True)
             spec = self.phase_spec(self.progress.phase)
+            fault_injection.before_iteration(self.progress.iteration + 1)
             start = time.time()
             step = self.train_step(spec)
             self.progress.iteration += 1
@@ -388,10 +402,12 @@ class Trainer:
             self.metrics.step(
                 self.progress, spec, step, time.time() - start, self.stream.state, stop_at
             )
+            self.print_data_notices()
             final = {"iteration": self.progress.iteration, "loss": step["loss"]}
             if self.guard.should_stop():
-                raise RuntimeError(self.guard.stop_message())
-            if args.eval_interval and self.progress.iteration % args.eval_interval == 0:
+                raise TrainingStopped(self.guard.stop_message())
+            at_end = self.progress.iteration == stop_at
+            if not at_end and self.progress.iteration % args.eval_interval == 0:
                 self.metrics.validation(self.progress.iteration, self.evaluate())
             saved = False
             if args.save_interval and self.progress.iteration % args.save_interval == 0:
