@@ -12,6 +12,11 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
+
+# Megatron-Core warns at import when Transformer Engine / apex are absent; the trainer logs the
+# kernels it actually uses instead (one line at start-up).
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 
 def main(argv: list[str] | None = None) -> int:

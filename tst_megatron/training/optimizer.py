@@ -11,9 +11,11 @@ without apex/TE too):
 3. `DistributedOptimizer.sharded_state_dict(is_loading=True)` reads the state before it
    initialises it, which asserts on a fresh optimizer; and its fully-reshardable load
    copies every per-parameter state key from the checkpoint, ``step`` included, which is
-   stored once per optimizer instead (``KeyError: 'step'``). `fix_torch_adam_state` patches (1) and the
-copy of (3) per optimizer instance, `init_optimizer_state` fills a fresh optimizer's state before a load,
-and `unshare_adam_steps` undoes (2) after every load. All are no-ops with apex/TE Adam.
+   stored once per optimizer instead (``KeyError: 'step'``).
+
+`fix_torch_adam_state` patches (1) and the copy of (3) per optimizer instance,
+`init_optimizer_state` fills a fresh optimizer's state before a load, and
+`unshare_adam_steps` undoes (2) after every load. All are no-ops with apex/TE Adam.
 """
 
 from __future__ import annotations
@@ -79,6 +81,15 @@ def build_scheduler(args: Namespace, optimizer) -> OptimizerParamScheduler:
         else None,
         lr_wsd_decay_style=args.lr_wsd_decay_style,
     )
+
+
+def describe_kernels(optimizer) -> str:
+    """Which optimizer kernel Megatron-Core picked (TE/apex fused Adam, else torch)."""
+    names = sorted(
+        {f"{type(inner.optimizer).__module__}.{type(inner.optimizer).__name__}"
+         for inner in _inner_optimizers(optimizer) if getattr(inner, "optimizer", None)}
+    )
+    return ", ".join(names) or "none"
 
 
 def _inner_optimizers(optimizer) -> list:
