@@ -76,78 +76,24 @@ _PARALLEL_STATE_KEYS = ("tp", "pp", "cp", "ep", "vpp")
 
 def _build(kind: str, tp=1, pp=1, cp=1, ep=1, vpp=None, sp=False, dispatcher="alltoall"):
     """This rank's model chunks (one per virtual stage), each a DDP-wrapped GPTModel stage."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from tst_megatron.cpu.layer_spec import get_cpu_gpt_block_spec
+    from tst_megatron.testing.tiny_models import build_tiny_chunks, tiny_config
 
-    moe = {}
-    if kind == MOE:
-        moe = dict(
-            num_moe_experts=4,
-            moe_router_topk=2,
-            moe_ffn_hidden_size=64,
-            moe_token_dispatcher_type=dispatcher,
-            moe_router_load_balancing_type="none",
-            moe_aux_loss_coeff=0.0,
-            qk_layernorm=True,  # covered here: TP sums its grads by name, SP uses CpuQKNorm
-        )
-    config = TransformerConfig(
+    # the MoE model also covers QK-norm: TP sums its grads by name, SP uses CpuQKNorm
+    config = tiny_config(
+        moe=kind == MOE,
         num_layers=4 if kind == DENSE else 2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_query_groups=2,
-        ffn_hidden_size=128,
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        init_method_std=0.02,
-        use_cpu_initialization=True,
-        perform_initialization=True,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp,
-        context_parallel_size=cp,
-        expert_model_parallel_size=ep,
-        sequence_parallel=sp,
-        pipeline_dtype=torch.float32,
-        batch_p2p_comm=False,  # required by the interleaved schedule on gloo (see multirank)
-        **moe,
+        qk_layernorm=kind == MOE,
+        dispatcher=dispatcher,
+        tp=tp,
+        pp=pp,
+        cp=cp,
+        ep=ep,
+        vpp=vpp,
+        sp=sp,
     )
-    config.finalize_model_grads_func = finalize_model_grads
-    torch.manual_seed(MODEL_SEED)
-    chunks = []
-    for vp_stage in range(vpp) if vpp else [None]:
-        model = GPTModel(
-            config,
-            get_cpu_gpt_block_spec(config, vp_stage=vp_stage),
-            vocab_size=VOCAB,
-            max_sequence_length=SEQ_LEN,
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-            position_embedding_type="rope",
-            share_embeddings_and_output_weights=False,
-            vp_stage=vp_stage,
-        )
-        ddp_config = DistributedDataParallelConfig()
-        chunks.append(
-            DistributedDataParallel(config, ddp_config, model, disable_bucketing=bool(chunks))
-        )
-    return chunks
+    return build_tiny_chunks(config, GPTModel, vocab=VOCAB, seq_len=SEQ_LEN, seed=MODEL_SEED)
 
 
 def _microbatches() -> list[dict[str, torch.Tensor]]:

@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tst_megatron.config import STANDARD_PHASE, PhaseSpec
 from tst_megatron.testing.multirank import (
@@ -54,73 +53,16 @@ LAYOUTS: dict[str, tuple[str, dict[str, Any]]] = {
 # ---------------------------------------------------------------------------- rank side
 
 
-def _config(kind: str, tp=1, pp=1, cp=1, ep=1, sp=False):
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    moe = {}
-    if kind == MOE:
-        moe = dict(
-            num_moe_experts=4,
-            moe_router_topk=2,
-            moe_ffn_hidden_size=64,
-            moe_token_dispatcher_type="alltoall",
-            moe_router_load_balancing_type="none",
-            moe_aux_loss_coeff=0.0,
-        )
-    return TransformerConfig(
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_query_groups=2,
-        ffn_hidden_size=128,
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        init_method_std=0.02,
-        use_cpu_initialization=True,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        context_parallel_size=cp,
-        expert_model_parallel_size=ep,
-        sequence_parallel=sp,
-        pipeline_dtype=torch.float32,
-        **moe,
-    )
-
-
 def _build(kind: str, model_cls=None, **layout):
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-
-    from tst_megatron.cpu.layer_spec import get_cpu_gpt_block_spec
+    """This rank's DDP-wrapped model (no virtual pipeline here)."""
     from tst_megatron.model import TSTGPTModel
+    from tst_megatron.testing.tiny_models import build_tiny_chunks, tiny_config
 
-    config = _config(kind, **layout)
-    config.finalize_model_grads_func = finalize_model_grads
-    torch.manual_seed(3)
-    model = (model_cls or TSTGPTModel)(
-        config,
-        get_cpu_gpt_block_spec(config),
-        vocab_size=VOCAB,
-        max_sequence_length=LATENT,
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
-        position_embedding_type="rope",
-        share_embeddings_and_output_weights=False,
+    config = tiny_config(moe=kind == MOE, **layout)
+    chunks = build_tiny_chunks(
+        config, model_cls or TSTGPTModel, vocab=VOCAB, seq_len=LATENT, seed=3
     )
-    return DistributedDataParallel(config, DistributedDataParallelConfig(), model)
+    return chunks[0]
 
 
 def _microbatches(spec: PhaseSpec) -> list[dict]:
