@@ -302,6 +302,18 @@ def test_fp8_passes_with_transformer_engine(te_installed):
             ("--num-layers-per-virtual-pipeline-stage 3", "4 layers per pipeline stage"),
         ),
         (
+            "--num-layers 8 --pipeline-model-parallel-size 2 "
+            "--num-layers-per-virtual-pipeline-stage 2 --global-batch-size 6",
+            2,
+            ("interleaved pipeline", "--pipeline-model-parallel-size 2", "--global-batch-size"),
+        ),
+        (
+            "--num-layers 8 --pipeline-model-parallel-size 2 "
+            "--num-layers-per-virtual-pipeline-stage 2 --global-batch-size 4 --eval-iters 3",
+            2,
+            ("interleaved pipeline", "--eval-iters gives 3 per step"),
+        ),
+        (
             "--tensor-model-parallel-size 4 --sequence-parallel --seq-length 30",
             4,
             ("--sequence-parallel", "--seq-length 30", "--tensor-model-parallel-size 4"),
@@ -553,7 +565,8 @@ def test_batched_p2p_only_where_it_is_safe():
     nccl = transformer_config_from_args(validated("--pipeline-model-parallel-size 2", world_size=2))
     assert nccl.batch_p2p_comm is True
     interleaved = validated(
-        "--num-layers 8 --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 2",
+        "--num-layers 8 --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 2 "
+        "--global-batch-size 4",
         world_size=2,
     )
     config = transformer_config_from_args(interleaved)

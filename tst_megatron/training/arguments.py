@@ -1156,6 +1156,7 @@ def _validate_batch(args: argparse.Namespace) -> None:
             f"--micro-batch-size {args.micro_batch_size} x data-parallel size "
             f"{args.data_parallel_size} = {per_step}"
         )
+    _validate_interleaved_microbatches(args, per_step)
     if args.rampup_batch_size is None:
         return
     start, increment, samples = args.rampup_batch_size
@@ -1174,6 +1175,23 @@ def _validate_batch(args: argparse.Namespace) -> None:
             f"{name}: --global-batch-size {args.global_batch_size} must be START plus a "
             "whole number of INCREMENTs"
         )
+
+
+def _validate_interleaved_microbatches(args: argparse.Namespace, per_step: int) -> None:
+    """The interleaved schedule runs micro-batches in groups of the pipeline size."""
+    pp = args.pipeline_model_parallel_size
+    if not args.virtual_pipeline_model_parallel_size:
+        return
+    counts = {"--global-batch-size": args.global_batch_size // per_step}
+    if args.eval_iters:
+        counts["--eval-iters"] = args.eval_iters
+    for flag, count in counts.items():
+        if count % pp:
+            raise ConfigError(
+                f"the interleaved pipeline schedule (--num-layers-per-virtual-pipeline-stage) "
+                f"needs a number of micro-batches divisible by --pipeline-model-parallel-size "
+                f"{pp}; {flag} gives {count} per step"
+            )
 
 
 def _validate_learning_rate(args: argparse.Namespace) -> None:
