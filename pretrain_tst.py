@@ -36,14 +36,29 @@ def main(argv: list[str] | None = None) -> int:
     from tst_megatron.data.stream import DataError
     from tst_megatron.data.tokenizer import TokenizerError
     from tst_megatron.training.checkpointing import CheckpointError
+    from tst_megatron.training.faults import TrainingStopped
     from tst_megatron.training.loop import Trainer, initialize_distributed
 
     initialize_distributed(args)
     code = 0
+    trainer = None
     try:
-        Trainer(args).train()
-    except (DataError, CheckpointError, TokenizerError, TSTConfigError) as err:
+        trainer = Trainer(args)
+        trainer.train()
+    except (DataError, CheckpointError, TokenizerError, TSTConfigError, TrainingStopped) as err:
         print(f"pretrain_tst.py: error: {err}", file=sys.stderr, flush=True)
+        code = 1
+    except RuntimeError as err:  # gloo: "Timed out waiting ...ms for recv operation ..."
+        if "timed out" not in str(err).lower():
+            raise
+        where = f" after iteration {trainer.progress.iteration}" if trainer else ""
+        print(
+            "pretrain_tst.py: error: a collective did not complete within "
+            f"--collective-timeout-s {args.collective_timeout_s:g}{where}: another rank is "
+            f"hung or dead ({err})",
+            file=sys.stderr,
+            flush=True,
+        )
         code = 1
     finally:
         parallel_state.destroy_model_parallel()

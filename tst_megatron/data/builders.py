@@ -19,7 +19,11 @@ TRAIN, VALID = 0, 1
 
 
 def parse_blend(paths: list[str], flag: str) -> tuple[list[str], list[float]]:
-    """``[PREFIX ...]`` or ``[W1, PREFIX1, W2, PREFIX2, ...]`` -> (prefixes, weights)."""
+    """``[PREFIX ...]`` or ``[W1, PREFIX1, W2, PREFIX2, ...]`` -> (prefixes, weights).
+
+    The weights are returned as given; `BlendedStream` normalises them (with a note in the
+    log when they do not sum to 1).
+    """
     if len(paths) % 2 == 0 and len(paths) > 0:
         weights_raw = paths[0::2]
         try:
@@ -29,15 +33,7 @@ def parse_blend(paths: list[str], flag: str) -> tuple[list[str], list[float]]:
         if weights is not None:
             if any(w <= 0 for w in weights):
                 raise DataError(f"{flag}: blend weights must be positive, got {weights_raw}")
-            prefixes = list(paths[1::2])
-            total = sum(weights)
-            if abs(total - 1.0) > 1e-6:
-                print(
-                    f"{flag}: blend weights {weights_raw} sum to {total:g}; normalising them "
-                    "to sum to 1",
-                    flush=True,
-                )
-            return prefixes, [w / total for w in weights]
+            return list(paths[1::2]), weights
     prefixes, weights = get_blend_from_list(paths)
     return list(prefixes), [1.0 / len(prefixes)] * len(prefixes) if weights is None else weights
 
@@ -82,8 +78,8 @@ def split_documents(num_documents: int, split: str, which: int) -> np.ndarray:
     """Document ids of split ``which`` (0 train, 1 valid, 2 test), as Megatron-Core splits."""
     weights = parse_and_normalize_split(split)
     bounds = np.cumsum([0.0, *weights])
-    begin = int(round(bounds[which] * num_documents))
-    end = int(round(bounds[which + 1] * num_documents))
+    begin = round(bounds[which] * num_documents)
+    end = round(bounds[which + 1] * num_documents)
     return np.arange(begin, end, dtype=np.int64)
 
 
@@ -103,8 +99,28 @@ def build_train_stream(args: Namespace, tokenizer) -> BlendedStream:
         docs = split_documents(len(dataset), split, which)
         if len(docs) == 0:
             raise DataError(f"dataset {prefix!r}: the train split {split!r} holds no documents")
-        streams.append(DocumentStream(dataset, docs, args.seed, prefix))
+        stream = DocumentStream(dataset, docs, args.seed, prefix)
+        check_holds_one_window(stream, args)
+        streams.append(stream)
     return BlendedStream(streams, weights)
+
+
+def check_holds_one_window(stream: DocumentStream, args: Namespace) -> None:
+    """Reject a training split shorter than one phase-1 sample window."""
+    spec = args.tst.phase_spec(1)
+    s, length = spec.bag_size, args.seq_length
+    window = spec.window_length(length)
+    if stream.tokens_per_epoch >= window:
+        return
+    formula = f"L+s = {length}+{s}" if spec.mode == "output-only" and s > 1 else (
+        f"s*(L+1) = {s}*({length}+1)"
+    )
+    raise DataError(
+        f"dataset {stream.name!r}: its training split holds {stream.tokens_per_epoch} tokens, "
+        f"fewer than one phase-1 sample window of {formula} = {window} tokens "
+        f"(--tst-bag-size {s}, --seq-length {length}); give it more data or lower "
+        "--seq-length / --tst-bag-size"
+    )
 
 
 def build_valid_dataset(args: Namespace, tokenizer, num_samples: int) -> GPTDataset | None:

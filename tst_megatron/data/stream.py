@@ -17,13 +17,10 @@ Validation still uses Megatron-Core's `GPTDataset` (see `validation.py`).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-
-logger = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -51,7 +48,6 @@ class DocumentStream:
         if self.tokens_per_epoch == 0:
             raise DataError(f"dataset {name} has no tokens in this split")
         self._epoch_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._warned_epochs: set[int] = set()
 
     def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(document order, start offset of each document in the epoch)."""
@@ -70,13 +66,6 @@ class DocumentStream:
         position, remaining = start, length
         while remaining > 0:
             epoch, offset = divmod(position, self.tokens_per_epoch)
-            if epoch > 0 and epoch not in self._warned_epochs:
-                self._warned_epochs.add(epoch)
-                logger.warning(
-                    "dataset %s: starting epoch %d (the run has read all %d tokens of this "
-                    "split %d time(s); data now repeats in a new order)",
-                    self.name, epoch + 1, self.tokens_per_epoch, epoch,
-                )
             order, starts = self._epoch_layout(epoch)
             doc = int(np.searchsorted(starts, offset, side="right")) - 1
             doc_offset = offset - int(starts[doc])
@@ -123,12 +112,15 @@ class BlendedStream:
     """Weighted blend of streams with one cursor per stream.
 
     ``next_windows(n, window)`` returns the next ``n`` windows (a global batch) in order and
-    advances the cursors by ``window - 1`` tokens per window.
+    advances the cursors by ``window - 1`` tokens per window. Weights are normalised to sum
+    to 1. Notes for the training log (weights normalised, a stream starting a new epoch) are
+    collected identically on every rank; `pop_notices` hands them to the one that logs.
     """
 
     streams: Sequence
     weights: Sequence[float]
     state: StreamState = field(default=None)
+    notices: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if len(self.streams) != len(self.weights):
@@ -138,9 +130,31 @@ class BlendedStream:
         if any(w <= 0 for w in self.weights):
             raise DataError(f"blend weights must be positive, got {list(self.weights)}")
         total = float(sum(self.weights))
+        if abs(total - 1.0) > 1e-6:
+            given = ", ".join(
+                f"{w:g} ({stream.name})"
+                for w, stream in zip(self.weights, self.streams, strict=True)
+            )
+            self.notices.append(
+                f"note: blend weights {given} sum to {total:g}; normalised to "
+                + ", ".join(f"{w / total:g}" for w in self.weights)
+            )
         self.weights = [w / total for w in self.weights]
         if self.state is None:
             self.state = StreamState([0] * len(self.streams), [0] * len(self.streams))
+        self._epochs = self._current_epochs()
+
+    def _current_epochs(self) -> list[int]:
+        """The epoch each stream's next token lies in."""
+        return [
+            cursor // stream.tokens_per_epoch
+            for cursor, stream in zip(self.state.cursors, self.streams, strict=True)
+        ]
+
+    def pop_notices(self) -> list[str]:
+        """The notes collected since the last call."""
+        notices, self.notices = self.notices, []
+        return notices
 
     def load_state(self, state: dict) -> None:
         if len(state["cursors"]) != len(self.streams):
@@ -153,6 +167,7 @@ class BlendedStream:
             [int(c) for c in state["samples"]],
             int(state.get("consumed_tokens", 0)),
         )
+        self._epochs = self._current_epochs()
 
     def _next_dataset(self) -> int:
         drawn = sum(self.state.samples) + 1
@@ -172,6 +187,7 @@ class BlendedStream:
         for _ in range(count):
             k = self._next_dataset()
             placements.append((k, self.state.cursors[k]))
+            self._note_epoch(k, self.state.cursors[k] + window - 1)
             self.state.cursors[k] += window - 1
             self.state.samples[k] += 1
             self.state.consumed_tokens += window - 1
@@ -180,6 +196,18 @@ class BlendedStream:
         for row, (k, start) in enumerate(chosen):
             out[row] = self.streams[k].read(start, window)
         return out
+
+    def _note_epoch(self, k: int, last_token: int) -> None:
+        """Note once per epoch when stream ``k`` reads past its end and starts over."""
+        stream = self.streams[k]
+        epoch = last_token // stream.tokens_per_epoch
+        if epoch > self._epochs[k] and not isinstance(stream, MockStream):  # mock data repeats
+            self._epochs[k] = epoch
+            self.notices.append(
+                f"warning: dataset {stream.name}: starting epoch {epoch + 1}: the run has read "
+                f"all {stream.tokens_per_epoch} tokens of its training split {epoch} time(s); "
+                "its data repeats from here"
+            )
 
     def tokens_available(self) -> int:
         """Tokens in one epoch of every stream together."""

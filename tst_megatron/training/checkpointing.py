@@ -9,7 +9,10 @@ Layout (Megatron-LM's, so its tools find their way around)::
 A save goes to ``iter_XXXXXXX.tmp``; after every rank finished writing, rank 0 renames it
 to ``iter_XXXXXXX`` and then replaces the tracker file. A process killed at any moment
 leaves the previous checkpoint and tracker intact (a stale ``.tmp`` is removed by the next
-save). A checkpoint saved at one parallel layout loads at another (resharding).
+save). ``tst_checkpoint.json`` records the size and CRC32 of every file of the checkpoint
+(torch's distributed checkpoint has no checksums: a garbled shard would load silently); a
+load verifies them first. A checkpoint saved at one parallel layout loads at another
+(resharding).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zlib
 from argparse import Namespace
 from dataclasses import dataclass
 
@@ -24,6 +28,7 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from tst_megatron.training import fault_injection
 from tst_megatron.training.optimizer import init_optimizer_state, unshare_adam_steps
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -85,12 +90,9 @@ def _sharded_state_dict(model_chunks, optimizer, scheduler, progress, args, is_l
         key = "model" if len(model_chunks) == 1 else f"model{i}"
         state[key] = _unwrap(chunk).sharded_state_dict()
     if optimizer is not None:
-        merged = {}
-        for key, value in state.items():
-            if key.startswith("model"):
-                merged.update(value)
+        # the nested {model0: ..., model1: ...} dict: virtual-pipeline chunks reuse local names
         state["optimizer"] = optimizer.sharded_state_dict(
-            merged, is_loading=is_loading, metadata=OPTIMIZER_METADATA
+            dict(state), is_loading=is_loading, metadata=OPTIMIZER_METADATA
         )
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
@@ -142,7 +144,11 @@ def save_checkpoint(args, model_chunks, optimizer, scheduler, progress: Training
     torch.distributed.barrier()
     state = _sharded_state_dict(model_chunks, optimizer, scheduler, progress, args, False)
     dist_checkpointing.save(state, staging)
+    fault_injection.during_save(progress.iteration)
     torch.distributed.barrier()
+    names = [sorted(os.listdir(staging)) if rank == 0 else None]
+    torch.distributed.broadcast_object_list(names, src=0)
+    digests = _gather(_digest_share(staging, names[0]))
     if rank == 0:
         meta = {
             "iteration": progress.iteration,
@@ -151,6 +157,7 @@ def save_checkpoint(args, model_chunks, optimizer, scheduler, progress: Training
             "layout": layout(args),
             "use_distributed_optimizer": bool(args.use_distributed_optimizer),
             "consumed_data_tokens": progress.data_state.get("consumed_tokens", 0),
+            "files": {name: digest for part in digests for name, digest in part.items()},
         }
         _write_atomically(os.path.join(staging, META), json.dumps(meta, indent=2))
         if os.path.exists(final):
@@ -160,6 +167,55 @@ def save_checkpoint(args, model_chunks, optimizer, scheduler, progress: Training
         _rotate(args.save, getattr(args, "ckpt_keep_last", 0) or 0, progress.iteration)
     torch.distributed.barrier()
     return final
+
+
+def _file_digest(path: str) -> list[int]:
+    """``[size, crc32]`` of a file."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return [os.path.getsize(path), crc]
+
+
+def _digest_share(directory: str, names: list[str]) -> dict[str, list[int]]:
+    """Digests of this rank's share of ``names`` (ranks split the reading)."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return {name: _file_digest(os.path.join(directory, name)) for name in names[rank::world]}
+
+
+def _gather(value) -> list:
+    """``value`` of every rank, in rank order."""
+    values = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def verify_files(path: str, files: dict[str, list[int]]) -> None:
+    """Check every file's size and CRC32 against those recorded at save (ranks share the work).
+
+    Raises:
+        CheckpointError: on every rank, naming each missing, resized or altered file.
+    """
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    problems = []
+    for name in sorted(files)[rank::world]:
+        size, crc = files[name]
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            problems.append(f"{name} is missing")
+            continue
+        actual_size, actual_crc = _file_digest(file)
+        if actual_size != size:
+            problems.append(f"{name} holds {actual_size} bytes, {size} were saved (truncated?)")
+        elif actual_crc != crc:
+            problems.append(f"{name} has CRC32 {actual_crc:08x}, {crc:08x} was saved (garbled)")
+    problems = [problem for part in _gather(problems) for problem in part]
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted: " + "; ".join(problems) + ": load an earlier "
+            "checkpoint (point --load at its iter_XXXXXXX directory)"
+        )
 
 
 def _write_atomically(path: str, text: str) -> None:
@@ -195,7 +251,8 @@ def find_checkpoint(load: str) -> str | None:
     tracker = os.path.join(load, TRACKER)
     if not os.path.isfile(tracker):
         return None
-    text = open(tracker).read().strip()
+    with open(tracker) as f:
+        text = f.read().strip()
     if not text.isdigit():
         raise CheckpointError(f"{tracker} holds {text!r}, not an iteration number")
     path = iteration_dir(load, int(text))
@@ -213,16 +270,27 @@ def read_checkpoint_meta(path: str) -> dict:
 
 
 def check_compatible(args: Namespace, meta: dict, path: str) -> None:
-    """Reject a resume whose model shape or TST bag size/mode differs from the checkpoint."""
+    """Reject a resume whose model shape or phase-1 TST bag size/mode differs from the checkpoint.
+
+    Every difference is named in one message, with the checkpoint's value and this run's.
+    """
     saved_shape, shape = meta["model"], model_shape(args)
     diffs = [
         f"{key}: checkpoint {saved_shape.get(key)!r}, this run {shape[key]!r}"
         for key in MODEL_SHAPE_KEYS
         if key in saved_shape and saved_shape.get(key) != shape[key]
     ]
+    saved_tst = meta["tst"]
+    if saved_tst["phase"] == 1 and args.tst_phase != "2" and not args.finetune:
+        diffs += [
+            f"{flag}: checkpoint {saved_tst[key]!r}, this run {getattr(args.tst, key)!r}"
+            for key, flag in (("bag_size", "--tst-bag-size"), ("mode", "--tst-mode"))
+            if saved_tst[key] != getattr(args.tst, key)
+        ]
     if diffs:
         raise CheckpointError(
-            f"checkpoint {path} was saved for another model shape: " + "; ".join(diffs)
+            f"checkpoint {path} does not match this run (resume with its model shape and, "
+            "for a phase-1 checkpoint, its TST settings): " + "; ".join(diffs)
         )
     saved_dist_opt = meta.get("use_distributed_optimizer")
     loads_optimizer = not (args.no_load_optim or args.finetune)
@@ -232,16 +300,6 @@ def check_compatible(args: Namespace, meta: dict, path: str) -> None:
             f"checkpoint {path} was saved {flag} --use-distributed-optimizer; the optimizer "
             "state formats differ: resume with the same setting, or pass --no-load-optim"
         )
-    saved_tst = meta["tst"]
-    if args.tst_phase == 2 or saved_tst["phase"] == 2 or getattr(args, "finetune", False):
-        return
-    for key, flag in (("bag_size", "--tst-bag-size"), ("mode", "--tst-mode")):
-        now = getattr(args.tst, key)
-        if saved_tst[key] != now:
-            raise CheckpointError(
-                f"checkpoint {path} is a phase-1 checkpoint with {key}={saved_tst[key]!r} but "
-                f"this run has {flag} {now!r}: resume with the same TST settings"
-            )
 
 
 def load_checkpoint(
@@ -264,10 +322,13 @@ def load_checkpoint(
     )
     if args.no_load_rng or args.finetune or not load_rng:
         state.pop("rng_state")
+    verify_files(path, read_checkpoint_meta(path).get("files", {}))
     try:
         loaded = dist_checkpointing.load(state, path)
     except Exception as err:
-        raise CheckpointError(f"cannot load checkpoint {path}: {type(err).__name__}: {err}") from err
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: {type(err).__name__}: {err}"
+        ) from err
     for i, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{i}"
         _unwrap(chunk).load_state_dict(loaded[key], strict=True)

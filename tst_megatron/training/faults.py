@@ -13,12 +13,20 @@ from argparse import Namespace
 import torch
 
 
-def _any_rank(flag: bool) -> bool:
-    value = torch.tensor([1.0 if flag else 0.0])
+def _max_over_ranks(number: int) -> int:
+    value = torch.tensor([float(number)])
     if torch.cuda.is_available():
         value = value.cuda()
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item() > 0)
+    return int(value.item())
+
+
+def _any_rank(flag: bool) -> bool:
+    return _max_over_ranks(int(flag)) > 0
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (too many consecutive NaN/Inf steps); nothing was saved from it."""
 
 
 class BadStepGuard:
@@ -60,28 +68,32 @@ class BadStepGuard:
         )
 
 
+_DURATION, _INTERVAL = 1000, 1001  # exit codes agreed over ranks besides signal numbers
+
+
 class ExitRequests:
     """Exit signals (SIGTERM/SIGUSR1, Slurm's warning), --exit-duration-in-mins, --exit-interval."""
 
     def __init__(self, args: Namespace) -> None:
         self.duration_s = (args.exit_duration_in_mins or 0) * 60
         self.interval = args.exit_interval or 0
-        self.received: str | None = None
+        self.received = 0  # the signal number, once one arrived
         if args.exit_signal_handler:
             signal.signal(args.exit_signal, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
+        self.received = signum
 
     def check(self, iteration: int, start_time: float) -> str | None:
-        """The reason to save and exit now, agreed by all ranks, or None."""
-        reason = None
-        if self.received:
-            reason = f"received {self.received}"
-        elif self.duration_s and time.time() - start_time > self.duration_s:
-            reason = f"--exit-duration-in-mins {self.duration_s / 60:g} reached"
-        elif self.interval and iteration % self.interval == 0:
-            reason = f"--exit-interval {self.interval} reached"
-        if _any_rank(reason is not None):
-            return reason or "another rank asked to exit"
-        return None
+        """The reason to save and exit now, agreed by all ranks (even those the signal missed)."""
+        code = self.received  # signal numbers are < _DURATION
+        if not code and self.duration_s and time.time() - start_time > self.duration_s:
+            code = _DURATION
+        elif not code and self.interval and iteration % self.interval == 0:
+            code = _INTERVAL
+        code = _max_over_ranks(code)
+        if code == _DURATION:
+            return f"--exit-duration-in-mins {self.duration_s / 60:g} reached"
+        if code == _INTERVAL:
+            return f"--exit-interval {self.interval} reached"
+        return f"received {signal.Signals(code).name}" if code else None

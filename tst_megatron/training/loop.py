@@ -43,7 +43,7 @@ from tst_megatron.training.arguments import vocab_size_with_padding
 from tst_megatron.training.faults import BadStepGuard, ExitRequests, TrainingStopped
 from tst_megatron.training.metrics import MetricsLogger
 from tst_megatron.training.model_builder import build_model, transformer_config_from_args
-from tst_megatron.training.optimizer import build_optimizer, build_scheduler
+from tst_megatron.training.optimizer import build_optimizer, build_scheduler, describe_kernels
 
 
 def initialize_distributed(args: Namespace) -> None:
@@ -52,14 +52,16 @@ def initialize_distributed(args: Namespace) -> None:
         from tst_megatron.cpu.shim import install_cpu_shim
 
         install_cpu_shim()
+    timeout = timedelta(seconds=args.collective_timeout_s) if getattr(
+        args, "collective_timeout_s", None
+    ) else timedelta(minutes=args.distributed_timeout_minutes)
     if not torch.distributed.is_initialized():
-        timeout = timedelta(seconds=args.collective_timeout_s) if getattr(
-            args, "collective_timeout_s", None
-        ) else timedelta(minutes=args.distributed_timeout_minutes)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.distributed.init_process_group(args.distributed_backend, timeout=timeout)
     ps.initialize_model_parallel(
+        # mcore's own groups (data, tensor, pipeline, ...) otherwise wait 30 minutes
+        distributed_timeout_minutes=timeout.total_seconds() / 60,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
@@ -190,6 +192,11 @@ class Trainer:
         self.exits = ExitRequests(args)
         self.metrics = MetricsLogger(args, self.phase1_iters)
         self._valid = None
+        self.metrics.print(
+            f"transformer impl: {args.transformer_impl}; optimizer kernel: "
+            f"{describe_kernels(self.optimizer)} (Megatron-Core uses Transformer Engine or apex "
+            "fused Adam when installed, torch otherwise)"
+        )
 
     # --- phases -------------------------------------------------------------------------
     def phase_spec(self, phase: int) -> PhaseSpec:

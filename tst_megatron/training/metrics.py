@@ -59,7 +59,7 @@ class MetricsLogger:
             writers.append(("wandb", run))
         if self.args.metrics_jsonl:
             os.makedirs(os.path.dirname(os.path.abspath(self.args.metrics_jsonl)), exist_ok=True)
-            writers.append(("jsonl", open(self.args.metrics_jsonl, "a")))
+            writers.append(("jsonl", open(self.args.metrics_jsonl, "a")))  # noqa: SIM115 (run-long)
         return writers
 
     def print(self, message: str) -> None:

@@ -1,0 +1,128 @@
+"""Validation loss and perplexity of a ``pretrain_tst.py`` checkpoint, at any parallel layout.
+
+Launch like ``pretrain_tst.py``, with the run's model flags (or ``--yaml-config``), any layout::
+
+    torchrun --nproc-per-node 2 tools/evaluate.py --yaml-config run.yaml \
+        --tensor-model-parallel-size 2 --load CKPT --valid-data-path PREFIX \
+        --eval-iters 50 --micro-batch-size 4 [--json]
+
+Data: ``--valid-data-path PREFIX`` draws the samples from that whole ``.bin/.idx`` dataset
+(it replaces a ``--data-path`` of the YAML config); ``--data-path`` from its validation split
+(``--split``), as in training; ``--mock-data`` the synthetic validation windows. Each
+data-parallel rank reads ``--eval-iters`` micro-batches of ``--micro-batch-size`` samples of
+``--seq-length`` + 1 tokens (Megatron's `GPTDataset` order; past one epoch it wraps around).
+The loss is the standard next-token cross-entropy of the trainer's validation (TST phase 2
+view, whatever phase the checkpoint is from). The last rank prints a Megatron-style line::
+
+    validation loss at iteration 1000 | lm loss value: 3.2E+00 | lm loss PPL: 2.5E+01 |
+
+and, with ``--json``, one JSON line ``{"iteration", "lm_loss", "ppl", "samples", "tokens",
+"checkpoint"}``. Only the weights are loaded (no optimizer state, no RNG state).
+
+Exit status: 0 on success, 1 for an unusable checkpoint or dataset, 2 for bad flags.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tst_megatron.training.arguments import ConfigError, build_parser, validate_args  # noqa: E402
+
+# Training settings that evaluation does not use but validation requires.
+PLACEHOLDERS = {"train_iters": 1, "lr": 0.0}
+
+
+def parse(argv: list[str] | None):
+    """The run's flags plus ``--json``, adjusted for a weights-only evaluation."""
+    from tst_megatron.conversion.megatron_io import parse_run_args
+
+    parser = build_parser()
+    parser.prog = "evaluate.py"
+    parser.add_argument_group("evaluation").add_argument(
+        "--json", action="store_true", help="Also print the result as one JSON line."
+    )
+    args = parse_run_args(parser, argv)
+    for key, value in PLACEHOLDERS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.valid_data_path:  # it replaces the run's --data-path / --mock-data (e.g. from YAML)
+        args.data_path, args.mock_data = None, False
+        args.train_data_path = args.train_data_path or args.valid_data_path  # (unused) stream
+    vars(args).update(
+        no_load_optim=True, no_load_rng=True, finetune=False, allow_fresh_start=False,
+        save=None, tensorboard_dir=None, wandb_project=None, metrics_jsonl=None,
+        global_batch_size=None, rampup_batch_size=None,
+    )  # fmt: skip
+    validate_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+    if args.load is None:
+        raise ConfigError("give --load, the checkpoint to evaluate")
+    if args.eval_iters < 1:
+        raise ConfigError(f"--eval-iters must be >= 1, got {args.eval_iters}")
+    pp = args.pipeline_model_parallel_size
+    if args.virtual_pipeline_model_parallel_size and args.eval_iters < pp:
+        raise ConfigError(
+            f"the interleaved pipeline schedule needs at least --pipeline-model-parallel-size "
+            f"{pp} micro-batches: --eval-iters {args.eval_iters} is too small"
+        )
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse(argv)
+    except ConfigError as err:
+        print(f"evaluate.py: error: {err}", file=sys.stderr)
+        return 2
+
+    import torch
+    from megatron.core import parallel_state
+
+    from tst_megatron.data.stream import DataError
+    from tst_megatron.data.tokenizer import TokenizerError
+    from tst_megatron.training.checkpointing import CheckpointError
+    from tst_megatron.training.loop import Trainer, initialize_distributed
+
+    initialize_distributed(args)
+    code = 0
+    try:
+        trainer = Trainer(args)
+        trainer.maybe_load()
+        loss = trainer.evaluate()
+        if loss is None:
+            raise DataError(
+                "no validation samples: give --valid-data-path, or a --data-path whose --split "
+                "has a validation share"
+            )
+        iteration = trainer.progress.iteration
+        trainer.metrics.validation(iteration, loss)
+        last = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+        if args.json and last:
+            dp_size = parallel_state.get_data_parallel_world_size()
+            samples = args.eval_iters * args.micro_batch_size * dp_size
+            print(json.dumps({
+                "iteration": iteration,
+                "lm_loss": loss,
+                "ppl": math.exp(min(loss, 20.0)),
+                "samples": samples,
+                "tokens": samples * args.seq_length,
+                "checkpoint": args.load,
+            }), flush=True)  # fmt: skip
+    except (DataError, CheckpointError, TokenizerError) as err:
+        print(f"evaluate.py: error: {err}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        parallel_state.destroy_model_parallel()
+        torch.distributed.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

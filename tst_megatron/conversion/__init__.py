@@ -1,0 +1,21 @@
+"""Megatron-Core `torch_dist` checkpoints <-> Hugging Face model directories.
+
+One concern per module:
+
+* `fused`: Megatron's fused QKV (interleaved per key/value group) and SwiGLU ``[gate; up]``.
+* `spec`: `ModelSpec`, the architecture-neutral model description, from ``pretrain_tst.py``
+  arguments (refusing what no target class can express) and back to model flags.
+* `hf_config`: `ModelSpec` <-> ``config.json`` of LlamaForCausalLM, Qwen3ForCausalLM,
+  Qwen3MoeForCausalLM.
+* `hf_llama`: parameter names and layouts of the Llama family (embeddings, norms, attention
+  with optional QK-norm, dense SwiGLU MLP).
+* `hf_qwen3_moe`: parameter names and layouts of the Qwen3-MoE router and experts.
+* `weights`: whole-model state dicts, Megatron (TP=PP=1) <-> Hugging Face.
+* `safetensors_io`: reading and writing (sharded) ``model*.safetensors``.
+* `megatron_io`: run flags -> single-process arguments, loading a checkpoint saved at any
+  layout into one process, and saving a state dict as a checkpoint ``pretrain_tst.py`` loads.
+"""
+
+
+class ConversionError(ValueError):
+    """The checkpoint, directory or configuration cannot be converted (message says why)."""

@@ -1,0 +1,233 @@
+"""Megatron side of a conversion: run flags, loading any saved layout in one process, saving.
+
+A `torch_dist` checkpoint written at any TP/PP/EP (and virtual pipeline) layout loads into the
+whole model built at TP=PP=EP=1 in a single process: `dist_checkpointing` reshards by the
+global keys of the sharded tensors. The model is built with the local (non-TE) spec, whose
+sharded keys match the TE spec's, and with per-expert MLPs, whose sharded keys match grouped
+GEMM's, so checkpoints of either implementation load. Nothing here needs a GPU or a launcher;
+the weights stay in host memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from argparse import Namespace
+from typing import Any
+
+import torch
+from megatron.core import dist_checkpointing
+
+from tst_megatron.conversion import ConversionError
+from tst_megatron.data.tokenizer import build_tokenizer
+from tst_megatron.model import TSTGPTModel
+from tst_megatron.training import checkpointing as ckpt
+from tst_megatron.training.arguments import (
+    load_yaml_defaults,
+    validate_args,
+    vocab_size_with_padding,
+)
+from tst_megatron.training.model_builder import (
+    build_model,
+    single_process_parallel_state,
+    transformer_config_from_args,
+)
+
+# The model as one process builds it, whatever layout and implementation the run used.
+SINGLE_PROCESS = {
+    "tensor_model_parallel_size": 1,
+    "pipeline_model_parallel_size": 1,
+    "num_layers_per_virtual_pipeline_stage": None,
+    "context_parallel_size": 1,
+    "expert_model_parallel_size": 1,
+    "expert_tensor_parallel_size": None,
+    "sequence_parallel": False,
+    "use_distributed_optimizer": False,
+    "overlap_grad_reduce": False,
+    "overlap_param_gather": False,
+    "transformer_impl": "local",
+    "use_cpu_initialization": True,  # the weights stay in host memory, also on a GPU machine
+    "moe_grouped_gemm": False,
+    "moe_token_dispatcher_type": "allgather",  # alltoall's constructor needs CUDA streams
+    "fp8": None,
+    "fp8_param_gather": False,
+    "recompute_granularity": None,
+    "recompute_method": None,
+    "recompute_num_layers": None,
+    "distributed_backend": "gloo",
+    # no data is read and nothing is logged
+    "mock_data": True,
+    "data_path": None,
+    "train_data_path": None,
+    "valid_data_path": None,
+    "test_data_path": None,
+    "tensorboard_dir": None,
+    "wandb_project": None,
+    "metrics_jsonl": None,
+}
+# Training settings a conversion does not use, reset so that only the model flags matter.
+PLACEHOLDERS = {
+    "micro_batch_size": 1, "global_batch_size": None, "rampup_batch_size": None,
+    "train_iters": 1, "lr": 0.0, "min_lr": 0.0, "lr_decay_style": "constant",
+    "lr_decay_iters": None, "lr_warmup_iters": 0, "lr_warmup_fraction": None,
+    "lr_wsd_decay_iters": None, "weight_decay_incr_style": "constant",
+    "start_weight_decay": None, "end_weight_decay": None, "save_interval": None,
+    "exit_interval": None, "exit_duration_in_mins": None, "tst_bag_size": 1,
+    "tst_phase1_fraction": None, "tst_phase1_iters": None, "tst_phase": "auto",
+}  # fmt: skip
+
+
+def parse_run_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> Namespace:
+    """``argv`` parsed by ``parser`` (``build_parser()`` plus a tool's own flags), with the
+    ``--yaml-config`` file's values as defaults, as ``pretrain_tst.py`` reads them."""
+    config = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    config.add_argument("--yaml-config", "--config", dest="yaml_config", default=None)
+    yaml_path = config.parse_known_args(argv)[0].yaml_config
+    if yaml_path is not None:
+        parser.set_defaults(**load_yaml_defaults(parser, yaml_path))
+    return parser.parse_args(argv)
+
+
+def single_process_args(run_args: Namespace) -> tuple[Namespace, Any]:
+    """Validated arguments of the run's model as one process builds it, and its tokenizer.
+
+    The padded vocabulary is the run's (it depends on the run's tensor-parallel size).
+    ``--seq-length`` defaults to ``--max-position-embeddings``.
+
+    Returns:
+        ``(args, tokenizer)``.
+
+    Raises:
+        ConfigError, TokenizerError: the flags are invalid or name an unusable tokenizer.
+    """
+    args = Namespace(**vars(run_args))
+    padding = Namespace(
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+    )
+    vars(args).update(SINGLE_PROCESS)
+    vars(args).update(PLACEHOLDERS)
+    if args.seq_length is None:  # the sequence length is no part of the weights
+        args.seq_length = args.max_position_embeddings
+    validate_args(args, 1)
+    tokenizer = build_tokenizer(
+        args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file,
+        args.vocab_size,
+    )  # fmt: skip
+    args.padded_vocab_size = vocab_size_with_padding(
+        args.vocab_size or tokenizer.vocab_size, padding
+    )
+    return args, tokenizer
+
+
+def find_checkpoint(load: str) -> tuple[str, dict]:
+    """The published checkpoint under ``load`` (save dir or ``iter_`` dir) and its metadata.
+
+    Raises:
+        ConversionError: no tracker and no ``tst_checkpoint.json``, a tracker pointing at a
+            missing or unpublished iteration, or unreadable metadata.
+    """
+    if not os.path.isdir(load):
+        raise ConversionError(f"--load {load}: no such directory")
+    try:
+        path = ckpt.find_checkpoint(load)
+    except ckpt.CheckpointError as err:
+        raise ConversionError(str(err)) from None
+    if path is None:
+        raise ConversionError(
+            f"--load {load}: no checkpoint there (neither {ckpt.TRACKER} nor {ckpt.META}); an "
+            f"iter_ directory without {ckpt.META} is partial (its save did not finish)"
+        )
+    try:
+        return path, ckpt.read_checkpoint_meta(path)
+    except (OSError, ValueError) as err:
+        raise ConversionError(f"cannot read {os.path.join(path, ckpt.META)}: {err}") from None
+
+
+def check_model_shape(args: Namespace, meta: dict, path: str) -> None:
+    """The flags must describe the checkpoint's model (``tst_checkpoint.json``'s ``model``).
+
+    The padded vocabulary is not compared (it depends on the run's TP size, which the flags
+    need not repeat): the caller takes the checkpoint's.
+    """
+    saved, flags = meta["model"], ckpt.model_shape(args)
+    diffs = [
+        f"{key}: checkpoint {saved[key]!r}, flags {flags[key]!r}"
+        for key in ckpt.MODEL_SHAPE_KEYS
+        if key in saved and key != "padded_vocab_size" and saved[key] != flags[key]
+    ]
+    if diffs:
+        raise ConversionError(
+            f"the model flags describe another model than checkpoint {path} ("
+            + "; ".join(diffs)
+            + "): pass the model flags or --yaml-config the run used"
+        )
+
+
+def stored_dtype(path: str) -> torch.dtype:
+    """The dtype checkpoint ``path`` stores its weights in (the run's parameter dtype)."""
+    try:
+        metadata = dist_checkpointing.load_tensors_metadata(path)
+    except Exception as err:  # dist_checkpointing raises many types for missing/corrupt files
+        raise ConversionError(f"cannot load {path}: {type(err).__name__}: {err}") from err
+    return metadata["embedding.word_embeddings.weight"].dtype
+
+
+def load_model(args: Namespace, path: str) -> TSTGPTModel:
+    """The whole model of checkpoint ``path``, in one process (TP=PP=1 parallel state active).
+
+    Only the weights are read (not the optimizer); ``_extra_state`` entries are skipped.
+    The files are first checked against the sizes and CRC32s ``tst_checkpoint.json`` records.
+    """
+    try:
+        ckpt.verify_files(path, ckpt.read_checkpoint_meta(path).get("files", {}))
+    except ckpt.CheckpointError as err:
+        raise ConversionError(str(err)) from None
+    model = _build(args)
+    sharded = {
+        key: value
+        for key, value in model.sharded_state_dict().items()
+        if not key.endswith("._extra_state")
+    }
+    try:
+        loaded = dist_checkpointing.load({"model": sharded}, path)
+    except Exception as err:  # dist_checkpointing raises many types for missing/corrupt files
+        raise ConversionError(f"cannot load {path}: {type(err).__name__}: {err}") from err
+    _load_strict(model, loaded["model"])
+    return model
+
+
+def save_model_checkpoint(args: Namespace, state: dict[str, torch.Tensor], save: str) -> str:
+    """Write Megatron ``state`` as ``save/iter_0000000`` (phase 2) with tracker and metadata.
+
+    ``pretrain_tst.py --load save --finetune`` (any layout) continues from it. Without CUDA
+    this installs the CPU shim (`dist_checkpointing.save` synchronises CUDA), as
+    ``pretrain_tst.py`` does.
+    """
+    if not torch.cuda.is_available():
+        from tst_megatron.cpu.shim import install_cpu_shim
+
+        install_cpu_shim()
+    args = Namespace(**vars(args))
+    args.save = save
+    with single_process_parallel_state():
+        model = _build(args)
+        _load_strict(model, state)
+        return ckpt.save_checkpoint(args, [model], None, None, ckpt.TrainingProgress(0, 0, 2, {}))
+
+
+def _build(args: Namespace) -> TSTGPTModel:
+    config = transformer_config_from_args(args)
+    config.perform_initialization = False  # every weight is loaded
+    return build_model(args, config, pre_process=True, post_process=True)
+
+
+def _load_strict(model: TSTGPTModel, state: dict) -> None:
+    """``load_state_dict`` that tolerates only missing ``_extra_state`` entries."""
+    result = model.load_state_dict(state, strict=False)
+    missing = [key for key in result.missing_keys if not key.endswith("._extra_state")]
+    if missing or result.unexpected_keys:
+        raise ConversionError(
+            f"weights do not fit the model: missing {missing[:5]}, unexpected "
+            f"{result.unexpected_keys[:5]}"
+        )

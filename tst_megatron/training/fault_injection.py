@@ -1,0 +1,100 @@
+"""Fault injection for the reliability tests (``tests/test_reliability.py``).
+
+**Inert unless the environment variable ``TST_FAULT_INJECT`` is set**: every hook below then
+returns at once and changes nothing, so production runs behave exactly as without this
+module. The variable holds one or more faults separated by ``;``:
+
+``kill_during_save:ITER``
+    Rank 0 kills itself with SIGKILL while saving the checkpoint of iteration ITER: after
+    every shard is written to ``iter_XXXXXXX.tmp`` and before it is published.
+``nan_loss:ITER[,ITER...]``
+    The loss of these iterations (and so every gradient) is NaN on every rank.
+``hang_rank:RANK:ITER``
+    Rank RANK sleeps forever before iteration ITER starts (a hung or dead rank).
+``signal:RANK:ITER:NAME``
+    Rank RANK sends itself signal NAME (e.g. ``SIGTERM``) before iteration ITER starts.
+
+Iterations count from 1, as in the log (``iteration 3/8`` is ITER 3). The hooks are called
+from fixed points in `tst_megatron.training.loop` and `tst_megatron.training.checkpointing`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from functools import cache
+
+import torch
+
+ENV = "TST_FAULT_INJECT"
+
+
+@cache
+def _faults() -> dict[str, list[tuple]]:
+    """``TST_FAULT_INJECT`` parsed once: kind -> list of argument tuples (empty when unset)."""
+    faults: dict[str, list[tuple]] = {}
+    for item in filter(None, (part.strip() for part in os.environ.get(ENV, "").split(";"))):
+        faults.setdefault(item.partition(":")[0], []).append(_parse(item))
+    return faults
+
+
+def _parse(item: str) -> tuple:
+    kind, _, rest = item.partition(":")
+    fields = rest.split(":")
+    try:
+        if kind == "kill_during_save" and len(fields) == 1:
+            return (int(fields[0]),)
+        if kind == "nan_loss" and len(fields) == 1:
+            return tuple(int(i) for i in fields[0].split(","))
+        if kind == "hang_rank" and len(fields) == 2:
+            return (int(fields[0]), int(fields[1]))
+        if kind == "signal" and len(fields) == 3 and fields[2] in signal.Signals.__members__:
+            return (int(fields[0]), int(fields[1]), fields[2])
+    except ValueError:
+        pass
+    raise ValueError(f"{ENV}: cannot parse fault {item!r} (see {__name__})")
+
+
+def before_iteration(iteration: int) -> None:
+    """Hook at the start of iteration ``iteration``: ``hang_rank`` and ``signal`` faults."""
+    faults = _faults()
+    if not faults:
+        return
+    rank = torch.distributed.get_rank()
+    for target, at in faults.get("hang_rank", []):
+        if (target, at) == (rank, iteration):
+            print(f"[fault injection] rank {rank} hangs at iteration {iteration}", flush=True)
+            while True:
+                time.sleep(3600)
+    for target, at, name in faults.get("signal", []):
+        if (target, at) == (rank, iteration):
+            print(f"[fault injection] rank {rank} sends itself {name}", flush=True)
+            os.kill(os.getpid(), signal.Signals[name])
+
+
+def forward_step(step: Callable, iteration: int) -> Callable:
+    """Hook around the forward step of iteration ``iteration``: ``nan_loss`` faults.
+
+    Returns ``step`` itself unless the iteration is listed; else a step whose output (the
+    loss on the last pipeline stage, the activations elsewhere) is multiplied by NaN.
+    """
+    if not any(iteration in its for its in _faults().get("nan_loss", [])):
+        return step
+
+    def nan_step(data_iterator, model):
+        output, loss_func = step(data_iterator, model)
+        return output * float("nan"), loss_func
+
+    return nan_step
+
+
+def during_save(iteration: int) -> None:
+    """Hook after the shards of ``iteration`` are staged, before publication."""
+    faults = _faults()
+    if not faults:
+        return
+    if (iteration,) in faults.get("kill_during_save", []) and torch.distributed.get_rank() == 0:
+        print(f"[fault injection] rank 0 killed while saving iteration {iteration}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
