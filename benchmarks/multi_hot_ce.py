@@ -63,13 +63,17 @@ def _case(vocab: int, s: int, tokens: int):
     return logits, torch.randint(0, vocab, (1, tokens, s), generator=g)
 
 
-def _fwd_bwd(fn, logits_buffer, base_logits, targets) -> None:
-    """One forward+backward; the logits are copied into a reused buffer (both losses, like
-    Megatron's, overwrite fp32 logits in place)."""
+def _fwd_bwd(fn, logits_buffer, base_logits, targets) -> float:
+    """Seconds of one loss forward+backward. The logits are first copied into a reused
+    buffer, outside the timed region (both losses, like Megatron's, overwrite fp32 logits in
+    place, so every call needs fresh ones)."""
     leaf = logits_buffer.copy_(base_logits).requires_grad_()
+    start = time.perf_counter()
     fn(leaf, targets).sum().backward()
+    seconds = time.perf_counter() - start
     leaf.grad = None
     logits_buffer.requires_grad_(False)
+    return seconds
 
 
 def time_all(vocab: int, tokens: int, repeats: int) -> dict[tuple[str, int], float]:
@@ -86,9 +90,7 @@ def time_all(vocab: int, tokens: int, repeats: int) -> dict[tuple[str, int], flo
                 continue  # the naive loss is slow; fewer repeats suffice to show the gap
             fn = _loss_fn(impl, s)
             base, targets = cases[s]
-            start = time.perf_counter()
-            _fwd_bwd(fn, buffer, base, targets)
-            times[(impl, s)].append(time.perf_counter() - start)
+            times[(impl, s)].append(_fwd_bwd(fn, buffer, base, targets))
     return {run: statistics.median(t) for run, t in times.items()}
 
 

@@ -4,7 +4,7 @@
 # Usage: scripts/setup_env.sh [VENV_DIR]   (env: EXTRAS=test,plot  TORCH_INDEX_URL=...)
 set -euo pipefail
 venv="${1:-.venv}"
-extras="${EXTRAS:-test,plot,data}"
+extras="${EXTRAS:-test,plot,data,hf}"
 stamp="$venv/.tst-installed-$extras"
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
   exit 0

@@ -271,8 +271,8 @@ REJECTIONS = [
     pytest.param(
         {"num-layers": 8},
         ["--gpus-per-node", "2", "--pp", "2", "--vpp", "2", "--global-batch-size", "6"],
-        "the interleaved schedule (--vpp 2) needs the number of micro-batches per step to be a "
-        "multiple of --pp 2",
+        "the interleaved pipeline schedule (--num-layers-per-virtual-pipeline-stage) needs a "
+        "number of micro-batches divisible by --pipeline-model-parallel-size 2",
         id="interleaved-microbatches",
     ),
     pytest.param(

@@ -8,9 +8,9 @@ Usage::
 Runs on a CPU in seconds at any model size: the model is built on the meta device
 (`build_meta_model`), which gives exact parameter counts (cross-checked with the analytic
 `total_and_active_params`). The layout is checked by the trainer's own `validate_args` (same
-messages as ``pretrain_tst.py``), plus what only a planner can see: virtual-pipeline
-divisibility, the interleaved schedule's micro-batch count, and memory per GPU against the
-GPU's. The layout flags (``--tp --pp --vpp --cp --ep --etp``) replace the config's own.
+messages as ``pretrain_tst.py``, the interleaved schedule's micro-batch count included),
+plus what only a planner can see: virtual-pipeline divisibility and memory per GPU against
+the GPU's. The layout flags (``--tp --pp --vpp --cp --ep --etp``) replace the config's own.
 
 Memory per GPU, for every pipeline stage (the peak stage is reported):
 
@@ -562,14 +562,6 @@ def _add_layout_estimates(
     layout = report["layout"]
     num_micro = layout["global_batch_size"] // (args.micro_batch_size * args.data_parallel_size)
     layout["num_microbatches"] = num_micro
-    vpp = opts.vpp
-    if vpp > 1 and (num_micro < opts.pp or num_micro % opts.pp):
-        report["errors"].append(
-            f"the interleaved schedule (--vpp {vpp}) needs the number of micro-batches per step "
-            f"to be a multiple of --pp {opts.pp}; --global-batch-size "
-            f"{layout['global_batch_size']} / (--micro-batch-size {args.micro_batch_size} x "
-            f"data-parallel size {args.data_parallel_size}) = {num_micro}"
-        )
     stages = stage_memory(args, place_parameters(args, named), num_micro)
     phases = (2, 1) if report["tst"]["phase1_iters"] else (2,)  # a tie names phase 2
     peak_stage, peak_phase = max(
@@ -600,7 +592,7 @@ def _add_layout_estimates(
     compute = report["flops_per_step_phase2"] / (world * peak_tflops * 1e12 * opts.mfu)
     if opts.recompute:
         compute *= RECOMPUTE_COST
-    bubble = (opts.pp - 1) / (vpp * num_micro)
+    bubble = (opts.pp - 1) / (opts.vpp * num_micro)
     step = compute * (1 + bubble)
     tst = report["tst"]
     seconds = step * tst["train_iters"]

@@ -145,4 +145,3 @@ class TSTConfig:
         if phase == 2 or not self.enabled:
             return STANDARD_PHASE
         return PhaseSpec(bag_size=self.bag_size, mode=self.mode)
-

@@ -93,9 +93,7 @@ def spec_from_hf_config(config: dict[str, Any]) -> ModelSpec:
         problems.append("sliding-window attention")
     attention_bias = bool(config.get("attention_bias", False))
     if model_type == "llama" and attention_bias != bool(config.get("mlp_bias", False)):
-        problems.append(
-            "attention_bias != mlp_bias (Megatron's --disable-bias-linear covers both)"
-        )
+        problems.append("attention_bias != mlp_bias (Megatron's --disable-bias-linear covers both)")
     if model_type != "llama" and attention_bias:
         problems.append("attention_bias (Megatron would add MLP biases too)")
     moe = model_type == "qwen3_moe"

@@ -43,9 +43,11 @@ def save_weights(
         shards[-1].append(name)
         size += nbytes
     count = len(shards)
-    files = [SINGLE] if count == 1 else [
-        f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)
-    ]
+    files = (
+        [SINGLE]
+        if count == 1
+        else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    )
     weight_map = {}
     for names, file in zip(shards, files, strict=True):
         shard = {name: tensors[name].detach().to(dtype=dtype, copy=True) for name in names}

@@ -67,9 +67,7 @@ def spec_from_args(args: Namespace, vocab_size: int) -> ModelSpec:
         )
     if problems:
         target = QWEN3_MOE if args.num_experts else (QWEN3 if args.qk_layernorm else LLAMA)
-        raise ConversionError(
-            f"{target} cannot express this model: " + "; ".join(problems)
-        )
+        raise ConversionError(f"{target} cannot express this model: " + "; ".join(problems))
     moe = args.num_experts is not None
     return ModelSpec(
         num_layers=args.num_layers,

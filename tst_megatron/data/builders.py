@@ -112,8 +112,10 @@ def check_holds_one_window(stream: DocumentStream, args: Namespace) -> None:
     window = spec.window_length(length)
     if stream.tokens_per_epoch >= window:
         return
-    formula = f"L+s = {length}+{s}" if spec.mode == "output-only" and s > 1 else (
-        f"s*(L+1) = {s}*({length}+1)"
+    formula = (
+        f"L+s = {length}+{s}"
+        if spec.mode == "output-only" and s > 1
+        else (f"s*(L+1) = {s}*({length}+1)")
     )
     raise DataError(
         f"dataset {stream.name!r}: its training split holds {stream.tokens_per_epoch} tokens, "
@@ -150,9 +152,7 @@ def build_valid_dataset(args: Namespace, tokenizer, num_samples: int) -> GPTData
         create_attention_mask=False,
     )
     sizes = [0, num_samples, 0]
-    datasets = BlendedMegatronDatasetBuilder(
-        GPTDataset, sizes, lambda: True, config
-    ).build()
+    datasets = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     return datasets[VALID]
 
 

@@ -124,9 +124,7 @@ class BlendedStream:
 
     def __post_init__(self) -> None:
         if len(self.streams) != len(self.weights):
-            raise DataError(
-                f"{len(self.streams)} datasets but {len(self.weights)} blend weights"
-            )
+            raise DataError(f"{len(self.streams)} datasets but {len(self.weights)} blend weights")
         if any(w <= 0 for w in self.weights):
             raise DataError(f"blend weights must be positive, got {list(self.weights)}")
         total = float(sum(self.weights))

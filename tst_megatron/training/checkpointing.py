@@ -35,10 +35,22 @@ TRACKER = "latest_checkpointed_iteration.txt"
 META = "tst_checkpoint.json"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 MODEL_SHAPE_KEYS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-    "kv_channels", "padded_vocab_size", "num_experts", "moe_ffn_hidden_size", "moe_router_topk",
-    "swiglu", "normalization", "position_embedding_type", "untie_embeddings_and_output_weights",
-    "add_bias_linear", "qk_layernorm",
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "padded_vocab_size",
+    "num_experts",
+    "moe_ffn_hidden_size",
+    "moe_router_topk",
+    "swiglu",
+    "normalization",
+    "position_embedding_type",
+    "untie_embeddings_and_output_weights",
+    "add_bias_linear",
+    "qk_layernorm",
 )
 
 
@@ -123,7 +135,10 @@ def _rng_sharded_object() -> ShardedObject:
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     return ShardedObject(
-        "rng_state", [rng], (pp_size, tp_size), (pp_rank, tp_rank),
+        "rng_state",
+        [rng],
+        (pp_size, tp_size),
+        (pp_rank, tp_rank),
         replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
     )
 

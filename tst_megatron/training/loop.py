@@ -52,9 +52,11 @@ def initialize_distributed(args: Namespace) -> None:
         from tst_megatron.cpu.shim import install_cpu_shim
 
         install_cpu_shim()
-    timeout = timedelta(seconds=args.collective_timeout_s) if getattr(
-        args, "collective_timeout_s", None
-    ) else timedelta(minutes=args.distributed_timeout_minutes)
+    timeout = (
+        timedelta(seconds=args.collective_timeout_s)
+        if getattr(args, "collective_timeout_s", None)
+        else timedelta(minutes=args.distributed_timeout_minutes)
+    )
     if not torch.distributed.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -107,9 +109,7 @@ def build_model_chunks(args: Namespace) -> list[DistributedDataParallel]:
             use_distributed_optimizer=args.use_distributed_optimizer,
         )
         chunks.append(
-            DistributedDataParallel(
-                config, ddp_config, model, disable_bucketing=vp_stage > 0
-            )
+            DistributedDataParallel(config, ddp_config, model, disable_bucketing=vp_stage > 0)
         )
     if args.overlap_grad_reduce:
         no_sync = [chunk.no_sync for chunk in chunks]
@@ -172,7 +172,10 @@ class Trainer:
         self.args = args
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.tokenizer = build_tokenizer(
-            args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file,
+            args.tokenizer_type,
+            args.tokenizer_model,
+            args.vocab_file,
+            args.merge_file,
             args.vocab_size,
         )
         if args.padded_vocab_size is None:
@@ -275,7 +278,9 @@ class Trainer:
         for i in range(num_micro):
             rows_i = slice(i * args.micro_batch_size, (i + 1) * args.micro_batch_size)
             sample = build_batch(
-                windows[rows_i], spec, args.seq_length,
+                windows[rows_i],
+                spec,
+                args.seq_length,
                 None if target_mask is None else target_mask[rows_i],
             ).as_dict()
             sample = split_for_context_parallel(sample, spec.input_bag_size)
@@ -352,8 +357,9 @@ class Trainer:
         if args.mock_data:
             windows = mock_valid_windows(self.tokenizer, args.seed, total, args.seq_length + 1)
             samples = [
-                build_batch(windows[first + i : first + i + 1], STANDARD_PHASE, args.seq_length)
-                .as_dict()
+                build_batch(
+                    windows[first + i : first + i + 1], STANDARD_PHASE, args.seq_length
+                ).as_dict()
                 for i in range(per_rank)
             ]
         else:
@@ -364,12 +370,14 @@ class Trainer:
             samples = []
             for i in range(per_rank):
                 item = dataset[first + i]
-                samples.append({
-                    "tokens": torch.as_tensor(item["tokens"]).long().unsqueeze(0),
-                    "position_ids": torch.as_tensor(item["position_ids"]).long().unsqueeze(0),
-                    "labels": torch.as_tensor(item["labels"]).long().unsqueeze(0),
-                    "loss_mask": torch.as_tensor(item["loss_mask"]).float().unsqueeze(0),
-                })
+                samples.append(
+                    {
+                        "tokens": torch.as_tensor(item["tokens"]).long().unsqueeze(0),
+                        "position_ids": torch.as_tensor(item["position_ids"]).long().unsqueeze(0),
+                        "labels": torch.as_tensor(item["labels"]).long().unsqueeze(0),
+                        "loss_mask": torch.as_tensor(item["loss_mask"]).float().unsqueeze(0),
+                    }
+                )
         batches = []
         for start in range(0, per_rank, mbs):
             group = samples[start : start + mbs]
@@ -383,12 +391,14 @@ class Trainer:
     def train(self) -> dict:
         args = self.args
         self.maybe_load()
-        if args.tst_phase == "2" and self.progress.phase == 1:
-            self.progress.phase = 2
+        # The schedule, not the checkpoint, decides the phase: an imported or --finetune
+        # checkpoint at iteration 0 starts with TST phase 1 when it is configured.
+        scheduled = args.tst.phase_at(self.progress.iteration, args.train_iters)
+        if args.tst_phase == "2":
+            scheduled = 2
+        if self.progress.phase == 1 and scheduled == 2 and args.tst_phase == "2":
             self.metrics.phase_boundary(self.progress.iteration, self.stream.state)
-        elif self.progress.iteration >= self.phase1_iters and self.progress.phase == 1:
-            self.progress.phase = 2
-        self.set_phase(self.progress.phase)
+        self.set_phase(scheduled)
         self.print_data_notices()
         stop_at = self.last_iteration()
         update_num_microbatches(self.progress.consumed_samples, consistency_check=False)

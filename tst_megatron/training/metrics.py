@@ -6,6 +6,7 @@ Printed by the last rank (it holds the loss, as in Megatron-LM's ``print_rank_la
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from argparse import Namespace
@@ -34,12 +35,19 @@ class MetricsLogger:
         self._interval = self._empty_interval()
         self._boundary_loss: float | None = None
         self._writers = self._open_writers() if _is_logging_rank() else []
-        self.history: list[dict] = []
 
     @staticmethod
     def _empty_interval() -> dict:
-        return {"loss": 0.0, "steps": 0, "time": 0.0, "model_tokens": 0, "data_tokens": 0,
-                "flops": 0.0, "nan": 0, "skipped": 0}
+        return {
+            "loss": 0.0,
+            "steps": 0,
+            "time": 0.0,
+            "model_tokens": 0,
+            "data_tokens": 0,
+            "flops": 0.0,
+            "nan": 0,
+            "skipped": 0,
+        }
 
     def _open_writers(self) -> list:
         writers = []
@@ -79,8 +87,9 @@ class MetricsLogger:
                 writer.write(json.dumps({"iteration": iteration, **scalars}) + "\n")
                 writer.flush()
 
-    def step(self, progress, spec: PhaseSpec, step: dict, seconds: float, stream_state,
-             stop_at: int) -> None:
+    def step(
+        self, progress, spec: PhaseSpec, step: dict, seconds: float, stream_state, stop_at: int
+    ) -> None:
         args, it = self.args, self._interval
         gbs = step["global_batch_size"]
         it["steps"] += 1
@@ -92,21 +101,28 @@ class MetricsLogger:
         it["nan"] += int(step["nan"])
         it["skipped"] += int(not step["updated"])
         if progress.phase == 2 and self._boundary_loss is not None:
-            self.print(f"phase 2, iteration {progress.iteration}: lm loss {step['loss']:.4f} "
-                       f"(last phase-1 loss {self._boundary_loss:.4f})")
+            self.print(
+                f"phase 2, iteration {progress.iteration}: lm loss {step['loss']:.4f} "
+                f"(last phase-1 loss {self._boundary_loss:.4f})"
+            )
             self._boundary_loss = None
         if progress.phase == 1 and progress.iteration == self.phase1_iters:
             self._boundary_loss = step["loss"]
         if progress.iteration % args.log_interval and progress.iteration != stop_at:
             return
-        good = max(it["steps"] - it["skipped"], 1)
-        loss = it["loss"] / good
+        good = it["steps"] - it["skipped"]
+        loss = it["loss"] / good if good else None  # every step of the interval was skipped
         per_iter = it["time"] / it["steps"]
         tflops = it["flops"] / it["time"] / self.world / 1e12
         elapsed = time.time() - self.start_time
         eta = per_iter * (stop_at - progress.iteration)
-        phase = (f"1 (s={spec.bag_size}, {spec.mode})" if progress.phase == 1 and
-                 not spec.is_standard else "2" if self.phase1_iters else "baseline")
+        phase = (
+            f"1 (s={spec.bag_size}, {spec.mode})"
+            if progress.phase == 1 and not spec.is_standard
+            else "2"
+            if self.phase1_iters
+            else "baseline"
+        )
         fields = [
             f"iteration {progress.iteration:8d}/{args.train_iters:8d}",
             f"phase: {phase}",
@@ -122,21 +138,26 @@ class MetricsLogger:
             f"tokens/s (data): {it['data_tokens'] / it['time']:.0f}",
             f"learning rate: {step['lr']:.6E}",
             f"global batch size: {gbs:5d}",
-            f"lm loss: {loss:.6E}",
+            f"lm loss: {'n/a' if loss is None else f'{loss:.6E}'}",
             f"grad norm: {_fmt(step['grad_norm'])}",
             f"number of skipped iterations: {it['skipped']:3d}",
             f"number of nan iterations: {it['nan']:3d}",
             f"elapsed: {elapsed:.0f}s ETA: {eta:.0f}s",
         ]
         self.print(" | ".join(fields) + " |")
-        record = {"lm_loss": loss, "phase": progress.phase, "lr": step["lr"],
-                  "grad_norm": _num(step["grad_norm"]), "tflops_per_gpu": tflops,
-                  "data_tokens": stream_state.consumed_tokens,
-                  "data_tokens_per_s": it["data_tokens"] / it["time"],
-                  "model_tokens_per_s": it["model_tokens"] / it["time"]}
+        record = {
+            "phase": progress.phase,
+            "lr": step["lr"],
+            "grad_norm": _num(step["grad_norm"]),
+            "tflops_per_gpu": tflops,
+            "data_tokens": stream_state.consumed_tokens,
+            "data_tokens_per_s": it["data_tokens"] / it["time"],
+            "model_tokens_per_s": it["model_tokens"] / it["time"],
+        }
+        if loss is not None:
+            record["lm_loss"] = loss
         if _is_logging_rank():
             self._write(progress.iteration, record)
-        self.history.append({"iteration": progress.iteration, **record})
         self._interval = self._empty_interval()
 
     def phase_boundary(self, iteration: int, stream_state) -> None:
@@ -151,18 +172,21 @@ class MetricsLogger:
             return
         ppl = float(torch.exp(torch.tensor(min(loss, 20.0))))
         label = "final validation" if final else "validation"
-        self.print(f"{label} loss at iteration {iteration} | lm loss value: {loss:.6E} | "
-                   f"lm loss PPL: {ppl:.6E} |")
+        self.print(
+            f"{label} loss at iteration {iteration} | lm loss value: {loss:.6E} | "
+            f"lm loss PPL: {ppl:.6E} |"
+        )
         if _is_logging_rank():
             self._write(iteration, {"valid_lm_loss": loss})
 
 
 def _fmt(value) -> str:
-    number = _num(value)
-    return "n/a" if number is None else f"{number:.3f}"
+    return "n/a" if value is None else f"{float(value):.3f}"
 
 
 def _num(value) -> float | None:
+    """A JSON-safe float: None for a missing or non-finite value."""
     if value is None:
         return None
-    return float(value)
+    number = float(value)
+    return number if math.isfinite(number) else None

@@ -86,8 +86,11 @@ def build_scheduler(args: Namespace, optimizer) -> OptimizerParamScheduler:
 def describe_kernels(optimizer) -> str:
     """Which optimizer kernel Megatron-Core picked (TE/apex fused Adam, else torch)."""
     names = sorted(
-        {f"{type(inner.optimizer).__module__}.{type(inner.optimizer).__name__}"
-         for inner in _inner_optimizers(optimizer) if getattr(inner, "optimizer", None)}
+        {
+            f"{type(inner.optimizer).__module__}.{type(inner.optimizer).__name__}"
+            for inner in _inner_optimizers(optimizer)
+            if getattr(inner, "optimizer", None)
+        }
     )
     return ", ".join(names) or "none"
 
