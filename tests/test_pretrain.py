@@ -160,7 +160,7 @@ def runs(tmp_path_factory, corpus):
     """All launches, shared by the assertions below (launches dominate the cost)."""
     tmp = tmp_path_factory.mktemp("runs")
     out = {}
-    dp2 = ["--use-distributed-optimizer", "--overlap-grad-reduce"]
+    dp2 = ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]
     out["auto"] = run(tmp, "auto", [*TST, *dp2, "--save", str(tmp / "auto")], 2, corpus)
     out["phase1"] = run(
         tmp, "phase1", [*TST, *dp2, "--tst-phase", "1", "--save", str(tmp / "two")], 2, corpus

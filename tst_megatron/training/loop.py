@@ -251,9 +251,16 @@ class Trainer:
             return
         self.progress.data_state = self.stream.state.as_dict()
         start = time.time()
+        overlapped = self.args.overlap_param_gather
+        if overlapped:  # finish the pending all-gather of updated params before writing them
+            for chunk in self.chunks:
+                chunk.disable_forward_pre_hook(param_sync=True)
         path = ckpt.save_checkpoint(
             self.args, self.chunks, self.optimizer, self.scheduler, self.progress
         )
+        if overlapped:
+            for chunk in self.chunks:
+                chunk.enable_forward_pre_hook()
         self.metrics.print(
             f"saved checkpoint {path} at iteration {self.progress.iteration} "
             f"({time.time() - start:.1f}s)"
