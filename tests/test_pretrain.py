@@ -294,3 +294,37 @@ def test_loss_decreases_on_real_text_and_validation_is_standard(runs):
     valid = [r["valid_lm_loss"] for r in records if "valid_lm_loss" in r]
     assert len(valid) == 1 and valid[0] < 9.0  # ln(8192) = 9.01: better than uniform
     assert "final validation loss at iteration 8" in runs["auto"][1]
+
+
+@pytest.mark.slow
+def test_phase2_checkpoint_is_a_stock_gpt_model(runs):
+    """The final (phase-2) checkpoint loads strictly into plain Megatron-Core `GPTModel`."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.models.gpt import GPTModel
+
+    from tst_megatron.training import model_builder
+    from tst_megatron.training.arguments import parse_args, validate_args
+
+    path = runs["dirs"] / "auto" / "iter_0000008"
+    meta = json.loads((path / "tst_checkpoint.json").read_text())
+    assert meta["tst"]["phase"] == 2
+    args = parse_args([*TINY_MODEL, *OPTIM, "--mock-data", "--vocab-size", "8192"])
+    validate_args(args, world_size=1)
+    config = model_builder.transformer_config_from_args(args)
+    with model_builder.single_process_parallel_state():
+        stock = GPTModel(
+            config,
+            model_builder.layer_spec_from_args(args, config),
+            vocab_size=args.padded_vocab_size,
+            max_sequence_length=args.max_position_embeddings,
+            position_embedding_type="rope",
+            share_embeddings_and_output_weights=False,
+        )
+        sharded = {
+            k: v for k, v in stock.sharded_state_dict().items() if not k.endswith("_extra_state")
+        }
+        loaded = dist_checkpointing.load({"model": sharded}, str(path))
+    result = stock.load_state_dict(loaded["model"], strict=False)
+    assert not result.unexpected_keys
+    assert all(key.endswith("_extra_state") for key in result.missing_keys)
+    assert set(loaded["model"]) == {k for k in stock.state_dict() if "_extra_state" not in k}
