@@ -6,25 +6,16 @@ argument checks that fail before the import run the script through a subprocess.
 
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 
+from tests.tool_import import import_tool
+
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
-
-
-def import_tool(name: str) -> ModuleType:
-    """Import a script from tools/ (not a package) without leaving tools/ on sys.path."""
-    sys.path.insert(0, str(TOOLS))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(TOOLS))
 
 
 merge_datasets = import_tool("merge_datasets")

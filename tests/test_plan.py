@@ -6,17 +6,16 @@ one rejection also runs as a script to check its exit status.
 
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 import sys
 import warnings
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import yaml
 
+from tests.tool_import import import_tool
 from tst_megatron.training.arguments import parse_args, validate_args
 from tst_megatron.training.model_builder import (
     build_model,
@@ -27,15 +26,6 @@ from tst_megatron.training.model_builder import (
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "tools"
 CONFIGS = ROOT / "examples" / "configs"
-
-
-def import_tool(name: str) -> ModuleType:
-    """Import a script from tools/ (not a package) without leaving tools/ on sys.path."""
-    sys.path.insert(0, str(TOOLS))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(TOOLS))
 
 
 plan = import_tool("plan")

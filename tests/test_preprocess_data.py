@@ -8,32 +8,24 @@ that fail before any work, a real multi-process run) is covered through subproce
 from __future__ import annotations
 
 import gzip
-import importlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
+from tests.tool_import import import_tool
+
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
 SAMPLE = REPO / "data" / "sample"
 TOKENIZER = SAMPLE / "tokenizer.json"
-
-
-def import_tool(name: str) -> ModuleType:
-    """Import a script from tools/ (not a package) without leaving tools/ on sys.path."""
-    sys.path.insert(0, str(TOOLS))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(TOOLS))
 
 
 preprocess_data = import_tool("preprocess_data")
