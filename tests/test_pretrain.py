@@ -308,7 +308,9 @@ def test_phase2_checkpoint_is_a_stock_gpt_model(runs):
     path = runs["dirs"] / "auto" / "iter_0000008"
     meta = json.loads((path / "tst_checkpoint.json").read_text())
     assert meta["tst"]["phase"] == 2
-    args = parse_args([*TINY_MODEL, *OPTIM, "--mock-data", "--vocab-size", "8192"])
+    args = parse_args(
+        [*TINY_MODEL, *OPTIM, "--train-iters", "8", "--mock-data", "--vocab-size", "8192"]
+    )
     validate_args(args, world_size=1)
     config = model_builder.transformer_config_from_args(args)
     with model_builder.single_process_parallel_state():
