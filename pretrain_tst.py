@@ -29,15 +29,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pretrain_tst.py: error: {err}", file=sys.stderr)
         return 2
 
-    import torch
-    from megatron.core import parallel_state
-
     from tst_megatron.config import TSTConfigError
     from tst_megatron.data.stream import DataError
     from tst_megatron.data.tokenizer import TokenizerError
     from tst_megatron.training.checkpointing import CheckpointError
     from tst_megatron.training.faults import TrainingStopped
-    from tst_megatron.training.loop import Trainer, initialize_distributed
+    from tst_megatron.training.loop import Trainer, initialize_distributed, shutdown_distributed
 
     initialize_distributed(args)
     code = 0
@@ -61,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         code = 1
     finally:
-        parallel_state.destroy_model_parallel()
-        torch.distributed.destroy_process_group()
+        shutdown_distributed()
     return code
 
 

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from tst_megatron.data.stream import DataError
     from tst_megatron.data.tokenizer import TokenizerError
     from tst_megatron.training.checkpointing import CheckpointError
-    from tst_megatron.training.loop import Trainer, initialize_distributed
+    from tst_megatron.training.loop import Trainer, initialize_distributed, shutdown_distributed
 
     initialize_distributed(args)
     code = 0
@@ -119,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate.py: error: {err}", file=sys.stderr, flush=True)
         code = 1
     finally:
-        parallel_state.destroy_model_parallel()
-        torch.distributed.destroy_process_group()
+        shutdown_distributed()
     return code
 
 

@@ -86,6 +86,12 @@ def initialize_distributed(args: Namespace) -> None:
     )
 
 
+def shutdown_distributed() -> None:
+    """Tear down what `initialize_distributed` set up (model-parallel groups, process group)."""
+    ps.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
+
+
 def build_model_chunks(args: Namespace) -> list[DistributedDataParallel]:
     """One DDP-wrapped `TSTGPTModel` per virtual pipeline stage on this rank."""
     config = transformer_config_from_args(args)
