@@ -28,6 +28,7 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from tst_megatron.config import RESUME_SETTINGS
 from tst_megatron.training import fault_injection
 from tst_megatron.training.optimizer import init_optimizer_state, unshare_adam_steps
 
@@ -93,6 +94,7 @@ def tst_state(args: Namespace, phase: int) -> dict:
         "mode": args.tst.mode,
         "phase1_fraction": args.tst.phase1_fraction,
         "phase1_iters": args.tst.phase1_iters,
+        **args.tst.resume_settings(),
     }
 
 
@@ -285,7 +287,8 @@ def read_checkpoint_meta(path: str) -> dict:
 
 
 def check_compatible(args: Namespace, meta: dict, path: str) -> None:
-    """Reject a resume whose model shape or phase-1 TST bag size/mode differs from the checkpoint.
+    """Reject a resume whose model shape or phase-1 TST settings (bag size, mode, fold, bag-loss
+    weighting) differ from the checkpoint.
 
     Every difference is named in one message, with the checkpoint's value and this run's.
     """
@@ -301,6 +304,12 @@ def check_compatible(args: Namespace, meta: dict, path: str) -> None:
             f"{flag}: checkpoint {saved_tst[key]!r}, this run {getattr(args.tst, key)!r}"
             for key, flag in (("bag_size", "--tst-bag-size"), ("mode", "--tst-mode"))
             if saved_tst[key] != getattr(args.tst, key)
+        ]
+        current = args.tst.resume_settings()  # fold, bag-loss weighting (issue 13)
+        diffs += [
+            f"{flag}: checkpoint {saved_tst.get(key, default)!r}, this run {current[key]!r}"
+            for key, (flag, default) in RESUME_SETTINGS.items()
+            if saved_tst.get(key, default) != current[key]
         ]
     if diffs:
         raise CheckpointError(

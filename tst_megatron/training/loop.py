@@ -36,6 +36,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 from tst_megatron.config import STANDARD_PHASE, PhaseSpec
 from tst_megatron.data.builders import build_train_stream, build_valid_dataset, mock_valid_windows
 from tst_megatron.data.tokenizer import TokenizerError, build_tokenizer
+from tst_megatron.loss import positions_with_targets, target_entropy
 from tst_megatron.targets import build_batch
 from tst_megatron.training import checkpointing as ckpt
 from tst_megatron.training import fault_injection
@@ -128,12 +129,17 @@ def unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
-def loss_func(position_mask: torch.Tensor, output: torch.Tensor):
+def loss_func(
+    position_mask: torch.Tensor, output: torch.Tensor, target_entropy: torch.Tensor | None = None
+):
     """Mean loss over the unmasked positions of the micro-batch, global over context parallel.
 
     Args:
         position_mask: ``[b, L/CP]`` 1 where the position has at least one unmasked target.
         output: ``[b, L/CP]`` per-position loss from the model.
+        target_entropy: TST multi-hot phases: ``[b, L/CP]`` entropy of each position's
+            target distribution, reported (sum, count over this rank's positions) as
+            ``"target entropy"`` for the KL form of the loss.
 
     Returns the legacy 2-tuple: mcore's schedule multiplies the loss by the CP size and
     divides it by the number of micro-batches, and DDP averages gradients over DP x CP.
@@ -143,17 +149,32 @@ def loss_func(position_mask: torch.Tensor, output: torch.Tensor):
     if ps.get_context_parallel_world_size() > 1:
         torch.distributed.all_reduce(total, group=ps.get_context_parallel_group())
     loss = total[0] / total[1].clamp(min=1)
-    return loss, {"lm loss": total.detach().clone()}
+    report = {"lm loss": total.detach().clone()}
+    if target_entropy is not None:
+        report["target entropy"] = torch.stack([(target_entropy * mask.view_as(target_entropy))
+                                                .sum(), mask.sum()]).detach()  # fmt: skip
+    return loss, report
 
 
 def forward_step(data_iterator, model):
     batch = next(data_iterator)
     mask = batch["loss_mask"]
-    position_mask = mask.amax(dim=-1) if mask.dim() == 3 else mask
+    position_mask, entropy = mask, None
+    if mask.dim() == 3:  # TST multi-hot targets: weighted positions, entropy for the KL form
+        weights = _target_weights(model, mask.device)
+        position_mask = positions_with_targets(mask, weights)
+        if mask.shape[-1] > 1:
+            entropy = target_entropy(batch["labels"], mask, weights)
     output = model(
         batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=mask
     )
-    return output, partial(loss_func, position_mask)
+    return output, partial(loss_func, position_mask, target_entropy=entropy)
+
+
+def _target_weights(model, device: torch.device) -> torch.Tensor | None:
+    """The phase's bag-loss weights of a (DDP-wrapped) `TSTGPTModel`; None = uniform."""
+    module = unwrap(model)
+    return module.target_weights(device) if hasattr(module, "target_weights") else None
 
 
 def split_for_context_parallel(batch: dict, bag_size: int) -> dict:
@@ -279,9 +300,11 @@ class Trainer:
             self.metrics.print(notice)
 
     def _microbatches(self, spec: PhaseSpec) -> list[dict]:
+        """This rank's micro-batches of ``spec.micro_batch_rows(mbs)`` model samples each."""
         args = self.args
         num_micro = get_num_microbatches()
-        per_rank = num_micro * args.micro_batch_size
+        rows_per_micro = spec.micro_batch_rows(args.micro_batch_size)
+        per_rank = num_micro * rows_per_micro
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         window = spec.window_length(args.seq_length)
         rows = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
@@ -289,7 +312,7 @@ class Trainer:
         target_mask = (windows != self.tokenizer.eod).float() if args.eod_mask_loss else None
         batches = []
         for i in range(num_micro):
-            rows_i = slice(i * args.micro_batch_size, (i + 1) * args.micro_batch_size)
+            rows_i = slice(i * rows_per_micro, (i + 1) * rows_per_micro)
             sample = build_batch(
                 windows[rows_i],
                 spec,
@@ -302,8 +325,14 @@ class Trainer:
 
     # --- steps --------------------------------------------------------------------------
     def _run_schedule(
-        self, batches: list[dict], forward_only: bool, step_func=forward_step
+        self,
+        batches: list[dict],
+        forward_only: bool,
+        step_func=forward_step,
+        spec: PhaseSpec = STANDARD_PHASE,
     ) -> list[dict]:
+        """The pipeline schedule over ``batches``; its p2p shapes follow the phase's fold
+        (``L/s`` latent positions and ``s*b`` samples per micro-batch with the batch fold)."""
         args = self.args
         iterators = [iter(batches) for _ in self.chunks]
         return get_forward_backward_func()(
@@ -311,8 +340,8 @@ class Trainer:
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
             num_microbatches=len(batches),
-            seq_length=args.seq_length // args.context_parallel_size,
-            micro_batch_size=args.micro_batch_size,
+            seq_length=spec.latent_length(args.seq_length) // args.context_parallel_size,
+            micro_batch_size=spec.micro_batch_rows(args.micro_batch_size),
             forward_only=forward_only,
         )
 
@@ -321,7 +350,7 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         step_func = fault_injection.forward_step(forward_step, self.progress.iteration + 1)
-        outputs = self._run_schedule(self._microbatches(spec), False, step_func)
+        outputs = self._run_schedule(self._microbatches(spec), False, step_func, spec)
         bad = self.guard.grads_not_finite(self.chunks) and not self.args.fp16
         if bad:
             updated, grad_norm = False, float("nan")
@@ -331,8 +360,10 @@ class Trainer:
         if updated:
             self.scheduler.step(increment=gbs)
         self.guard.record(bad or not updated, self.progress.iteration + 1)
+        loss = _reduce_lm_loss(outputs)
         return {
-            "loss": _reduce_lm_loss(outputs),
+            "loss": loss,
+            "loss_kl": loss - _reduce_target_entropy(outputs, spec),
             "grad_norm": grad_norm,
             "updated": updated,
             "nan": bad,
@@ -460,11 +491,27 @@ class Trainer:
 
 def _reduce_lm_loss(outputs: list[dict]) -> float:
     """Global mean lm loss of a step: sums and counts over micro-batches and data parallel."""
+    return _reduce_report_mean(outputs, "lm loss", ps.get_data_parallel_group())
+
+
+def _reduce_target_entropy(outputs: list[dict], spec: PhaseSpec) -> float:
+    """Mean target entropy of a step's multi-hot positions (0 for one target per position).
+
+    The micro-batch reports are per context-parallel rank: summed over DP x CP.
+    """
+    if spec.target_width == 1:
+        return 0.0
+    group = ps.get_data_parallel_group(with_context_parallel=True)
+    return _reduce_report_mean(outputs, "target entropy", group)
+
+
+def _reduce_report_mean(outputs: list[dict], key: str, group) -> float:
+    """``sum / count`` of the ``[sum, count]`` reports ``key``, reduced over ``group`` on the
+    last pipeline stage and broadcast to every rank."""
     total = torch.zeros(2)
     for out in outputs or []:
-        total += out["lm loss"].detach().float().cpu()
+        total += out[key].detach().float().cpu()
     if ps.is_pipeline_last_stage(ignore_virtual=True):
-        group = ps.get_data_parallel_group()
         total = total.to(torch.cuda.current_device()) if torch.cuda.is_available() else total
         torch.distributed.all_reduce(total, group=group)
     src = torch.distributed.get_world_size() - 1

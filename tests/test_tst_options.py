@@ -1,0 +1,147 @@
+"""The issue-13 TST options at the command line: bag-loss weighting, the batch fold and the
+fused output loss reach `args.tst` / the model, bad values are refused naming the flag, a
+phase-1 resume checks them, and the FLOPs follow the fold."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from tst_megatron.config import PhaseSpec, TSTConfig
+from tst_megatron.training import checkpointing as ckpt
+from tst_megatron.training import model_builder
+from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
+from tst_megatron.training.flops import ModelShape, flops_per_step, phase_flops_per_step
+
+BASE = (
+    "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
+    "--micro-batch-size 2 --train-iters 10 --lr 1e-3 --mock-data --vocab-size 512"
+).split()
+TST = "--tst-bag-size 4 --tst-phase1-iters 3"
+
+
+def validated(*extra: str, world_size: int = 1) -> argparse.Namespace:
+    args = parse_args([*BASE, *" ".join(extra).split()])
+    validate_args(args, world_size=world_size)
+    return args
+
+
+def rejected(*extra: str, world_size: int = 1) -> str:
+    args = parse_args([*BASE, *" ".join(extra).split()])
+    with pytest.raises(ConfigError) as info:
+        validate_args(args, world_size=world_size)
+    return str(info.value)
+
+
+def test_flags_reach_the_tst_config():
+    args = validated(TST, "--tst-bag-weighting power-law --tst-fold batch")
+    assert args.tst == TSTConfig(bag_size=4, phase1_iters=3, fold="batch",
+                                 bag_weighting="power-law")  # fmt: skip
+    assert args.tst.phase_spec(1) == PhaseSpec(4, "full", "batch", (1.0, 0.5, 1 / 3, 0.25))
+    # the report's fitted power law C0 + a * i^k (docs/method.md), passed explicitly
+    fitted = " ".join(f"{3.63 + 1.35 * i**-1.25:.4f}" for i in range(1, 5))
+    args = validated(TST, f"--tst-bag-weights {fitted}")
+    assert args.tst.phase_spec(1).target_weights == pytest.approx((4.98, 4.198, 3.972, 3.869),
+                                                                  abs=1e-3)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("extra", "parts"),
+    [
+        ("--tst-bag-weighting power-law", ["--tst-bag-weighting power-law needs TST on"]),
+        ("--tst-fold batch", ["--tst-fold batch needs TST on (--tst-bag-size > 1)"]),
+        ("--tst-bag-weights 1 2", ["--tst-bag-weights needs TST on"]),
+        (f"{TST} --tst-bag-weights 1 2 3", ["gives 3 weights; --tst-bag-size 4 needs 4"]),
+        (f"{TST} --tst-bag-weights 1 -2 3 4", ["finite, >= 0 and not all 0", "-2.0"]),
+        (f"{TST} --tst-bag-weights 0 0 0 0", ["finite, >= 0 and not all 0"]),
+        (
+            f"{TST} --tst-bag-weights 1 1 1 1 --tst-bag-weighting exponential",
+            ["give either --tst-bag-weights or --tst-bag-weighting", "exponential"],
+        ),
+        (
+            f"{TST} --tst-mode input-only --tst-bag-weighting first-token",
+            ["--tst-bag-weighting first-token", "input-only has one target per position"],
+        ),
+        (
+            "--tst-bag-size 3 --tst-phase1-iters 3 --tst-fold batch",
+            ["--seq-length 32", "multiple of --tst-bag-size 3"],
+        ),
+    ],
+)
+def test_bad_values_are_refused_naming_the_flag(extra, parts):
+    message = rejected(extra)
+    for part in parts:
+        assert part in message, f"{part!r} missing from: {message}"
+
+
+def test_batch_fold_layout_checks_use_the_latent_length():
+    # L = 32, s = 16: two latent positions per phase-1 sample
+    fold = "--tst-bag-size 16 --tst-phase1-iters 3 --tst-fold batch"
+    message = rejected(fold, "--context-parallel-size 2", world_size=2)
+    assert "the 2 phase-1 latent positions" in message and "2 x --context-parallel-size 2" in (
+        message
+    )
+    tp = "--tensor-model-parallel-size 4 --sequence-parallel"
+    message = rejected(fold, tp, world_size=4)
+    assert "splits the 2 phase-1 latent positions" in message
+    assert "--tensor-model-parallel-size 4: L/s must be a multiple of it" in message
+    assert validated(fold.replace("16", "8"), tp, world_size=4).tst.fold == "batch"
+
+
+def test_fp8_token_count_is_checked(monkeypatch):
+    from tst_megatron.training import arguments
+
+    monkeypatch.setattr(arguments, "transformer_engine_installed", lambda: True)
+    fp8 = "--fp8-format hybrid --transformer-impl transformer_engine --micro-batch-size 1"
+    message = rejected("--tst-bag-size 2 --tst-phase1-iters 3 --tst-fold batch", fp8,
+                       "--seq-length 24 --max-position-embeddings 24")  # fmt: skip
+    assert "puts 24 tokens per rank into each GEMM" in message and "multiple of 16" in message
+
+
+def test_fused_output_loss_flag_reaches_the_model():
+    args = validated("--tst-fused-output-loss")
+    args.padded_vocab_size = 512
+    config = model_builder.transformer_config_from_args(args)
+    with model_builder.single_process_parallel_state():
+        model = model_builder.build_model(args, config, pre_process=True, post_process=True)
+    assert model.fused_output_loss
+    assert not validated().tst_fused_output_loss
+
+
+def _phase1_meta(**tst) -> dict:
+    args = validated(TST)
+    saved = {**ckpt.tst_state(args, phase=1), **tst}
+    return {"model": ckpt.model_shape(args), "tst": saved, "use_distributed_optimizer": False}
+
+
+def test_phase1_resume_checks_fold_and_weighting():
+    args = validated(TST, "--tst-bag-weighting power-law --tst-fold batch")
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.check_compatible(args, _phase1_meta(), "ckpt/iter_0000002")
+    for part in ("--tst-fold: checkpoint 'sequence', this run 'batch'",
+                 "--tst-bag-weighting: checkpoint 'uniform', this run 'power-law'"):  # fmt: skip
+        assert part in str(err.value)
+    explicit = validated(TST, "--tst-bag-weights 4 3 2 1")
+    with pytest.raises(ckpt.CheckpointError, match=r"--tst-bag-weights: checkpoint None, this "
+                       r"run \[4.0, 3.0, 2.0, 1.0\]"):  # fmt: skip
+        ckpt.check_compatible(explicit, _phase1_meta(), "ckpt")
+    # a checkpoint written before these keys existed means sequence fold, uniform weights
+    old = _phase1_meta()
+    for key in ("fold", "bag_weighting", "bag_weights"):
+        del old["tst"][key]
+    ckpt.check_compatible(validated(TST), old, "ckpt")
+    # phase 2 (or a phase-1 checkpoint continued with --tst-phase 2) does not care
+    ckpt.check_compatible(args, {**old, "tst": {**old["tst"], "phase": 2}}, "ckpt")
+
+
+def test_flops_follow_the_fold():
+    shape = ModelShape(num_layers=2, hidden=64, ffn_hidden=256, heads=4, query_groups=4,
+                       kv_channels=16, vocab=512)  # fmt: skip
+    seq, batch = PhaseSpec(4, "full"), PhaseSpec(4, "full", fold="batch")
+    L, b = 32, 3
+    assert phase_flops_per_step(shape, seq, L, b) == flops_per_step(shape, L, b)
+    folded = phase_flops_per_step(shape, batch, L, b)
+    assert folded == flops_per_step(shape, L // 4, 4 * b)
+    attention = b * L**2 * 6 * 64 * 2  # the causal core of flops_per_step, both layers
+    assert flops_per_step(shape, L, b) - folded == attention - attention // 4
