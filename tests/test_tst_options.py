@@ -145,3 +145,13 @@ def test_flops_follow_the_fold():
     assert folded == flops_per_step(shape, L // 4, 4 * b)
     attention = b * L**2 * 6 * 64 * 2  # the causal core of flops_per_step, both layers
     assert flops_per_step(shape, L, b) - folded == attention - attention // 4
+
+
+def test_log_line_shows_the_kl_form_in_multi_hot_phases():
+    from tst_megatron.config import STANDARD_PHASE
+    from tst_megatron.training.metrics import _kl_field
+
+    assert _kl_field(PhaseSpec(4, "full"), 1.25) == [
+        "lm loss KL (MCE - target entropy): 1.250000E+00"
+    ]
+    assert _kl_field(PhaseSpec(4, "input-only"), 1.25) == _kl_field(STANDARD_PHASE, 1.0) == []
