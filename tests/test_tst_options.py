@@ -155,3 +155,36 @@ def test_log_line_shows_the_kl_form_in_multi_hot_phases():
         "lm loss KL (MCE - target entropy): 1.250000E+00"
     ]
     assert _kl_field(PhaseSpec(4, "input-only"), 1.25) == _kl_field(STANDARD_PHASE, 1.0) == []
+
+
+def test_planner_follows_the_fold_and_the_fused_output_loss(tmp_path):
+    import yaml
+
+    from tst_megatron.planning.layout import PlanRequest
+    from tst_megatron.planning.report import plan
+
+    config = {
+        "num-layers": 2, "hidden-size": 64, "num-attention-heads": 4, "seq-length": 64,
+        "micro-batch-size": 2, "global-batch-size": 8, "train-iters": 10, "lr": 1e-3,
+        "vocab-size": 4096, "mock-data": True, "tst-bag-size": 4, "tst-phase1-iters": 4,
+    }  # fmt: skip
+    reports = {}
+    for name, extra in (("sequence", {}), ("batch", {"tst-fold": "batch"}),
+                        ("fused", {"tst-fused-output-loss": True})):  # fmt: skip
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**config, **extra}))
+        reports[name] = plan(PlanRequest(config=str(path), gpus_per_node=1))
+        assert reports[name]["ok"], reports[name]["errors"]
+    seq, batch, fused = reports["sequence"], reports["batch"], reports["fused"]
+    shape = ModelShape(num_layers=2, hidden=64, ffn_hidden=256, heads=4, query_groups=4,
+                       kv_channels=16, vocab=4096)  # fmt: skip
+    assert batch["tst"]["fold"] == "batch"
+    assert batch["flops_per_step_phase1"] == flops_per_step(shape, 16, 32)
+    assert batch["flops_per_step_phase2"] == seq["flops_per_step_phase1"]
+    assert batch["step_time_s_phase1"] < batch["step_time_s"] == seq["step_time_s_phase1"]
+    assert batch["run_hours"] < seq["run_hours"]
+    logits = seq["memory_stages"][-1]["logits_bytes"]
+    fused_logits = fused["memory_stages"][-1]["logits_bytes"]
+    tokens, h, vocab = 128, 64, 4096  # 128 tokens fit one 256-token chunk here
+    assert logits - fused_logits == 4 * tokens * vocab - (4 * tokens * vocab + 4 * vocab * h
+                                                          + 4 * tokens * h)  # fmt: skip
