@@ -108,7 +108,6 @@ def stage_memory(
     """Memory of every pipeline stage (see the module doc for the model)."""
     pp = args.pipeline_model_parallel_size
     vpp = args.virtual_pipeline_model_parallel_size or 1
-    tp = args.tensor_model_parallel_size
     h = args.hidden_size
     tokens = args.seq_length // args.context_parallel_size * args.micro_batch_size
     low_precision = args.params_dtype != torch.float32
