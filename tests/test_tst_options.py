@@ -169,13 +169,13 @@ def test_planner_follows_the_fold_and_the_fused_output_loss(tmp_path):
         "vocab-size": 4096, "mock-data": True, "tst-bag-size": 4, "tst-phase1-iters": 4,
     }  # fmt: skip
     reports = {}
-    for name, extra in (("sequence", {}), ("batch", {"tst-fold": "batch"}),
-                        ("fused", {"tst-fused-output-loss": True})):  # fmt: skip
+    both = {"tst-fold": "batch", "tst-fused-output-loss": True}
+    for name, extra in (("sequence", {}), ("batch", both)):
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump({**config, **extra}))
         reports[name] = plan(PlanRequest(config=str(path), gpus_per_node=1))
         assert reports[name]["ok"], reports[name]["errors"]
-    seq, batch, fused = reports["sequence"], reports["batch"], reports["fused"]
+    seq, batch = reports["sequence"], reports["batch"]
     shape = ModelShape(num_layers=2, hidden=64, ffn_hidden=256, heads=4, query_groups=4,
                        kv_channels=16, vocab=4096)  # fmt: skip
     assert batch["tst"]["fold"] == "batch"
@@ -184,7 +184,7 @@ def test_planner_follows_the_fold_and_the_fused_output_loss(tmp_path):
     assert batch["step_time_s_phase1"] < batch["step_time_s"] == seq["step_time_s_phase1"]
     assert batch["run_hours"] < seq["run_hours"]
     logits = seq["memory_stages"][-1]["logits_bytes"]
-    fused_logits = fused["memory_stages"][-1]["logits_bytes"]
+    fused_logits = batch["memory_stages"][-1]["logits_bytes"]
     tokens, h, vocab = 128, 64, 4096  # 128 tokens fit one 256-token chunk here
     assert logits - fused_logits == 4 * tokens * vocab - (4 * tokens * vocab + 4 * vocab * h
                                                           + 4 * tokens * h)  # fmt: skip
