@@ -93,28 +93,10 @@ class _FusedOutputCrossEntropy(torch.autograd.Function):
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
         for start in range(0, tokens, chunk_tokens):
             rows = slice(start, min(start + chunk_tokens, tokens))
-            x_c = x[rows]
-            logits = torch.mm(x_c, weight.t()).float()
-            index_c, owned_c = local_index[rows], owned[rows]
-            stats = torch.empty(x_c.shape[0], 2 + width, dtype=torch.float32, device=x.device)
-            stats[:, 2:] = logits.gather(-1, index_c).masked_fill_(~owned_c, 0.0)
-            local_max = logits.max(dim=-1)[0]
-            stats[:, 0] = local_max
-            logits.sub_(local_max.unsqueeze(-1)).exp_()
-            stats[:, 1] = logits.sum(dim=-1)
-            lse_c, target_logits = _combine_vocab_shards(stats, tp_group, tp_size)
-            probs_c = probs[rows]
-            loss[rows] = (lse_c - (probs_c * target_logits).sum(dim=-1)) * active[rows]
-            lse[rows] = lse_c
-            if not compute_grads:
-                continue
-            # logits now hold exp(z - local max): the softmax is one row scale away
-            scale = torch.exp(local_max - lse_c) * active[rows]
-            grad_logits = logits.mul_(scale.unsqueeze(-1))
-            grad_logits.scatter_add_(-1, index_c, -(probs_c * owned_c))
-            grad_logits = grad_logits.to(weight.dtype)
-            grad_x[rows] = torch.mm(grad_logits, weight)
-            _accumulate_mm(grad_w, grad_logits.t(), x_c)
+            loss[rows], lse[rows] = _forward_chunk(
+                x[rows], weight, local_index[rows], owned[rows], probs[rows], active[rows],
+                tp_group, tp_size, None if grad_x is None else grad_x[rows], grad_w,
+            )  # fmt: skip
 
         ctx.tp_group, ctx.sequence_parallel = tp_group, sequence_parallel
         ctx.gradient_accumulation_fusion = gradient_accumulation_fusion
@@ -160,6 +142,32 @@ class _FusedOutputCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
+def _forward_chunk(x_c, weight, index_c, owned_c, probs_c, active_c, tp_group, tp_size,
+                   grad_x_c, grad_w) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Loss and log-sum-exp ``[c]`` of one chunk of ``c`` tokens; with ``grad_x_c`` also its
+    hidden-state gradient (written there) and weight gradient (added to ``grad_w``) for a
+    unit loss gradient. The chunk's ``[c, V/TP]`` logits are freed on return."""
+    logits = torch.mm(x_c, weight.t()).float()
+    stats = torch.empty(x_c.shape[0], 2 + index_c.shape[-1], dtype=torch.float32,
+                        device=x_c.device)  # fmt: skip
+    stats[:, 2:] = logits.gather(-1, index_c).masked_fill_(~owned_c, 0.0)
+    local_max = logits.max(dim=-1)[0]
+    stats[:, 0] = local_max
+    logits.sub_(local_max.unsqueeze(-1)).exp_()
+    stats[:, 1] = logits.sum(dim=-1)
+    lse_c, target_logits = _combine_vocab_shards(stats, tp_group, tp_size)
+    loss_c = (lse_c - (probs_c * target_logits).sum(dim=-1)) * active_c
+    if grad_x_c is None:
+        return loss_c, lse_c
+    # logits now hold exp(z - local max): the softmax is one row scale away
+    grad_logits = logits.mul_((torch.exp(local_max - lse_c) * active_c).unsqueeze(-1))
+    grad_logits.scatter_add_(-1, index_c, -(probs_c * owned_c))
+    grad_logits = grad_logits.to(weight.dtype)
+    grad_x_c.copy_(torch.mm(grad_logits, weight))
+    _accumulate_mm(grad_w, grad_logits.t(), x_c)
+    return loss_c, lse_c
+
+
 def _combine_vocab_shards(
     stats: torch.Tensor, group: dist.ProcessGroup | None, size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,6 +193,7 @@ def _weight_grad(grad_w, x, weight, g, lse, local_index, owned, probs, chunk_tok
         target_grad = probs[rows] * g[rows].unsqueeze(-1) * owned[rows]
         grad_logits.scatter_add_(-1, local_index[rows], -target_grad)
         _accumulate_mm(grad_w, grad_logits.to(weight.dtype).t(), x[rows])
+        del logits, grad_logits  # one chunk's logits alive at a time
 
 
 def _hand_over_weight_grad(
