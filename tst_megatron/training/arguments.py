@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import signal
 import warnings
 from pathlib import Path
@@ -22,6 +21,12 @@ import torch
 import yaml
 
 from tst_megatron.config import TST_MODES, TSTConfig
+from tst_megatron.data.tokenizer import (
+    TOKENIZER_TYPES,
+    TokenizerError,
+    TokenizerSpec,
+    vocab_size_with_padding,
+)
 from tst_megatron.training.flops import current_device_peak_tflops
 
 TE_INSTALL_HINT = "install transformer-engine[pytorch]"
@@ -31,7 +36,6 @@ TE_IMPL_MISSING = (
 )
 EXIT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 CKPT_FORMATS = ("torch_dist",)
-TOKENIZER_TYPES = ("HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer")
 REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
             "train_iters", "lr")  # fmt: skip
 POSITIVE = (*REQUIRED[:-1], "tensor_model_parallel_size", "pipeline_model_parallel_size",
@@ -566,7 +570,9 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
         help="Tokenizer. Default NullTokenizer when only --vocab-size is given.",
     )
     group.add_argument(
-        "--tokenizer-model", default=None, help="HuggingFace tokenizer name or directory."
+        "--tokenizer-model",
+        default=None,
+        help="HuggingFace tokenizer.json or its directory, or a SentencePiece model file.",
     )
     group.add_argument("--vocab-file", default=None, help="GPT-2 BPE vocabulary file.")
     group.add_argument("--merge-file", default=None, help="GPT-2 BPE merges file.")
@@ -883,12 +889,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     _validate_logging(args)
     _validate_tst(args)
     _validate_reliability(args)
-
-
-def vocab_size_with_padding(vocab_size: int, args: argparse.Namespace) -> int:
-    """Megatron's padding: round up to a multiple of make-vocab-size-divisible-by * TP."""
-    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
-    return int(math.ceil(vocab_size / multiple) * multiple)
 
 
 def transformer_engine_installed() -> bool:
@@ -1263,18 +1263,14 @@ def _validate_data(args: argparse.Namespace) -> None:
     if args.tokenizer_type is None:
         if args.vocab_size is None:
             raise ConfigError(
-                "give --tokenizer-type (HuggingFaceTokenizer, GPT2BPETokenizer, NullTokenizer) "
+                f"give --tokenizer-type ({', '.join(TOKENIZER_TYPES)}) "
                 "or --vocab-size (which implies NullTokenizer)"
             )
         args.tokenizer_type = "NullTokenizer"
-    if args.tokenizer_type == "HuggingFaceTokenizer" and not args.tokenizer_model:
-        raise ConfigError(
-            "--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model (a name or directory)"
-        )
-    if args.tokenizer_type == "GPT2BPETokenizer" and not (args.vocab_file and args.merge_file):
-        raise ConfigError("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
-    if args.tokenizer_type == "NullTokenizer" and args.vocab_size is None:
-        raise ConfigError("--tokenizer-type NullTokenizer needs --vocab-size")
+    try:
+        TokenizerSpec.from_args(args).check()
+    except TokenizerError as err:
+        raise ConfigError(str(err)) from None
     if args.num_workers < 0:
         raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
 

@@ -35,11 +35,10 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 from tst_megatron.config import STANDARD_PHASE, PhaseSpec
 from tst_megatron.data.builders import build_train_stream, build_valid_dataset, mock_valid_windows
-from tst_megatron.data.tokenizer import TokenizerError, build_tokenizer
+from tst_megatron.data.tokenizer import build_tokenizer_from_args, model_vocab_size
 from tst_megatron.targets import build_batch
 from tst_megatron.training import checkpointing as ckpt
 from tst_megatron.training import fault_injection
-from tst_megatron.training.arguments import vocab_size_with_padding
 from tst_megatron.training.faults import BadStepGuard, ExitRequests, TrainingStopped
 from tst_megatron.training.metrics import MetricsLogger
 from tst_megatron.training.model_builder import build_model, transformer_config_from_args
@@ -177,20 +176,8 @@ class Trainer:
     def __init__(self, args: Namespace) -> None:
         self.args = args
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        self.tokenizer = build_tokenizer(
-            args.tokenizer_type,
-            args.tokenizer_model,
-            args.vocab_file,
-            args.merge_file,
-            args.vocab_size,
-        )
-        if args.padded_vocab_size is None:
-            args.padded_vocab_size = vocab_size_with_padding(self.tokenizer.vocab_size, args)
-        elif self.tokenizer.vocab_size > args.padded_vocab_size:
-            raise TokenizerError(
-                f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's padded "
-                f"vocabulary (--vocab-size {args.vocab_size}) has {args.padded_vocab_size}"
-            )
+        self.tokenizer = build_tokenizer_from_args(args)
+        args.padded_vocab_size = model_vocab_size(self.tokenizer, args)
         self.stream = build_train_stream(args, self.tokenizer)
         self.chunks = build_model_chunks(args)
         self.optimizer = build_optimizer(args, self.chunks)
