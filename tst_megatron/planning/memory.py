@@ -90,6 +90,16 @@ def stage_memory(
     args: argparse.Namespace, stages: list[StageParams], num_microbatches: int
 ) -> list[StageMemory]:
     """Memory of every pipeline stage (see the module doc for the model)."""
+    return [one_stage_memory(args, p, held, num_microbatches) for p, held in enumerate(stages)]
+
+
+def one_stage_memory(
+    args: argparse.Namespace, p: int, held: StageParams, num_microbatches: int
+) -> StageMemory:
+    """Memory of one GPU of pipeline stage ``p`` holding ``held`` (see the module doc).
+
+    With ``num_microbatches=1`` the activations are those of one micro-batch.
+    """
     pp = args.pipeline_model_parallel_size
     vpp = args.virtual_pipeline_model_parallel_size or 1
     tp = args.tensor_model_parallel_size
@@ -107,50 +117,45 @@ def stage_memory(
         )
     pattern = moe_layer_pattern(args.num_layers, args.moe_layer_freq)
     bag = args.tst.phase_spec(1).input_bag_size
-    memories = []
-    for p, held in enumerate(stages):
-        per_layer = [
-            layer_activation_bytes(args, bool(args.num_experts and pattern[i]), tokens)
-            for i in held.layers
-        ]
-        if vpp > 1:
-            units = min(num_microbatches * vpp, 2 * (pp - p - 1) + (vpp - 1) * pp + 1)
-            layers_per_unit = args.num_layers // (pp * vpp)
-        else:
-            units = min(num_microbatches, pp - p)
-            layers_per_unit = len(held.layers)
-        mean_layer = sum(per_layer) / len(per_layer)
-        activations = units * layers_per_unit * mean_layer
-        recompute = units * layers_per_unit * 2 * tokens * h / sequence_split(args)
-        recompute += max(per_layer)
-        logits = 0.0
-        if p == pp - 1:
-            lm_head_inputs = 4 * tokens * h / sequence_split(args)
-            logits = tokens * args.padded_vocab_size / tp * 4 + lm_head_inputs
-        bags = bag * tokens * h * (2 + 4 / tp) if p == 0 and bag > 1 else 0.0
-        params = held.dense + held.experts
-        weights = params * weight_bytes
-        grads = params * grad_bytes
-        optimizer = optim_bytes * (held.dense / dense_shard + held.experts / expert_shard)
-        kept = recompute if args.recompute_granularity == "full" else activations
-        phase2 = weights + grads + optimizer + kept + logits
-        memories.append(
-            StageMemory(
-                stage=p,
-                layers=len(held.layers),
-                params=round(params),
-                weights_bytes=round(weights),
-                grads_bytes=round(grads),
-                optimizer_bytes=round(optimizer),
-                activations_bytes=round(activations),
-                activations_recompute_bytes=round(recompute),
-                logits_bytes=round(logits),
-                phase1_bag_input_bytes=round(bags),
-                total_phase1_bytes=round(phase2 + bags),
-                total_phase2_bytes=round(phase2),
-            )
-        )
-    return memories
+    per_layer = [
+        layer_activation_bytes(args, bool(args.num_experts and pattern[i]), tokens)
+        for i in held.layers
+    ]
+    if vpp > 1:
+        units = min(num_microbatches * vpp, 2 * (pp - p - 1) + (vpp - 1) * pp + 1)
+        layers_per_unit = args.num_layers // (pp * vpp)
+    else:
+        units = min(num_microbatches, pp - p)
+        layers_per_unit = len(held.layers)
+    mean_layer = sum(per_layer) / len(per_layer)
+    activations = units * layers_per_unit * mean_layer
+    recompute = units * layers_per_unit * 2 * tokens * h / sequence_split(args)
+    recompute += max(per_layer)
+    logits = 0.0
+    if p == pp - 1:
+        lm_head_inputs = 4 * tokens * h / sequence_split(args)
+        logits = tokens * args.padded_vocab_size / tp * 4 + lm_head_inputs
+    bags = bag * tokens * h * (2 + 4 / tp) if p == 0 and bag > 1 else 0.0
+    params = held.dense + held.experts
+    weights = params * weight_bytes
+    grads = params * grad_bytes
+    optimizer = optim_bytes * (held.dense / dense_shard + held.experts / expert_shard)
+    kept = recompute if args.recompute_granularity == "full" else activations
+    phase2 = weights + grads + optimizer + kept + logits
+    return StageMemory(
+        stage=p,
+        layers=len(held.layers),
+        params=round(params),
+        weights_bytes=round(weights),
+        grads_bytes=round(grads),
+        optimizer_bytes=round(optimizer),
+        activations_bytes=round(activations),
+        activations_recompute_bytes=round(recompute),
+        logits_bytes=round(logits),
+        phase1_bag_input_bytes=round(bags),
+        total_phase1_bytes=round(phase2 + bags),
+        total_phase2_bytes=round(phase2),
+    )
 
 
 def peak_stage_and_phase(stages: list[StageMemory], with_phase1: bool) -> tuple[StageMemory, int]:

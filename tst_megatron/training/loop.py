@@ -36,6 +36,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 from tst_megatron.config import STANDARD_PHASE, PhaseSpec
 from tst_megatron.data.builders import build_train_stream, build_valid_dataset, mock_valid_windows
 from tst_megatron.data.tokenizer import build_tokenizer_from_args, model_vocab_size
+from tst_megatron.planning import footprint
 from tst_megatron.targets import build_batch
 from tst_megatron.training import checkpointing as ckpt
 from tst_megatron.training import fault_injection
@@ -43,6 +44,10 @@ from tst_megatron.training.faults import BadStepGuard, ExitRequests, TrainingSto
 from tst_megatron.training.metrics import MetricsLogger
 from tst_megatron.training.model_builder import build_model, transformer_config_from_args
 from tst_megatron.training.optimizer import build_optimizer, build_scheduler, describe_kernels
+
+# Megatron-LM reports the measured memory after the second step, which includes the optimizer
+# state (Adam's moments are allocated at the first step).
+MEASURE_MEMORY_AFTER_STEPS = 2
 
 
 def initialize_distributed(args: Namespace) -> None:
@@ -387,10 +392,34 @@ class Trainer:
         self._valid = batches
         return batches
 
+    # --- memory footprint ---------------------------------------------------------------
+    def log_memory_estimate(self) -> None:
+        """Log the planner's memory estimate per GPU of every pipeline stage for this run
+        (Megatron-LM's "theoretical memory footprints"; a collective: every rank calls it)."""
+        args = self.args
+        micro = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+        models = [unwrap(chunk) for chunk in self.chunks]
+        self.footprint = footprint.run_footprint(args, models, micro)
+        for line in footprint.estimate_lines(self.footprint):
+            self.metrics.print(line)
+
+    def log_measured_memory(self) -> None:
+        """On CUDA, log every stage's measured ``max_memory_allocated`` beside the estimate
+        (a collective: every rank calls it)."""
+        if self.device.type != "cuda":
+            return
+        measured = footprint.measured_peaks(self.args)
+        self.metrics.print(
+            footprint.measured_line(
+                self.footprint, measured, self.progress.iteration, self.progress.phase
+            )
+        )
+
     # --- the loop -----------------------------------------------------------------------
     def train(self) -> dict:
         args = self.args
         self.maybe_load()
+        self.log_memory_estimate()
         # The schedule, not the checkpoint, decides the phase: an imported or --finetune
         # checkpoint at iteration 0 starts with TST phase 1 when it is configured.
         scheduled = args.tst.phase_at(self.progress.iteration, args.train_iters)
@@ -403,6 +432,7 @@ class Trainer:
         stop_at = self.last_iteration()
         update_num_microbatches(self.progress.consumed_samples, consistency_check=False)
         final = {"iteration": self.progress.iteration}
+        measure_at = min(self.progress.iteration + MEASURE_MEMORY_AFTER_STEPS, stop_at)
         while self.progress.iteration < stop_at:
             if self.progress.phase == 1 and self.progress.iteration >= self.phase1_iters:
                 self.set_phase(2)
@@ -420,6 +450,8 @@ class Trainer:
                 self.progress, spec, step, time.time() - start, self.stream.state, stop_at
             )
             self.print_data_notices()
+            if self.progress.iteration == measure_at:
+                self.log_measured_memory()
             final = {"iteration": self.progress.iteration, "loss": step["loss"]}
             if self.guard.should_stop():
                 raise TrainingStopped(self.guard.stop_message())
