@@ -12,8 +12,8 @@
   Megatron-LM's own ``theoretical_memory_usage``. Per token, in bytes: norms, attention and MLP
   inputs ``8h`` (+ ``2h`` dropout masks when ``hidden-dropout > 0``), not split by TP without
   sequence parallelism; Q, K, V and the attention output ``4(q + kv)``; MLP ``4f`` (GeLU) or
-  ``6f`` (SwiGLU), MoE ``topk x (2h + 6f_expert)`` + shared experts; ``(q, kv) = (h, h)``, ``f =
-  4h`` with GeLU and dropout gives Korthikanti's ``34`` (or ``10 + 24/TP`` without SP).
+  ``6f`` (SwiGLU), MoE ``topk x (2h + 6f_expert)`` + shared experts; ``(q, kv) = (h, h)``,
+  ``f = 4h`` with GeLU and dropout gives Korthikanti's ``34`` (or ``10 + 24/TP`` without SP).
   Activation recomputation as the trainer's ``--recompute-*`` flags set it
   (`recompute_setting`): full, uniform N keeps each N-layer chunk's input (``2h``) and
   recomputes one chunk at a time; full, block N keeps only the input of the first N layers of
@@ -21,8 +21,8 @@
   recomputed); selective drops what its modules rebuild in backward: ``mlp`` the dense MLP's
   ``4f``/``6f``, ``moe`` the whole MoE part, ``shared_experts`` the shared experts', ``moe_act``
   the experts' activation outputs ``topk x 2f_expert``, ``layernorm`` the two norm outputs
-  ``4h``; ``core_attn`` nothing here (flash attention keeps no scores). The sequence is ``L /
-  CP``. In flight: the 1F1B schedule keeps ``min(M, PP - p)`` micro-batches on stage ``p``;
+  ``4h``; ``core_attn`` nothing here (flash attention keeps no scores). The sequence is
+  ``L / CP``. In flight: the 1F1B schedule keeps ``min(M, PP - p)`` micro-batches on stage ``p``;
   interleaved ``min(M V, 2(PP - p - 1) + (V - 1) PP + 1)`` chunk micro-batches;
 - the last stage's fp32 softmax of the logits ``4 L b V / TP`` plus the LM-head inputs;
 - TST phase 1 (bag inputs) on the first stage: the ``s L b`` token embeddings that are averaged
