@@ -378,7 +378,7 @@ def test_fp8_passes_with_transformer_engine(te_installed):
         ),
         ("--num-experts 4 --moe-layer-freq 0", 1, ("--moe-layer-freq", "0")),
         (
-            "--num-experts 4 --moe-grouped-gemm",
+            "--num-experts 4 --moe-grouped-gemm --transformer-impl local",
             1,
             ("--moe-grouped-gemm", "--transformer-impl local", "grouped_gemm"),
         ),

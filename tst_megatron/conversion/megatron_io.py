@@ -50,6 +50,9 @@ SINGLE_PROCESS = {
     "recompute_granularity": None,
     "recompute_method": None,
     "recompute_num_layers": None,
+    "recompute_activations": False,
+    "recompute_modules": None,
+    "moe_permute_fusion": None,  # needs Transformer Engine on a GPU
     "distributed_backend": "gloo",
     # no data is read and nothing is logged
     "mock_data": True,

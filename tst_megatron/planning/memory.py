@@ -14,9 +14,16 @@
   sequence parallelism; Q, K, V and the attention output ``4(q + kv)``; MLP ``4f`` (GeLU) or
   ``6f`` (SwiGLU), MoE ``topk x (2h + 6f_expert)`` + shared experts; ``(q, kv) = (h, h)``,
   ``f = 4h`` with GeLU and dropout gives Korthikanti's ``34`` (or ``10 + 24/TP`` without SP).
-  Full recomputation stores the layer input (``2h``) and recomputes one layer at a time. The
-  sequence is ``L / CP``. In flight: the 1F1B schedule keeps ``min(M, PP - p)`` micro-batches on
-  stage ``p``; interleaved ``min(M V, 2(PP - p - 1) + (V - 1) PP + 1)`` chunk micro-batches;
+  Activation recomputation as the trainer's ``--recompute-*`` flags set it
+  (`recompute_setting`): full, uniform N keeps each N-layer chunk's input (``2h``) and
+  recomputes one chunk at a time; full, block N keeps only the input of the first N layers of
+  every (virtual) stage, the other layers keep everything (they are freed before the block is
+  recomputed); selective drops what its modules rebuild in backward: ``mlp`` the dense MLP's
+  ``4f``/``6f``, ``moe`` the whole MoE part, ``shared_experts`` the shared experts', ``moe_act``
+  the experts' activation outputs ``topk x 2f_expert``, ``layernorm`` the two norm outputs
+  ``4h``; ``core_attn`` nothing here (flash attention keeps no scores). The sequence is
+  ``L / CP``. In flight: the 1F1B schedule keeps ``min(M, PP - p)`` micro-batches on stage ``p``;
+  interleaved ``min(M V, 2(PP - p - 1) + (V - 1) PP + 1)`` chunk micro-batches;
 - the last stage's fp32 softmax of the logits ``4 L b V / TP`` plus the LM-head inputs;
 - TST phase 1 (bag inputs) on the first stage: the ``s L b`` token embeddings that are averaged
   into bags, bf16 before the sequence-parallel scatter and fp32 during the mean,
@@ -29,6 +36,7 @@ derived sizes: ``data_parallel_size``, ``world_size``, ``padded_vocab_size``...)
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 
 import torch
@@ -62,23 +70,77 @@ class StageMemory:
     total_phase2_bytes: int
 
 
+def recompute_setting(args: argparse.Namespace) -> str:
+    """The recomputation the trainer's flags ask for, in words (``off`` when none)."""
+    if args.recompute_granularity == "full":
+        layers = f"{args.recompute_num_layers} layer{'s' * (args.recompute_num_layers > 1)}"
+        return f"full ({args.recompute_method}, {layers})"
+    if args.recompute_granularity == "selective":
+        return f"selective ({', '.join(selective_modules(args))})"
+    return "off"
+
+
+def selective_modules(args: argparse.Namespace) -> list[str]:
+    """Modules of selective recomputation (Megatron-Core's default ``core_attn``), else []."""
+    if args.recompute_granularity != "selective":
+        return []
+    return list(args.recompute_modules or ["core_attn"])
+
+
 def layer_activation_bytes(args: argparse.Namespace, moe: bool, tokens: int) -> float:
-    """Bytes one layer keeps for backward for ``tokens`` positions (see the module doc)."""
+    """Bytes one layer keeps for backward for ``tokens`` positions (see the module doc),
+    less what selective recomputation rebuilds."""
     h = args.hidden_size
     q = args.kv_channels * args.num_attention_heads
     kv = args.kv_channels * args.num_query_groups
     tp = args.tensor_model_parallel_size
     glu = 6 if args.swiglu else 4
     masks = 2 if args.hidden_dropout > 0 else 0
-    unsplit = tokens * h * (8 + masks)
+    recomputed = set(selective_modules(args))
+    norms = 4 if "layernorm" in recomputed else 8
+    unsplit = tokens * h * (norms + masks)
     attention = tokens * 4 * (q + kv)
     if moe:
         shared = args.moe_shared_expert_intermediate_size or 0
-        topk = args.moe_router_topk
-        mlp = tokens * (2 * topk * h + glu * (topk * args.moe_ffn_hidden_size + shared))
+        topk, expert_ffn = args.moe_router_topk, args.moe_ffn_hidden_size
+        activation = 2 * expert_ffn if "moe_act" in recomputed else 0
+        routed = topk * (2 * h + glu * expert_ffn - activation)
+        if "shared_experts" in recomputed:
+            shared = 0
+        mlp = 0 if "moe" in recomputed else tokens * (routed + glu * shared)
     else:
-        mlp = tokens * glu * args.ffn_hidden_size
+        mlp = 0 if "mlp" in recomputed else tokens * glu * args.ffn_hidden_size
     return unsplit / sequence_split(args) + (attention + mlp) / tp
+
+
+def full_recompute_bytes(
+    args: argparse.Namespace, per_layer: list[float], units: int, layers_per_unit: int, tokens: int
+) -> float:
+    """Activations kept with full recomputation (``--recompute-method``/``-num-layers``;
+    uniform 1 when the run asks for none, the planner's ``activ(rc)`` column)."""
+    full = args.recompute_granularity == "full"
+    method = args.recompute_method if full else "uniform"
+    num = args.recompute_num_layers if full else 1
+    layer_input = 2 * tokens * args.hidden_size / sequence_split(args)
+    num = min(num, layers_per_unit)
+    if method == "block":
+        # the micro-batch in backward has freed its other layers when it recomputes a block one
+        mean_layer = sum(per_layer) / len(per_layer)
+        kept = num * layer_input + (layers_per_unit - num) * mean_layer
+        return (units - 1) * kept + max(kept, num * layer_input + max(per_layer))
+    chunks = math.ceil(layers_per_unit / num)
+    return units * chunks * layer_input + max(per_layer) * num
+
+
+def recomputed_forward_fraction(args: argparse.Namespace) -> float:
+    """Share of the forward pass that full recomputation runs again (selective: not modelled)."""
+    if args.recompute_granularity != "full":
+        return 0.0
+    if args.recompute_method == "uniform":
+        return 1.0
+    pp = args.pipeline_model_parallel_size
+    per_chunk = args.num_layers_per_virtual_pipeline_stage or args.num_layers // pp
+    return min(args.recompute_num_layers, per_chunk) / per_chunk
 
 
 def sequence_split(args: argparse.Namespace) -> int:
@@ -129,8 +191,7 @@ def one_stage_memory(
         layers_per_unit = len(held.layers)
     mean_layer = sum(per_layer) / len(per_layer)
     activations = units * layers_per_unit * mean_layer
-    recompute = units * layers_per_unit * 2 * tokens * h / sequence_split(args)
-    recompute += max(per_layer)
+    recompute = full_recompute_bytes(args, per_layer, units, layers_per_unit, tokens)
     logits = 0.0
     if p == pp - 1:
         lm_head_inputs = 4 * tokens * h / sequence_split(args)

@@ -36,6 +36,9 @@ TE_IMPL_MISSING = (
 )
 EXIT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 CKPT_FORMATS = ("torch_dist",)
+MOE_AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
+MOE_LOAD_BALANCING_TYPES = (*MOE_AUX_LOSS_TYPES, "sinkhorn", "none")
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mlp", "moe", "shared_experts")
 REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
             "train_iters", "lr")  # fmt: skip
 POSITIVE = (*REQUIRED[:-1], "tensor_model_parallel_size", "pipeline_model_parallel_size",
@@ -71,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_logging_args(parser)
     _add_tst_args(parser)
     _add_reliability_args(parser)
+    _add_timing_and_memory_args(parser)
     return parser
 
 
@@ -242,6 +246,21 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Layers per recompute chunk (uniform) or per stage (block).",
     )
+    group.add_argument(
+        "--recompute-activations",
+        action="store_true",
+        help="Selective recomputation (Megatron-LM's shorthand for --recompute-granularity "
+        "selective): recompute the --recompute-modules, by default core attention.",
+    )
+    group.add_argument(
+        "--recompute-modules",
+        nargs="*",
+        default=None,
+        choices=list(RECOMPUTE_MODULES),
+        help="With selective recomputation, the submodules to recompute: core_attn, moe_act "
+        "(needs --moe-grouped-gemm), layernorm, mlp (dense MLPs), moe (whole MoE layers), "
+        "shared_experts. Default core_attn.",
+    )
 
 
 def _add_moe_args(parser: argparse.ArgumentParser) -> None:
@@ -270,14 +289,20 @@ def _add_moe_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--moe-aux-loss-coeff",
         type=float,
+        nargs="+",
         default=0.0,
-        help="Load-balancing loss coefficient (1e-2 is a usual start).",
+        help="Load-balancing loss coefficient (1e-2 is a usual start); one per "
+        "--moe-router-load-balancing-type when several are combined.",
     )
     group.add_argument(
         "--moe-router-load-balancing-type",
+        nargs="+",
         default="aux_loss",
-        choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"],
-        help="Router load-balancing strategy.",
+        choices=list(MOE_LOAD_BALANCING_TYPES),
+        help="Router load balancing: aux_loss (GShard/Switch, per micro-batch), "
+        "seq_aux_loss (per sample, DeepSeek-V2/V3), global_aux_loss (over the global batch), "
+        "sinkhorn (S-BASE), none. The three aux losses can be combined (give several, with "
+        "one --moe-aux-loss-coeff each); sinkhorn and none stand alone.",
     )
     group.add_argument(
         "--moe-token-dispatcher-type",
@@ -311,6 +336,89 @@ def _add_moe_args(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="Router z-loss coefficient (1e-3 is a usual start).",
+    )
+    _add_moe_routing_and_capacity_args(group)
+
+
+def _add_moe_routing_and_capacity_args(group: argparse._ArgumentGroup) -> None:
+    """Router, capacity and dispatch-speed flags, as Megatron-LM names them."""
+    group.add_argument(
+        "--moe-router-topk-scaling-factor",
+        type=float,
+        default=None,
+        help="Multiply the top-k routing weights by this (DeepSeek-V3 uses 2.5 with sigmoid "
+        "scores); unset = no scaling.",
+    )
+    group.add_argument(
+        "--moe-router-num-groups",
+        type=int,
+        default=None,
+        help="Group-limited routing: split the experts into this many equal groups (e.g. the "
+        "expert-parallel size for device-limited routing); needs --moe-router-group-topk.",
+    )
+    group.add_argument(
+        "--moe-router-group-topk",
+        type=int,
+        default=None,
+        help="Group-limited routing: each token picks its experts from this many groups.",
+    )
+    group.add_argument(
+        "--moe-router-enable-expert-bias",
+        action="store_true",
+        help="Aux-loss-free load balancing (arXiv 2408.15664): a per-expert bias, added to the "
+        "sigmoid scores for the top-k choice only, moves by --moe-router-bias-update-rate "
+        "after every step towards equal load. The bias is a buffer of the checkpoint. Needs "
+        "--moe-router-score-function sigmoid.",
+    )
+    group.add_argument(
+        "--moe-router-bias-update-rate",
+        type=float,
+        default=1e-3,
+        help="Step size of the expert-bias update (sign of the load deficit per expert, over "
+        "the global batch); used with --moe-router-enable-expert-bias.",
+    )
+    group.add_argument(
+        "--moe-router-dtype",
+        default="fp32",
+        choices=["fp32", "fp64", "none"],
+        help="Precision of the router logits and of the weighted sum of expert outputs. fp32 "
+        "by default here (Megatron-LM leaves it unset and Megatron-Core warns from 32 experts "
+        "on); none = the model's precision.",
+    )
+    group.add_argument(
+        "--moe-permute-fusion",
+        action="store_true",
+        default=None,
+        help="Fused token permutation in the dispatcher (Transformer Engine >= 2.1 kernels). "
+        "Default: on with --transformer-impl transformer_engine on a GPU when the kernels "
+        "import, else off.",
+    )
+    group.add_argument(
+        "--no-moe-permute-fusion",
+        action="store_false",
+        dest="moe_permute_fusion",
+        default=None,
+        help="Unfused token permutation even where the fused kernels run.",
+    )
+    group.add_argument(
+        "--moe-expert-capacity-factor",
+        type=float,
+        default=None,
+        help="Token dropping: each expert takes at most capacity = ceil(tokens * topk / "
+        "experts * factor) tokens per micro-batch and rank; the rest skip it. Unset = dropless.",
+    )
+    group.add_argument(
+        "--moe-token-drop-policy",
+        default="probs",
+        choices=["probs", "position"],
+        help="Which tokens an expert over capacity drops: the lowest routing weights (probs) "
+        "or the last ones in the micro-batch (position).",
+    )
+    group.add_argument(
+        "--moe-pad-expert-input-to-capacity",
+        action="store_true",
+        help="Pad every expert's input to its capacity (static shapes); needs "
+        "--moe-expert-capacity-factor.",
     )
 
 
@@ -496,6 +604,15 @@ def _add_optimization_args(parser: argparse.ArgumentParser) -> None:
         help="Clip the global gradient L2 norm to this value (0 = off).",
     )
     group.add_argument("--seed", type=int, default=1234, help="Random seed.")
+    group.add_argument(
+        "--calculate-per-token-loss",
+        action="store_true",
+        help="Normalise the loss by the number of loss tokens of the whole global batch "
+        "(summed over micro-batches and data-parallel ranks) instead of averaging per-micro-"
+        "batch means. A token is a position with an unmasked target; in TST phase 1 a latent "
+        "position (its loss is the multi-hot CE, the mean over its unmasked target slots), "
+        "see docs/method.md.",
+    )
 
 
 def _add_learning_rate_args(parser: argparse.ArgumentParser) -> None:
@@ -670,13 +787,6 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
         help="Per-GPU peak TFLOP/s for MFU. Default from the GPU model (dense "
         "BF16, doubled with --fp8-format); none on CPU.",
     )
-    group.add_argument(
-        "--timing-log-level",
-        type=int,
-        default=0,
-        choices=[0, 1, 2],
-        help="Timer detail: 0 = iteration time only, 2 = everything.",
-    )
 
 
 def _add_tst_args(parser: argparse.ArgumentParser) -> None:
@@ -756,6 +866,56 @@ def _add_reliability_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_timing_and_memory_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("timing and memory")
+    group.add_argument(
+        "--timing-log-level",
+        type=int,
+        default=0,
+        choices=[0, 1, 2],
+        help="Megatron-Core timers: 0 = iteration and checkpoint times only; 1 adds "
+        "batch-generator (data), forward-backward, gradient all-reduce (all-grads-sync), "
+        "optimizer and its parts, once per step; 2 adds per-micro-batch forward/backward "
+        "compute and pipeline send/recv. Printed every --log-interval.",
+    )
+    group.add_argument(
+        "--timing-log-option",
+        default="minmax",
+        choices=["max", "minmax", "all"],
+        help="Report the max, the (min, max) or every rank's time of each timer.",
+    )
+    group.add_argument(
+        "--no-barrier-with-level-1-timing",
+        action="store_false",
+        dest="barrier_with_L1_time",
+        help="Do not put a barrier before the level-1 timers (by default they wait for every "
+        "rank, so they measure the step and not the wait for stragglers).",
+    )
+    group.add_argument(
+        "--log-timers-to-tensorboard",
+        action="store_true",
+        help="Also write the timers (max over ranks) to TensorBoard / W&B.",
+    )
+    group.add_argument(
+        "--manual-gc",
+        action="store_true",
+        help="Disable Python's automatic garbage collector and collect at fixed points "
+        "instead, so that all ranks pause together.",
+    )
+    group.add_argument(
+        "--manual-gc-interval",
+        type=int,
+        default=0,
+        help="With --manual-gc: collect every N training steps (0 = only around evaluations).",
+    )
+    group.add_argument(
+        "--no-manual-gc-eval",
+        action="store_false",
+        dest="manual_gc_eval",
+        help="With --manual-gc: do not collect before and after each evaluation.",
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Parsing, with an optional YAML file of defaults
 # --------------------------------------------------------------------------------------------
@@ -831,6 +991,8 @@ def _yaml_value(action: argparse.Action, via_flag: bool, value: Any, where: str)
     if action.nargs is None or action.nargs == "?":
         return _yaml_scalar(action, value, where)
     items = value.split() if isinstance(value, str) else value
+    if action.nargs in ("+", "*") and isinstance(items, (int, float)):
+        items = [items]  # one value of a list flag, e.g. moe-aux-loss-coeff: 1.0e-3
     if not isinstance(items, list):
         raise ConfigError(f"{where} must be a list, got {value!r}")
     if isinstance(action.nargs, int) and len(items) != action.nargs:
@@ -882,6 +1044,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     _validate_parallel_layout(args)
     _validate_model_shape(args)
     _validate_moe(args)
+    _validate_recompute(args)
     _validate_batch(args)
     _validate_learning_rate(args)
     _validate_data(args)
@@ -889,6 +1052,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     _validate_logging(args)
     _validate_tst(args)
     _validate_reliability(args)
+    _validate_timing_and_memory(args)
 
 
 def transformer_engine_installed() -> bool:
@@ -918,6 +1082,7 @@ def _validate_implementation(args: argparse.Namespace) -> None:
             f"--fp8-format {args.fp8} needs Transformer Engine, which is not installed: "
             f"{TE_INSTALL_HINT} or drop --fp8-format"
         )
+    args.transformer_impl_resolved = args.transformer_impl is None
     if args.transformer_impl is None:
         args.transformer_impl = "transformer_engine" if has_cuda and has_te else "local"
         if has_cuda and not has_te:
@@ -1064,18 +1229,6 @@ def _validate_model_shape(args: argparse.Namespace) -> None:
     if args.vocab_size is not None:
         _check_positive(args, "vocab_size")
         args.padded_vocab_size = vocab_size_with_padding(args.vocab_size, args)
-    if args.recompute_granularity == "full" and (
-        args.recompute_method is None or args.recompute_num_layers is None
-    ):
-        raise ConfigError(
-            "--recompute-granularity full needs --recompute-method (uniform or block) and "
-            "--recompute-num-layers"
-        )
-    if args.recompute_granularity == "selective" and args.recompute_method is not None:
-        raise ConfigError(
-            f"--recompute-method {args.recompute_method} applies only to "
-            "--recompute-granularity full, not selective"
-        )
 
 
 def _validate_moe(args: argparse.Namespace) -> None:
@@ -1086,9 +1239,11 @@ def _validate_moe(args: argparse.Namespace) -> None:
     if args.num_experts == 0:
         args.num_experts = None
     experts = args.num_experts
+    _normalize_load_balancing(args)
     if experts is None:
         if ep > 1:
             raise ConfigError(f"--expert-model-parallel-size {ep} needs --num-experts")
+        _refuse_moe_flags_without_experts(args)
         return
     if experts < 1:
         raise ConfigError(f"--num-experts must be >= 1 (or 0 for a dense model), got {experts}")
@@ -1123,11 +1278,19 @@ def _validate_moe(args: argparse.Namespace) -> None:
         and args.transformer_impl == "local"
         and importlib.util.find_spec("grouped_gemm") is None
     ):
-        raise ConfigError(
-            "--moe-grouped-gemm with --transformer-impl local needs the grouped_gemm package, "
-            "which is not installed: install it (github.com/fanshiqing/grouped_gemm), use "
-            "--transformer-impl transformer_engine, or drop --moe-grouped-gemm"
+        if not args.transformer_impl_resolved:
+            raise ConfigError(
+                "--moe-grouped-gemm with --transformer-impl local needs the grouped_gemm package, "
+                "which is not installed: install it (github.com/fanshiqing/grouped_gemm), use "
+                "--transformer-impl transformer_engine, or drop --moe-grouped-gemm"
+            )
+        warnings.warn(
+            "--moe-grouped-gemm: this machine runs --transformer-impl local (no Transformer "
+            "Engine on a GPU) and has no grouped_gemm package: the experts run one by one "
+            "(SequentialMLP) instead; same parameters, same checkpoint",
+            stacklevel=3,
         )
+        args.moe_grouped_gemm = False
     if args.moe_layer_freq < 1:
         raise ConfigError(f"--moe-layer-freq must be >= 1, got {args.moe_layer_freq}")
     if args.tensor_model_parallel_size > 1 and not args.sequence_parallel:
@@ -1143,6 +1306,266 @@ def _validate_moe(args: argparse.Namespace) -> None:
         )
     if args.moe_ffn_hidden_size is None:
         args.moe_ffn_hidden_size = args.ffn_hidden_size
+    if args.add_bias_linear and etp > 1:
+        raise ConfigError(
+            f"--expert-tensor-parallel-size {etp} with linear biases: Megatron-Core's experts "
+            "support biases only at expert-tensor-parallel size 1; pass --disable-bias-linear "
+            "or --expert-tensor-parallel-size 1"
+        )
+    _validate_moe_routing(args)
+    _validate_moe_capacity(args)
+    _resolve_moe_speed_flags(args)
+
+
+def _normalize_load_balancing(args: argparse.Namespace) -> None:
+    """One load-balancing type and coefficient stay scalars (as Megatron-Core takes them);
+    a combination of aux losses becomes two equally long lists."""
+    types = _as_list(args.moe_router_load_balancing_type)
+    coeffs = _as_list(args.moe_aux_loss_coeff)
+    flag = "--moe-router-load-balancing-type " + " ".join(types)
+    if len(set(types)) != len(types):
+        raise ConfigError(f"{flag}: each type may appear once")
+    if len(types) > 1 and not set(types) <= set(MOE_AUX_LOSS_TYPES):
+        raise ConfigError(
+            f"{flag}: only the aux losses ({', '.join(MOE_AUX_LOSS_TYPES)}) can be combined; "
+            "sinkhorn and none stand alone"
+        )
+    if len(coeffs) != len(types):
+        raise ConfigError(
+            f"{flag} needs one --moe-aux-loss-coeff per type, got "
+            f"{len(coeffs)}: {' '.join(str(c) for c in coeffs)}"
+        )
+    if any(coeff < 0 for coeff in coeffs):
+        raise ConfigError(f"--moe-aux-loss-coeff must be >= 0, got {coeffs}")
+    args.moe_router_load_balancing_type = types[0] if len(types) == 1 else types
+    args.moe_aux_loss_coeff = coeffs[0] if len(coeffs) == 1 else coeffs
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _refuse_moe_flags_without_experts(args: argparse.Namespace) -> None:
+    given = [
+        flag
+        for flag, on in (
+            ("--moe-router-enable-expert-bias", args.moe_router_enable_expert_bias),
+            ("--moe-expert-capacity-factor", args.moe_expert_capacity_factor is not None),
+            ("--moe-pad-expert-input-to-capacity", args.moe_pad_expert_input_to_capacity),
+            ("--moe-router-num-groups", args.moe_router_num_groups is not None),
+            ("--moe-router-group-topk", args.moe_router_group_topk is not None),
+            ("--moe-router-topk-scaling-factor", args.moe_router_topk_scaling_factor is not None),
+            ("--moe-permute-fusion", bool(args.moe_permute_fusion)),
+            ("--moe-grouped-gemm", args.moe_grouped_gemm),
+        )
+        if on
+    ]
+    if given:
+        raise ConfigError(f"{', '.join(given)} need(s) a MoE model: give --num-experts")
+
+
+def _validate_moe_routing(args: argparse.Namespace) -> None:
+    experts, topk = args.num_experts, args.moe_router_topk
+    sinkhorn = args.moe_router_load_balancing_type == "sinkhorn"
+    if args.moe_router_enable_expert_bias:
+        if args.moe_router_score_function != "sigmoid":
+            raise ConfigError(
+                "--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid "
+                f"(got {args.moe_router_score_function}): Megatron-Core adds the expert bias "
+                "to sigmoid scores only"
+            )
+        if args.moe_router_bias_update_rate <= 0:
+            raise ConfigError(
+                "--moe-router-bias-update-rate must be > 0 with --moe-router-enable-expert-bias, "
+                f"got {args.moe_router_bias_update_rate}"
+            )
+    scaling = args.moe_router_topk_scaling_factor
+    if scaling is not None and scaling <= 0:
+        raise ConfigError(f"--moe-router-topk-scaling-factor must be > 0, got {scaling}")
+    groups, group_topk = args.moe_router_num_groups, args.moe_router_group_topk
+    if (groups is None) != (group_topk is None):
+        raise ConfigError(
+            "group-limited routing needs both --moe-router-num-groups and "
+            f"--moe-router-group-topk (got {groups} and {group_topk})"
+        )
+    if groups is not None:
+        if groups < 1 or experts % groups:
+            raise ConfigError(
+                f"--moe-router-num-groups {groups} must divide --num-experts {experts}"
+            )
+        if not 1 <= group_topk <= min(groups, topk):
+            raise ConfigError(
+                f"--moe-router-group-topk {group_topk} must be between 1 and the smaller of "
+                f"--moe-router-num-groups {groups} and --moe-router-topk {topk}"
+            )
+        if group_topk * (experts // groups) < topk:
+            raise ConfigError(
+                f"--moe-router-group-topk {group_topk} groups of {experts // groups} experts "
+                f"(--num-experts {experts} / --moe-router-num-groups {groups}) hold fewer than "
+                f"--moe-router-topk {topk} experts"
+            )
+    ignored_by_sinkhorn = [
+        flag
+        for flag, on in (
+            ("--moe-router-enable-expert-bias", args.moe_router_enable_expert_bias),
+            ("--moe-router-num-groups/--moe-router-group-topk", groups is not None),
+            ("--moe-router-topk-scaling-factor", scaling is not None),
+        )
+        if on
+    ]
+    if sinkhorn and ignored_by_sinkhorn:
+        raise ConfigError(
+            "--moe-router-load-balancing-type sinkhorn routes by Sinkhorn-normalised scores "
+            f"and ignores {', '.join(ignored_by_sinkhorn)}"
+        )
+
+
+def _validate_moe_capacity(args: argparse.Namespace) -> None:
+    factor = args.moe_expert_capacity_factor
+    if factor is None:
+        if args.moe_pad_expert_input_to_capacity:
+            raise ConfigError(
+                "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor (the "
+                "capacity it pads to)"
+            )
+        if args.moe_token_drop_policy != "probs":
+            raise ConfigError(
+                f"--moe-token-drop-policy {args.moe_token_drop_policy} needs "
+                "--moe-expert-capacity-factor (without it no token is dropped)"
+            )
+        return
+    if factor <= 0:
+        raise ConfigError(
+            f"--moe-expert-capacity-factor must be > 0, got {factor} (leave it out for "
+            "dropless routing)"
+        )
+    if args.moe_router_load_balancing_type == "sinkhorn":
+        raise ConfigError(
+            f"--moe-expert-capacity-factor {factor} does not work with "
+            "--moe-router-load-balancing-type sinkhorn (Megatron-Core drops tokens only with "
+            "aux_loss, seq_aux_loss, global_aux_loss or none)"
+        )
+
+
+def _resolve_moe_speed_flags(args: argparse.Namespace) -> None:
+    """``moe_permute_fusion`` (auto: on where Transformer Engine's kernels run) and the router
+    precision (``--moe-router-dtype none`` -> None)."""
+    if args.moe_router_dtype == "none":
+        args.moe_router_dtype = None
+    available = (
+        args.transformer_impl == "transformer_engine"
+        and torch.cuda.is_available()
+        and _fused_permute_available()
+    )
+    if args.moe_permute_fusion is None:
+        args.moe_permute_fusion = available
+    elif args.moe_permute_fusion and not available:
+        raise ConfigError(
+            "--moe-permute-fusion needs Transformer Engine >= 2.1's fused permutation kernels "
+            "on a GPU (--transformer-impl transformer_engine); this run has "
+            f"--transformer-impl {args.transformer_impl}"
+            f"{'' if torch.cuda.is_available() else ' and no GPU'}: drop the flag"
+        )
+
+
+def _fused_permute_available() -> bool:
+    """Whether Megatron-Core found Transformer Engine's fused permutation kernels."""
+    from megatron.core.transformer.moe import moe_utils
+
+    return all(
+        getattr(moe_utils, name, None) is not None
+        for name in (
+            "fused_permute",
+            "fused_permute_with_probs",
+            "fused_sort_chunks_by_index",
+            "fused_sort_chunks_by_index_with_probs",
+            "fused_unpermute",
+        )
+    )
+
+
+def _validate_recompute(args: argparse.Namespace) -> None:
+    """Megatron-LM's recompute flags, checked before Megatron-Core asserts on them."""
+    granularity, method, num = (
+        args.recompute_granularity,
+        args.recompute_method,
+        args.recompute_num_layers,
+    )
+    if args.recompute_activations:
+        if granularity == "full":
+            raise ConfigError(
+                "--recompute-activations means --recompute-granularity selective; it cannot be "
+                "combined with --recompute-granularity full"
+            )
+        granularity = args.recompute_granularity = "selective"
+    if granularity is None and (method is not None or num is not None):
+        raise ConfigError(
+            "--recompute-method/--recompute-num-layers need --recompute-granularity full"
+        )
+    if granularity == "full":
+        if method is None or num is None:
+            raise ConfigError(
+                "--recompute-granularity full needs --recompute-method (uniform or block) and "
+                "--recompute-num-layers"
+            )
+        per_stage = args.num_layers // args.pipeline_model_parallel_size
+        per_chunk = args.num_layers_per_virtual_pipeline_stage or per_stage
+        if not 1 <= num <= per_chunk:
+            raise ConfigError(
+                f"--recompute-num-layers {num} must be between 1 and the {per_chunk} layers of "
+                "a pipeline stage (or virtual stage)"
+            )
+    if granularity == "selective" and method is not None:
+        raise ConfigError(
+            f"--recompute-method {method} applies only to --recompute-granularity full, not "
+            "selective"
+        )
+    if granularity == "selective" and num is not None:
+        raise ConfigError(
+            f"--recompute-num-layers {num} applies only to --recompute-granularity full "
+            "(selective recomputation covers every layer)"
+        )
+    modules = args.recompute_modules
+    if modules is None:
+        return
+    if granularity != "selective":
+        raise ConfigError(
+            "--recompute-modules needs selective recomputation (--recompute-activations or "
+            "--recompute-granularity selective)"
+        )
+    if not modules:
+        raise ConfigError("--recompute-modules needs at least one module")
+    moe_layers = args.num_experts is not None
+    unusable = {
+        "moe_act": (not args.moe_grouped_gemm, "needs --moe-grouped-gemm (and a kernel for it)"),
+        "moe": (not moe_layers, "needs --num-experts"),
+        "shared_experts": (
+            args.moe_shared_expert_intermediate_size is None,
+            "needs --moe-shared-expert-intermediate-size",
+        ),
+        "mlp": (moe_layers and args.moe_layer_freq == 1, "has no dense MLP (every layer is MoE)"),
+    }
+    for module in modules:
+        refused, why = unusable.get(module, (False, ""))
+        if refused:
+            raise ConfigError(f"--recompute-modules {module}: {why}")
+        if module in ("layernorm", "moe_act") and not transformer_engine_installed():
+            raise ConfigError(
+                f"--recompute-modules {module} needs Transformer Engine (Megatron-Core's "
+                "output-discarding checkpoint, tensor_parallel/random.py CheckpointWithoutOutput, "
+                f"uses it unconditionally): {TE_INSTALL_HINT} or recompute other modules"
+            )
+
+
+def _validate_timing_and_memory(args: argparse.Namespace) -> None:
+    if args.manual_gc_interval < 0:
+        raise ConfigError(f"--manual-gc-interval must be >= 0, got {args.manual_gc_interval}")
+    if not args.manual_gc and (args.manual_gc_interval or not args.manual_gc_eval):
+        raise ConfigError("--manual-gc-interval/--no-manual-gc-eval need --manual-gc")
+    if args.log_timers_to_tensorboard and not (args.tensorboard_dir or args.wandb_project):
+        raise ConfigError(
+            "--log-timers-to-tensorboard needs --tensorboard-dir (or --wandb-project)"
+        )
 
 
 def _validate_batch(args: argparse.Namespace) -> None:

@@ -31,7 +31,7 @@ from megatron.core.num_microbatches_calculator import (
     update_num_microbatches,
 )
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.utils import get_batch_on_this_cp_rank
+from megatron.core.utils import get_batch_on_this_cp_rank, get_model_config
 
 from tst_megatron.config import STANDARD_PHASE, PhaseSpec
 from tst_megatron.data.builders import build_train_stream, build_valid_dataset, mock_valid_windows
@@ -41,9 +41,12 @@ from tst_megatron.targets import build_batch
 from tst_megatron.training import checkpointing as ckpt
 from tst_megatron.training import fault_injection
 from tst_megatron.training.faults import BadStepGuard, ExitRequests, TrainingStopped
+from tst_megatron.training.manual_gc import ManualGarbageCollection
 from tst_megatron.training.metrics import MetricsLogger
 from tst_megatron.training.model_builder import build_model, transformer_config_from_args
+from tst_megatron.training.moe_metrics import MoEStepMetrics
 from tst_megatron.training.optimizer import build_optimizer, build_scheduler, describe_kernels
+from tst_megatron.training.timers import StepTimers, attach_timers
 
 # Megatron-LM reports the measured memory after the second step, which includes the optimizer
 # state (Adam's moments are allocated at the first step).
@@ -132,22 +135,41 @@ def unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
-def loss_func(position_mask: torch.Tensor, output: torch.Tensor):
+def loss_func(position_mask: torch.Tensor, output: torch.Tensor, per_token: bool = False):
     """Mean loss over the unmasked positions of the micro-batch, global over context parallel.
 
     Args:
         position_mask: ``[b, L/CP]`` 1 where the position has at least one unmasked target.
         output: ``[b, L/CP]`` per-position loss from the model.
+        per_token: ``--calculate-per-token-loss`` (see `per_token_loss`).
 
     Returns the legacy 2-tuple: mcore's schedule multiplies the loss by the CP size and
     divides it by the number of micro-batches, and DDP averages gradients over DP x CP.
     """
     mask = position_mask.reshape(-1).float()
     total = torch.stack([(output.float().reshape(-1) * mask).sum(), mask.sum()])
+    if per_token:
+        return per_token_loss(total)
     if ps.get_context_parallel_world_size() > 1:
         torch.distributed.all_reduce(total, group=ps.get_context_parallel_group())
     loss = total[0] / total[1].clamp(min=1)
     return loss, {"lm loss": total.detach().clone()}
+
+
+def per_token_loss(total: torch.Tensor):
+    """``--calculate-per-token-loss``: Megatron-LM's 3-tuple ``(sum, count, report)``.
+
+    ``total`` is ``[loss sum, loss tokens]`` of this rank's share of the micro-batch (a token
+    is a position with an unmasked target; in TST phase 1 a latent position, whose loss is
+    the multi-hot CE over its unmasked target slots). The schedule leaves the sum alone and
+    passes the step's token count to `finalize_model_grads`, which sums it over data and
+    context parallel and divides the gradients by it: the step minimises the global sum over
+    the global token count. The report is summed over context parallel for logging.
+    """
+    report = total.detach().clone()
+    if ps.get_context_parallel_world_size() > 1:
+        torch.distributed.all_reduce(report, group=ps.get_context_parallel_group())
+    return total[0], total[1].detach().to(torch.int), {"lm loss": report}
 
 
 def forward_step(data_iterator, model):
@@ -157,7 +179,8 @@ def forward_step(data_iterator, model):
     output = model(
         batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=mask
     )
-    return output, partial(loss_func, position_mask)
+    per_token = get_model_config(model).calculate_per_token_loss
+    return output, partial(loss_func, position_mask, per_token=per_token)
 
 
 def split_for_context_parallel(batch: dict, bag_size: int) -> dict:
@@ -193,6 +216,13 @@ class Trainer:
         self.exits = ExitRequests(args)
         self.metrics = MetricsLogger(args, self.phase1_iters)
         self._valid = None
+        self.timers = StepTimers(args)
+        attach_timers(self.timers, get_model_config(self.chunks[0]), self.optimizer)
+        self.metrics.attach_timers(self.timers)
+        self.moe = MoEStepMetrics(args, self.chunks) if args.num_experts else None
+        self.gc = ManualGarbageCollection(args)
+        if args.manual_gc:
+            self.metrics.print(self.gc.describe())
         self.metrics.print(
             f"transformer impl: {args.transformer_impl}; optimizer kernel: "
             f"{describe_kernels(self.optimizer)} (Megatron-Core uses Transformer Engine or apex "
@@ -233,9 +263,12 @@ class Trainer:
         meta = ckpt.read_checkpoint_meta(path)
         ckpt.check_compatible(args, meta, path)
         same_layout = meta["layout"] == ckpt.layout(args)
+        self.timers("load-checkpoint", log_level=0).start(barrier=True)
         self.progress = ckpt.load_checkpoint(
             args, self.chunks, self.optimizer, self.scheduler, path, load_rng=same_layout
         )
+        self.timers("load-checkpoint").stop(barrier=True)
+        self.metrics.checkpoint_time(self.progress.iteration, "load-checkpoint")
         if self.progress.data_state:
             self.stream.load_state(self.progress.data_state)
         self.metrics.print(
@@ -249,6 +282,7 @@ class Trainer:
             return
         self.progress.data_state = self.stream.state.as_dict()
         start = time.time()
+        self.timers("save-checkpoint", log_level=0).start(barrier=True)
         overlapped = self.args.overlap_param_gather
         if overlapped:  # finish the pending all-gather of updated params before writing them
             for chunk in self.chunks:
@@ -259,10 +293,12 @@ class Trainer:
         if overlapped:
             for chunk in self.chunks:
                 chunk.enable_forward_pre_hook()
+        self.timers("save-checkpoint").stop(barrier=True)
         self.metrics.print(
             f"saved checkpoint {path} at iteration {self.progress.iteration} "
             f"({time.time() - start:.1f}s)"
         )
+        self.metrics.checkpoint_time(self.progress.iteration, "save-checkpoint")
 
     # --- data ---------------------------------------------------------------------------
     def print_data_notices(self) -> None:
@@ -313,12 +349,17 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         step_func = fault_injection.forward_step(forward_step, self.progress.iteration + 1)
-        outputs = self._run_schedule(self._microbatches(spec), False, step_func)
+        self.timers("batch-generator", log_level=1).start()
+        batches = self._microbatches(spec)
+        self.timers("batch-generator").stop()
+        outputs = self._run_schedule(batches, False, step_func)
         bad = self.guard.grads_not_finite(self.chunks) and not self.args.fp16
+        self.timers("optimizer", log_level=1).start(barrier=self.args.barrier_with_L1_time)
         if bad:
             updated, grad_norm = False, float("nan")
         else:
             updated, grad_norm, _ = self.optimizer.step()
+        self.timers("optimizer").stop()
         gbs = get_current_global_batch_size()
         if updated:
             self.scheduler.step(increment=gbs)
@@ -330,6 +371,7 @@ class Trainer:
             "nan": bad,
             "global_batch_size": gbs,
             "lr": self.optimizer.param_groups[0]["lr"],
+            "moe": self.moe.collect(len(batches)) if self.moe else None,
         }
 
     def evaluate(self) -> float | None:
@@ -344,8 +386,11 @@ class Trainer:
         self.set_phase(2)
         for chunk in self.chunks:
             chunk.eval()
-        with torch.no_grad():
+        config = get_model_config(self.chunks[0])
+        config.timers = None  # like Megatron-LM: evaluation stays out of the step timers
+        with self.gc.evaluation(), torch.no_grad():
             outputs = self._run_schedule(samples, forward_only=True)
+        config.timers = self.timers.timers
         for chunk in self.chunks:
             chunk.train()
         self.set_phase(phase)
@@ -433,6 +478,7 @@ class Trainer:
         update_num_microbatches(self.progress.consumed_samples, consistency_check=False)
         final = {"iteration": self.progress.iteration}
         measure_at = min(self.progress.iteration + MEASURE_MEMORY_AFTER_STEPS, stop_at)
+        self.gc.start()
         while self.progress.iteration < stop_at:
             if self.progress.phase == 1 and self.progress.iteration >= self.phase1_iters:
                 self.set_phase(2)
@@ -452,6 +498,7 @@ class Trainer:
             self.print_data_notices()
             if self.progress.iteration == measure_at:
                 self.log_measured_memory()
+            self.gc.after_step(self.progress.iteration)
             final = {"iteration": self.progress.iteration, "loss": step["loss"]}
             if self.guard.should_stop():
                 raise TrainingStopped(self.guard.stop_message())

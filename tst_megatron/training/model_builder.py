@@ -28,6 +28,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from tst_megatron.mcore_fixes import apply_mcore_fixes
 from tst_megatron.model import TSTGPTModel
 from tst_megatron.training import arguments
 from tst_megatron.training.arguments import ConfigError
@@ -88,9 +89,6 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
         deallocate_pipeline_outputs=True,
         batch_p2p_comm=args.distributed_backend != "gloo" and not interleaved_pp2,
         cross_entropy_loss_fusion=False,
-        recompute_granularity=args.recompute_granularity,
-        recompute_method=args.recompute_method,
-        recompute_num_layers=args.recompute_num_layers,
         transformer_impl=args.transformer_impl,
     )
     if args.num_experts is not None:
@@ -108,9 +106,42 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
             moe_z_loss_coeff=args.moe_z_loss_coeff,
             moe_layer_freq=args.moe_layer_freq,
         )
+        kwargs.update(_moe_routing_kwargs(args))
+    kwargs.update(_recompute_and_loss_kwargs(args))
     if args.fp8 is not None:
         kwargs.update(fp8=args.fp8, fp8_recipe=args.fp8_recipe, fp8_param=args.fp8_param_gather)
     return TransformerConfig(**kwargs)
+
+
+def _moe_routing_kwargs(args: argparse.Namespace) -> dict:
+    """Router, capacity and dispatch settings (Megatron-LM's ``--moe-*`` flags)."""
+    return dict(
+        moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
+        moe_router_num_groups=args.moe_router_num_groups,
+        moe_router_group_topk=args.moe_router_group_topk,
+        moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=args.moe_router_bias_update_rate,
+        moe_router_dtype=args.moe_router_dtype,
+        moe_permute_fusion=args.moe_permute_fusion,
+        moe_expert_capacity_factor=args.moe_expert_capacity_factor,
+        moe_token_drop_policy=args.moe_token_drop_policy,
+        moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
+    )
+
+
+def _recompute_and_loss_kwargs(args: argparse.Namespace) -> dict:
+    """Activation recomputation (``--recompute-*``), per-token loss and level-1 timer barriers.
+
+    ``recompute_modules`` None lets Megatron-Core pick its default (``["core_attn"]``).
+    """
+    return dict(
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        recompute_modules=args.recompute_modules,
+        calculate_per_token_loss=args.calculate_per_token_loss,
+        barrier_with_L1_time=args.barrier_with_L1_time,
+    )
 
 
 def layer_spec_from_args(
@@ -204,6 +235,7 @@ def build_model(
     vp_stage: int | None = None,
 ) -> TSTGPTModel:
     """One pipeline stage (or virtual chunk ``vp_stage``) of the model."""
+    apply_mcore_fixes()
     return _build(
         args,
         config,

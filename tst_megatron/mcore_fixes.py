@@ -1,0 +1,63 @@
+"""Fixes for Megatron-Core 0.16.1 bugs that hit CPU and GPU runs alike (product code).
+
+CPU-only patches live in `tst_megatron.cpu.shim`; what is here is needed on GPUs too. Each
+fix names the mcore file it is for and why. `apply_mcore_fixes` is idempotent and is called
+before a model is built (`tst_megatron.training.model_builder.build_model`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+_applied = False
+
+
+def apply_mcore_fixes() -> None:
+    """Apply every fix below once per process."""
+    global _applied
+    if _applied:
+        return
+    _skip_size_one_reductions_in_parallel_linears()
+    _applied = True
+
+
+def _skip_size_one_reductions_in_parallel_linears() -> None:
+    """Row-parallel linears skip the tensor-parallel reduction when the group has one rank.
+
+    The bug (tensor_parallel/layers.py, transformer/mlp.py): a routed expert with biases
+    (``add_bias_linear``, the default) at expert-parallel and expert-tensor-parallel size 1
+    runs ``RowParallelLinear``, whose output goes through
+    ``reduce_from_tensor_model_parallel_region`` (or, with sequence parallelism,
+    ``reduce_scatter_to_sequence_parallel_region``). Over a one-rank group the autograd
+    functions behind them (tensor_parallel/mappings.py ``_ReduceFromModelParallelRegion`` /
+    ``_ReduceScatterToSequenceParallelRegion``) return their input as is, which autograd
+    records as a view; `MLP.forward` then adds the expert bias to it in place
+    (``output += output_bias * per_token_scale``) and the first training step dies with
+    "Output 0 of _ReduceFromModelParallelRegion is a view and is being modified inplace".
+
+    The fix: over a one-rank group both reductions are the identity in the forward and the
+    backward pass, so `layers.py` calls its module-level names through a wrapper that returns
+    the input unchanged for a one-rank group and calls mcore's function otherwise. Values and
+    gradients are exactly mcore's; one autograd node less per linear at TP=1.
+    """
+    from megatron.core.tensor_parallel import layers, mappings
+    from megatron.core.utils import get_tensor_model_parallel_group_if_none
+
+    def skip_if_one_rank(reduction):
+        @functools.wraps(reduction)
+        def reduce(input_: torch.Tensor, group=None, *args, **kwargs) -> torch.Tensor:
+            group = get_tensor_model_parallel_group_if_none(group)
+            if group.size() == 1:
+                return input_
+            return reduction(input_, group, *args, **kwargs)
+
+        return reduce
+
+    layers.reduce_from_tensor_model_parallel_region = skip_if_one_rank(
+        mappings.reduce_from_tensor_model_parallel_region
+    )
+    layers.reduce_scatter_to_sequence_parallel_region = skip_if_one_rank(
+        mappings.reduce_scatter_to_sequence_parallel_region
+    )
