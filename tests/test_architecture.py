@@ -17,10 +17,11 @@ METHOD = {"config", "bags", "loss", "targets", "model"}
 ALLOWED = {
     **{name: METHOD for name in METHOD},
     "data": {"data", "config"},
-    "training": METHOD | {"data", "training", "planning", "cpu"},
+    "training": METHOD | {"data", "training", "planning", "cpu", "mcore_fixes"},
     "planning": METHOD | {"planning", "training"},
     "conversion": METHOD | {"conversion", "data", "training", "cpu"},
     "cpu": {"cpu"},
+    "mcore_fixes": set(),
     "testing": METHOD | {"testing", "cpu", "training"},
 }
 # Imports allowed from one module only.
