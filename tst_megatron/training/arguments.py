@@ -656,20 +656,27 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
         help="Append every logged step and validation as one JSON line to this file "
         "(full-precision losses; the demo plots its loss curve from it).",
     )
-    group.add_argument("--log-throughput", action="store_true", help="Log TFLOP/s per GPU and MFU.")
+    group.add_argument(
+        "--log-throughput",
+        action="store_true",
+        help="Add model TFLOP/s per GPU and MFU to the training log line (as Megatron-LM "
+        "does with this flag; the --metrics-jsonl record always has them).",
+    )
     group.add_argument(
         "--peak-tflops",
         type=float,
         default=None,
-        help="Per-GPU peak TFLOP/s for MFU. Default from the GPU model (dense "
-        "BF16, doubled with --fp8-format); none on CPU.",
+        help="Per-GPU peak TFLOP/s for MFU. Default from the GPU model: its dense BF16 peak, "
+        "also with --fp8-format (MFU is conventionally quoted against the BF16 peak); none "
+        "on CPU.",
     )
     group.add_argument(
         "--timing-log-level",
         type=int,
         default=0,
         choices=[0, 1, 2],
-        help="Timer detail: 0 = iteration time only, 2 = everything.",
+        help="Timer detail. Only 0 (the iteration time in every log line) is implemented; "
+        "1 and 2 are refused with a message.",
     )
 
 
@@ -1304,7 +1311,13 @@ def _validate_logging(args: argparse.Namespace) -> None:
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         raise ConfigError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     if args.peak_tflops is None:
-        args.peak_tflops = current_device_peak_tflops(fp8=args.fp8 is not None)
+        args.peak_tflops = current_device_peak_tflops()
+    if args.timing_log_level:
+        raise ConfigError(
+            f"--timing-log-level {args.timing_log_level}: per-operation timers are not "
+            "implemented; level 0 (the iteration time in every log line) is. Profile with "
+            "nsys or torch.profiler for a breakdown"
+        )
 
 
 def _validate_tst(args: argparse.Namespace) -> None:

@@ -129,10 +129,11 @@ class MetricsLogger:
             f"consumed samples: {progress.consumed_samples:12d}",
             f"consumed data tokens: {stream_state.consumed_tokens:14d}",
             f"elapsed time per iteration (ms): {per_iter * 1e3:.1f}",
-            f"throughput per GPU (TFLOP/s/GPU): {tflops:.3f}",
         ]
-        if self.peak:
-            fields.append(f"MFU: {100 * mfu(tflops, self.peak):.1f}%")
+        if args.log_throughput:
+            fields.append(f"throughput per GPU (TFLOP/s/GPU): {tflops:.3f}")
+            if self.peak:
+                fields.append(f"MFU: {100 * mfu(tflops, self.peak):.1f}%")
         fields += [
             f"tokens/s (model): {it['model_tokens'] / it['time']:.0f}",
             f"tokens/s (data): {it['data_tokens'] / it['time']:.0f}",
