@@ -38,17 +38,25 @@ from tst_megatron.data.builders import build_train_stream, build_valid_dataset, 
 from tst_megatron.data.tokenizer import TokenizerError, build_tokenizer
 from tst_megatron.targets import build_batch
 from tst_megatron.training import checkpointing as ckpt
-from tst_megatron.training import fault_injection
+from tst_megatron.training import fault_injection, placement, precision
 from tst_megatron.training.arguments import vocab_size_with_padding
-from tst_megatron.training.faults import BadStepGuard, ExitRequests, TrainingStopped
+from tst_megatron.training.faults import BadStepGuard, ExitRequests, TrainingStopped, check_step
 from tst_megatron.training.metrics import MetricsLogger
 from tst_megatron.training.model_builder import build_model, transformer_config_from_args
 from tst_megatron.training.optimizer import build_optimizer, build_scheduler, describe_kernels
 
 
 def initialize_distributed(args: Namespace) -> None:
-    """Process group, model-parallel groups, seeds and the micro-batch calculator."""
-    if not torch.cuda.is_available():
+    """Process group, model-parallel groups, seeds and the micro-batch calculator.
+
+    On CUDA, first the environment Megatron-LM requires (``CUDA_DEVICE_MAX_CONNECTIONS``,
+    before the CUDA context exists) and this rank's device (`placement.set_cuda_device`).
+    """
+    if torch.cuda.is_available():
+        note = placement.set_cuda_connections(args, placement.cuda_arch_major(), os.environ)
+        if note:
+            args.startup_notes.append(note)
+    else:
         from tst_megatron.cpu.shim import install_cpu_shim
 
         install_cpu_shim()
@@ -59,7 +67,7 @@ def initialize_distributed(args: Namespace) -> None:
     )
     if not torch.distributed.is_initialized():
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            placement.set_cuda_device()
         torch.distributed.init_process_group(args.distributed_backend, timeout=timeout)
     ps.initialize_model_parallel(
         # mcore's own groups (data, tensor, pipeline, ...) otherwise wait 30 minutes
@@ -108,6 +116,7 @@ def build_model_chunks(args: Namespace) -> list[DistributedDataParallel]:
         )
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
+        model = precision.wrap_model_chunk(model, config)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32,
             overlap_grad_reduce=args.overlap_grad_reduce,
@@ -124,8 +133,7 @@ def build_model_chunks(args: Namespace) -> list[DistributedDataParallel]:
     return chunks
 
 
-def unwrap(chunk):
-    return getattr(chunk, "module", chunk)
+unwrap = precision.unwrap
 
 
 def loss_func(position_mask: torch.Tensor, output: torch.Tensor):
@@ -194,6 +202,7 @@ class Trainer:
         self.stream = build_train_stream(args, self.tokenizer)
         self.chunks = build_model_chunks(args)
         self.optimizer = build_optimizer(args, self.chunks)
+        precision.attach_loss_scale(self.chunks, self.optimizer)
         self.scheduler = build_scheduler(args, self.optimizer)
         self.phase1_iters = args.tst.phase1_iterations(args.train_iters)
         self.progress = ckpt.TrainingProgress(0, 0, 1 if self.phase1_iters else 2, {})
@@ -201,6 +210,8 @@ class Trainer:
         self.exits = ExitRequests(args)
         self.metrics = MetricsLogger(args, self.phase1_iters)
         self._valid = None
+        for note in args.startup_notes:
+            self.metrics.print(note)
         self.metrics.print(
             f"transformer impl: {args.transformer_impl}; optimizer kernel: "
             f"{describe_kernels(self.optimizer)} (Megatron-Core uses Transformer Engine or apex "
@@ -320,22 +331,30 @@ class Trainer:
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        step_func = fault_injection.forward_step(forward_step, self.progress.iteration + 1)
+        iteration = self.progress.iteration + 1
+        step_func = fault_injection.forward_step(forward_step, iteration)
         outputs = self._run_schedule(self._microbatches(spec), False, step_func)
-        bad = self.guard.grads_not_finite(self.chunks) and not self.args.fp16
+        health = check_step(outputs, self.chunks)
+        fp16 = self.args.fp16
+        scale = precision.current_loss_scale(self.optimizer) if fp16 else None
+        bad = health.is_bad(loss_scaling=fp16)
         if bad:
             updated, grad_norm = False, float("nan")
-        else:
+        else:  # fp16: the optimizer skips an overflow step itself and lowers the loss scale
             updated, grad_norm, _ = self.optimizer.step()
+        overflow = fp16 and not bad and not updated
         gbs = get_current_global_batch_size()
         if updated:
             self.scheduler.step(increment=gbs)
-        self.guard.record(bad or not updated, self.progress.iteration + 1)
+        # an overflow at the minimum loss scale cannot be scaled away: a bad step too
+        self.guard.record(bad or (overflow and scale <= self.args.min_loss_scale), iteration)
         return {
-            "loss": _reduce_lm_loss(outputs),
+            "loss": health.loss,
             "grad_norm": grad_norm,
             "updated": updated,
             "nan": bad,
+            "overflow": overflow,
+            "loss_scale": precision.current_loss_scale(self.optimizer) if fp16 else None,
             "global_batch_size": gbs,
             "lr": self.optimizer.param_groups[0]["lr"],
         }

@@ -140,6 +140,7 @@ class MetricsLogger:
             f"learning rate: {step['lr']:.6E}",
             f"global batch size: {gbs:5d}",
             f"lm loss: {'n/a' if loss is None else f'{loss:.6E}'}",
+            *([f"loss scale: {step['loss_scale']:.1f}"] if args.fp16 else []),
             f"grad norm: {_fmt(step['grad_norm'])}",
             f"number of skipped iterations: {it['skipped']:3d}",
             f"number of nan iterations: {it['nan']:3d}",
@@ -154,7 +155,13 @@ class MetricsLogger:
             "data_tokens": stream_state.consumed_tokens,
             "data_tokens_per_s": it["data_tokens"] / it["time"],
             "model_tokens_per_s": it["model_tokens"] / it["time"],
+            "skipped_iterations": it["skipped"],
+            "nan_iterations": it["nan"],
         }
+        if args.fp16:
+            record["loss_scale"] = step["loss_scale"]
+        if self.peak:
+            record["mfu"] = mfu(tflops, self.peak)
         if loss is not None:
             record["lm_loss"] = loss
         if _is_logging_rank():
