@@ -6,6 +6,12 @@ One CPU rank builds the tiny TST model through the trainer's own path (`model_bu
 in modes full, input-only, output-only). The fp32 run of the same weights is the reference:
 the half-precision loss must match it and every gradient must be finite, with a norm close to
 fp32's (the learned-position crash and the zero fp16 gradients of the issue fail this).
+
+The loss scale: a tiny MoE model with a large load-balancing loss takes one training step
+through the trainer's pieces (`build_model_chunks`, `build_optimizer`, mcore's schedule,
+``optimizer.step()``) in fp32, bf16 and fp16 (initial loss scale 1024). The gradient norms must
+agree, which needs ``config.grad_scale_func`` on both the LM loss and the MoE aux loss; the
+same fp16 step without `precision.attach_loss_scale` is the control (its norm is ~1/1024).
 """
 
 from __future__ import annotations
@@ -88,9 +94,79 @@ def precision_matrix() -> dict:
     return results
 
 
+MOE = [
+    *TINY,
+    *"--num-experts 4 --moe-router-topk 2 --moe-ffn-hidden-size 32 --moe-aux-loss-coeff 30 "
+    "--position-embedding-type rope --use-distributed-optimizer".split(),
+]
+MOE_RUNS = {
+    "fp32": ([], True),
+    "fp32_no_aux": (["--moe-aux-loss-coeff", "0"], True),
+    "bf16": (["--bf16"], True),
+    "fp16": (["--fp16", "--initial-loss-scale", "1024"], True),
+    "fp16_loss_not_scaled": (["--fp16", "--initial-loss-scale", "1024"], False),
+}
+
+
+def moe_grad_norms() -> dict:
+    """Rank side: {run: grad norm of one optimizer step} (see the module docstring)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from tst_megatron.config import STANDARD_PHASE
+    from tst_megatron.targets import build_batch
+    from tst_megatron.training import precision as prec
+    from tst_megatron.training.arguments import parse_args, validate_args
+    from tst_megatron.training.loop import build_model_chunks, forward_step
+    from tst_megatron.training.optimizer import build_optimizer
+
+    windows = torch.randint(0, 512, (2, SEQ + 1), generator=torch.Generator().manual_seed(1))
+    batch = build_batch(windows, STANDARD_PHASE, SEQ).as_dict()
+    reference, norms = None, {}
+    for name, (flags, attach) in MOE_RUNS.items():
+        args = parse_args([*MOE, *flags])
+        validate_args(args, world_size=1)
+        args.padded_vocab_size = 512
+        chunks = build_model_chunks(args)
+        params = dict(prec.unwrap(chunks[0]).named_parameters())
+        if reference is None:
+            reference = {k: v.detach().clone() for k, v in params.items()}
+        with torch.no_grad():
+            for key, param in params.items():
+                param.copy_(reference[key])
+        optimizer = build_optimizer(args, chunks)  # copies the weights into fp32 main params
+        if attach:
+            prec.attach_loss_scale(chunks, optimizer)
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter([batch]),
+            model=chunks[0],
+            num_microbatches=1,
+            seq_length=SEQ,
+            micro_batch_size=2,
+            forward_only=False,
+        )
+        updated, grad_norm, _ = optimizer.step()
+        assert updated, name
+        norms[name] = float(grad_norm)
+    return norms
+
+
 @pytest.fixture(scope="module")
 def matrix():
     return run_single(precision_matrix, timeout_s=240)
+
+
+@pytest.fixture(scope="module")
+def moe_norms():
+    return run_single(moe_grad_norms, timeout_s=240)
+
+
+def test_loss_scale_reaches_the_lm_loss_and_the_moe_aux_loss(moe_norms):
+    ref = moe_norms["fp32"]
+    assert abs(moe_norms["fp32_no_aux"] - ref) > 0.1 * ref  # the aux loss matters here
+    assert moe_norms["bf16"] == pytest.approx(ref, rel=0.05)
+    assert moe_norms["fp16"] == pytest.approx(ref, rel=0.02)
+    assert moe_norms["fp16_loss_not_scaled"] < 0.01 * ref  # the bug: gradients / 1024
 
 
 @pytest.mark.parametrize("half", ["bf16", "fp16"])
