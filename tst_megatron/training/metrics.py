@@ -152,6 +152,7 @@ class MetricsLogger:
             "lr": step["lr"],
             "grad_norm": _num(step["grad_norm"]),
             "tflops_per_gpu": tflops,
+            "iteration_time_s": per_iter,
             "data_tokens": stream_state.consumed_tokens,
             "data_tokens_per_s": it["data_tokens"] / it["time"],
             "model_tokens_per_s": it["model_tokens"] / it["time"],
