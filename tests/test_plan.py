@@ -1,12 +1,19 @@
-"""Tests of tools/plan.py, the cluster-layout planner.
+"""Tests of tools/plan.py, the cluster-layout planner (`tst_megatron.planning`).
 
 The planner runs in this process (importing ``megatron.core`` costs seconds per interpreter);
 one rejection also runs as a script to check its exit status.
+
+Golden files: ``tests/golden/plan/<case>.json`` hold the ``--json`` report of every shipped
+config (`GOLDEN_CASES`). A change to the planning model that is meant to change the numbers
+regenerates them on purpose, and the diff goes into the same commit::
+
+    UPDATE_GOLDEN=1 python -m pytest -q tests/test_plan.py -k golden
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -26,6 +33,7 @@ from tst_megatron.training.model_builder import (
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "tools"
 CONFIGS = ROOT / "examples" / "configs"
+GOLDEN = Path(__file__).resolve().parent / "golden" / "plan"
 
 
 plan = import_tool("plan")
@@ -341,3 +349,52 @@ def test_unusable_input(tmp_path, capsys):
     settings.update({"tokenizer-type": "HuggingFaceTokenizer", "tokenizer-model": "/none"})
     assert plan.main(["--config", write_config(tmp_path, settings)]) == 2
     assert "gives no vocab-size" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ golden reports ----------
+
+# The layouts of docs/planner.md's table (B200, the default; 8 GPUs per node), one per shipped
+# config, plus a pipelined, interleaved, recomputed MoE layout on H100s.
+PIPELINED_MOE = ("--gpu", "h100", "--nodes", "2", "--ep", "8", "--pp", "2", "--vpp", "2",
+                 "--micro-batch-size", "2", "--recompute")  # fmt: skip
+GOLDEN_CASES: dict[str, tuple[str, ...]] = {
+    "tst-270m": ("--nodes", "1"),
+    "tst-270m-baseline": ("--nodes", "1"),
+    "tst-600m": ("--nodes", "1"),
+    "tst-600m-baseline": ("--nodes", "1"),
+    "tst-3b": ("--nodes", "4", "--micro-batch-size", "4"),
+    "tst-3b-baseline": ("--nodes", "4", "--micro-batch-size", "4"),
+    "tst-10b-a1b": ("--nodes", "8", "--ep", "8", "--micro-batch-size", "4"),
+    "tst-10b-a1b-baseline": ("--nodes", "8", "--ep", "8", "--micro-batch-size", "4"),
+    "tst-30b-a3b": ("--nodes", "16", "--ep", "8", "--micro-batch-size", "2"),
+    "tst-30b-a3b-baseline": ("--nodes", "16", "--ep", "8", "--micro-batch-size", "2"),
+    "tst-10b-a1b-h100-pp2-vpp2-recompute": PIPELINED_MOE,
+}
+
+
+def golden_config(case: str) -> str:
+    """The shipped config of a golden case (its name up to the layout suffix)."""
+    name = case.removesuffix("-h100-pp2-vpp2-recompute")
+    return f"examples/configs/{name}.yaml"
+
+
+def test_every_shipped_config_has_a_golden_case():
+    shipped = {path.stem for path in CONFIGS.glob("*.yaml")}
+    assert shipped == {Path(golden_config(case)).stem for case in GOLDEN_CASES}
+
+
+@pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
+def test_golden_report(case, capsys, monkeypatch):
+    """The ``--json`` output of every shipped config equals its committed golden file."""
+    monkeypatch.chdir(ROOT)  # the report names the config as given: a relative path
+    argv = ["--config", golden_config(case), *GOLDEN_CASES[case], "--json"]  # default b200
+    code, out = run_plan(capsys, *argv)
+    assert code == 0, out
+    path = GOLDEN / f"{case}.json"
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        path.write_text(out)
+    assert path.exists(), f"no golden file {path}: regenerate with UPDATE_GOLDEN=1"
+    assert json.loads(out) == json.loads(path.read_text()), (
+        f"tools/plan.py {' '.join(argv)} changed; if intended, regenerate the golden files "
+        "with UPDATE_GOLDEN=1 python -m pytest -q tests/test_plan.py -k golden"
+    )
