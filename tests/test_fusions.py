@@ -164,3 +164,70 @@ def test_gloo_neither_batches_nor_overlaps():
     flags = ("--pipeline-model-parallel-size 2", INTERLEAVED, "--no-overlap-p2p-communication")
     assert p2p(*flags, world_size=2) == (False, False)
     assert p2p("--pipeline-model-parallel-size 2", world_size=2) == (False, False)
+
+
+# ------------------------------------------------------------------ planner ties ------------
+
+TOKENS, HIDDEN, FFN = 64, 64, 96
+
+
+def mlp_saved_bytes() -> dict[bool, int]:
+    """Rank side: bytes autograd keeps for backward in mcore's SwiGLU MLP, fused and unfused.
+
+    The fused kernels are swapped for their eager bodies (same autograd.Function, same saved
+    tensors; torch.compile would run inductor on CPU for minutes).
+    """
+    import torch.nn.functional as F
+    from megatron.core.fusions import fused_bias_swiglu
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from tst_megatron.layers.spec import local_layer_spec
+
+    for name in ("swiglu", "swiglu_back"):
+        setattr(fused_bias_swiglu, name, getattr(fused_bias_swiglu, name).__wrapped__)
+    spec = local_layer_spec(
+        num_experts=None, moe_grouped_gemm=False, qk_layernorm=False, normalization="RMSNorm",
+        apex=False,
+    ).submodules.mlp  # fmt: skip
+    kept = {}
+    for fused in (True, False):
+        config = TransformerConfig(
+            num_layers=1, hidden_size=HIDDEN, ffn_hidden_size=FFN, num_attention_heads=4,
+            gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+            bias_activation_fusion=fused, params_dtype=torch.bfloat16, bf16=True,
+            use_cpu_initialization=True, gradient_accumulation_fusion=False,
+        )  # fmt: skip
+        mlp = build_module(spec, config=config)
+        x = torch.randn(TOKENS, 1, HIDDEN, dtype=torch.bfloat16, requires_grad=True)
+        storages = {}
+
+        def pack(tensor, storages=storages):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out, _ = mlp(x)
+        out.float().sum().backward()  # the saved tensors suffice
+        kept[fused] = sum(storages.values())
+    return kept
+
+
+def test_planner_activation_memory_follows_the_swiglu_fusion(tmp_path):
+    """The planner's per-layer MLP bytes move by exactly what mcore's unfused SwiGLU keeps."""
+    from tst_megatron.planning.memory import layer_activation_bytes
+    from tst_megatron.testing.multirank import run_single
+
+    measured = run_single(mlp_saved_bytes, timeout_s=240)
+    extra = measured[False] - measured[True]
+    assert extra > 0 and extra % (TOKENS * FFN * 2) == 0  # whole bf16 [tokens, ffn] tensors
+
+    def planned(*flags: str) -> float:
+        args = parse_args(
+            [*BASE, "--hidden-size", str(HIDDEN), "--ffn-hidden-size", str(FFN), *flags]
+        )
+        validate_args(args, world_size=1)
+        return layer_activation_bytes(args, moe=False, tokens=TOKENS)
+
+    assert planned("--no-bias-swiglu-fusion") - planned() == extra

@@ -480,8 +480,8 @@ def _add_fusion_args(parser: argparse.ArgumentParser) -> None:
         "--no-bias-swiglu-fusion",
         action="store_false",
         dest="bias_swiglu_fusion",
-        help="Disable the fused bias + SwiGLU (unfused keeps an extra [tokens, ffn] "
-        "activation per layer).",
+        help="Disable the fused bias + SwiGLU (unfused keeps two more [tokens, ffn] "
+        "activations per layer for backward).",
     )
     group.add_argument(
         "--no-bias-dropout-fusion",

@@ -113,6 +113,15 @@ def resolve_fusions(
     return Fusions(**on), notes
 
 
+def gpu_fusions(args: argparse.Namespace) -> Fusions:
+    """The fusions of a CUDA device without optional kernels (the planner's assumption).
+
+    The bias-activation and bias-dropout fusions need only CUDA (``torch.compile``), so a GPU
+    run has them exactly as the flags ask; the others depend on apex/TE being installed.
+    """
+    return resolve_fusions(args, KernelAvailability(cuda=True))[0]
+
+
 def p2p_settings(args: argparse.Namespace) -> dict[str, bool]:
     """Pipeline p2p flags for `TransformerConfig`: Megatron-LM's, except on gloo.
 
