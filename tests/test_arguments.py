@@ -562,13 +562,17 @@ def test_transformer_config_mapping():
 
 
 def test_batched_p2p_only_where_it_is_safe():
-    nccl = transformer_config_from_args(validated("--pipeline-model-parallel-size 2", world_size=2))
-    assert nccl.batch_p2p_comm is True
+    one_f_one_b = validated("--pipeline-model-parallel-size 2", world_size=2)
+    one_f_one_b.distributed_backend = "nccl"  # as on a GPU job (no CUDA here)
+    nccl = transformer_config_from_args(one_f_one_b)
+    assert nccl.batch_p2p_comm is True and nccl.overlap_p2p_comm is False
     interleaved = validated(
         "--num-layers 8 --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 2 "
         "--global-batch-size 4",
         world_size=2,
     )
+    interleaved.distributed_backend = "nccl"
     config = transformer_config_from_args(interleaved)
     assert config.virtual_pipeline_model_parallel_size == 2
-    assert config.batch_p2p_comm is False  # PP=2 interleaving swaps tensors when batched
+    # Megatron-LM's interleaved default: overlapped, unbatched (PP=2 batching swaps tensors)
+    assert config.batch_p2p_comm is False and config.overlap_p2p_comm is True

@@ -1,8 +1,9 @@
-"""Fixes for Megatron-Core 0.16.1 bugs that hit CPU and GPU runs alike (product code).
+"""Device-independent fixes to Megatron-Core 0.16.1, in one place.
 
-CPU-only patches live in `tst_megatron.cpu.shim`; what is here is needed on GPUs too. Each
-fix names the mcore file it is for and why. `apply_mcore_fixes` is idempotent and is called
-before a model is built (`tst_megatron.training.model_builder.build_model`).
+Each fix names the mcore file and why; each applies on GPUs and CPUs alike (the CPU-only
+patches live in `tst_megatron.cpu.shim`). `apply_mcore_fixes` is idempotent and is called by
+the model builder before any model is built. The torch-AdamW fallback fixes are per optimizer
+instance and live in `tst_megatron.training.optimizer`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import functools
 
 import torch
 
+__all__ = ["apply_mcore_fixes"]
 _applied = False
 
 
@@ -19,8 +21,22 @@ def apply_mcore_fixes() -> None:
     global _applied
     if _applied:
         return
+    _bind_missing_te_general_gemm()
     _skip_size_one_reductions_in_parallel_linears()
     _applied = True
+
+
+def _bind_missing_te_general_gemm() -> None:
+    """transformer/moe/moe_utils.py: ``RouterGatingLinearFunction.forward`` tests
+    ``te_general_gemm is not None``, but the name is bound only when Transformer Engine
+    imports (it is imported inside ``try: ... except ImportError``). Without TE every MoE
+    forward raises ``NameError: name 'te_general_gemm' is not defined``, on any device.
+    Binding it to None selects mcore's own ``torch.mm`` branch, as the test intends.
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def _skip_size_one_reductions_in_parallel_linears() -> None:

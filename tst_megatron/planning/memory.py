@@ -12,7 +12,11 @@
   Megatron-LM's own ``theoretical_memory_usage``. Per token, in bytes: norms, attention and MLP
   inputs ``8h`` (+ ``2h`` dropout masks when ``hidden-dropout > 0``), not split by TP without
   sequence parallelism; Q, K, V and the attention output ``4(q + kv)``; MLP ``4f`` (GeLU) or
-  ``6f`` (SwiGLU), MoE ``topk x (2h + 6f_expert)`` + shared experts; ``(q, kv) = (h, h)``,
+  ``6f`` (SwiGLU with the bias-activation fusion on, as GPU runs have it unless
+  ``--no-bias-swiglu-fusion``: mcore's fused SwiGLU keeps only the fc1 output; unfused, autograd
+  also keeps ``silu(gate)`` and the up half ``x_linear + glu_linear_offset``, two more
+  ``[tokens, f]``: ``10f``, measured by ``tests/test_fusions.py``), MoE
+  ``topk x (2h + 6f_expert)`` (``10f_expert`` unfused) + shared experts; ``(q, kv) = (h, h)``,
   ``f = 4h`` with GeLU and dropout gives Korthikanti's ``34`` (or ``10 + 24/TP`` without SP).
   Activation recomputation as the trainer's ``--recompute-*`` flags set it
   (`recompute_setting`): full, uniform N keeps each N-layer chunk's input (``2h``) and
@@ -43,6 +47,7 @@ import torch
 
 from tst_megatron.planning.params import StageParams
 from tst_megatron.training.flops import moe_layer_pattern
+from tst_megatron.training.fusions import gpu_fusions
 
 GIB = 1024**3
 # Data-sheet memory per GPU (nvidia-smi shows about this many GiB).
@@ -94,7 +99,7 @@ def layer_activation_bytes(args: argparse.Namespace, moe: bool, tokens: int) -> 
     q = args.kv_channels * args.num_attention_heads
     kv = args.kv_channels * args.num_query_groups
     tp = args.tensor_model_parallel_size
-    glu = 6 if args.swiglu else 4
+    glu = (6 if gpu_fusions(args).bias_activation_fusion else 10) if args.swiglu else 4
     masks = 2 if args.hidden_dropout > 0 else 0
     recomputed = set(selective_modules(args))
     norms = 4 if "layernorm" in recomputed else 8

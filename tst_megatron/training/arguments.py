@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import signal
 import warnings
 from pathlib import Path
@@ -27,6 +28,8 @@ from tst_megatron.data.tokenizer import (
     TokenizerSpec,
     vocab_size_with_padding,
 )
+from tst_megatron.kernels import KernelAvailability
+from tst_megatron.training import fusions, placement
 from tst_megatron.training.flops import current_device_peak_tflops
 
 TE_INSTALL_HINT = "install transformer-engine[pytorch]"
@@ -67,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_moe_args(parser)
     _add_parallelism_args(parser)
     _add_precision_args(parser)
+    _add_fusion_args(parser)
     _add_optimization_args(parser)
     _add_learning_rate_args(parser)
     _add_data_args(parser)
@@ -474,9 +478,18 @@ def _add_parallelism_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--distributed-backend",
-        default="nccl",
+        default=None,
         choices=["nccl", "gloo"],
-        help="torch.distributed backend.",
+        help="torch.distributed backend. Default nccl with CUDA GPUs, gloo without (said "
+        "in the log).",
+    )
+    group.add_argument(
+        "--no-overlap-p2p-communication",
+        action="store_false",
+        dest="overlap_p2p_comm",
+        help="Do not overlap the interleaved pipeline schedule's p2p communication with "
+        "compute (then NCCL batches the sends and receives, which needs "
+        "--pipeline-model-parallel-size > 2).",
     )
     group.add_argument(
         "--distributed-timeout-minutes",
@@ -538,6 +551,86 @@ def _add_precision_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--initial-loss-scale", type=float, default=2**32, help="Initial dynamic fp16 loss scale."
+    )
+    group.add_argument(
+        "--min-loss-scale", type=float, default=1.0, help="Minimum dynamic fp16 loss scale."
+    )
+    group.add_argument(
+        "--loss-scale-window",
+        type=float,
+        default=1000,
+        help="Steps without overflow after which the dynamic fp16 loss scale doubles.",
+    )
+    group.add_argument(
+        "--hysteresis",
+        type=int,
+        default=2,
+        help="Consecutive overflow steps before the dynamic fp16 loss scale halves.",
+    )
+
+
+def _add_fusion_args(parser: argparse.ArgumentParser) -> None:
+    """Megatron-LM's fusion flags and defaults (see `tst_megatron.training.fusions`)."""
+    group = parser.add_argument_group(
+        "fusions",
+        "Fused kernels, on by default where Megatron-LM has them on; each resolves off (with "
+        "a log line) where this device or its installed kernels cannot run it.",
+    )
+    group.add_argument(
+        "--no-masked-softmax-fusion",
+        action="store_false",
+        dest="masked_softmax_fusion",
+        help="Disable the fused scale-mask-softmax of the local attention.",
+    )
+    group.add_argument(
+        "--no-bias-gelu-fusion",
+        action="store_false",
+        dest="bias_gelu_fusion",
+        help="Disable the fused bias + GeLU.",
+    )
+    group.add_argument(
+        "--no-bias-swiglu-fusion",
+        action="store_false",
+        dest="bias_swiglu_fusion",
+        help="Disable the fused bias + SwiGLU (unfused keeps two more [tokens, ffn] "
+        "activations per layer for backward).",
+    )
+    group.add_argument(
+        "--no-bias-dropout-fusion",
+        action="store_false",
+        dest="bias_dropout_fusion",
+        help="Disable the fused bias + dropout + residual add.",
+    )
+    group.add_argument(
+        "--no-rope-fusion",
+        action="store_false",
+        dest="apply_rope_fusion",
+        help="Disable Transformer Engine's fused RoPE.",
+    )
+    group.add_argument(
+        "--no-persist-layer-norm",
+        action="store_true",
+        help="Disable apex's persistent LayerNorm kernel (local spec).",
+    )
+    group.add_argument(
+        "--no-gradient-accumulation-fusion",
+        action="store_false",
+        dest="gradient_accumulation_fusion",
+        help="Disable fusing the weight-gradient GEMM with the fp32 gradient accumulation.",
+    )
+    group.add_argument(
+        "--cross-entropy-loss-fusion",
+        action="store_true",
+        help="Fused vocab-parallel cross-entropy for standard next-token steps (baseline and "
+        "TST phase 2; phase 1's multi-hot loss is always fused). Off by default, as in "
+        "Megatron-LM.",
+    )
+    group.add_argument(
+        "--cross-entropy-fusion-impl",
+        default="native",
+        choices=["native", "te"],
+        help="Implementation of --cross-entropy-loss-fusion: Megatron-Core's or Transformer "
+        "Engine's.",
     )
 
 
@@ -779,13 +872,19 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
         help="Append every logged step and validation as one JSON line to this file "
         "(full-precision losses; the demo plots its loss curve from it).",
     )
-    group.add_argument("--log-throughput", action="store_true", help="Log TFLOP/s per GPU and MFU.")
+    group.add_argument(
+        "--log-throughput",
+        action="store_true",
+        help="Add model TFLOP/s per GPU and MFU to the training log line (as Megatron-LM "
+        "does with this flag; the --metrics-jsonl record always has them).",
+    )
     group.add_argument(
         "--peak-tflops",
         type=float,
         default=None,
-        help="Per-GPU peak TFLOP/s for MFU. Default from the GPU model (dense "
-        "BF16, doubled with --fp8-format); none on CPU.",
+        help="Per-GPU peak TFLOP/s for MFU. Default from the GPU model: its dense BF16 peak, "
+        "also with --fp8-format (MFU is conventionally quoted against the BF16 peak); none "
+        "on CPU.",
     )
 
 
@@ -1031,17 +1130,22 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     tokenizer when ``--vocab-size`` is not given), ``expert_tensor_parallel_size``,
     ``moe_ffn_hidden_size``, ``virtual_pipeline_model_parallel_size``, ``global_batch_size``,
     ``lr_decay_iters``, ``lr_warmup_iters``, ``start/end_weight_decay``, ``tokenizer_type``,
-    ``collective_timeout_s``, ``exit_signal`` (a `signal.Signals`), ``peak_tflops``, and
-    ``tst`` (a `TSTConfig`).
+    ``collective_timeout_s``, ``exit_signal`` (a `signal.Signals`), ``peak_tflops``,
+    ``tst`` (a `TSTConfig`), ``distributed_backend`` (when unset), ``fusions`` (a
+    `tst_megatron.training.fusions.Fusions`: what this device runs) and ``startup_notes``
+    (lines for the start of the log: fusions turned off, the backend chosen).
 
     Raises:
         ConfigError: naming the offending flags, their values and what is allowed.
     """
     args.world_size = world_size
+    args.startup_notes = []
     _check_required(args)
     _validate_implementation(args)
     _validate_precision(args)
+    _validate_backend(args)
     _validate_parallel_layout(args)
+    _validate_local_spec(args)
     _validate_model_shape(args)
     _validate_moe(args)
     _validate_recompute(args)
@@ -1053,6 +1157,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     _validate_tst(args)
     _validate_reliability(args)
     _validate_timing_and_memory(args)
+    _validate_fusions(args)
 
 
 def transformer_engine_installed() -> bool:
@@ -1112,11 +1217,67 @@ def _validate_precision(args: argparse.Namespace) -> None:
             raise ConfigError("--fp8-param-gather needs --use-distributed-optimizer")
     if args.bf16:
         args.params_dtype = torch.bfloat16
+        # Megatron-LM: "bfloat16 requires gradient accumulation and all-reduce to be
+        # performed in fp32"
         args.accumulate_allreduce_grads_in_fp32 = True
     elif args.fp16:
         args.params_dtype = torch.float16
     else:
         args.params_dtype = torch.float32
+    if args.loss_scale is not None and args.loss_scale <= 0:
+        raise ConfigError(f"--loss-scale must be > 0, got {args.loss_scale}")
+    if not 0 < args.min_loss_scale <= args.initial_loss_scale:
+        raise ConfigError(
+            f"--min-loss-scale {args.min_loss_scale} must be > 0 and at most "
+            f"--initial-loss-scale {args.initial_loss_scale:g}"
+        )
+    if args.loss_scale_window <= 0 or args.hysteresis < 1:
+        raise ConfigError(
+            f"--loss-scale-window must be > 0 and --hysteresis >= 1, got "
+            f"{args.loss_scale_window:g} and {args.hysteresis}"
+        )
+
+
+def _validate_backend(args: argparse.Namespace) -> None:
+    """nccl with CUDA, gloo without: the default, or a clear error for nccl without GPUs."""
+    has_cuda = torch.cuda.is_available()
+    if args.distributed_backend is None:
+        args.distributed_backend = "nccl" if has_cuda else "gloo"
+        if not has_cuda:
+            args.startup_notes.append(
+                "no CUDA device visible: torch.distributed backend gloo (CPU); pass "
+                "--distributed-backend to choose explicitly"
+            )
+    elif args.distributed_backend == "nccl" and not has_cuda:
+        raise ConfigError(
+            "--distributed-backend nccl needs CUDA GPUs, and none is visible (torch "
+            f"{torch.__version__}, CUDA available: no): use --distributed-backend gloo to run "
+            "on CPUs"
+        )
+    error = placement.cuda_connections_error(args, placement.cuda_arch_major(), os.environ)
+    if error:
+        raise ConfigError(error)
+
+
+def _validate_local_spec(args: argparse.Namespace) -> None:
+    """What the local (no-TE) spec cannot do on GPUs, refused before any work."""
+    if args.transformer_impl != "local":
+        return
+    kernels = KernelAvailability.detect()
+    if kernels.cuda and args.context_parallel_size > 1:
+        raise ConfigError(
+            f"--context-parallel-size {args.context_parallel_size} with --transformer-impl "
+            "local: Megatron-Core's local attention (DotProductAttention) has no context "
+            "parallelism on GPUs; use --transformer-impl transformer_engine (TE's attention "
+            "does CP), or --context-parallel-size 1"
+        )
+    apex_norm = kernels.apex_layer_norm and args.normalization == "LayerNorm"
+    if args.apply_layernorm_1p and not apex_norm:
+        raise ConfigError(
+            f"--apply-layernorm-1p with --transformer-impl local and --normalization "
+            f"{args.normalization}: the local spec's torch norms have no zero-centred gamma "
+            "(apex's fused LayerNorm does); use --transformer-impl transformer_engine"
+        )
 
 
 def _validate_parallel_layout(args: argparse.Namespace) -> None:
@@ -1723,7 +1884,7 @@ def _validate_logging(args: argparse.Namespace) -> None:
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         raise ConfigError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     if args.peak_tflops is None:
-        args.peak_tflops = current_device_peak_tflops(fp8=args.fp8 is not None)
+        args.peak_tflops = current_device_peak_tflops()
 
 
 def _validate_tst(args: argparse.Namespace) -> None:
@@ -1761,6 +1922,30 @@ def _validate_tst(args: argparse.Namespace) -> None:
     args.tst = TSTConfig(
         bag_size=bag, mode=args.tst_mode, phase1_fraction=fraction, phase1_iters=iters
     )
+
+
+def _validate_fusions(args: argparse.Namespace) -> None:
+    te_loss = args.cross_entropy_loss_fusion and args.cross_entropy_fusion_impl == "te"
+    if te_loss and not transformer_engine_installed():
+        raise ConfigError(
+            "--cross-entropy-fusion-impl te needs Transformer Engine, which is not "
+            f"installed: {TE_INSTALL_HINT} or use --cross-entropy-fusion-impl native"
+        )
+    pp = args.pipeline_model_parallel_size
+    if (
+        args.virtual_pipeline_model_parallel_size is not None
+        and not args.overlap_p2p_comm
+        and args.distributed_backend == "nccl"
+        and pp <= 2
+    ):
+        raise ConfigError(
+            "--no-overlap-p2p-communication with the interleaved pipeline schedule batches "
+            "each step's sends and receives, which needs --pipeline-model-parallel-size > 2 "
+            f"(got {pp}: the previous and next stage are the same rank and batched messages "
+            "would cross, as Megatron-LM asserts); drop --no-overlap-p2p-communication"
+        )
+    args.fusions, notes = fusions.resolve_fusions(args, KernelAvailability.detect())
+    args.startup_notes.extend(notes)
 
 
 def _validate_reliability(args: argparse.Namespace) -> None:

@@ -39,8 +39,8 @@ from tst_megatron.data.tokenizer import build_tokenizer_from_args, model_vocab_s
 from tst_megatron.planning import footprint
 from tst_megatron.targets import build_batch
 from tst_megatron.training import checkpointing as ckpt
-from tst_megatron.training import fault_injection
-from tst_megatron.training.faults import BadStepGuard, ExitRequests, TrainingStopped
+from tst_megatron.training import fault_injection, placement, precision
+from tst_megatron.training.faults import BadStepGuard, ExitRequests, TrainingStopped, check_step
 from tst_megatron.training.manual_gc import ManualGarbageCollection
 from tst_megatron.training.metrics import MetricsLogger
 from tst_megatron.training.model_builder import build_model, transformer_config_from_args
@@ -54,8 +54,16 @@ MEASURE_MEMORY_AFTER_STEPS = 2
 
 
 def initialize_distributed(args: Namespace) -> None:
-    """Process group, model-parallel groups, seeds and the micro-batch calculator."""
-    if not torch.cuda.is_available():
+    """Process group, model-parallel groups, seeds and the micro-batch calculator.
+
+    On CUDA, first the environment Megatron-LM requires (``CUDA_DEVICE_MAX_CONNECTIONS``,
+    before the CUDA context exists) and this rank's device (`placement.set_cuda_device`).
+    """
+    if torch.cuda.is_available():
+        note = placement.set_cuda_connections(args, placement.cuda_arch_major(), os.environ)
+        if note:
+            args.startup_notes.append(note)
+    else:
         from tst_megatron.cpu.shim import install_cpu_shim
 
         install_cpu_shim()
@@ -66,7 +74,7 @@ def initialize_distributed(args: Namespace) -> None:
     )
     if not torch.distributed.is_initialized():
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            placement.set_cuda_device()
         torch.distributed.init_process_group(args.distributed_backend, timeout=timeout)
     ps.initialize_model_parallel(
         # mcore's own groups (data, tensor, pipeline, ...) otherwise wait 30 minutes
@@ -115,6 +123,7 @@ def build_model_chunks(args: Namespace) -> list[DistributedDataParallel]:
         )
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
+        model = precision.wrap_model_chunk(model, config)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32,
             overlap_grad_reduce=args.overlap_grad_reduce,
@@ -131,8 +140,7 @@ def build_model_chunks(args: Namespace) -> list[DistributedDataParallel]:
     return chunks
 
 
-def unwrap(chunk):
-    return getattr(chunk, "module", chunk)
+unwrap = precision.unwrap
 
 
 def loss_func(position_mask: torch.Tensor, output: torch.Tensor, per_token: bool = False):
@@ -209,6 +217,7 @@ class Trainer:
         self.stream = build_train_stream(args, self.tokenizer)
         self.chunks = build_model_chunks(args)
         self.optimizer = build_optimizer(args, self.chunks)
+        precision.attach_loss_scale(self.chunks, self.optimizer)
         self.scheduler = build_scheduler(args, self.optimizer)
         self.phase1_iters = args.tst.phase1_iterations(args.train_iters)
         self.progress = ckpt.TrainingProgress(0, 0, 1 if self.phase1_iters else 2, {})
@@ -223,6 +232,8 @@ class Trainer:
         self.gc = ManualGarbageCollection(args)
         if args.manual_gc:
             self.metrics.print(self.gc.describe())
+        for note in args.startup_notes:
+            self.metrics.print(note)
         self.metrics.print(
             f"transformer impl: {args.transformer_impl}; optimizer kernel: "
             f"{describe_kernels(self.optimizer)} (Megatron-Core uses Transformer Engine or apex "
@@ -348,27 +359,35 @@ class Trainer:
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        step_func = fault_injection.forward_step(forward_step, self.progress.iteration + 1)
+        iteration = self.progress.iteration + 1
+        step_func = fault_injection.forward_step(forward_step, iteration)
         self.timers("batch-generator", log_level=1).start()
         batches = self._microbatches(spec)
         self.timers("batch-generator").stop()
         outputs = self._run_schedule(batches, False, step_func)
-        bad = self.guard.grads_not_finite(self.chunks) and not self.args.fp16
+        health = check_step(outputs, self.chunks)
+        fp16 = self.args.fp16
+        scale = precision.current_loss_scale(self.optimizer) if fp16 else None
+        bad = health.is_bad(loss_scaling=fp16)
         self.timers("optimizer", log_level=1).start(barrier=self.args.barrier_with_L1_time)
         if bad:
             updated, grad_norm = False, float("nan")
-        else:
+        else:  # fp16: the optimizer skips an overflow step itself and lowers the loss scale
             updated, grad_norm, _ = self.optimizer.step()
         self.timers("optimizer").stop()
+        overflow = fp16 and not bad and not updated
         gbs = get_current_global_batch_size()
         if updated:
             self.scheduler.step(increment=gbs)
-        self.guard.record(bad or not updated, self.progress.iteration + 1)
+        # an overflow at the minimum loss scale cannot be scaled away: a bad step too
+        self.guard.record(bad or (overflow and scale <= self.args.min_loss_scale), iteration)
         return {
-            "loss": _reduce_lm_loss(outputs),
+            "loss": health.loss,
             "grad_norm": grad_norm,
             "updated": updated,
             "nan": bad,
+            "overflow": overflow,
+            "loss_scale": precision.current_loss_scale(self.optimizer) if fp16 else None,
             "global_batch_size": gbs,
             "lr": self.optimizer.param_groups[0]["lr"],
             "moe": self.moe.collect(len(batches)) if self.moe else None,

@@ -146,16 +146,18 @@ class MetricsLogger:
             f"consumed samples: {progress.consumed_samples:12d}",
             f"consumed data tokens: {stream_state.consumed_tokens:14d}",
             f"elapsed time per iteration (ms): {per_iter * 1e3:.1f}",
-            f"throughput per GPU (TFLOP/s/GPU): {tflops:.3f}",
         ]
-        if self.peak:
-            fields.append(f"MFU: {100 * mfu(tflops, self.peak):.1f}%")
+        if args.log_throughput:
+            fields.append(f"throughput per GPU (TFLOP/s/GPU): {tflops:.3f}")
+            if self.peak:
+                fields.append(f"MFU: {100 * mfu(tflops, self.peak):.1f}%")
         fields += [
             f"tokens/s (model): {it['model_tokens'] / it['time']:.0f}",
             f"tokens/s (data): {it['data_tokens'] / it['time']:.0f}",
             f"learning rate: {step['lr']:.6E}",
             f"global batch size: {gbs:5d}",
             f"lm loss: {'n/a' if loss is None else f'{loss:.6E}'}",
+            *([f"loss scale: {step['loss_scale']:.1f}"] if args.fp16 else []),
             f"grad norm: {_fmt(step['grad_norm'])}",
             f"number of skipped iterations: {it['skipped']:3d}",
             f"number of nan iterations: {it['nan']:3d}",
@@ -170,10 +172,17 @@ class MetricsLogger:
             "lr": step["lr"],
             "grad_norm": _num(step["grad_norm"]),
             "tflops_per_gpu": tflops,
+            "iteration_time_s": per_iter,
             "data_tokens": stream_state.consumed_tokens,
             "data_tokens_per_s": it["data_tokens"] / it["time"],
             "model_tokens_per_s": it["model_tokens"] / it["time"],
+            "skipped_iterations": it["skipped"],
+            "nan_iterations": it["nan"],
         }
+        if args.fp16:
+            record["loss_scale"] = step["loss_scale"]
+        if self.peak:
+            record["mfu"] = mfu(tflops, self.peak)
         if loss is not None:
             record["lm_loss"] = loss
         record.update(moe_scalars)
