@@ -17,18 +17,21 @@ METHOD = {"config", "bags", "loss", "targets", "model"}
 ALLOWED = {
     **{name: METHOD for name in METHOD},
     "data": {"data", "config"},
-    "training": METHOD | {"data", "training", "planning", "cpu", "mcore_fixes"},
+    "training": METHOD | {"data", "training", "planning", "cpu", "mcore_fixes", "kernels", "layers"},
     "planning": METHOD | {"planning", "training"},
     "conversion": METHOD | {"conversion", "data", "training", "cpu"},
-    "cpu": {"cpu"},
+    "cpu": {"cpu", "layers"},
     "mcore_fixes": set(),
-    "testing": METHOD | {"testing", "cpu", "training"},
+    "kernels": set(),
+    "layers": {"layers", "kernels", "training"},
+    "testing": METHOD | {"testing", "cpu", "training", "mcore_fixes"},
 }
 # Imports allowed from one module only.
 ONLY_FROM = {
     ("training", "planning"): {"training/loop.py"},
     ("training", "cpu"): {"training/model_builder.py", "training/loop.py"},
     ("conversion", "cpu"): {"conversion/megatron_io.py"},
+    ("layers", "training"): {"layers/spec.py"},
 }
 # Calls that load a tokenizer's files; they belong in tst_megatron/data/tokenizer.py alone.
 TOKENIZER_LOADING = ("Tokenizer.from_file(", "SentencePieceProcessor(", "models.BPE",
