@@ -28,6 +28,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from tst_megatron.data.masks import with_document_attention
 from tst_megatron.model import TSTGPTModel
 from tst_megatron.training import arguments
 from tst_megatron.training.arguments import ConfigError
@@ -204,10 +205,13 @@ def build_model(
     vp_stage: int | None = None,
 ) -> TSTGPTModel:
     """One pipeline stage (or virtual chunk ``vp_stage``) of the model."""
+    spec = layer_spec_from_args(args, config, vp_stage)
+    if args.reset_attention_mask:  # the document mask must reach the attention kernels
+        spec = with_document_attention(spec)
     return _build(
         args,
         config,
-        layer_spec_from_args(args, config, vp_stage),
+        spec,
         pre_process=pre_process,
         post_process=post_process,
         vp_stage=vp_stage,
