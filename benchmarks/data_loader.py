@@ -36,19 +36,21 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-VOCAB = 32_000  # ids drawn below it; stored as int32 like a Llama-3 (128,256) corpus
+VOCAB = 128_256  # Llama-3 ids (int32 storage), as tst-10b-a1b
 EOD = VOCAB - 1
+CPU_VOCAB = 512  # the CPU training run: a vocabulary small enough that data costs show
 BAG, SEQ, GLOBAL_BATCH, DP, MICRO = 16, 4096, 1024, 64, 4
 
 
-def write_corpus(directory: Path, tokens: int) -> list[str]:
-    """Two datasets holding 70% / 30% of ``tokens`` (reused when already there)."""
+def write_corpus(directory: Path, tokens: int, vocab: int = VOCAB) -> list[str]:
+    """Two datasets holding 70% / 30% of ``tokens``, ids below ``vocab``, the last one the
+    EOD (reused when already there)."""
     import numpy as np
     from megatron.core.datasets.indexed_dataset import DType
 
     prefixes = []
     for name, share, seed in (("dclm", 0.7, 0), ("fineweb", 0.3, 1)):
-        prefix = directory / f"{name}_{tokens}"
+        prefix = directory / f"{name}_{tokens}_v{vocab}"
         prefixes.append(str(prefix))
         if os.path.exists(f"{prefix}.idx"):
             continue
@@ -62,8 +64,8 @@ def write_corpus(directory: Path, tokens: int) -> list[str]:
         with open(f"{prefix}.bin", "wb") as out:
             for start in range(0, len(lengths), 50_000):
                 part = lengths[start : start + 50_000]
-                ids = rng.randint(0, EOD, int(part.sum())).astype(np.int32)
-                ids[np.cumsum(part) - 1] = EOD
+                ids = rng.randint(0, vocab - 1, int(part.sum())).astype(np.int32)
+                ids[np.cumsum(part) - 1] = vocab - 1
                 out.write(ids.tobytes())
         _write_index(f"{prefix}.idx", lengths, DType.code_from_dtype(np.int32))
     return prefixes
@@ -167,7 +169,11 @@ def b200_consumption() -> dict:
 
 
 def training_wait(prefixes: list[str], steps: int) -> dict:
-    """Fraction of step time the training thread waits for data, CPU, tiny model, s = 16."""
+    """Fraction of step time the training thread waits for data, CPU, tiny model, s = 16.
+
+    The model (1 layer, hidden 32, vocabulary 512) is small enough for the data path to be a
+    visible part of a CPU step; at GPU scale see measurement 1-2.
+    """
     from tst_megatron.training.arguments import parse_args, validate_args
     from tst_megatron.training.loop import Trainer, initialize_distributed
 
@@ -175,12 +181,12 @@ def training_wait(prefixes: list[str], steps: int) -> dict:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # fmt: skip
     common = [
-        "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+        "--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4",
         "--seq-length", "256", "--max-position-embeddings", "256",
         "--transformer-impl", "local", "--distributed-backend", "gloo",
         "--micro-batch-size", "4", "--global-batch-size", "16", "--lr", "1e-3",
         "--train-iters", "1000", "--eval-iters", "0", "--tokenizer-type", "NullTokenizer",
-        "--vocab-size", str(VOCAB), "--split", "100,0,0", "--tst-bag-size", str(BAG),
+        "--vocab-size", str(CPU_VOCAB), "--split", "100,0,0", "--tst-bag-size", str(BAG),
         "--tst-phase1-fraction", "0.9", "--reset-attention-mask", "--eod-mask-loss",
         "--data-path", "0.7", prefixes[0], "0.3", prefixes[1],
     ]  # fmt: skip
@@ -242,7 +248,7 @@ def main() -> int:
     prefixes = write_corpus(args.dir, args.tokens)
     loader = loader_throughput(prefixes, args.steps)
     gpu = b200_consumption()
-    wait = training_wait(prefixes, args.cpu_steps)
+    wait = training_wait(write_corpus(args.dir, 5_000_000, CPU_VOCAB), args.cpu_steps)
     check = token_range_check(prefixes)
 
     need = gpu["data_tokens_per_s_per_gpu"]
@@ -255,7 +261,8 @@ def main() -> int:
     print(f"   {'loader':32s} {'data tokens/s':>15s} {'x B200 need':>12s}")
     for name, rate in loader.items():
         print(f"   {name:32s} {rate:15,.0f} {rate / need:12.1f}")
-    print(f"\n3. CPU training run (tiny model, L=256, s={BAG}, 16 windows/step, document masks)")
+    print(f"\n3. CPU training run (1 layer, hidden 32, vocabulary {CPU_VOCAB}, L=256, s={BAG}, "
+          "16 windows/step, document masks)")
     for workers, row in wait.items():
         print(f"   --num-workers {workers}: waiting for data {row['wait_fraction']:.1%} of step "
               f"time ({row['step_ms']:.0f} ms/step)")  # fmt: skip

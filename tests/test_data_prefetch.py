@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +113,9 @@ def test_saved_position_resumes_exactly_while_steps_are_read_ahead(two_datasets)
     prefetcher = StepPrefetcher(blend(two_datasets), produce, 2)
     run_steps(prefetcher, [FULL] * 3, [FULL] * 6)
     saved = prefetcher.state.as_dict()
-    assert prefetcher._stream.state.as_dict() != saved  # the thread read ahead
+    while prefetcher._results.qsize() < len(prefetcher._pending):  # let the thread read ahead
+        time.sleep(0.01)
+    assert len(prefetcher._pending) == 2 and prefetcher._stream.state.as_dict() != saved
     rest = prefetcher.next_step(FULL)
     resumed = StepPrefetcher(blend(two_datasets), produce, 2)
     resumed.load_state(saved)

@@ -19,7 +19,6 @@ from tst_megatron.data.documents import (
     apply_document_masking,
     eod_target_mask,
     standard_document_fields,
-    target_token_indices,
 )
 from tst_megatron.data.masks import attention_mask_from_documents, with_document_attention
 from tst_megatron.targets import build_batch
@@ -131,18 +130,13 @@ def test_every_layout_follows_the_document_rule(spec):
             assert all(any(bag) for bag in ref["keep_tokens"])  # no bag is left empty
         else:
             assert "bag_token_mask" not in masked
+        labels = batch["labels"][row].reshape(latent, -1)  # the naive slots are build_batch's
+        assert labels.tolist() == [[windows[row, j].item() for j in slot] for slot in ref["slots"]]
         loss_mask = masked["loss_mask"][row].reshape(latent, -1)
         for p in range(latent):
             eod_kept = [windows[row, j - 1].item() != EOD for j in ref["slots"][p]]
             expected = [a and b for a, b in zip(ref["keep_targets"][p], eod_kept, strict=True)]
             assert (loss_mask[p] == 1).tolist() == expected, p
-
-
-@pytest.mark.parametrize("spec", LAYOUTS, ids=lambda s: f"{s.mode}-s{s.bag_size}")
-def test_target_indices_are_build_batchs_labels(spec):
-    windows = torch.arange(spec.window_length(6)).unsqueeze(0) * 10
-    labels = build_batch(windows, spec, 6).labels[0]
-    assert torch.equal(windows[0, target_token_indices(spec, 6)].reshape(labels.shape), labels)
 
 
 def test_flags_off_change_nothing():

@@ -61,9 +61,9 @@ class DocumentLayout:
 
 
 def token_documents(tokens: torch.Tensor, eod: int) -> torch.Tensor:
-    """``[b, n]`` -> ``[b, n]`` document index of every token (an EOD ends its document)."""
-    is_eod = (tokens == eod).long()
-    return torch.cumsum(is_eod, dim=1) - is_eod
+    """``[b, n]`` -> ``[b, n]`` int32 document index of every token (an EOD ends its document)."""
+    is_eod = (tokens == eod).int()
+    return torch.cumsum(is_eod, dim=1, dtype=torch.int32) - is_eod
 
 
 def restarted_positions(position_docs: torch.Tensor) -> torch.Tensor:
@@ -88,25 +88,20 @@ def eod_target_mask(windows: torch.Tensor, eod: int) -> torch.Tensor:
     return mask
 
 
-def target_token_indices(spec: PhaseSpec, latent: int) -> torch.Tensor:
-    """Window index of every target slot: ``[L]`` (standard) or ``[L, w]``.
+def slot_previous_documents(docs: torch.Tensor, spec: PhaseSpec, latent: int) -> torch.Tensor:
+    """Document of the token *before* each target slot, in the labels' shape.
 
-    Mirrors `build_batch` (a test ties the two): full ``(i+1)s + k``, input-only ``(i+1)s``,
-    output-only ``t + 1 + k``, standard ``t + 1``.
+    Target slot ``(i, k)`` holds window token ``(i+1)s + k`` (full), ``(i+1)s`` (input-only),
+    ``t + 1 + k`` (output-only) or ``t + 1`` (standard), as `build_batch` lays them out (a
+    test ties the two); the previous token is one before. Views of ``docs``, no gather.
     """
-    s, positions = spec.bag_size, torch.arange(latent)
+    batch, s = docs.shape[0], spec.bag_size
     if spec.is_standard:
-        return positions + 1
+        return docs[:, :latent]
     if spec.mode == "output-only":
-        return positions[:, None] + 1 + torch.arange(s)[None, :]
-    first = (positions[:, None] + 1) * s
-    return first + torch.arange(spec.target_width)[None, :]
-
-
-def anchor_token_indices(spec: PhaseSpec, latent: int) -> torch.Tensor:
-    """``[L]`` window index of each latent position's last input token."""
-    s = spec.input_bag_size
-    return (torch.arange(latent) + 1) * s - 1
+        return docs[:, : latent + s - 1].unfold(1, s, 1)
+    bags = docs[:, s - 1 : s - 1 + s * latent].view(batch, latent, s)
+    return bags[..., : spec.target_width]
 
 
 def document_layout(
@@ -114,19 +109,12 @@ def document_layout(
 ) -> DocumentLayout:
     """The `DocumentLayout` of ``[b, spec.window_length(latent)]`` windows."""
     docs = token_documents(windows, eod)
-    batch = windows.shape[0]
-    anchors = anchor_token_indices(spec, latent).to(windows.device)
-    position_docs = docs[:, anchors]  # [b, L]
-
+    batch, s = windows.shape[0], spec.input_bag_size
+    position_docs = docs[:, s - 1 : s * latent : s]  # the anchors (p+1)s - 1, [b, L]
     position_ids = restarted_positions(position_docs)
-
-    targets = target_token_indices(spec, latent).to(windows.device)
-    previous_docs = docs[:, targets - 1]  # [b, L] or [b, L, w]
-    doc_of_slot = position_docs if targets.dim() == 1 else position_docs[..., None]
-    target_keep = previous_docs == doc_of_slot
-
+    previous = slot_previous_documents(docs, spec, latent)
+    target_keep = previous == (position_docs if spec.is_standard else position_docs[..., None])
     bag_token_keep = None
-    s = spec.input_bag_size
     if s > 1:
         bag_docs = docs[:, : s * latent].view(batch, latent, s)
         bag_token_keep = (bag_docs == position_docs[..., None]).reshape(batch, s * latent)
