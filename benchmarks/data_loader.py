@@ -30,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,8 +99,19 @@ def blend(prefixes: list[str]):
     return BlendedStream(streams, [0.7, 0.3])
 
 
+def _median_rate(tokens: int, run, steps: int) -> float:
+    run()  # warm-up (epoch layouts, page cache)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return tokens / statistics.median(times)
+
+
 def loader_throughput(prefixes: list[str], steps: int) -> dict:
-    """Data tokens/s of `read_step` for one rank at s = 16, L = 4096."""
+    """Data tokens/s one rank gets at s = 16, L = 4096: the windows alone (vectorised and the
+    per-window loop they replaced), and the whole `read_step` with and without masks."""
     import numpy as np
 
     from tst_megatron.config import PhaseSpec
@@ -110,40 +122,38 @@ def loader_throughput(prefixes: list[str], steps: int) -> dict:
     spec = PhaseSpec(BAG, "full")
     request = StepRequest(spec, GLOBAL_BATCH // DP // MICRO)
     per_rank = GLOBAL_BATCH // DP
-    tokens_per_step = per_rank * spec.data_tokens_per_sample(SEQ)
-    results = {}
-    for name, masking in (
-        ("vectorised", DocumentMasking(EOD)),
-        ("vectorised + document masks", DocumentMasking(EOD, True, True)),
-    ):
-        layout = StepLayout(SEQ, MICRO, 0, DP, EOD, True, masking)
-        stream = blend(prefixes)
-        read_step(stream, request, layout)  # warm-up (epoch layouts, page cache)
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            read_step(stream, request, layout)
-            times.append(time.perf_counter() - start)
-        results[name] = tokens_per_step / statistics.median(times)
-
-    stream = blend(prefixes)  # the per-window loop `next_windows` replaced (reads only)
     window = spec.window_length(SEQ)
-    times = []
-    for _ in range(max(3, steps // 4)):
-        start = time.perf_counter()
-        placements = []
+    tokens = per_rank * spec.data_tokens_per_sample(SEQ)
+    rows = slice(0, per_rank)
+
+    def loop_windows(stream):  # the code `next_windows` replaced
+        state, placements = stream.state, []
         for _ in range(GLOBAL_BATCH):
-            state = stream.state
             drawn = sum(state.samples) + 1
             errors = [w * drawn - n for w, n in zip(stream.weights, state.samples, strict=True)]
             k = int(np.argmax(errors))
             placements.append((k, state.cursors[k]))
             state.cursors[k] += window - 1
             state.samples[k] += 1
-        rows = placements[:per_rank]
-        np.stack([stream.streams[k]._read_by_document(s, window) for k, s in rows])
-        times.append(time.perf_counter() - start)
-    results["per-window loop (before)"] = tokens_per_step / statistics.median(times)
+        reads = [stream.streams[k]._read_by_document(s, window) for k, s in placements[rows]]
+        return np.stack(reads)
+
+    results = {}
+    stream = blend(prefixes)
+    results["windows: per-window loop (before)"] = _median_rate(
+        tokens, lambda: loop_windows(stream), max(3, steps // 4)
+    )
+    stream = blend(prefixes)
+    results["windows: vectorised next_windows"] = _median_rate(
+        tokens, lambda: stream.next_windows(GLOBAL_BATCH, window, rows), steps
+    )
+    for name, masking in (
+        ("read_step (windows + layout + EOD loss mask)", DocumentMasking(EOD)),
+        ("read_step + document masks", DocumentMasking(EOD, True, True)),
+    ):
+        layout = StepLayout(SEQ, MICRO, 0, DP, EOD, True, masking)
+        step = partial(read_step, blend(prefixes), request, layout)
+        results[name] = _median_rate(tokens, step, steps)
     return results
 
 
@@ -258,9 +268,9 @@ def main() -> int:
     print(f"\n1-2. phase 1, s={BAG}, L={SEQ}, one rank of DP {DP} ({GLOBAL_BATCH // DP} windows"
           f"/step); a B200 in tst-10b-a1b consumes {need:,.0f} data tokens/s "
           f"(planner: step {gpu['step_s']:.2f} s at MFU {gpu['mfu']:.0%})")  # fmt: skip
-    print(f"   {'loader':32s} {'data tokens/s':>15s} {'x B200 need':>12s}")
+    print(f"   {'loader':46s} {'data tokens/s':>15s} {'x B200 need':>12s}")
     for name, rate in loader.items():
-        print(f"   {name:32s} {rate:15,.0f} {rate / need:12.1f}")
+        print(f"   {name:46s} {rate:15,.0f} {rate / need:12.1f}")
     print(f"\n3. CPU training run (1 layer, hidden 32, vocabulary {CPU_VOCAB}, L=256, s={BAG}, "
           "16 windows/step, document masks)")
     for workers, row in wait.items():

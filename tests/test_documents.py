@@ -324,3 +324,11 @@ def test_position_restart_without_position_ids_needs_the_document_mask(kind):
         "Megatron-Core's rotary embedding takes positions 0..L-1 from the sequence"
     )
     _validate("--reset-position-ids", "--reset-attention-mask", "--position-embedding-type", kind)
+
+
+def test_document_mask_without_the_data_loader_mask_is_refused():
+    from tst_megatron.training.arguments import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^--reset-attention-mask needs the document mask"):
+        _validate("--reset-attention-mask", "--no-create-attention-mask-in-dataloader")
+    assert not _validate("--no-create-attention-mask-in-dataloader").reset_attention_mask

@@ -604,7 +604,9 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
         "--no-create-attention-mask-in-dataloader",
         action="store_false",
         dest="create_attention_mask_in_dataloader",
-        help="Do not build attention masks in the data loader.",
+        help="Megatron-LM: no attention mask from the data loader (the kernel's causal mask). "
+        "This trainer never materialises a causal mask; the flag is refused with "
+        "--reset-attention-mask, whose document mask Megatron-LM would then drop.",
     )
 
 
@@ -1304,6 +1306,12 @@ def _validate_document_masking(args: argparse.Namespace) -> None:
             f"{args.context_parallel_size}: context-parallel attention (Transformer Engine's "
             "ring attention) takes no arbitrary document mask; use --context-parallel-size 1 "
             "or drop --reset-attention-mask"
+        )
+    if args.reset_attention_mask and not args.create_attention_mask_in_dataloader:
+        raise ConfigError(
+            "--reset-attention-mask needs the document mask that "
+            "--no-create-attention-mask-in-dataloader turns off (in Megatron-LM the pair trains "
+            "without document masking); drop one of the two"
         )
     kind = args.position_embedding_type
     if args.reset_position_ids and kind != "learned_absolute" and not args.reset_attention_mask:
