@@ -11,7 +11,7 @@ one `DataError` naming the file:
 - `check_pointers`: every sequence pointer equals the cumulative byte length of the
   sequences before it, and the document index is a non-decreasing 0..n table;
 - `check_token_range`: the smallest and largest token id of the *whole* ``.bin``, from one
-  scan at the memory map's speed (about 3 GB/s per core from the page cache, see
+  scan at the memory map's speed (GB/s from the page cache, the storage's speed otherwise; see
   docs/benchmarks.md) cached in a small JSON file keyed by the size and modification time of
   both files, so later launches cost a file read. In a distributed job rank 0 scans (or
   reads the cache) and broadcasts the result.

@@ -1307,6 +1307,14 @@ def _validate_document_masking(args: argparse.Namespace) -> None:
             "ring attention) takes no arbitrary document mask; use --context-parallel-size 1 "
             "or drop --reset-attention-mask"
         )
+    if args.reset_attention_mask and args.transformer_impl == "transformer_engine":
+        warnings.warn(
+            "--reset-attention-mask with Transformer Engine: self-attention takes the document "
+            "mask as attn_mask_type 'arbitrary', which Transformer Engine runs with its unfused "
+            "attention (its flash/cuDNN kernels take no arbitrary mask): slower, and "
+            "[b, heads/TP, L, L] scores in memory",
+            stacklevel=3,
+        )
     if args.reset_attention_mask and not args.create_attention_mask_in_dataloader:
         raise ConfigError(
             "--reset-attention-mask needs the document mask that "
