@@ -53,6 +53,7 @@ CONTEXT: dict[str, tuple[list[str], int]] = {
     "tst_phase1_fraction": (_TST, 1),
     "tst_phase1_iters": (["--tst-bag-size", "4", "--tst-phase1-iters", "5"], 1),
     "tst_mode": (_TST, 1),
+    "create_attention_mask_in_dataloader": (["--reset-attention-mask"], 1),
     "tst_phase": ([*_TST, "--load", "ckpt"], 1),
 }
 # dest -> the value to probe with, when the derived one would be invalid or meaningless.
@@ -64,13 +65,7 @@ PROBES: dict[str, list[str]] = {
     "ckpt_format": ["torch"],
 }
 # Accepted and (still) ignored: each names who fixes it. Strict xfail: remove once fixed.
-KNOWN_IGNORED: dict[str, str] = {
-    "reset_position_ids": "data helper (issue 11 item 5): document-aware positions",
-    "reset_attention_mask": "data helper (issue 11 item 5): document-aware attention",
-    "num_workers": "data helper (issue 11 item 5 / issue 12 item 4): data prefetch",
-    "create_attention_mask_in_dataloader": "data helper: the attention-mask flags (item 5)",
-    "test_data_path": "data helper: no test-split evaluation reads it yet",
-}
+KNOWN_IGNORED: dict[str, str] = {}
 _ARGS_NAME = re.compile(r"(^|_)args$")
 
 

@@ -47,8 +47,18 @@ def bag_rows(input_ids: torch.Tensor, bag_size: int) -> torch.Tensor:
     return input_ids.view(batch, latent, bag_size).transpose(1, 2).reshape(batch * bag_size, latent)
 
 
-def average_bag_rows(row_embeddings: torch.Tensor, bag_size: int) -> torch.Tensor:
-    """``[L, b*s, h]`` embeddings of `bag_rows` -> ``[L, b, h]`` bag means (fp32 accumulate)."""
+def average_bag_rows(
+    row_embeddings: torch.Tensor, bag_size: int, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[L, b*s, h]`` embeddings of `bag_rows` -> ``[L, b, h]`` bag means (fp32 accumulate).
+
+    ``token_mask`` (``[L, b, s]`` bool, at least one True per bag) restricts each mean to the
+    kept tokens (``--reset-attention-mask``: the tokens of the bag's own document).
+    """
     latent, rows, hidden = row_embeddings.shape
     bags = row_embeddings.view(latent, rows // bag_size, bag_size, hidden)
-    return bags.float().mean(dim=2).to(row_embeddings.dtype)
+    if token_mask is None:
+        return bags.float().mean(dim=2).to(row_embeddings.dtype)
+    weights = token_mask.to(torch.float32).unsqueeze(-1)  # [L, b, s, 1]
+    mean = (bags.float() * weights).sum(dim=2) / weights.sum(dim=2)
+    return mean.to(row_embeddings.dtype)

@@ -52,6 +52,7 @@ class TSTGPTModel(GPTModel):
         labels: torch.Tensor | None = None,
         *args,
         loss_mask: torch.Tensor | None = None,
+        bag_token_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """`GPTModel.forward` plus the TST hooks.
@@ -61,13 +62,15 @@ class TSTGPTModel(GPTModel):
             position_ids: ``[b, L]`` latent positions.
             labels: ``[b, L]`` (standard) or ``[b, L, s]`` (multi-hot).
             loss_mask: with multi-hot labels, ``[b, L, s]`` per-target mask.
+            bag_token_mask: ``[b, s*L]`` bool, the tokens each bag averages
+                (``--reset-attention-mask``, `tst_megatron.data.documents`); None = all.
 
         Returns:
             Per-position loss ``[b, L]`` when labels are given, else logits ``[b, L, V/TP]``.
         """
         bag_size = self.phase_spec.input_bag_size
         if bag_size > 1 and decoder_input is None and self.pre_process:
-            decoder_input = self.embed_bags(input_ids, position_ids, bag_size)
+            decoder_input = self.embed_bags(input_ids, position_ids, bag_size, bag_token_mask)
         if labels is not None and labels.dim() == 3:
             if loss_mask is not None:
                 labels = labels.masked_fill(loss_mask == 0, IGNORE_TARGET)
@@ -84,12 +87,17 @@ class TSTGPTModel(GPTModel):
         )
 
     def embed_bags(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, bag_size: int
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        bag_size: int,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``[b, s*L]`` token ids -> ``[L, b, h]`` bag-averaged embeddings.
 
         Under sequence parallel the result is this rank's ``[L/TP, b, h]`` shard: the
         embedding scatters the latent sequence, so every bag is averaged on one rank.
+        ``token_mask`` ``[b, s*L]`` (bool) limits each average to the kept tokens.
         """
         latent = input_ids.shape[1] // bag_size
         tp_size = self.config.tensor_model_parallel_size
@@ -104,7 +112,21 @@ class TSTGPTModel(GPTModel):
         if position_ids is not None:
             row_positions = position_ids.repeat_interleave(bag_size, dim=0)
         row_embeddings = self.embedding(input_ids=rows, position_ids=row_positions)
-        return average_bag_rows(row_embeddings, bag_size)
+        local_mask = self._local_bag_mask(token_mask, bag_size, row_embeddings.shape[0])
+        return average_bag_rows(row_embeddings, bag_size, local_mask)
+
+    def _local_bag_mask(
+        self, token_mask: torch.Tensor | None, bag_size: int, local_latent: int
+    ) -> torch.Tensor | None:
+        """``[b, s*L]`` -> ``[L_local, b, s]``, this rank's latent rows under sequence parallel
+        (the embedding scatters the latent sequence over the tensor-parallel group)."""
+        if token_mask is None:
+            return None
+        per_bag = token_mask.view(token_mask.shape[0], -1, bag_size).transpose(0, 1)
+        if per_bag.shape[0] != local_latent:
+            start = torch.distributed.get_rank(group=self.tp_group) * local_latent
+            per_bag = per_bag[start : start + local_latent]
+        return per_bag
 
     def compute_language_model_loss(
         self, labels: torch.Tensor, logits: torch.Tensor

@@ -787,24 +787,42 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--vocab-file", default=None, help="GPT-2 BPE vocabulary file.")
     group.add_argument("--merge-file", default=None, help="GPT-2 BPE merges file.")
     group.add_argument(
-        "--eod-mask-loss", action="store_true", help="Drop end-of-document targets from the loss."
+        "--eod-mask-loss",
+        action="store_true",
+        help="Drop the loss of predictions made from an end-of-document token (the first token "
+        "of each document), as Megatron-LM does; in TST phase 1 every target slot holding a "
+        "document's first token.",
     )
     group.add_argument(
         "--reset-position-ids",
         action="store_true",
-        help="Restart position ids after each end-of-document token.",
+        help="Restart position ids at each document (after each end-of-document token); in TST "
+        "bag phases at the first latent position of each document. Learned absolute positions "
+        "only: RoPE sees relative positions (use --reset-attention-mask).",
     )
     group.add_argument(
         "--reset-attention-mask",
         action="store_true",
-        help="Block attention across end-of-document tokens.",
+        help="Documents inside a sample attend only within themselves (both TST phases and "
+        "validation); a bag spanning a document boundary belongs to the document of its last "
+        "token (docs/method.md). Costs a [b, 1, L, L] bool mask per micro-batch on the device "
+        "and an unfused attention path with Transformer Engine; not with context parallelism.",
     )
-    group.add_argument("--num-workers", type=int, default=2, help="Data loader workers.")
+    group.add_argument(
+        "--num-workers",
+        type=int,
+        default=2,
+        help="Training-data prefetch: 0 reads each step's windows on the training thread; "
+        "N >= 1 has one background thread prepare up to N steps ahead while the current one "
+        "computes (Megatron-LM: DataLoader worker processes).",
+    )
     group.add_argument(
         "--no-create-attention-mask-in-dataloader",
         action="store_false",
         dest="create_attention_mask_in_dataloader",
-        help="Do not build attention masks in the data loader.",
+        help="Megatron-LM: no attention mask from the data loader (the kernel's causal mask). "
+        "This trainer never materialises a causal mask; the flag is refused with "
+        "--reset-attention-mask, whose document mask Megatron-LM would then drop.",
     )
 
 
@@ -1857,6 +1875,41 @@ def _validate_data(args: argparse.Namespace) -> None:
         raise ConfigError(str(err)) from None
     if args.num_workers < 0:
         raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
+    _validate_document_masking(args)
+
+
+def _validate_document_masking(args: argparse.Namespace) -> None:
+    """``--reset-position-ids`` / ``--reset-attention-mask`` combinations that cannot work."""
+    if args.reset_attention_mask and args.context_parallel_size > 1:
+        raise ConfigError(
+            "--reset-attention-mask cannot be combined with --context-parallel-size "
+            f"{args.context_parallel_size}: context-parallel attention (Transformer Engine's "
+            "ring attention) takes no arbitrary document mask; use --context-parallel-size 1 "
+            "or drop --reset-attention-mask"
+        )
+    if args.reset_attention_mask and args.transformer_impl == "transformer_engine":
+        warnings.warn(
+            "--reset-attention-mask with Transformer Engine: self-attention takes the document "
+            "mask as attn_mask_type 'arbitrary', which Transformer Engine runs with its unfused "
+            "attention (its flash/cuDNN kernels take no arbitrary mask): slower, and "
+            "[b, heads/TP, L, L] scores in memory",
+            stacklevel=3,
+        )
+    if args.reset_attention_mask and not args.create_attention_mask_in_dataloader:
+        raise ConfigError(
+            "--reset-attention-mask needs the document mask that "
+            "--no-create-attention-mask-in-dataloader turns off (in Megatron-LM the pair trains "
+            "without document masking); drop one of the two"
+        )
+    kind = args.position_embedding_type
+    if args.reset_position_ids and kind != "learned_absolute" and not args.reset_attention_mask:
+        raise ConfigError(
+            f"--reset-position-ids has no effect with --position-embedding-type {kind}: "
+            "Megatron-Core's rotary embedding takes positions 0..L-1 from the sequence, not "
+            "from position ids (Megatron-LM ignores the flag silently). To keep documents "
+            "apart add --reset-attention-mask (with RoPE the restart is then implied: "
+            "attention only sees relative positions within a document)"
+        )
 
 
 def _validate_checkpointing(args: argparse.Namespace) -> None:

@@ -34,7 +34,16 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_batch_on_this_cp_rank, get_model_config
 
 from tst_megatron.config import STANDARD_PHASE, PhaseSpec
+from tst_megatron.data.batches import StepLayout, read_step
 from tst_megatron.data.builders import build_train_stream, build_valid_dataset, mock_valid_windows
+from tst_megatron.data.documents import (
+    DocumentMasking,
+    apply_document_masking,
+    eod_target_mask,
+    standard_document_fields,
+)
+from tst_megatron.data.masks import attention_mask_from_documents
+from tst_megatron.data.prefetch import StepPrefetcher, StepRequest
 from tst_megatron.data.tokenizer import build_tokenizer_from_args, model_vocab_size
 from tst_megatron.planning import footprint
 from tst_megatron.targets import build_batch
@@ -185,10 +194,28 @@ def forward_step(data_iterator, model):
     mask = batch["loss_mask"]
     position_mask = mask.amax(dim=-1) if mask.dim() == 3 else mask
     output = model(
-        batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=mask
+        batch["tokens"],
+        batch["position_ids"],
+        document_attention_mask(batch),
+        labels=batch["labels"],
+        loss_mask=mask,
+        **bag_token_kwargs(batch),
     )
     per_token = get_model_config(model).calculate_per_token_loss
     return output, partial(loss_func, position_mask, per_token=per_token)
+
+
+def document_attention_mask(batch: dict) -> torch.Tensor | None:
+    """``--reset-attention-mask``: the ``[b, 1, L, L]`` mask (True = masked), built here on the
+    device from the batch's ``[b, L]`` document ids; None (causal) otherwise."""
+    document_ids = batch.get("document_ids")
+    return None if document_ids is None else attention_mask_from_documents(document_ids)
+
+
+def bag_token_kwargs(batch: dict) -> dict:
+    """The bag-average token mask for `TSTGPTModel.forward`, when the batch has one."""
+    mask = batch.get("bag_token_mask")
+    return {} if mask is None else {"bag_token_mask": mask}
 
 
 def split_for_context_parallel(batch: dict, bag_size: int) -> dict:
@@ -214,7 +241,22 @@ class Trainer:
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.tokenizer = build_tokenizer_from_args(args)
         args.padded_vocab_size = model_vocab_size(self.tokenizer, args)
-        self.stream = build_train_stream(args, self.tokenizer)
+        self.documents = DocumentMasking(
+            self.tokenizer.eod, args.reset_position_ids, args.reset_attention_mask
+        )
+        self.step_layout = StepLayout(
+            seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size,
+            dp_rank=ps.get_data_parallel_rank(),
+            dp_size=ps.get_data_parallel_world_size(),
+            eod=self.tokenizer.eod,
+            eod_mask_loss=args.eod_mask_loss,
+            documents=self.documents,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.stream = StepPrefetcher(
+            build_train_stream(args, self.tokenizer), self._host_microbatches, args.num_workers
+        )
         self.chunks = build_model_chunks(args)
         self.optimizer = build_optimizer(args, self.chunks)
         precision.attach_loss_scale(self.chunks, self.optimizer)
@@ -318,26 +360,32 @@ class Trainer:
             self.metrics.print(notice)
 
     def _microbatches(self, spec: PhaseSpec) -> list[dict]:
-        args = self.args
-        num_micro = get_num_microbatches()
-        per_rank = num_micro * args.micro_batch_size
-        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        window = spec.window_length(args.seq_length)
-        rows = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
-        windows = torch.from_numpy(self.stream.next_windows(per_rank * dp_size, window, rows))
-        target_mask = (windows != self.tokenizer.eod).float() if args.eod_mask_loss else None
-        batches = []
-        for i in range(num_micro):
-            rows_i = slice(i * args.micro_batch_size, (i + 1) * args.micro_batch_size)
-            sample = build_batch(
-                windows[rows_i],
-                spec,
-                args.seq_length,
-                None if target_mask is None else target_mask[rows_i],
-            ).as_dict()
-            sample = split_for_context_parallel(sample, spec.input_bag_size)
-            batches.append({k: v.to(self.device) for k, v in sample.items()})
-        return batches
+        """This step's micro-batches on the device (prepared ahead with ``--num-workers``)."""
+        request = StepRequest(spec, get_num_microbatches())
+        host = self.stream.next_step(request, self._upcoming_requests(request))
+        non_blocking = self.device.type == "cuda"  # host tensors are pinned on CUDA
+        return [
+            {k: v.to(self.device, non_blocking=non_blocking) for k, v in sample.items()}
+            for sample in host
+        ]
+
+    def _upcoming_requests(self, request: StepRequest) -> list[StepRequest]:
+        """What the next ``--num-workers`` steps will ask for (the schedule's phases)."""
+        args, after = self.args, self.progress.iteration + 1
+        upcoming = []
+        for completed in range(after, min(after + self.stream.depth, self.last_iteration())):
+            phase = 2 if args.tst_phase == "2" else args.tst.phase_at(completed, args.train_iters)
+            upcoming.append(StepRequest(self.phase_spec(phase), request.num_microbatches))
+        return upcoming
+
+    def _host_microbatches(self, stream, request: StepRequest) -> list[dict]:
+        """One step's host micro-batches (on the prefetch thread with ``--num-workers`` >= 1)."""
+        return read_step(
+            stream,
+            request,
+            self.step_layout,
+            lambda sample, spec: split_for_context_parallel(sample, spec.input_bag_size),
+        )
 
     # --- steps --------------------------------------------------------------------------
     def _run_schedule(
@@ -425,10 +473,20 @@ class Trainer:
         first = ps.get_data_parallel_rank() * per_rank
         if args.mock_data:
             windows = mock_valid_windows(self.tokenizer, args.seed, total, args.seq_length + 1)
+            eod = self.tokenizer.eod
+            target_mask = eod_target_mask(windows, eod) if args.eod_mask_loss else None
             samples = [
-                build_batch(
-                    windows[first + i : first + i + 1], STANDARD_PHASE, args.seq_length
-                ).as_dict()
+                apply_document_masking(
+                    build_batch(
+                        windows[first + i : first + i + 1],
+                        STANDARD_PHASE,
+                        args.seq_length,
+                        None if target_mask is None else target_mask[first + i : first + i + 1],
+                    ).as_dict(),
+                    windows[first + i : first + i + 1],
+                    STANDARD_PHASE,
+                    self.documents,
+                )
                 for i in range(per_rank)
             ]
         else:
@@ -447,6 +505,7 @@ class Trainer:
                         "loss_mask": torch.as_tensor(item["loss_mask"]).float().unsqueeze(0),
                     }
                 )
+                samples[-1].update(standard_document_fields(samples[-1]["tokens"], self.documents))
         batches = []
         for start in range(0, per_rank, mbs):
             group = samples[start : start + mbs]

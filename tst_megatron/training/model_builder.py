@@ -23,6 +23,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+from tst_megatron.data.masks import with_document_attention
 from tst_megatron.layers.spec import local_block_spec
 from tst_megatron.mcore_fixes import apply_mcore_fixes
 from tst_megatron.model import TSTGPTModel
@@ -172,10 +173,13 @@ def build_model(
 ) -> TSTGPTModel:
     """One pipeline stage (or virtual chunk ``vp_stage``) of the model."""
     apply_mcore_fixes()
+    spec = layer_spec_from_args(args, config, vp_stage)
+    if args.reset_attention_mask:  # the document mask must reach the attention kernels
+        spec = with_document_attention(spec)
     return _build(
         args,
         config,
-        layer_spec_from_args(args, config, vp_stage),
+        spec,
         pre_process=pre_process,
         post_process=post_process,
         vp_stage=vp_stage,
