@@ -90,6 +90,40 @@ requeue_job() {
     }
 }
 
+# trainer_ready: true when a task of a job step on this node has its SIGUSR1 handler
+# installed (SigCgt bit 10 in /proc/PID/status), i.e. a forwarded warning is recorded.
+trainer_ready() {
+    local pid step localid mask
+    while read -r pid _ step localid _; do
+        [[ $step =~ ^[0-9]+$ && $localid =~ ^[0-9]+$ ]] || continue
+        mask=$(sed -n 's/^SigCgt:[[:space:]]*//p' "/proc/$pid/status" 2>/dev/null) || continue
+        if [[ -n $mask ]] && ((0x$mask & 0x200)); then return 0; fi
+    done < <(scontrol listpids "$SLURM_JOB_ID" 2>/dev/null)
+    return 1
+}
+
+# forward_warning: deliver the time-limit warning to every task through srun once the trainer
+# can take it. srun drops a signal that arrives while it is still launching the tasks, and the
+# tasks ignore SIGUSR1 until pretrain_tst.py installs its handler (first thing): a warning
+# then waits (checked every second) instead of being lost. One rank that records it is enough
+# (the ranks agree at the next step). Uses run_pretrain's srun_pid and forwarder_pid.
+forward_warning() {
+    if [[ -z $srun_pid || -n $forwarder_pid ]]; then return 0; fi
+    if ! scontrol listpids "$SLURM_JOB_ID" >/dev/null 2>&1; then
+        kill -USR1 "$srun_pid" 2>/dev/null || true   # no process list here: forward at once
+        return 0
+    fi
+    (
+        trap '' USR1
+        until trainer_ready; do
+            kill -0 "$srun_pid" 2>/dev/null || exit 0
+            sleep 1
+        done
+        kill -USR1 "$srun_pid" 2>/dev/null || true
+    ) &
+    forwarder_pid=$!
+}
+
 # run_pretrain ARGS...: run pretrain_tst.py ARGS on every task of the job; requeue the job
 # after the time-limit warning. Returns the trainer's exit status otherwise.
 run_pretrain() {
@@ -116,20 +150,27 @@ run_pretrain() {
         requeue_job
         return
     fi
+    local forwarder_pid=''
     trap 'warned=1; echo "time-limit warning (SIGUSR1): asking the trainer to save and exit"
-          if [[ -n $srun_pid ]]; then kill -USR1 "$srun_pid" 2>/dev/null || true; fi' USR1
+          forward_warning' USR1
     trap 'terminated=1; echo "SIGTERM: the job is being cancelled or preempted; the trainer" \
           "stops without saving"' TERM
-    # One task per GPU; Slurm's per-task variables become torch.distributed's.
+    # One task per GPU; Slurm's per-task variables become torch.distributed's. The task starts
+    # with SIGUSR1 ignored, so that a warning during the interpreter's start-up is not fatal;
+    # pretrain_tst.py gives it back its default action (TST_LAUNCHER_SHIELDED_SIGNALS) and
+    # installs its handler first thing; forward_warning waits for that.
     srun --kill-on-bad-exit=1 --cpus-per-task="$cpus" "${container[@]}" bash -c '
+        trap "" USR1
+        export TST_LAUNCHER_SHIELDED_SIGNALS=SIGUSR1
         export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID
         cd "$0" && exec "${PYTHON:-python}" pretrain_tst.py "$@"' "$REPO" "$@" &
     srun_pid=$!
-    if [[ $warned == 1 ]]; then kill -USR1 "$srun_pid" 2>/dev/null || true; fi  # came first
+    if [[ $warned == 1 ]]; then forward_warning; fi  # it came before srun started
     while :; do
         wait "$srun_pid" && status=0 || status=$?
         kill -0 "$srun_pid" 2>/dev/null || break   # still running: the wait was cut by a trap
     done
+    if [[ -n $forwarder_pid ]]; then kill "$forwarder_pid" 2>/dev/null || true; fi
     trap '' USR1   # a late warning changes nothing now
     trap - TERM
     if [[ $terminated == 1 ]]; then

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import shutil
 import signal
@@ -139,6 +140,9 @@ class LocalSlurm:
             "\n".join(
                 [
                     f"ClusterName={self.cluster}",
+                    # common.sh's rendezvous port is 20000 + job id: keep concurrent clusters
+                    # apart, and below the ephemeral port range
+                    f"FirstJobId={random.randrange(1000, 12000, 100)}",
                     f"SlurmctldHost={socket.gethostname()}(127.0.0.1)",
                     f"SlurmctldPort={ctld_port}",
                     f"SlurmdPort={slurmd_port}",
