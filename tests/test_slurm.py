@@ -184,8 +184,8 @@ def two_phase(slurm, tmp) -> dict:
     log1, log2 = (tmp / f"{CKPT_NAME}-{job}.out" for job in (phase1, phase2))
     run2 = collect(slurm, phase2, log2, ckpt_root)
     records = run2.records
-    run1 = Run(slurm.job(phase1), log1.read_text(), [r for r in records if r["phase"] == 1])
-    run2.records = [r for r in records if r["phase"] == 2]
+    run1 = Run(slurm.job(phase1), log1.read_text(), [r for r in records if r.get("phase") == 1])
+    run2.records = [r for r in records if r.get("phase") == 2]
     return {"phase1": run1, "phase2": run2, "signalled_after": signalled_after,
             "samples": samples, "save": ckpt_root / CKPT_NAME}  # fmt: skip
 
