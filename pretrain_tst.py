@@ -20,6 +20,12 @@ warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not i
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before the heavy imports: an exit signal that arrives while the job is still starting
+    # is recorded (the loop then exits before its first step), not fatal.
+    from tst_megatron.training import exit_signals
+
+    exit_signals.install_from_argv(sys.argv[1:] if argv is None else argv)
+
     from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
 
     try:
@@ -28,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"pretrain_tst.py: error: {err}", file=sys.stderr)
         return 2
+    if args.exit_signal_handler:  # also when only --yaml-config asked for it
+        exit_signals.install(args.exit_signal)
 
     from tst_megatron.config import TSTConfigError
     from tst_megatron.data.stream import DataError

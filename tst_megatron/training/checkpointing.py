@@ -29,6 +29,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from tst_megatron.training import fault_injection
+from tst_megatron.training.checkpoint_strategies import shield_checkpoint_writer
 from tst_megatron.training.optimizer import init_optimizer_state, unshare_adam_steps
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -157,6 +158,7 @@ def save_checkpoint(args, model_chunks, optimizer, scheduler, progress: Training
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     torch.distributed.barrier()
+    shield_checkpoint_writer()
     state = _sharded_state_dict(model_chunks, optimizer, scheduler, progress, args, False)
     dist_checkpointing.save(state, staging)
     fault_injection.during_save(progress.iteration)

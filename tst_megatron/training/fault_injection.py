@@ -17,6 +17,9 @@ module. The variable holds one or more faults separated by ``;``:
     Rank RANK sleeps forever before iteration ITER starts (a hung or dead rank).
 ``signal:RANK:ITER:NAME``
     Rank RANK sends itself signal NAME (e.g. ``SIGTERM``) before iteration ITER starts.
+``slow_steps:SECONDS``
+    Every rank sleeps SECONDS before each iteration (a slow model: a signal sent from outside
+    by a test then lands mid-run, and the run's losses are unchanged).
 
 Iterations count from 1, as in the log (``iteration 3/8`` is ITER 3). The hooks are called
 from fixed points in `tst_megatron.training.loop` and `tst_megatron.training.checkpointing`.
@@ -56,16 +59,20 @@ def _parse(item: str) -> tuple:
             return (int(fields[0]), int(fields[1]))
         if kind == "signal" and len(fields) == 3 and fields[2] in signal.Signals.__members__:
             return (int(fields[0]), int(fields[1]), fields[2])
+        if kind == "slow_steps" and len(fields) == 1:
+            return (float(fields[0]),)
     except ValueError:
         pass
     raise ValueError(f"{ENV}: cannot parse fault {item!r} (see {__name__})")
 
 
 def before_iteration(iteration: int) -> None:
-    """Hook at the start of iteration ``iteration``: ``hang_rank`` and ``signal`` faults."""
+    """Hook at the start of iteration ``iteration``: ``hang_rank``, ``signal``, ``slow_steps``."""
     faults = _faults()
     if not faults:
         return
+    for (seconds,) in faults.get("slow_steps", []):
+        time.sleep(seconds)
     rank = torch.distributed.get_rank()
     for target, at in faults.get("hang_rank", []):
         if (target, at) == (rank, iteration):

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tst_megatron.training import exit_signals
+
 
 def _max_over_ranks(number: int) -> int:
     value = torch.tensor([float(number)])
@@ -112,17 +114,28 @@ _DURATION, _INTERVAL = 1000, 1001  # exit codes agreed over ranks besides signal
 
 
 class ExitRequests:
-    """Exit signals (SIGTERM/SIGUSR1, Slurm's warning), --exit-duration-in-mins, --exit-interval."""
+    """Exit signals (SIGTERM/SIGUSR1, Slurm's warning), --exit-duration-in-mins, --exit-interval.
+
+    The signal is recorded by `tst_megatron.training.exit_signals` (installed by
+    ``pretrain_tst.py`` before any heavy work, so a signal during start-up is kept too).
+    """
 
     def __init__(self, args: Namespace) -> None:
         self.duration_s = (args.exit_duration_in_mins or 0) * 60
         self.interval = args.exit_interval or 0
-        self.received = 0  # the signal number, once one arrived
         if args.exit_signal_handler:
-            signal.signal(args.exit_signal, self._on_signal)
+            exit_signals.install(args.exit_signal)
 
-    def _on_signal(self, signum, frame) -> None:
-        self.received = signum
+    @property
+    def received(self) -> int:
+        """The exit signal's number once it arrived in this process, else 0."""
+        return exit_signals.received()
+
+    def signal_before_start(self) -> str | None:
+        """The reason to exit before the first step: an exit signal received during start-up
+        by any rank (agreed by all ranks)."""
+        code = _max_over_ranks(self.received)
+        return f"received {signal.Signals(code).name} during start-up" if code else None
 
     def check(self, iteration: int, start_time: float) -> str | None:
         """The reason to save and exit now, agreed by all ranks (even those the signal missed)."""

@@ -552,6 +552,13 @@ class Trainer:
             self.metrics.phase_boundary(self.progress.iteration, self.stream.state)
         self.set_phase(scheduled)
         self.print_data_notices()
+        early = self.exits.signal_before_start()
+        if early:  # nothing trained in this job yet: the checkpoint on disk (if any) is current
+            self.metrics.print(
+                f"exiting at iteration {self.progress.iteration} before the first step: "
+                f"{early}; nothing new to save"
+            )
+            return {"iteration": self.progress.iteration, "exit_reason": early}
         stop_at = self.last_iteration()
         update_num_microbatches(self.progress.consumed_samples, consistency_check=False)
         final = {"iteration": self.progress.iteration}
