@@ -150,7 +150,8 @@ def check_digests(directory: str, files: dict[str, Digest], names: list[str]) ->
             continue
         actual_size, actual_crc = file_digest(path)
         if actual_size != size:
-            problems.append(f"{name} holds {actual_size} bytes, {size} were saved (truncated?)")
+            how = "truncated?" if actual_size < size else "appended to?"
+            problems.append(f"{name} holds {actual_size} bytes, {size} were saved ({how})")
         elif actual_crc != crc:
             problems.append(f"{name} has CRC32 {actual_crc:08x}, {crc:08x} was saved (garbled)")
     return problems
@@ -209,6 +210,18 @@ def _os_errors(err: BaseException) -> Iterator[OSError]:
             stack.append(failure[0] if isinstance(failure, tuple) else failure)
 
 
+def short_description(err: BaseException) -> str:
+    """``Type: first line`` of an error; for a ``CheckpointException`` (per-rank failures,
+    each with its traceback) that of the first rank's exception."""
+    failures = getattr(err, "failures", None)
+    if failures:
+        first = next(iter(failures.values()))
+        err = first[0] if isinstance(first, tuple) else first
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else ""
+    return f"{type(err).__name__}: {text[:300]}"
+
+
 def describe_storage_failure(err: BaseException, directory: str) -> str:
     """What went wrong writing into ``directory``, in words about the disk when it is one."""
     for os_error in _os_errors(err):
@@ -219,9 +232,10 @@ def describe_storage_failure(err: BaseException, directory: str) -> str:
         stats = os.statvfs(directory)
     except OSError:
         stats = None
+    detail = short_description(err)
     if stats is not None and stats.f_flag & os.ST_RDONLY:
-        return f"the file system is read-only [EROFS] ({type(err).__name__}: {err})"
+        return f"the file system is read-only [EROFS] ({detail})"
     if stats is not None and stats.f_bavail * stats.f_frsize < (1 << 20):
         free = stats.f_bavail * stats.f_frsize
-        return f"no space left on the device ({free} bytes free) ({type(err).__name__}: {err})"
-    return f"{type(err).__name__}: {err}"
+        return f"no space left on the device ({free} bytes free) ({detail})"
+    return detail

@@ -48,6 +48,7 @@ from tst_megatron.training.checkpoint_files import (
     file_digest,
     fsync_dir,
     fsync_file,
+    short_description,
     split_by_bytes,
     write_atomically,
 )
@@ -408,7 +409,7 @@ def _publish(pending: _PendingSave, failure: BaseException | None) -> None:
     parts = _gather((written, problem))
     problem = next((p for _, p in parts if p), None)
     if problem is None:
-        fault_injection.during_save(pending.iteration)
+        fault_injection.during_save(pending.iteration, pending.staging)
         files = {name: digest for part, _ in parts for name, digest in part.items()}
         problem = _on_rank0(partial(_publish_on_rank0, pending, files))
     if problem is not None and _rank_and_world()[0] == 0:
@@ -756,16 +757,11 @@ def load_checkpoint(
 
 def describe_load_failure(err: BaseException, path: str) -> str:
     """One line for a failed `dist_checkpointing.load` of ``path``."""
-    detail = f"{type(err).__name__}: {err}"
-    failures = getattr(err, "failures", None)
-    if failures:  # torch.distributed.checkpoint: {rank: (exception, traceback)}
-        first = next(iter(failures.values()))
-        first = first[0] if isinstance(first, tuple) else first
-        detail = f"{type(first).__name__}: {first}"
+    detail = short_description(err)
     if "Number of unpadded elements in each bucket" in detail:
         detail += (
             " (the distributed optimizer's buckets differ from the checkpoint's: they depend "
             "on --overlap-grad-reduce and, for large models, the data-parallel size; resume "
             "with the saving run's settings, or save with --ckpt-fully-reshardable)"
         )
-    return f"cannot load checkpoint {path}: {' '.join(detail.split())}"
+    return f"cannot load checkpoint {path}: {detail}"
