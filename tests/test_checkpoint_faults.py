@@ -245,10 +245,15 @@ def test_truncated_record_is_named(tmp_path):
                        r"JSON \(.*; truncated or overwritten\?\)"):
         ckpt.read_checkpoint_meta(str(path))
     (path / "tst_checkpoint.json").write_text(json.dumps({
-        "iteration": 4, "tst": {}, "model": {}, "layout": {}, "files": {".metadata": [1, 2]},
+        "iteration": 4, "tst": {}, "model": {}, "files": {".metadata": [1, 2]},
     }))  # fmt: skip
-    with pytest.raises(ckpt.CheckpointError, match=r"lacks files\['common.pt'\]"):
+    with pytest.raises(ckpt.CheckpointError, match=r"tst_checkpoint.json lacks layout: it is no "
+                       "checkpoint record"):
         ckpt.read_checkpoint_meta(str(path))
+    meta = {"files": {".metadata": [1, 2]}}
+    with pytest.raises(ckpt.CheckpointError, match=rf"cannot load checkpoint {path}: .* lacks "
+                       r"files\['common.pt'\], files\['metadata.json'\]: without the recorded"):
+        ckpt.recorded_files(meta, str(path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,3 +498,13 @@ def test_yaml_type_errors_read_like_english(tmp_path):
     with pytest.raises(ConfigError, match=r"'lr' in .* must be a number, got 'fast'"):
         parse_args(["--yaml-config", str(config)])
 
+
+
+def test_verification_is_split_evenly_by_bytes():
+    from tst_megatron.training.checkpoint_files import split_by_bytes
+
+    files = {"big": [900, 0], "a": [300, 0], "b": [300, 0], "c": [300, 0], "tiny": [1, 0]}
+    shares = split_by_bytes(files, 2)
+    loads = sorted(sum(files[name][0] for name in share) for share in shares)
+    assert loads == [900, 901] and sorted(n for share in shares for n in share) == sorted(files)
+    assert split_by_bytes(files, 2) == shares  # the same on every rank

@@ -181,7 +181,7 @@ def load_model(args: Namespace, path: str) -> TSTGPTModel:
     The files are first checked against the sizes and CRC32s ``tst_checkpoint.json`` records.
     """
     try:
-        ckpt.verify_files(path, ckpt.read_checkpoint_meta(path)["files"])
+        ckpt.verify_files(path, ckpt.recorded_files(ckpt.read_checkpoint_meta(path), path))
     except ckpt.CheckpointError as err:
         raise ConversionError(str(err)) from None
     model = _build(args)

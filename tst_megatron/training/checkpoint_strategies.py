@@ -52,7 +52,7 @@ DP_RESHARDABLE = "dp_reshardable"
 FULLY_RESHARDABLE = "fully_reshardable"
 
 _manager: SyncManager | None = None
-_save_strategy = None  # built once per job, as Megatron-LM keeps it in checkpointing_context
+_save_strategy: tuple | None = None  # (data-parallel group, fully parallel, strategy)
 
 
 def optimizer_format(args: Namespace) -> str:
@@ -66,16 +66,20 @@ def sharded_state_dict_metadata(sharding_type: str) -> dict:
 
 
 def save_strategy(args: Namespace):
-    """torch_dist saving, fully parallel over the data-parallel group unless turned off."""
+    """torch_dist saving, fully parallel over the data-parallel group unless turned off.
+
+    Built once per process and parallel state (kept for later saves, as Megatron-LM keeps it
+    in its ``checkpointing_context``).
+    """
     global _save_strategy
-    if _save_strategy is None:
+    parallel = getattr(args, "ckpt_fully_parallel_save", True)
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    if _save_strategy is None or _save_strategy[:2] != (group, parallel):
         strategy = get_default_save_sharded_strategy("torch_dist")
-        if getattr(args, "ckpt_fully_parallel_save", True):
-            strategy = FullyParallelSaveStrategyWrapper(
-                strategy, parallel_state.get_data_parallel_group(with_context_parallel=True)
-            )
-        _save_strategy = strategy
-    return _save_strategy
+        if parallel:
+            strategy = FullyParallelSaveStrategyWrapper(strategy, group)
+        _save_strategy = (group, parallel, strategy)
+    return _save_strategy[2]
 
 
 def load_strategy(args: Namespace, path: str):

@@ -68,7 +68,7 @@ from tst_megatron.training.optimizer import init_optimizer_state, unshare_adam_s
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "tst_checkpoint.json"
-REQUIRED_META = ("iteration", "tst", "model", "layout", "files")
+REQUIRED_META = ("iteration", "tst", "model", "layout")
 # Files Megatron-Core's torch_dist format always writes; a record without them is incomplete.
 REQUIRED_FILES = (".metadata", "common.pt", "metadata.json")
 MODEL_SHAPE_KEYS = (
@@ -525,15 +525,28 @@ def read_checkpoint_meta(path: str) -> dict:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{file} holds {type(meta).__name__}, not the checkpoint record")
     missing = [key for key in REQUIRED_META if key not in meta]
-    if not missing and isinstance(meta["files"], dict):
-        missing = [f"files[{name!r}]" for name in REQUIRED_FILES if name not in meta["files"]]
+    if missing:
+        raise CheckpointError(f"{file} lacks {', '.join(missing)}: it is no checkpoint record")
+    return meta
+
+
+def recorded_files(meta: dict, path: str) -> dict[str, Digest]:
+    """The file digests a checkpoint's record holds; a load never goes on without them.
+
+    Raises:
+        CheckpointError: the ``files`` entry, or one of Megatron-Core's files in it, is missing.
+    """
+    files = meta.get("files")
+    missing = ["files"] if not isinstance(files, dict) else [
+        f"files[{name!r}]" for name in REQUIRED_FILES if name not in files
+    ]
     if missing:
         raise CheckpointError(
-            f"{file} lacks {', '.join(missing)}: without the recorded file digests the "
-            "checkpoint cannot be verified (a damaged shard would load silently); load an "
-            "earlier checkpoint"
+            f"cannot load checkpoint {path}: {os.path.join(path, META)} lacks "
+            f"{', '.join(missing)}: without the recorded file digests the checkpoint cannot be "
+            "verified (a damaged shard would load silently); load an earlier checkpoint"
         )
-    return meta
+    return files
 
 
 def verify_files(path: str, files: dict[str, Digest]) -> None:
@@ -730,7 +743,7 @@ def load_checkpoint(
     )
     if args.no_load_rng or args.finetune or not load_rng:
         state.pop(rng.KEY)
-    verify_files(path, meta["files"])
+    verify_files(path, recorded_files(meta, path))
     try:
         loaded = dist_checkpointing.load(state, path, load_strategy(args, path))
         for i, chunk in enumerate(model_chunks):
