@@ -1,12 +1,19 @@
-"""Tests of tools/plan.py, the cluster-layout planner.
+"""Tests of tools/plan.py, the cluster-layout planner (`tst_megatron.planning`).
 
 The planner runs in this process (importing ``megatron.core`` costs seconds per interpreter);
 one rejection also runs as a script to check its exit status.
+
+Golden files: ``tests/golden/plan/<case>.json`` hold the ``--json`` report of every shipped
+config (`GOLDEN_CASES`). A change to the planning model that is meant to change the numbers
+regenerates them on purpose, and the diff goes into the same commit::
+
+    UPDATE_GOLDEN=1 python -m pytest -q tests/test_plan.py -k golden
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -26,6 +33,7 @@ from tst_megatron.training.model_builder import (
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "tools"
 CONFIGS = ROOT / "examples" / "configs"
+GOLDEN = Path(__file__).resolve().parent / "golden" / "plan"
 
 
 plan = import_tool("plan")
@@ -341,3 +349,84 @@ def test_unusable_input(tmp_path, capsys):
     settings.update({"tokenizer-type": "HuggingFaceTokenizer", "tokenizer-model": "/none"})
     assert plan.main(["--config", write_config(tmp_path, settings)]) == 2
     assert "gives no vocab-size" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ golden reports ----------
+
+# The layouts of docs/planner.md's table (B200, the default; 8 GPUs per node), one per shipped
+# config, plus a pipelined, interleaved, recomputed MoE layout on H100s.
+PIPELINED_MOE = ("--gpu", "h100", "--nodes", "2", "--ep", "8", "--pp", "2", "--vpp", "2",
+                 "--micro-batch-size", "2", "--recompute")  # fmt: skip
+GOLDEN_CASES: dict[str, tuple[str, ...]] = {
+    "tst-270m": ("--nodes", "1"),
+    "tst-270m-baseline": ("--nodes", "1"),
+    "tst-600m": ("--nodes", "1"),
+    "tst-600m-baseline": ("--nodes", "1"),
+    "tst-3b": ("--nodes", "4", "--micro-batch-size", "4"),
+    "tst-3b-baseline": ("--nodes", "4", "--micro-batch-size", "4"),
+    "tst-10b-a1b": ("--nodes", "8", "--ep", "8", "--micro-batch-size", "4"),
+    "tst-10b-a1b-baseline": ("--nodes", "8", "--ep", "8", "--micro-batch-size", "4"),
+    "tst-30b-a3b": ("--nodes", "16", "--ep", "8", "--micro-batch-size", "2"),
+    "tst-30b-a3b-baseline": ("--nodes", "16", "--ep", "8", "--micro-batch-size", "2"),
+    "tst-10b-a1b-h100-pp2-vpp2-recompute": PIPELINED_MOE,
+}
+
+
+def golden_config(case: str) -> str:
+    """The shipped config of a golden case (its name up to the layout suffix)."""
+    name = case.removesuffix("-h100-pp2-vpp2-recompute")
+    return f"examples/configs/{name}.yaml"
+
+
+def test_every_shipped_config_has_a_golden_case():
+    shipped = {path.stem for path in CONFIGS.glob("*.yaml")}
+    assert shipped == {Path(golden_config(case)).stem for case in GOLDEN_CASES}
+
+
+@pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
+def test_golden_report(case, capsys, monkeypatch):
+    """The ``--json`` output of every shipped config equals its committed golden file."""
+    monkeypatch.chdir(ROOT)  # the report names the config as given: a relative path
+    argv = ["--config", golden_config(case), *GOLDEN_CASES[case], "--json"]  # default b200
+    code, out = run_plan(capsys, *argv)
+    assert code == 0, out
+    path = GOLDEN / f"{case}.json"
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        path.write_text(out)
+    assert path.exists(), f"no golden file {path}: regenerate with UPDATE_GOLDEN=1"
+    assert json.loads(out) == json.loads(path.read_text()), (
+        f"tools/plan.py {' '.join(argv)} changed; if intended, regenerate the golden files "
+        "with UPDATE_GOLDEN=1 python -m pytest -q tests/test_plan.py -k golden"
+    )
+
+
+# ------------------------------------------------------------------ the trainer's estimate --
+
+
+@pytest.mark.parametrize("settings", [TINY_DENSE, TINY_MOE], ids=["dense", "moe"])
+def test_trainer_footprint_equals_the_plan(tmp_path, capsys, settings):
+    """The trainer's start-up estimate (parameters counted on the model it built) is the plan's
+    memory per GPU for the same one-GPU layout, field for field."""
+    from dataclasses import asdict
+
+    from tst_megatron.planning import footprint
+
+    config = write_config(tmp_path, settings)
+    code, report = plan_json(capsys, config, "--gpus-per-node", "1")
+    assert code == 0, report["errors"]
+    args = parse_args(["--yaml-config", config])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        validate_args(args, world_size=1)
+        model_config = transformer_config_from_args(args)
+        model_config.perform_initialization = False
+        with single_process_parallel_state():
+            model = build_model(args, model_config, pre_process=True, post_process=True)
+            estimate = footprint.run_footprint(args, [model], report["layout"]["num_microbatches"])
+    assert [asdict(m) for m in estimate.in_flight] == report["memory_stages"]
+    assert estimate.phases == (1, 2)
+    (line,) = footprint.estimate_lines(estimate)
+    peak = report["memory_per_gpu_bytes"] / 2**20
+    assert f"peak: phase 1 {peak:.2f} MB" in line
+    measured = footprint.measured_line(estimate, [123 * 2**20], 2, 1)
+    assert measured.endswith(f"stage 0 123.00 MB (estimate {peak:.2f} MB)")

@@ -339,3 +339,38 @@ def test_phase2_checkpoint_is_a_stock_gpt_model(runs):
     assert not result.unexpected_keys
     assert all(key.endswith("_extra_state") for key in result.missing_keys)
     assert set(loaded["model"]) == {k for k in stock.state_dict() if "_extra_state" not in k}
+
+
+@pytest.mark.slow
+def test_startup_memory_estimate_is_logged(runs):
+    """The planner's per-GPU estimate appears at start-up, with hand-computed numbers.
+
+    The "auto" run: fp32 (4 B weights, 4 B grads, Adam 8 B sharded over DP=2), one stage of
+    2 layers; activations per micro-batch (b=2, L=32: 64 tokens) are 2 layers of
+    ``tokens (8h + 4(q + kv) + 6f)``, plus the phase-1 bag inputs ``s tokens h (2 + 4)``.
+    """
+    from tst_megatron.planning.params import count_parameters, meta_parameters
+    from tst_megatron.training.arguments import parse_args, validate_args
+
+    args = parse_args([*TINY_MODEL, *OPTIM, "--train-iters", "8", "--mock-data",
+                       "--vocab-size", "8192"])  # fmt: skip
+    validate_args(args, world_size=1)
+    params = count_parameters(args, meta_parameters(args)).total  # meta model, not the run's
+    mb = 1024**2
+    h, f, tokens = 64, args.ffn_hidden_size, 2 * 32
+    q, kv = 4 * 16, 2 * 16
+    per_micro = 2 * tokens * (8 * h + 4 * (q + kv) + 6 * f)
+    bags = 4 * tokens * h * (2 + 4)
+    log = runs["auto"][1]
+    expected = (
+        "theoretical memory footprint per GPU of pipeline stage 0 of 1 (tst_megatron.planning, "
+        f"as tools/plan.py): weights+grads+optimizer={12 * params / mb:.2f} MB (weights "
+        f"{4 * params / mb:.2f}, grads {4 * params / mb:.2f}, optimizer {4 * params / mb:.2f}), "
+        f"activations per micro-batch: phase 1 {(per_micro + bags) / mb:.2f} MB, phase 2 "
+        f"{per_micro / mb:.2f} MB"
+    )
+    assert expected in log, log[:3000]
+    assert log.count("theoretical memory footprint") == 1  # printed by the logging rank only
+    assert "max_memory_allocated" not in log  # CUDA only
+    pp2 = runs["pp2"][1]
+    assert "pipeline stage 0 of 2" in pp2 and "pipeline stage 1 of 2" in pp2

@@ -20,14 +20,10 @@ from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
 from tst_megatron.conversion import ConversionError
-from tst_megatron.data.tokenizer import build_tokenizer
+from tst_megatron.data.tokenizer import build_tokenizer_from_args, model_vocab_size
 from tst_megatron.model import TSTGPTModel
 from tst_megatron.training import checkpointing as ckpt
-from tst_megatron.training.arguments import (
-    load_yaml_defaults,
-    validate_args,
-    vocab_size_with_padding,
-)
+from tst_megatron.training.arguments import load_yaml_defaults, validate_args
 from tst_megatron.training.model_builder import (
     build_model,
     single_process_parallel_state,
@@ -55,6 +51,9 @@ SINGLE_PROCESS = {
     "recompute_granularity": None,
     "recompute_method": None,
     "recompute_num_layers": None,
+    "recompute_activations": False,
+    "recompute_modules": None,
+    "moe_permute_fusion": None,  # needs Transformer Engine on a GPU
     "distributed_backend": "gloo",
     # no data is read and nothing is logged
     "mock_data": True,
@@ -105,19 +104,15 @@ def single_process_args(run_args: Namespace) -> tuple[Namespace, Any]:
     padding = Namespace(
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
+        vocab_size=args.vocab_size,
     )
     vars(args).update(SINGLE_PROCESS)
     vars(args).update(PLACEHOLDERS)
     if args.seq_length is None:  # the sequence length is no part of the weights
         args.seq_length = args.max_position_embeddings
     validate_args(args, 1)
-    tokenizer = build_tokenizer(
-        args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file,
-        args.vocab_size,
-    )  # fmt: skip
-    args.padded_vocab_size = vocab_size_with_padding(
-        args.vocab_size or tokenizer.vocab_size, padding
-    )
+    tokenizer = build_tokenizer_from_args(args)
+    args.padded_vocab_size = model_vocab_size(tokenizer, padding)
     return args, tokenizer
 
 

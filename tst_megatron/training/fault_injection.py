@@ -9,6 +9,10 @@ module. The variable holds one or more faults separated by ``;``:
     every shard is written to ``iter_XXXXXXX.tmp`` and before it is published.
 ``nan_loss:ITER[,ITER...]``
     The loss of these iterations (and so every gradient) is NaN on every rank.
+``overflow:ITER[,ITER...]``
+    The loss of these iterations stays finite but every gradient is Inf/NaN, as when an fp16
+    loss scale is too large: fp16 runs skip the step and lower the scale, others count a bad
+    step.
 ``hang_rank:RANK:ITER``
     Rank RANK sleeps forever before iteration ITER starts (a hung or dead rank).
 ``signal:RANK:ITER:NAME``
@@ -50,7 +54,7 @@ def _parse(item: str) -> tuple:
     kind, _, rest = item.partition(":")
     fields = rest.split(":")
     try:
-        if kind == "nan_loss" and len(fields) == 1:
+        if kind in ("nan_loss", "overflow") and len(fields) == 1:
             return tuple(int(i) for i in fields[0].split(","))
         if kind == "hang_rank" and len(fields) == 2:
             return (int(fields[0]), int(fields[1]))
@@ -84,20 +88,38 @@ def before_iteration(iteration: int) -> None:
             os.kill(os.getpid(), signal.Signals[name])
 
 
+class _InfiniteGradient(torch.autograd.Function):
+    """Identity forward; the backward multiplies the incoming gradient by +Inf."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("inf")
+
+
 def forward_step(step: Callable, iteration: int) -> Callable:
-    """Hook around the forward step of iteration ``iteration``: ``nan_loss`` faults.
+    """Hook around the forward step of iteration ``iteration``: ``nan_loss``, ``overflow``.
 
     Returns ``step`` itself unless the iteration is listed; else a step whose output (the
-    loss on the last pipeline stage, the activations elsewhere) is multiplied by NaN.
+    loss on the last pipeline stage, the activations elsewhere) is multiplied by NaN
+    (``nan_loss``) or passes an infinite gradient back (``overflow``).
     """
-    if not any(iteration in its for its in _faults().get("nan_loss", [])):
+    faults = _faults()
+    nan = any(iteration in its for its in faults.get("nan_loss", []))
+    overflow = any(iteration in its for its in faults.get("overflow", []))
+    if not (nan or overflow):
         return step
 
-    def nan_step(data_iterator, model):
+    def faulty_step(data_iterator, model):
         output, loss_func = step(data_iterator, model)
-        return output * float("nan"), loss_func
+        if nan:
+            return output * float("nan"), loss_func
+        return _InfiniteGradient.apply(output), loss_func
 
-    return nan_step
+    return faulty_step
 
 
 def during_save(iteration: int, staging: str) -> None:

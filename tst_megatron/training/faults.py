@@ -6,9 +6,11 @@ skips a step or exits alone.
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from argparse import Namespace
+from dataclasses import dataclass
 
 import torch
 
@@ -23,31 +25,69 @@ def _max_over_ranks(number: int) -> int:
     return int(value.item())
 
 
-def _any_rank(flag: bool) -> bool:
-    return _max_over_ranks(int(flag)) > 0
-
-
 class TrainingStopped(RuntimeError):
     """Training cannot go on (too many consecutive NaN/Inf steps); nothing was saved from it."""
 
 
+@dataclass(frozen=True)
+class StepHealth:
+    """What all ranks agree on about one step, from one all-reduce (`check_step`).
+
+    ``loss``: the step's global mean lm loss (sum and count over micro-batches and data
+    parallel). ``grads_finite``: no rank's local gradient buffers hold a NaN or Inf.
+    """
+
+    loss: float
+    grads_finite: bool
+
+    @property
+    def loss_finite(self) -> bool:
+        return math.isfinite(self.loss)
+
+    def is_bad(self, loss_scaling: bool) -> bool:
+        """A NaN/Inf step, whose update must be skipped.
+
+        A non-finite loss always is. Non-finite gradients with a finite loss are, except under
+        fp16 loss scaling (``loss_scaling``): there they are an overflow of the scaled loss,
+        which the optimizer detects itself, skipping the update and lowering the scale.
+        """
+        return not self.loss_finite or (not self.grads_finite and not loss_scaling)
+
+
+def check_step(outputs: list[dict], chunks) -> StepHealth:
+    """The step's mean loss and whether any gradient is non-finite, on every rank.
+
+    One world all-reduce (SUM) of ``[loss sum, loss count, non-finite flags]`` in float64.
+    Every rank of the last pipeline stage holds a copy of its replica's loss (tensor- and
+    context-parallel ranks hold the same sums), so sum and count carry the same multiplicity
+    and their ratio is the data-parallel mean; other stages add zeros. The gradient check
+    reads each buffer's ``aminmax`` (a reduction: no parameter-sized temporary; NaN
+    propagates through both, an Inf shows in one).
+    """
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    loss = torch.zeros(2, dtype=torch.float64, device=device)
+    for out in outputs or []:
+        loss += out["lm loss"].detach().to(device=loss.device, dtype=torch.float64)
+    extremes = [
+        torch.stack(torch.aminmax(buffer.grad_data)).to(torch.float64)
+        for chunk in chunks
+        for buffer in [*chunk.buffers, *chunk.expert_parallel_buffers]
+    ]
+    flags = (~torch.isfinite(torch.cat(extremes))).sum() if extremes else loss.new_zeros(())
+    total = torch.cat([loss, flags.to(loss).reshape(1)])
+    torch.distributed.all_reduce(total)
+    loss_sum, count, non_finite = total.tolist()
+    return StepHealth(loss=loss_sum / max(count, 1.0), grads_finite=non_finite == 0)
+
+
 class BadStepGuard:
-    """Detects NaN/Inf gradients on any rank; counts consecutive bad steps."""
+    """Counts consecutive bad (NaN/Inf) steps and decides when training must stop."""
 
     def __init__(self, max_consecutive: int) -> None:
         self.max_consecutive = max_consecutive
         self.consecutive = 0
         self.total = 0
         self.last_bad_iteration: int | None = None
-
-    def grads_not_finite(self, chunks) -> bool:
-        """True on every rank when any rank's local gradients hold a NaN or Inf."""
-        bad = False
-        for chunk in chunks:
-            for buffer in [*chunk.buffers, *chunk.expert_parallel_buffers]:
-                if not torch.isfinite(buffer.grad_data).all():
-                    bad = True
-        return _any_rank(bad)
 
     def record(self, bad: bool, iteration: int) -> None:
         if bad:

@@ -31,24 +31,39 @@ from megatron.core.num_microbatches_calculator import (
     update_num_microbatches,
 )
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.utils import get_batch_on_this_cp_rank
+from megatron.core.utils import get_batch_on_this_cp_rank, get_model_config
 
 from tst_megatron.config import STANDARD_PHASE, PhaseSpec
 from tst_megatron.data.builders import build_train_stream, build_valid_dataset, mock_valid_windows
-from tst_megatron.data.tokenizer import TokenizerError, build_tokenizer
+from tst_megatron.data.tokenizer import build_tokenizer_from_args, model_vocab_size
+from tst_megatron.planning import footprint
 from tst_megatron.targets import build_batch
 from tst_megatron.training import checkpointing as ckpt
-from tst_megatron.training import fault_injection
-from tst_megatron.training.arguments import vocab_size_with_padding
-from tst_megatron.training.faults import BadStepGuard, ExitRequests, TrainingStopped
+from tst_megatron.training import fault_injection, placement, precision
+from tst_megatron.training.faults import BadStepGuard, ExitRequests, TrainingStopped, check_step
+from tst_megatron.training.manual_gc import ManualGarbageCollection
 from tst_megatron.training.metrics import MetricsLogger
 from tst_megatron.training.model_builder import build_model, transformer_config_from_args
+from tst_megatron.training.moe_metrics import MoEStepMetrics
 from tst_megatron.training.optimizer import build_optimizer, build_scheduler, describe_kernels
+from tst_megatron.training.timers import StepTimers, attach_timers
+
+# Megatron-LM reports the measured memory after the second step, which includes the optimizer
+# state (Adam's moments are allocated at the first step).
+MEASURE_MEMORY_AFTER_STEPS = 2
 
 
 def initialize_distributed(args: Namespace) -> None:
-    """Process group, model-parallel groups, seeds and the micro-batch calculator."""
-    if not torch.cuda.is_available():
+    """Process group, model-parallel groups, seeds and the micro-batch calculator.
+
+    On CUDA, first the environment Megatron-LM requires (``CUDA_DEVICE_MAX_CONNECTIONS``,
+    before the CUDA context exists) and this rank's device (`placement.set_cuda_device`).
+    """
+    if torch.cuda.is_available():
+        note = placement.set_cuda_connections(args, placement.cuda_arch_major(), os.environ)
+        if note:
+            args.startup_notes.append(note)
+    else:
         from tst_megatron.cpu.shim import install_cpu_shim
 
         install_cpu_shim()
@@ -59,7 +74,7 @@ def initialize_distributed(args: Namespace) -> None:
     )
     if not torch.distributed.is_initialized():
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            placement.set_cuda_device()
         torch.distributed.init_process_group(args.distributed_backend, timeout=timeout)
     ps.initialize_model_parallel(
         # mcore's own groups (data, tensor, pipeline, ...) otherwise wait 30 minutes
@@ -108,6 +123,7 @@ def build_model_chunks(args: Namespace) -> list[DistributedDataParallel]:
         )
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
+        model = precision.wrap_model_chunk(model, config)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32,
             overlap_grad_reduce=args.overlap_grad_reduce,
@@ -124,26 +140,44 @@ def build_model_chunks(args: Namespace) -> list[DistributedDataParallel]:
     return chunks
 
 
-def unwrap(chunk):
-    return getattr(chunk, "module", chunk)
+unwrap = precision.unwrap
 
 
-def loss_func(position_mask: torch.Tensor, output: torch.Tensor):
+def loss_func(position_mask: torch.Tensor, output: torch.Tensor, per_token: bool = False):
     """Mean loss over the unmasked positions of the micro-batch, global over context parallel.
 
     Args:
         position_mask: ``[b, L/CP]`` 1 where the position has at least one unmasked target.
         output: ``[b, L/CP]`` per-position loss from the model.
+        per_token: ``--calculate-per-token-loss`` (see `per_token_loss`).
 
     Returns the legacy 2-tuple: mcore's schedule multiplies the loss by the CP size and
     divides it by the number of micro-batches, and DDP averages gradients over DP x CP.
     """
     mask = position_mask.reshape(-1).float()
     total = torch.stack([(output.float().reshape(-1) * mask).sum(), mask.sum()])
+    if per_token:
+        return per_token_loss(total)
     if ps.get_context_parallel_world_size() > 1:
         torch.distributed.all_reduce(total, group=ps.get_context_parallel_group())
     loss = total[0] / total[1].clamp(min=1)
     return loss, {"lm loss": total.detach().clone()}
+
+
+def per_token_loss(total: torch.Tensor):
+    """``--calculate-per-token-loss``: Megatron-LM's 3-tuple ``(sum, count, report)``.
+
+    ``total`` is ``[loss sum, loss tokens]`` of this rank's share of the micro-batch (a token
+    is a position with an unmasked target; in TST phase 1 a latent position, whose loss is
+    the multi-hot CE over its unmasked target slots). The schedule leaves the sum alone and
+    passes the step's token count to `finalize_model_grads`, which sums it over data and
+    context parallel and divides the gradients by it: the step minimises the global sum over
+    the global token count. The report is summed over context parallel for logging.
+    """
+    report = total.detach().clone()
+    if ps.get_context_parallel_world_size() > 1:
+        torch.distributed.all_reduce(report, group=ps.get_context_parallel_group())
+    return total[0], total[1].detach().to(torch.int), {"lm loss": report}
 
 
 def forward_step(data_iterator, model):
@@ -153,7 +187,8 @@ def forward_step(data_iterator, model):
     output = model(
         batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=mask
     )
-    return output, partial(loss_func, position_mask)
+    per_token = get_model_config(model).calculate_per_token_loss
+    return output, partial(loss_func, position_mask, per_token=per_token)
 
 
 def split_for_context_parallel(batch: dict, bag_size: int) -> dict:
@@ -177,23 +212,12 @@ class Trainer:
     def __init__(self, args: Namespace) -> None:
         self.args = args
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        self.tokenizer = build_tokenizer(
-            args.tokenizer_type,
-            args.tokenizer_model,
-            args.vocab_file,
-            args.merge_file,
-            args.vocab_size,
-        )
-        if args.padded_vocab_size is None:
-            args.padded_vocab_size = vocab_size_with_padding(self.tokenizer.vocab_size, args)
-        elif self.tokenizer.vocab_size > args.padded_vocab_size:
-            raise TokenizerError(
-                f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's padded "
-                f"vocabulary (--vocab-size {args.vocab_size}) has {args.padded_vocab_size}"
-            )
+        self.tokenizer = build_tokenizer_from_args(args)
+        args.padded_vocab_size = model_vocab_size(self.tokenizer, args)
         self.stream = build_train_stream(args, self.tokenizer)
         self.chunks = build_model_chunks(args)
         self.optimizer = build_optimizer(args, self.chunks)
+        precision.attach_loss_scale(self.chunks, self.optimizer)
         self.scheduler = build_scheduler(args, self.optimizer)
         self.phase1_iters = args.tst.phase1_iterations(args.train_iters)
         self.progress = ckpt.TrainingProgress(0, 0, 1 if self.phase1_iters else 2, {})
@@ -201,6 +225,15 @@ class Trainer:
         self.exits = ExitRequests(args)
         self.metrics = MetricsLogger(args, self.phase1_iters)
         self._valid = None
+        self.timers = StepTimers(args)
+        attach_timers(self.timers, get_model_config(self.chunks[0]), self.optimizer)
+        self.metrics.attach_timers(self.timers)
+        self.moe = MoEStepMetrics(args, self.chunks) if args.num_experts else None
+        self.gc = ManualGarbageCollection(args)
+        if args.manual_gc:
+            self.metrics.print(self.gc.describe())
+        for note in args.startup_notes:
+            self.metrics.print(note)
         self.metrics.print(
             f"transformer impl: {args.transformer_impl}; optimizer kernel: "
             f"{describe_kernels(self.optimizer)} (Megatron-Core uses Transformer Engine or apex "
@@ -242,9 +275,12 @@ class Trainer:
         for note in ckpt.check_compatible(args, meta, path):
             self.metrics.print(f"note: {note}")
         same_layout = meta["layout"] == ckpt.layout(args)
+        self.timers("load-checkpoint", log_level=0).start(barrier=True)
         self.progress = ckpt.load_checkpoint(
             args, self.chunks, self.optimizer, self.scheduler, path, load_rng=same_layout
         )
+        self.timers("load-checkpoint").stop(barrier=True)
+        self.metrics.checkpoint_time(self.progress.iteration, "load-checkpoint")
         if self.progress.data_state:
             self.stream.load_state(self.progress.data_state)
         optimizer = ""
@@ -262,6 +298,7 @@ class Trainer:
             return
         self.progress.data_state = self.stream.state.as_dict()
         start = time.time()
+        self.timers("save-checkpoint", log_level=0).start(barrier=True)
         overlapped = self.args.overlap_param_gather
         if overlapped:  # finish the pending all-gather of updated params before writing them
             for chunk in self.chunks:
@@ -272,11 +309,13 @@ class Trainer:
         if overlapped:
             for chunk in self.chunks:
                 chunk.enable_forward_pre_hook()
+        self.timers("save-checkpoint").stop(barrier=True)
         done = "scheduled async save of" if async_save else "saved"
         self.metrics.print(
             f"{done} checkpoint {path} at iteration {self.progress.iteration} "
             f"({time.time() - start:.1f}s)"
         )
+        self.metrics.checkpoint_time(self.progress.iteration, "save-checkpoint")
 
     def finalize_saves(self, blocking: bool) -> None:
         """Publish the async saves every rank finished writing (all when ``blocking``)."""
@@ -331,24 +370,38 @@ class Trainer:
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        step_func = fault_injection.forward_step(forward_step, self.progress.iteration + 1)
-        outputs = self._run_schedule(self._microbatches(spec), False, step_func)
-        bad = self.guard.grads_not_finite(self.chunks) and not self.args.fp16
+        iteration = self.progress.iteration + 1
+        step_func = fault_injection.forward_step(forward_step, iteration)
+        self.timers("batch-generator", log_level=1).start()
+        batches = self._microbatches(spec)
+        self.timers("batch-generator").stop()
+        outputs = self._run_schedule(batches, False, step_func)
+        health = check_step(outputs, self.chunks)
+        fp16 = self.args.fp16
+        scale = precision.current_loss_scale(self.optimizer) if fp16 else None
+        bad = health.is_bad(loss_scaling=fp16)
+        self.timers("optimizer", log_level=1).start(barrier=self.args.barrier_with_L1_time)
         if bad:
             updated, grad_norm = False, float("nan")
-        else:
+        else:  # fp16: the optimizer skips an overflow step itself and lowers the loss scale
             updated, grad_norm, _ = self.optimizer.step()
+        self.timers("optimizer").stop()
+        overflow = fp16 and not bad and not updated
         gbs = get_current_global_batch_size()
         if updated:
             self.scheduler.step(increment=gbs)
-        self.guard.record(bad or not updated, self.progress.iteration + 1)
+        # an overflow at the minimum loss scale cannot be scaled away: a bad step too
+        self.guard.record(bad or (overflow and scale <= self.args.min_loss_scale), iteration)
         return {
-            "loss": _reduce_lm_loss(outputs),
+            "loss": health.loss,
             "grad_norm": grad_norm,
             "updated": updated,
             "nan": bad,
+            "overflow": overflow,
+            "loss_scale": precision.current_loss_scale(self.optimizer) if fp16 else None,
             "global_batch_size": gbs,
             "lr": self.optimizer.param_groups[0]["lr"],
+            "moe": self.moe.collect(len(batches)) if self.moe else None,
         }
 
     def evaluate(self) -> float | None:
@@ -363,8 +416,11 @@ class Trainer:
         self.set_phase(2)
         for chunk in self.chunks:
             chunk.eval()
-        with torch.no_grad():
+        config = get_model_config(self.chunks[0])
+        config.timers = None  # like Megatron-LM: evaluation stays out of the step timers
+        with self.gc.evaluation(), torch.no_grad():
             outputs = self._run_schedule(samples, forward_only=True)
+        config.timers = self.timers.timers
         for chunk in self.chunks:
             chunk.train()
         self.set_phase(phase)
@@ -411,10 +467,34 @@ class Trainer:
         self._valid = batches
         return batches
 
+    # --- memory footprint ---------------------------------------------------------------
+    def log_memory_estimate(self) -> None:
+        """Log the planner's memory estimate per GPU of every pipeline stage for this run
+        (Megatron-LM's "theoretical memory footprints"; a collective: every rank calls it)."""
+        args = self.args
+        micro = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+        models = [unwrap(chunk) for chunk in self.chunks]
+        self.footprint = footprint.run_footprint(args, models, micro)
+        for line in footprint.estimate_lines(self.footprint):
+            self.metrics.print(line)
+
+    def log_measured_memory(self) -> None:
+        """On CUDA, log every stage's measured ``max_memory_allocated`` beside the estimate
+        (a collective: every rank calls it)."""
+        if self.device.type != "cuda":
+            return
+        measured = footprint.measured_peaks(self.args)
+        self.metrics.print(
+            footprint.measured_line(
+                self.footprint, measured, self.progress.iteration, self.progress.phase
+            )
+        )
+
     # --- the loop -----------------------------------------------------------------------
     def train(self) -> dict:
         args = self.args
         self.maybe_load()
+        self.log_memory_estimate()
         # The schedule, not the checkpoint, decides the phase: an imported or --finetune
         # checkpoint at iteration 0 starts with TST phase 1 when it is configured.
         scheduled = args.tst.phase_at(self.progress.iteration, args.train_iters)
@@ -434,6 +514,8 @@ class Trainer:
         stop_at = self.last_iteration()
         update_num_microbatches(self.progress.consumed_samples, consistency_check=False)
         final = {"iteration": self.progress.iteration}
+        measure_at = min(self.progress.iteration + MEASURE_MEMORY_AFTER_STEPS, stop_at)
+        self.gc.start()
         while self.progress.iteration < stop_at:
             if self.progress.phase == 1 and self.progress.iteration >= self.phase1_iters:
                 self.set_phase(2)
@@ -451,6 +533,9 @@ class Trainer:
                 self.progress, spec, step, time.time() - start, self.stream.state, stop_at
             )
             self.print_data_notices()
+            if self.progress.iteration == measure_at:
+                self.log_measured_memory()
+            self.gc.after_step(self.progress.iteration)
             final = {"iteration": self.progress.iteration, "loss": step["loss"]}
             if self.guard.should_stop():
                 raise TrainingStopped(self.guard.stop_message())

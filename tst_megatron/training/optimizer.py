@@ -44,6 +44,9 @@ def optimizer_config_from_args(args: Namespace) -> OptimizerConfig:
         params_dtype=args.params_dtype,
         loss_scale=args.loss_scale,
         initial_loss_scale=args.initial_loss_scale,
+        min_loss_scale=args.min_loss_scale,
+        loss_scale_window=args.loss_scale_window,
+        hysteresis=args.hysteresis,
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
 

@@ -1,0 +1,106 @@
+"""Parameter counts from the meta-device model, and what one GPU of each pipeline stage holds.
+
+The model comes from the trainer's own builder (`build_meta_model`), so the counts follow
+whatever the builder enables; they are cross-checked with the analytic
+`total_and_active_params`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from dataclasses import dataclass, field
+
+from tst_megatron.training.flops import ModelShape, total_and_active_params
+
+NamedParams = list[tuple[str, int, int]]  # (name, numel, ndim) of every parameter
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameter counts of the whole (unsharded) model."""
+
+    total: int
+    active: int
+    routed_experts: int
+    analytic_total: int
+    analytic_active: int
+
+
+def meta_parameters(args: argparse.Namespace) -> NamedParams:
+    """``(name, numel, ndim)`` of every parameter of the model, built on the meta device.
+
+    The all-to-all token dispatcher allocates a CUDA stream when built, so the meta model is
+    built with the all-gather one (no parameters either way).
+    """
+    view = argparse.Namespace(**vars(args))
+    view.moe_token_dispatcher_type = "allgather"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # megatron.core's "Apex/TE not installed" notices
+        from tst_megatron.training.model_builder import build_meta_model
+
+        model = build_meta_model(view)
+    return [(name, p.numel(), p.dim()) for name, p in model.named_parameters()]
+
+
+def count_parameters(args: argparse.Namespace, named: NamedParams) -> ParamCounts:
+    """Total and active parameters (active: routed experts count ``topk / num_experts``)."""
+    total = sum(numel for _, numel, _ in named)
+    routed = sum(numel for name, numel, _ in named if is_routed_expert(name))
+    experts = args.num_experts or 0
+    inactive = routed * (experts - args.moe_router_topk) // experts if experts else 0
+    analytic_total, analytic_active = total_and_active_params(ModelShape.from_args(args))
+    return ParamCounts(total, total - inactive, routed, analytic_total, analytic_active)
+
+
+def is_routed_expert(name: str) -> bool:
+    """Whether the parameter ``name`` belongs to a routed (not shared) expert."""
+    return ".mlp.experts." in name
+
+
+@dataclass
+class StageParams:
+    """Parameters one GPU of a pipeline stage holds."""
+
+    layers: list[int] = field(default_factory=list)
+    dense: float = 0.0  # outside the routed experts, after TP sharding
+    experts: float = 0.0  # routed experts, after EP x ETP sharding
+
+
+def layer_stage(layer: int, args: argparse.Namespace) -> int:
+    """Pipeline rank that holds ``layer`` (interleaved: chunk ``c`` sits on rank ``c % PP``)."""
+    pp = args.pipeline_model_parallel_size
+    chunks = pp * (args.virtual_pipeline_model_parallel_size or 1)
+    return (layer // (args.num_layers // chunks)) % pp
+
+
+def place_parameters(args: argparse.Namespace, named: NamedParams) -> list[StageParams]:
+    """What one GPU of every pipeline stage holds (embedding first, LM head last).
+
+    Linear weights and the vocabulary are split over TP, routed experts over EP x ETP;
+    norms, biases and the router are replicated; a tied LM head is copied to the last stage.
+    """
+    pp = args.pipeline_model_parallel_size
+    tp = args.tensor_model_parallel_size
+    ep, etp = args.expert_model_parallel_size, args.expert_tensor_parallel_size
+    stages = [StageParams() for _ in range(pp)]
+    for layer in range(args.num_layers):
+        stages[layer_stage(layer, args)].layers.append(layer)
+    for name, numel, ndim in named:
+        parts = name.split(".")
+        if parts[0] == "embedding":
+            stage, split = 0, parts[1] == "word_embeddings"
+        elif parts[0] == "output_layer":
+            stage, split = pp - 1, True
+        elif parts[:2] == ["decoder", "final_layernorm"]:
+            stage, split = pp - 1, False
+        else:  # decoder.layers.<i>....
+            stage = layer_stage(int(parts[2]), args)
+            split = ndim > 1 and ".mlp.router." not in name
+        if is_routed_expert(name):
+            stages[stage].experts += numel / (ep * (etp if ndim > 1 else 1))
+        else:
+            stages[stage].dense += numel / tp if split else numel
+    if not args.untie_embeddings_and_output_weights and pp > 1:
+        stages[-1].dense += args.padded_vocab_size * args.hidden_size / tp  # LM-head copy
+    return stages
