@@ -178,8 +178,13 @@ def runs(tmp_path_factory, corpus):
         "--sequence-parallel",
         "--use-distributed-optimizer",
     ]
+    reshardable = ["--ckpt-fully-reshardable"]  # these checkpoints load at other layouts
     out["tp2"] = run(
-        tmp, "tp2", [*TST, *tp2, "--save", str(tmp / "tp2"), "--save-interval", "3"], 2, corpus
+        tmp,
+        "tp2",
+        [*TST, *tp2, *reshardable, "--save", str(tmp / "tp2"), "--save-interval", "3"],
+        2,
+        corpus,
     )
     # interrupted at 3 then resumed, same layout: must reproduce "tp2" exactly
     out["tp2_cut"] = run(
@@ -198,7 +203,11 @@ def runs(tmp_path_factory, corpus):
     )
     pp2 = ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer"]
     out["pp2"] = run(
-        tmp, "pp2", [*TST, *pp2, "--save", str(tmp / "pp2"), "--save-interval", "6"], 2, corpus
+        tmp,
+        "pp2",
+        [*TST, *pp2, *reshardable, "--save", str(tmp / "pp2"), "--save-interval", "6"],
+        2,
+        corpus,
     )
     out["pp2_to_pp1"] = run(
         tmp,
@@ -214,7 +223,7 @@ def runs(tmp_path_factory, corpus):
     out["vpp_reference"] = run(
         tmp,
         "vpp_reference",
-        [*four_layers, "--save", str(tmp / "four"), "--save-interval", "3"],
+        [*four_layers, *reshardable, "--save", str(tmp / "four"), "--save-interval", "3"],
         1,
         corpus,
     )

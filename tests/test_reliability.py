@@ -145,7 +145,10 @@ def test_kill_during_save_keeps_previous_checkpoint(chain, reference):
 def test_preemption_signal_saves_on_all_ranks_and_exits_zero(chain, reference):
     preempted, (tracker, names) = chain["preempted"]
     assert preempted.returncode == 0, preempted.log[-3000:]
-    assert "iter_0000004 at iteration 4 (phase 1, layout unchanged)" in preempted.log
+    assert "iter_0000004 at iteration 4 (phase 1, layout unchanged, optimizer state" in (
+        preempted.log
+    )
+    assert "note: took over the --save lock of host" in preempted.log  # the SIGKILLed run's
     assert "[fault injection] rank 0 sends itself SIGTERM" in preempted.log
     assert "exiting at iteration 7: received SIGTERM" in preempted.log
     # the stale iter_0000006.tmp was replaced by a published 6; keep-last 2 dropped 2 and 4
@@ -320,7 +323,7 @@ def test_fault_injection_is_inert_unless_set(monkeypatch):
         assert fault_injection._faults() == {}
         assert fault_injection.forward_step(step, 1) is step
         fault_injection.before_iteration(1)  # no process group needed: returns at once
-        fault_injection.during_save(1)
+        fault_injection.during_save(1, "unused")
         monkeypatch.setenv(fault_injection.ENV, "nan_loss:2,3;hang_rank:1:4")
         fault_injection._faults.cache_clear()
         assert fault_injection._faults() == {"nan_loss": [(2, 3)], "hang_rank": [(1, 4)]}

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
 from tst_megatron.conversion import ConversionError
 from tst_megatron.data.tokenizer import build_tokenizer_from_args, model_vocab_size
@@ -135,8 +136,8 @@ def find_checkpoint(load: str) -> tuple[str, dict]:
         )
     try:
         return path, ckpt.read_checkpoint_meta(path)
-    except (OSError, ValueError) as err:
-        raise ConversionError(f"cannot read {os.path.join(path, ckpt.META)}: {err}") from None
+    except ckpt.CheckpointError as err:
+        raise ConversionError(str(err)) from None
 
 
 def check_model_shape(args: Namespace, meta: dict, path: str) -> None:
@@ -163,8 +164,8 @@ def stored_dtype(path: str) -> torch.dtype:
     """The dtype checkpoint ``path`` stores its weights in (the run's parameter dtype)."""
     try:
         metadata = dist_checkpointing.load_tensors_metadata(path)
-    except Exception as err:  # dist_checkpointing raises many types for missing/corrupt files
-        raise ConversionError(f"cannot load {path}: {type(err).__name__}: {err}") from err
+    except (Exception, CheckpointException) as err:  # CheckpointException: BaseException
+        raise ConversionError(ckpt.describe_load_failure(err, path)) from None
     return metadata["embedding.word_embeddings.weight"].dtype
 
 
@@ -175,7 +176,7 @@ def load_model(args: Namespace, path: str) -> TSTGPTModel:
     The files are first checked against the sizes and CRC32s ``tst_checkpoint.json`` records.
     """
     try:
-        ckpt.verify_files(path, ckpt.read_checkpoint_meta(path).get("files", {}))
+        ckpt.verify_files(path, ckpt.recorded_files(ckpt.read_checkpoint_meta(path), path))
     except ckpt.CheckpointError as err:
         raise ConversionError(str(err)) from None
     model = _build(args)
@@ -186,8 +187,8 @@ def load_model(args: Namespace, path: str) -> TSTGPTModel:
     }
     try:
         loaded = dist_checkpointing.load({"model": sharded}, path)
-    except Exception as err:  # dist_checkpointing raises many types for missing/corrupt files
-        raise ConversionError(f"cannot load {path}: {type(err).__name__}: {err}") from err
+    except (Exception, CheckpointException) as err:  # CheckpointException: BaseException
+        raise ConversionError(ckpt.describe_load_failure(err, path)) from None
     _load_strict(model, loaded["model"])
     return model
 

@@ -6,7 +6,8 @@
 * ``via="direct"`` (default for one rank): one process per rank with the environment
   ``srun`` + ``examples/slurm/common.sh`` give each task (``RANK``, ``WORLD_SIZE``, ...),
   each in its own session as Slurm tasks are;
-* ``via="wrapper"``: ``tools/launch.py`` around torchrun.
+* ``via="wrapper"``: ``tools/launch.py`` around torchrun;
+* ``via="bare"`` (one rank): ``python pretrain_tst.py`` without any launcher environment.
 
 While it runs, ``during(handle)`` may act on it from outside: wait for a checkpoint, signal the
 launcher, every worker's process group (as torchrun does) or every process of the launch (as
@@ -166,7 +167,12 @@ def launch(
         run_env[FAULT_ENV] = fault
     torchrun = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port", port]
     commands, envs = [], []
-    if via == "direct":
+    if via == "bare":  # `python pretrain_tst.py ...` without any launcher environment
+        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
+            run_env.pop(key, None)
+        commands.append([sys.executable, str(SCRIPT), *args])
+        envs.append(run_env)
+    elif via == "direct":
         for rank in range(nproc):
             commands.append([sys.executable, str(SCRIPT), *args])
             envs.append(run_env | {
@@ -181,12 +187,12 @@ def launch(
                          str(SCRIPT), *args])
         envs.append(run_env)
     else:
-        raise ValueError(f"via must be direct, torchrun or wrapper, got {via!r}")
+        raise ValueError(f"via must be direct, bare, torchrun or wrapper, got {via!r}")
     start = time.monotonic()
     with open(tmp / f"{name}.log", "w+") as log:
         procs = [
             subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=cmd_env, cwd=tmp,
-                             start_new_session=via == "direct")
+                             start_new_session=via in ("direct", "bare"))
             for cmd, cmd_env in zip(commands, envs, strict=True)
         ]
         try:
@@ -206,8 +212,9 @@ def launch(
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if (
         metrics.exists()
     ) else []
-    returncode = next((code for code in codes if code), 0) if via == "direct" else codes[0]
-    return Launch(returncode, output, records, seconds, codes if via == "direct" else [])
+    per_rank = via in ("direct", "bare")
+    returncode = next((code for code in codes if code), 0) if per_rank else codes[0]
+    return Launch(returncode, output, records, seconds, codes if per_rank else [])
 
 
 def listing(save: Path) -> tuple[str | None, set[str]]:

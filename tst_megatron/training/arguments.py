@@ -862,6 +862,56 @@ def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="When --load holds no checkpoint, start from scratch instead of failing.",
     )
+    group.add_argument(
+        "--ckpt-fully-reshardable",
+        "--dist-ckpt-optim-fully-reshardable",
+        dest="ckpt_fully_reshardable",
+        action="store_true",
+        help="Save the distributed-optimizer state in the fully_reshardable format (loads at "
+        "any parallel layout; gathers every optimizer buffer onto each data-parallel rank at "
+        "save). Default dp_reshardable: each rank writes its own shard, reshardable across "
+        "data parallel only.",
+    )
+    group.add_argument(
+        "--no-ckpt-fully-parallel-save",
+        dest="ckpt_fully_parallel_save",
+        action="store_false",
+        help="Do not split the writing of replicated tensors over the data-parallel ranks.",
+    )
+    group.add_argument(
+        "--no-ckpt-fully-parallel-load",
+        dest="ckpt_fully_parallel_load",
+        action="store_false",
+        help="Do not split the reading of replicated tensors over the data-parallel ranks "
+        "(each rank then reads its whole model-parallel slice).",
+    )
+    group.add_argument(
+        "--async-save",
+        action="store_true",
+        help="Write the --save-interval checkpoints in a background process while training "
+        "continues (Megatron-Core's async save); published once every rank finished.",
+    )
+    group.add_argument(
+        "--override-save-lock",
+        action="store_true",
+        help="Take over the --save lock held by another job (only when that job is gone, "
+        "e.g. its node died; two writers corrupt each other's checkpoints).",
+    )
+    group.add_argument(
+        "--override-opt_param-scheduler",
+        "--override-opt-param-scheduler",
+        dest="override_opt_param_scheduler",
+        action="store_true",
+        help="On resume, use this run's learning-rate / weight-decay schedule flags instead of "
+        "refusing a --train-iters that differs from the checkpoint's.",
+    )
+    group.add_argument(
+        "--tst-allow-schedule-change",
+        action="store_true",
+        help="On resume, allow a TST phase-1 length (--tst-phase1-fraction / "
+        "--tst-phase1-iters x --train-iters) that differs from the checkpoint's, or "
+        "--tst-phase 2 from a checkpoint inside phase 1.",
+    )
 
 
 def _add_logging_args(parser: argparse.ArgumentParser) -> None:
@@ -1117,16 +1167,20 @@ def _yaml_value(action: argparse.Action, via_flag: bool, value: Any, where: str)
     return [_yaml_scalar(action, item, where) for item in items]
 
 
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string"}
+
+
 def _yaml_scalar(action: argparse.Action, value: Any, where: str) -> Any:
     kind = action.type or str
+    name = _KIND_NAMES.get(kind, f"a {getattr(kind, '__name__', kind)} value")
     if isinstance(value, (bool, dict, list)):
-        raise ConfigError(f"{where} must be a single {kind.__name__}, got {value!r}")
+        raise ConfigError(f"{where} must be a single value ({name}), got {value!r}")
     if kind is int and isinstance(value, float):
         raise ConfigError(f"{where} must be an integer, got {value!r}")
     try:
         converted = kind(value)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where} must be a {kind.__name__}, got {value!r}") from exc
+        raise ConfigError(f"{where} must be {name}, got {value!r}") from exc
     if action.choices is not None and converted not in action.choices:
         allowed = ", ".join(str(choice) for choice in action.choices)
         raise ConfigError(f"{where} must be one of {allowed}; got {converted!r}")
@@ -1927,6 +1981,15 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
         raise ConfigError(
             f"--ckpt-keep-last must be >= 0 (0 = keep all), got {args.ckpt_keep_last}"
         )
+    for dest in ("async_save", "override_save_lock"):
+        if getattr(args, dest) and not args.save:
+            raise ConfigError(f"--{dest.replace('_', '-')} needs --save (it acts on saving)")
+    resume_flags = ("tst_allow_schedule_change", "override_opt_param_scheduler")
+    for dest in resume_flags:
+        if getattr(args, dest) and not args.load:
+            raise ConfigError(
+                f"--{dest.replace('_', '-')} acts on a resume: it needs --load"
+            )
 
 
 def _validate_logging(args: argparse.Namespace) -> None:
@@ -1971,6 +2034,13 @@ def _validate_tst(args: argparse.Namespace) -> None:
     if args.tst_phase == "2" and args.load is None:
         raise ConfigError(
             "--tst-phase 2 continues from the phase-1 checkpoint: give --load with its directory"
+        )
+    if bag > 1 and fraction is not None and int(fraction * args.train_iters) == 0:
+        raise ConfigError(
+            f"--tst-phase1-fraction {fraction} x --train-iters {args.train_iters} = "
+            f"{fraction * args.train_iters:g} rounds down to 0 phase-1 iterations: TST would be "
+            "off. Give a larger fraction, --tst-phase1-iters N (N >= 1), or --tst-bag-size 1 "
+            "for a baseline run"
         )
     args.tst = TSTConfig(
         bag_size=bag, mode=args.tst_mode, phase1_fraction=fraction, phase1_iters=iters

@@ -17,6 +17,9 @@ module. The variable holds one or more faults separated by ``;``:
     Rank RANK sleeps forever before iteration ITER starts (a hung or dead rank).
 ``signal:RANK:ITER:NAME``
     Rank RANK sends itself signal NAME (e.g. ``SIGTERM``) before iteration ITER starts.
+``tamper_during_save:ITER``
+    Rank 0 overwrites 64 bytes in the middle of the shard file ``__0_0.distcp`` of iteration
+    ITER after every rank wrote it and before publication (another writer mixing in).
 ``slow_steps:SECONDS``
     Every rank sleeps SECONDS before each iteration (a slow model: a signal sent from outside
     by a test then lands mid-run, and the run's losses are unchanged).
@@ -51,14 +54,14 @@ def _parse(item: str) -> tuple:
     kind, _, rest = item.partition(":")
     fields = rest.split(":")
     try:
-        if kind == "kill_during_save" and len(fields) == 1:
-            return (int(fields[0]),)
         if kind in ("nan_loss", "overflow") and len(fields) == 1:
             return tuple(int(i) for i in fields[0].split(","))
         if kind == "hang_rank" and len(fields) == 2:
             return (int(fields[0]), int(fields[1]))
         if kind == "signal" and len(fields) == 3 and fields[2] in signal.Signals.__members__:
             return (int(fields[0]), int(fields[1]), fields[2])
+        if kind in ("kill_during_save", "tamper_during_save") and len(fields) == 1:
+            return (int(fields[0]),)
         if kind == "slow_steps" and len(fields) == 1:
             return (float(fields[0]),)
     except ValueError:
@@ -119,11 +122,17 @@ def forward_step(step: Callable, iteration: int) -> Callable:
     return faulty_step
 
 
-def during_save(iteration: int) -> None:
-    """Hook after the shards of ``iteration`` are staged, before publication."""
+def during_save(iteration: int, staging: str) -> None:
+    """Hook after the shards of ``iteration`` are staged in ``staging``, before publication."""
     faults = _faults()
-    if not faults:
+    if not faults or torch.distributed.get_rank() != 0:
         return
-    if (iteration,) in faults.get("kill_during_save", []) and torch.distributed.get_rank() == 0:
+    if (iteration,) in faults.get("tamper_during_save", []):
+        shard = os.path.join(staging, "__0_0.distcp")
+        print(f"[fault injection] rank 0 overwrites part of {shard}", flush=True)
+        with open(shard, "r+b") as f:
+            f.seek(os.path.getsize(shard) // 2)
+            f.write(b"\x5a" * 64)
+    if (iteration,) in faults.get("kill_during_save", []):
         print(f"[fault injection] rank 0 killed while saving iteration {iteration}", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)

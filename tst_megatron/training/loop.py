@@ -314,7 +314,8 @@ class Trainer:
                 f"{ckpt.META}); pass --allow-fresh-start to start from scratch"
             )
         meta = ckpt.read_checkpoint_meta(path)
-        ckpt.check_compatible(args, meta, path)
+        for note in ckpt.check_compatible(args, meta, path):
+            self.metrics.print(f"note: {note}")
         same_layout = meta["layout"] == ckpt.layout(args)
         self.timers("load-checkpoint", log_level=0).start(barrier=True)
         self.progress = ckpt.load_checkpoint(
@@ -324,13 +325,17 @@ class Trainer:
         self.metrics.checkpoint_time(self.progress.iteration, "load-checkpoint")
         if self.progress.data_state:
             self.stream.load_state(self.progress.data_state)
+        optimizer = ""
+        if args.use_distributed_optimizer and not (args.no_load_optim or args.finetune):
+            optimizer = f", optimizer state {meta.get('optimizer_format', 'fully_reshardable')}"
         self.metrics.print(
             f"loaded checkpoint {path} at iteration {self.progress.iteration} "
             f"(phase {self.progress.phase}, layout "
-            f"{'unchanged' if same_layout else 'changed: resharded'})"
+            f"{'unchanged' if same_layout else 'changed: resharded'}{optimizer})"
         )
 
-    def save(self) -> None:
+    def save(self, async_save: bool = False) -> None:
+        """Save now (``async_save``: write in the background, publish in `finalize_saves`)."""
         if not self.args.save:
             return
         self.progress.data_state = self.stream.state.as_dict()
@@ -341,17 +346,23 @@ class Trainer:
             for chunk in self.chunks:
                 chunk.disable_forward_pre_hook(param_sync=True)
         path = ckpt.save_checkpoint(
-            self.args, self.chunks, self.optimizer, self.scheduler, self.progress
+            self.args, self.chunks, self.optimizer, self.scheduler, self.progress, async_save
         )
         if overlapped:
             for chunk in self.chunks:
                 chunk.enable_forward_pre_hook()
         self.timers("save-checkpoint").stop(barrier=True)
+        done = "scheduled async save of" if async_save else "saved"
         self.metrics.print(
-            f"saved checkpoint {path} at iteration {self.progress.iteration} "
+            f"{done} checkpoint {path} at iteration {self.progress.iteration} "
             f"({time.time() - start:.1f}s)"
         )
         self.metrics.checkpoint_time(self.progress.iteration, "save-checkpoint")
+
+    def finalize_saves(self, blocking: bool) -> None:
+        """Publish the async saves every rank finished writing (all when ``blocking``)."""
+        for path in ckpt.finalize_async_saves(blocking):
+            self.metrics.print(f"saved checkpoint {path} (async save published)")
 
     # --- data ---------------------------------------------------------------------------
     def print_data_notices(self) -> None:
@@ -548,7 +559,7 @@ class Trainer:
         scheduled = args.tst.phase_at(self.progress.iteration, args.train_iters)
         if args.tst_phase == "2":
             scheduled = 2
-        if self.progress.phase == 1 and scheduled == 2 and args.tst_phase == "2":
+        if self.progress.phase == 1 and scheduled == 2:  # also a boundary moved before it
             self.metrics.phase_boundary(self.progress.iteration, self.stream.state)
         self.set_phase(scheduled)
         self.print_data_notices()
@@ -590,17 +601,21 @@ class Trainer:
             at_end = self.progress.iteration == stop_at
             if not at_end and self.progress.iteration % args.eval_interval == 0:
                 self.metrics.validation(self.progress.iteration, self.evaluate())
+            if args.async_save:
+                self.finalize_saves(blocking=False)
             saved = False
             if args.save_interval and self.progress.iteration % args.save_interval == 0:
-                self.save()
+                self.save(async_save=args.async_save and not at_end)
                 saved = True
             reason = self.exits.check(self.progress.iteration, self.metrics.start_time)
             if reason:
+                self.finalize_saves(blocking=True)
                 if not saved:
                     self.save()
                 self.metrics.print(f"exiting at iteration {self.progress.iteration}: {reason}")
                 final["exit_reason"] = reason
                 return final
+        self.finalize_saves(blocking=True)
         if args.save and (not args.save_interval or self.progress.iteration % args.save_interval):
             self.save()
         valid = self.evaluate()

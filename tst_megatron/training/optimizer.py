@@ -125,6 +125,7 @@ def fix_torch_adam_state(megatron_optimizer) -> None:
         )
 
 
+@torch.no_grad()  # the main params are leaves that require grad (dp_reshardable load)
 def _set_main_param_and_states_except_step(optimizer, model_param, tensors: dict) -> None:
     """`DistributedOptimizer._set_main_param_and_optimizer_states` minus the ``step`` key."""
     group_index, group_order = optimizer.model_param_group_index_map[model_param]
