@@ -4,7 +4,7 @@
 # service: the tests run their own daemons, with their own configuration and state, in a
 # temporary directory (tst_megatron/testing/slurm_cluster.py).
 # Needs root and apt-get; otherwise it says why and exits 0 (the tests then skip, saying why).
-# Usage: sudo scripts/setup_slurm.sh   (.ci/run calls it when it runs as root)
+# Usage: sudo scripts/setup_slurm.sh   (`make test` calls it through scripts/run_tests.sh as root)
 set -euo pipefail
 packages=(slurmctld slurmd slurm-client munge)
 binaries=(slurmctld slurmd sbatch munged)
