@@ -8,7 +8,7 @@ env:
 	@scripts/setup_env.sh $(VENV)
 
 test: env
-	$(PYTHON) -m pytest -q
+	@scripts/run_tests.sh $(VENV)
 
 demo: env
 	@scripts/demo.sh $(VENV)

@@ -20,26 +20,41 @@ warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not i
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before the heavy imports: an exit signal that arrives while the job is still starting
+    # is recorded (the loop then exits before its first step), not fatal.
+    from tst_megatron.training import exit_signals
+
+    exit_signals.install_from_argv(sys.argv[1:] if argv is None else argv)
+
     from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
 
+    single = _single_rank_environment()
     try:
         args = parse_args(argv)
         validate_args(args, int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as err:
         print(f"pretrain_tst.py: error: {err}", file=sys.stderr)
         return 2
+    if args.exit_signal_handler:  # also when only --yaml-config asked for it
+        exit_signals.install(args.exit_signal)
 
     from tst_megatron.config import TSTConfigError
     from tst_megatron.data.stream import DataError
     from tst_megatron.data.tokenizer import TokenizerError
+    from tst_megatron.training import checkpointing
     from tst_megatron.training.checkpointing import CheckpointError
     from tst_megatron.training.faults import TrainingStopped
     from tst_megatron.training.loop import Trainer, initialize_distributed, shutdown_distributed
 
+    if single:
+        print(f"pretrain_tst.py: note: {single}", flush=True)
     initialize_distributed(args)
     code = 0
     trainer = None
     try:
+        note = checkpointing.open_save_dir(args)  # writable, and this job's alone
+        if note and torch_rank() == 0:
+            print(f"pretrain_tst.py: note: {note}", flush=True)
         trainer = Trainer(args)
         trainer.train()
     except (DataError, CheckpointError, TokenizerError, TSTConfigError, TrainingStopped) as err:
@@ -58,8 +73,38 @@ def main(argv: list[str] | None = None) -> int:
         )
         code = 1
     finally:
+        checkpointing.close_save_dir()
         shutdown_distributed()
     return code
+
+
+def torch_rank() -> int:
+    import torch
+
+    return torch.distributed.get_rank()
+
+
+def _single_rank_environment() -> str | None:
+    """Without a launcher (no ``RANK``/``WORLD_SIZE``), run as one rank: fill in what
+    torchrun would set, and say so (None when a launcher set them)."""
+    launched = [key for key in ("RANK", "WORLD_SIZE") if key in os.environ]
+    if launched:
+        return None
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        MASTER_PORT=os.environ.get("MASTER_PORT", str(port)),
+    )  # fmt: skip
+    return (
+        "no launcher environment (RANK, WORLD_SIZE): running as a single rank; for several, "
+        "launch with torchrun --nproc-per-node N pretrain_tst.py ... (or tools/launch.py, "
+        "or srun with one task per GPU as examples/slurm/common.sh does)"
+    )
 
 
 if __name__ == "__main__":

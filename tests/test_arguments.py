@@ -378,7 +378,7 @@ def test_fp8_passes_with_transformer_engine(te_installed):
         ),
         ("--num-experts 4 --moe-layer-freq 0", 1, ("--moe-layer-freq", "0")),
         (
-            "--num-experts 4 --moe-grouped-gemm",
+            "--num-experts 4 --moe-grouped-gemm --transformer-impl local",
             1,
             ("--moe-grouped-gemm", "--transformer-impl local", "grouped_gemm"),
         ),
@@ -562,13 +562,17 @@ def test_transformer_config_mapping():
 
 
 def test_batched_p2p_only_where_it_is_safe():
-    nccl = transformer_config_from_args(validated("--pipeline-model-parallel-size 2", world_size=2))
-    assert nccl.batch_p2p_comm is True
+    one_f_one_b = validated("--pipeline-model-parallel-size 2", world_size=2)
+    one_f_one_b.distributed_backend = "nccl"  # as on a GPU job (no CUDA here)
+    nccl = transformer_config_from_args(one_f_one_b)
+    assert nccl.batch_p2p_comm is True and nccl.overlap_p2p_comm is False
     interleaved = validated(
         "--num-layers 8 --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 2 "
         "--global-batch-size 4",
         world_size=2,
     )
+    interleaved.distributed_backend = "nccl"
     config = transformer_config_from_args(interleaved)
     assert config.virtual_pipeline_model_parallel_size == 2
-    assert config.batch_p2p_comm is False  # PP=2 interleaving swaps tensors when batched
+    # Megatron-LM's interleaved default: overlapped, unbatched (PP=2 batching swaps tensors)
+    assert config.batch_p2p_comm is False and config.overlap_p2p_comm is True

@@ -80,7 +80,7 @@ def _build(kind: str, tp=1, pp=1, cp=1, ep=1, vpp=None, sp=False, dispatcher="al
 
     from tst_megatron.testing.tiny_models import build_tiny_chunks, tiny_config
 
-    # the MoE model also covers QK-norm: TP sums its grads by name, SP uses CpuQKNorm
+    # the MoE model also covers QK-norm: TP sums its grads by name, SP uses layers.norm.QKNorm
     config = tiny_config(
         moe=kind == MOE,
         num_layers=4 if kind == DENSE else 2,

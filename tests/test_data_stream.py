@@ -75,7 +75,10 @@ def test_blend_follows_weights_and_resumes_from_state():
 
 @pytest.mark.parametrize(
     ("weights", "message"),
-    [([1.0], "2 datasets but 1 blend weights"), ([1.0, 0.0], "blend weights must be positive")],
+    [
+        ([1.0], "2 datasets but 1 blend weights"),
+        ([1.0, 0.0], "blend weights must be finite positive numbers"),
+    ],
 )
 def test_bad_blends_are_rejected(weights, message):
     with pytest.raises(DataError, match=message):

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"
 ALL = sorted(CONFIGS.glob("*.yaml"))
 TST = [path for path in ALL if not path.stem.endswith("-baseline")]
-SCRIPTS = [*sorted((ROOT / "examples" / "slurm").glob("*")), ROOT / "examples" / "gpu_smoke.sh"]
+SCRIPTS = [*sorted((ROOT / "examples" / "slurm").glob("*")), ROOT / "examples" / "gpu_check.sh"]
 
 # name: (bag size s, phase-1 fraction r, seq length, vocabulary, layers, hidden, heads, groups)
 EXPECTED = {

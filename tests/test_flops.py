@@ -211,6 +211,8 @@ def test_param_counts_match_real_cpu_model(extra, sequence_parallel):
         ("NVIDIA H100 PCIe", 756.0),
         ("NVIDIA H100 NVL", 835.0),
         ("NVIDIA H200", 989.0),
+        ("NVIDIA H200 NVL", 835.0),
+        ("NVIDIA GH200 480GB", 989.0),
         ("NVIDIA B200", 2250.0),
         ("NVIDIA GB200", 2500.0),
         ("NVIDIA A100-SXM4-80GB", 312.0),
@@ -221,6 +223,21 @@ def test_peak_table(name, tflops):
     assert peak_tflops_for_device(name) == tflops
     if tflops is not None:
         assert peak_tflops_for_device(name, fp8=True) == 2 * tflops
+
+
+def test_fp8_mfu_is_against_the_bf16_peak(monkeypatch):
+    """--fp8-format on an H100: the default --peak-tflops is the BF16 peak, not twice it."""
+    from tst_megatron.training import arguments
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(arguments, "transformer_engine_installed", lambda: True)
+    flags = [*BASE.split(), "--transformer-impl", "transformer_engine"]
+    for extra in ([], ["--fp8-format", "hybrid"]):
+        args = parse_args([*flags, *extra])
+        validate_args(args, world_size=1)
+        assert args.peak_tflops == 989.0
 
 
 def test_cpu_has_no_peak():

@@ -51,3 +51,66 @@ def test_transformer_engine_absent_is_a_clear_error():
         _build("--transformer-impl", "transformer_engine")
     assert "needs Transformer Engine, which is not installed" in str(err.value)
     assert "--transformer-impl local" in str(err.value)
+
+
+# ------------------------------------------------------------------ local spec on GPUs ------
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    """Pretend one H100 is visible (nothing reaches a driver)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+
+
+def _local_spec(*extra: str, world_size: int = 2):
+    args = parse_args([*TINY, "--transformer-impl", "local", *extra])
+    validate_args(args, world_size=world_size)
+    config = model_builder.transformer_config_from_args(args)
+    with model_builder.single_process_parallel_state():  # layer offsets of pipeline stage 0
+        return model_builder.layer_spec_from_args(args, config)
+
+
+def test_local_spec_on_cuda_supports_sequence_parallel_moe(hopper):
+    """TP + MoE needs SP: every norm of the local spec must accept it (mcore's torch norm
+    asserts on it); the experts are mcore's."""
+    from tst_megatron.layers.norm import QKNorm, TorchNorm
+
+    block = _local_spec(
+        *"--tensor-model-parallel-size 2 --sequence-parallel --num-experts 4 "
+        "--moe-layer-freq 2".split()
+    )
+    moe, dense = block.layer_specs  # layer i is MoE where i % freq == 0
+    for layer in (dense, moe):
+        assert layer.submodules.input_layernorm is TorchNorm
+        assert layer.submodules.pre_mlp_layernorm is TorchNorm
+        assert layer.submodules.self_attention.submodules.q_layernorm is QKNorm
+    assert block.layer_norm is TorchNorm
+    assert "MoELayer" in moe.submodules.mlp.module.__name__
+    assert dense.submodules.mlp.module.__name__ == "MLP"
+
+
+def test_apex_layer_norm_is_kept_where_mcore_would_use_it():
+    from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+
+    from tst_megatron.layers.spec import local_norm
+
+    assert local_norm("LayerNorm", apex=True) is FusedLayerNorm
+    assert local_norm("RMSNorm", apex=True).__name__ == "TorchNorm"
+
+
+def test_context_parallel_with_the_local_spec_on_cuda_is_refused(hopper):
+    with pytest.raises(ConfigError) as err:
+        _local_spec("--context-parallel-size", "2")
+    assert "--context-parallel-size 2" in str(err.value)
+    assert "--transformer-impl transformer_engine" in str(err.value)
+
+
+def test_zero_centred_norms_with_the_local_spec_are_refused():
+    with pytest.raises(ConfigError) as err:
+        _local_spec("--apply-layernorm-1p", world_size=1)
+    assert "--apply-layernorm-1p" in str(err.value)
+    assert "--transformer-impl transformer_engine" in str(err.value)

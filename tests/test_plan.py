@@ -399,3 +399,35 @@ def test_golden_report(case, capsys, monkeypatch):
         f"tools/plan.py {' '.join(argv)} changed; if intended, regenerate the golden files "
         "with UPDATE_GOLDEN=1 python -m pytest -q tests/test_plan.py -k golden"
     )
+
+
+# ------------------------------------------------------------------ the trainer's estimate --
+
+
+@pytest.mark.parametrize("settings", [TINY_DENSE, TINY_MOE], ids=["dense", "moe"])
+def test_trainer_footprint_equals_the_plan(tmp_path, capsys, settings):
+    """The trainer's start-up estimate (parameters counted on the model it built) is the plan's
+    memory per GPU for the same one-GPU layout, field for field."""
+    from dataclasses import asdict
+
+    from tst_megatron.planning import footprint
+
+    config = write_config(tmp_path, settings)
+    code, report = plan_json(capsys, config, "--gpus-per-node", "1")
+    assert code == 0, report["errors"]
+    args = parse_args(["--yaml-config", config])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        validate_args(args, world_size=1)
+        model_config = transformer_config_from_args(args)
+        model_config.perform_initialization = False
+        with single_process_parallel_state():
+            model = build_model(args, model_config, pre_process=True, post_process=True)
+            estimate = footprint.run_footprint(args, [model], report["layout"]["num_microbatches"])
+    assert [asdict(m) for m in estimate.in_flight] == report["memory_stages"]
+    assert estimate.phases == (1, 2)
+    (line,) = footprint.estimate_lines(estimate)
+    peak = report["memory_per_gpu_bytes"] / 2**20
+    assert f"peak: phase 1 {peak:.2f} MB" in line
+    measured = footprint.measured_line(estimate, [123 * 2**20], 2, 1)
+    assert measured.endswith(f"stage 0 123.00 MB (estimate {peak:.2f} MB)")

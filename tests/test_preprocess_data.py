@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
+from tests.tokenizer_files import gpt2_files, sentencepiece_model
 from tests.tool_import import import_tool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,22 +97,6 @@ def read_documents(prefix: Path) -> list[list[int]]:
 
 def dataset_bytes(prefix: Path) -> tuple[bytes, bytes]:
     return Path(f"{prefix}.bin").read_bytes(), Path(f"{prefix}.idx").read_bytes()
-
-
-def gpt2_files(directory: Path, drop: str | None = None) -> tuple[str, ...]:
-    """Write the shipped tokenizer as GPT-2 vocab/merges files (without token ``drop``)."""
-    model = json.loads(TOKENIZER.read_text(encoding="utf-8"))["model"]
-    vocab = {token: id_ for token, id_ in model["vocab"].items() if token != drop}
-    merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in model["merges"])
-    (directory / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (directory / "merges.txt").write_text(merges, encoding="utf-8")
-    files = (
-        "--vocab-file",
-        str(directory / "vocab.json"),
-        "--merge-file",
-        str(directory / "merges.txt"),
-    )
-    return ("--tokenizer-type", "GPT2BPETokenizer", *files)
 
 
 def test_round_trip_gives_tokenizer_ids_with_eod(tmp_path, capsys, hf_tokenizer):
@@ -293,7 +278,10 @@ def early_failures(tmp: Path) -> list[tuple[list[str], str]]:
             ["--input", corpus, *out, *HF[:3], f"{tmp}/empty"],
             f"error: tokenizer not found: {tmp}/empty",
         ),
-        (["--input", corpus, *out, *gpt2], "error: GPT2BPETokenizer needs --merge-file"),
+        (
+            ["--input", corpus, *out, *gpt2],
+            "error: --tokenizer-type GPT2BPETokenizer needs --merge-file",
+        ),
         (
             ["--input", corpus, *out, *gpt2, "--merge-file", f"{tmp}/merges.txt"],
             f"error: tokenizer file not found: {tmp}/merges.txt (--merge-file)",
@@ -375,14 +363,7 @@ def test_more_partitions_than_lines(tmp_path, capsys, hf_tokenizer):
 
 def test_sentencepiece_round_trip(tmp_path, capsys):
     sentencepiece = pytest.importorskip("sentencepiece")
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(read_texts(SAMPLE / "valid.jsonl.gz")[:10]),
-        model_prefix=str(tmp_path / "spm"),
-        vocab_size=300,
-        model_type="bpe",
-        minloglevel=2,
-    )
-    model = tmp_path / "spm.model"
+    model = sentencepiece_model(tmp_path)
     processor = sentencepiece.SentencePieceProcessor(model_file=str(model))
     corpus = write_jsonl(tmp_path / "in.jsonl", [{"text": DOCS[0]}])
     spm = ("--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(model))
@@ -465,3 +446,24 @@ def test_gpt_dataset_reads_the_output(tmp_path, capsys):
         assert sample["tokens"][1:].tolist() == sample["labels"][:-1].tolist()
         window = np.append(sample["tokens"].numpy(), sample["labels"][-1].item())
         assert window.astype(np.int64).tobytes() in stream.tobytes()
+
+
+# The shipped validation split, tokenized with the shipped tokenizer and --append-eod, as the
+# tool wrote it before its tokenizer loading moved into tst_megatron.data.tokenizer.
+SAMPLE_VALID_SHA256 = {
+    "bin": "ee0c6ba55de697e51c037e207c805145f2d67f24d1b96e00ab0ed62c08f4d082",
+    "idx": "d9b127a68f003e01780cd5cd2b7041027d72f1253f224b61e6f6908616397128",
+}
+
+
+def test_shipped_corpus_output_is_unchanged(tmp_path, capsys):
+    import hashlib
+
+    code, _, err = preprocess(capsys, SAMPLE / "valid.jsonl.gz", tmp_path / "valid", "--append-eod")
+    assert code == 0, err
+    prefix = tmp_path / "valid_text_document"
+    digests = {
+        suffix: hashlib.sha256(Path(f"{prefix}.{suffix}").read_bytes()).hexdigest()
+        for suffix in ("bin", "idx")
+    }
+    assert digests == SAMPLE_VALID_SHA256

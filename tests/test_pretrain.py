@@ -178,8 +178,13 @@ def runs(tmp_path_factory, corpus):
         "--sequence-parallel",
         "--use-distributed-optimizer",
     ]
+    reshardable = ["--ckpt-fully-reshardable"]  # these checkpoints load at other layouts
     out["tp2"] = run(
-        tmp, "tp2", [*TST, *tp2, "--save", str(tmp / "tp2"), "--save-interval", "3"], 2, corpus
+        tmp,
+        "tp2",
+        [*TST, *tp2, *reshardable, "--save", str(tmp / "tp2"), "--save-interval", "3"],
+        2,
+        corpus,
     )
     # interrupted at 3 then resumed, same layout: must reproduce "tp2" exactly
     out["tp2_cut"] = run(
@@ -198,7 +203,11 @@ def runs(tmp_path_factory, corpus):
     )
     pp2 = ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer"]
     out["pp2"] = run(
-        tmp, "pp2", [*TST, *pp2, "--save", str(tmp / "pp2"), "--save-interval", "6"], 2, corpus
+        tmp,
+        "pp2",
+        [*TST, *pp2, *reshardable, "--save", str(tmp / "pp2"), "--save-interval", "6"],
+        2,
+        corpus,
     )
     out["pp2_to_pp1"] = run(
         tmp,
@@ -214,7 +223,7 @@ def runs(tmp_path_factory, corpus):
     out["vpp_reference"] = run(
         tmp,
         "vpp_reference",
-        [*four_layers, "--save", str(tmp / "four"), "--save-interval", "3"],
+        [*four_layers, *reshardable, "--save", str(tmp / "four"), "--save-interval", "3"],
         1,
         corpus,
     )
@@ -330,3 +339,38 @@ def test_phase2_checkpoint_is_a_stock_gpt_model(runs):
     assert not result.unexpected_keys
     assert all(key.endswith("_extra_state") for key in result.missing_keys)
     assert set(loaded["model"]) == {k for k in stock.state_dict() if "_extra_state" not in k}
+
+
+@pytest.mark.slow
+def test_startup_memory_estimate_is_logged(runs):
+    """The planner's per-GPU estimate appears at start-up, with hand-computed numbers.
+
+    The "auto" run: fp32 (4 B weights, 4 B grads, Adam 8 B sharded over DP=2), one stage of
+    2 layers; activations per micro-batch (b=2, L=32: 64 tokens) are 2 layers of
+    ``tokens (8h + 4(q + kv) + 6f)``, plus the phase-1 bag inputs ``s tokens h (2 + 4)``.
+    """
+    from tst_megatron.planning.params import count_parameters, meta_parameters
+    from tst_megatron.training.arguments import parse_args, validate_args
+
+    args = parse_args([*TINY_MODEL, *OPTIM, "--train-iters", "8", "--mock-data",
+                       "--vocab-size", "8192"])  # fmt: skip
+    validate_args(args, world_size=1)
+    params = count_parameters(args, meta_parameters(args)).total  # meta model, not the run's
+    mb = 1024**2
+    h, f, tokens = 64, args.ffn_hidden_size, 2 * 32
+    q, kv = 4 * 16, 2 * 16
+    per_micro = 2 * tokens * (8 * h + 4 * (q + kv) + 6 * f)
+    bags = 4 * tokens * h * (2 + 4)
+    log = runs["auto"][1]
+    expected = (
+        "theoretical memory footprint per GPU of pipeline stage 0 of 1 (tst_megatron.planning, "
+        f"as tools/plan.py): weights+grads+optimizer={12 * params / mb:.2f} MB (weights "
+        f"{4 * params / mb:.2f}, grads {4 * params / mb:.2f}, optimizer {4 * params / mb:.2f}), "
+        f"activations per micro-batch: phase 1 {(per_micro + bags) / mb:.2f} MB, phase 2 "
+        f"{per_micro / mb:.2f} MB"
+    )
+    assert expected in log, log[:3000]
+    assert log.count("theoretical memory footprint") == 1  # printed by the logging rank only
+    assert "max_memory_allocated" not in log  # CUDA only
+    pp2 = runs["pp2"][1]
+    assert "pipeline stage 0 of 2" in pp2 and "pipeline stage 1 of 2" in pp2

@@ -11,126 +11,39 @@ Launches are shared between assertions through module-scoped fixtures.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
 import re
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
-import uuid
 from argparse import Namespace
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
 
 from tst_megatron.data.builders import build_train_stream, open_indexed_dataset
 from tst_megatron.data.stream import DataError
 from tst_megatron.data.tokenizer import TokenizerError
-from tst_megatron.training import fault_injection
+from tst_megatron.testing.launches import (
+    DP2,
+    ERROR,
+    MODEL,
+    TRAIN,
+    TST,
+    Launch,
+    assert_same_losses,
+    iters,
+    launch,
+    listing,
+)
+from tst_megatron.training import exit_signals, fault_injection
 from tst_megatron.training.arguments import parse_args, validate_args
 from tst_megatron.training.faults import ExitRequests
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = [
-    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-    "--seq-length", "32", "--transformer-impl", "local", "--distributed-backend", "gloo",
-    "--seed", "5",
-]  # fmt: skip
-TRAIN = [
-    "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "3e-3", "--min-lr", "3e-4",
-    "--lr-warmup-iters", "2", "--train-iters", "8", "--log-interval", "1", "--eval-iters", "0",
-]  # fmt: skip
-TST = ["--tst-bag-size", "4", "--tst-phase1-fraction", "0.5"]  # phase 1 = iterations 1-4
-MOCK = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "512"]
-DP2 = ["--use-distributed-optimizer"]
-ERROR = "pretrain_tst.py: error: "
-LAUNCH_ENV = "TST_TEST_LAUNCH"  # marks the processes of one launch
-
-
-@dataclass
-class Launch:
-    """What one launch left behind."""
-
-    returncode: int
-    log: str
-    records: list[dict]
-    seconds: float
-
-    @property
-    def losses(self) -> dict[int, float]:
-        return {r["iteration"]: r["lm_loss"] for r in self.records if "lm_loss" in r}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _kill_leftovers(marker: str) -> None:
-    """Kill what a launch left running (a SIGKILLed rank orphans mcore's checkpoint-writer
-    helper processes; a timed-out launch leaves everything): its processes carry ``marker``."""
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
-            if proc.environ().get(LAUNCH_ENV) == marker:
-                proc.kill()
-
-
-def launch(
-    tmp: Path, name: str, extra: list[str], nproc: int = 1, fault: str | None = None,
-    data: list[str] = MOCK, timeout: float = 300,
-) -> Launch:
-    """Run pretrain_tst.py on ``nproc`` gloo ranks with ``TST_FAULT_INJECT=fault``."""
-    metrics = tmp / f"{name}.jsonl"
-    args = [*MODEL, *TRAIN, *TST, *data, "--metrics-jsonl", str(metrics), *extra]
-    script = str(ROOT / "pretrain_tst.py")
-    port = str(_free_port())
-    marker = f"{name}-{uuid.uuid4()}"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", LAUNCH_ENV: marker}
-    env.pop(fault_injection.ENV, None)
-    if fault:
-        env[fault_injection.ENV] = fault
-    if nproc == 1:
-        cmd = [sys.executable, script, *args]
-        env |= {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               "--master-port", port, script, *args]
-    start = time.monotonic()
-    with open(tmp / f"{name}.log", "w+") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
-        try:
-            returncode = proc.wait(timeout=timeout)
-        finally:
-            _kill_leftovers(marker)
-        seconds = time.monotonic() - start
-        log.seek(0)
-        output = log.read()
-    records = [json.loads(line) for line in metrics.read_text().splitlines()] if (
-        metrics.exists()
-    ) else []
-    return Launch(returncode, output, records, seconds)
-
-
-def listing(save: Path) -> tuple[str | None, set[str]]:
-    """(tracker contents, names in the save directory besides the tracker)."""
-    tracker = save / "latest_checkpointed_iteration.txt"
-    names = {p.name for p in save.iterdir()} - {tracker.name} if save.is_dir() else set()
-    return (tracker.read_text().strip() if tracker.exists() else None), names
-
-
-def iters(*numbers: int) -> set[str]:
-    return {f"iter_{n:07d}" for n in numbers}
 
 
 def checkpoint_tensors(path: Path, tmp: Path) -> dict[str, torch.Tensor]:
@@ -140,12 +53,6 @@ def checkpoint_tensors(path: Path, tmp: Path) -> dict[str, torch.Tensor]:
     dcp_to_torch_save(path, tmp / "ckpt.pt")
     state = torch.load(tmp / "ckpt.pt", weights_only=False)
     return {k: v for k, v in state.items() if torch.is_tensor(v)}
-
-
-def assert_same_losses(run: Launch, reference: Launch, iterations: range) -> None:
-    assert sorted(run.losses) == list(iterations), run.log[-3000:]
-    for it in iterations:
-        assert run.losses[it] == reference.losses[it], it  # bit-for-bit on CPU
 
 
 def write_dataset(prefix: Path, documents: list[list[int]]) -> str:
@@ -238,7 +145,10 @@ def test_kill_during_save_keeps_previous_checkpoint(chain, reference):
 def test_preemption_signal_saves_on_all_ranks_and_exits_zero(chain, reference):
     preempted, (tracker, names) = chain["preempted"]
     assert preempted.returncode == 0, preempted.log[-3000:]
-    assert "iter_0000004 at iteration 4 (phase 1, layout unchanged)" in preempted.log
+    assert "iter_0000004 at iteration 4 (phase 1, layout unchanged, optimizer state" in (
+        preempted.log
+    )
+    assert "note: took over the --save lock of host" in preempted.log  # the SIGKILLed run's
     assert "[fault injection] rank 0 sends itself SIGTERM" in preempted.log
     assert "exiting at iteration 7: received SIGTERM" in preempted.log
     # the stale iter_0000006.tmp was replaced by a published 6; keep-last 2 dropped 2 and 4
@@ -391,12 +301,15 @@ def test_exit_signal_and_duration_are_agreed_requests(tmp_path):
         assert requests.check(1, time.time()) is None
         os.kill(os.getpid(), signal.SIGUSR1)
         assert requests.check(2, time.time()) == "received SIGUSR1"
+        assert requests.signal_before_start() == "received SIGUSR1 during start-up"
+        exit_signals.uninstall()
+        assert signal.getsignal(signal.SIGUSR1) == previous
         flags |= {"exit_duration_in_mins": 1, "exit_signal_handler": False}
         requests = ExitRequests(Namespace(**flags))
         assert requests.check(1, time.time() - 59) is None
         assert requests.check(2, time.time() - 61) == "--exit-duration-in-mins 1 reached"
     finally:
-        signal.signal(signal.SIGUSR1, previous)
+        exit_signals.uninstall()
         torch.distributed.destroy_process_group()
 
 
@@ -410,7 +323,7 @@ def test_fault_injection_is_inert_unless_set(monkeypatch):
         assert fault_injection._faults() == {}
         assert fault_injection.forward_step(step, 1) is step
         fault_injection.before_iteration(1)  # no process group needed: returns at once
-        fault_injection.during_save(1)
+        fault_injection.during_save(1, "unused")
         monkeypatch.setenv(fault_injection.ENV, "nan_loss:2,3;hang_rank:1:4")
         fault_injection._faults.cache_clear()
         assert fault_injection._faults() == {"nan_loss": [(2, 3)], "hang_rank": [(1, 4)]}

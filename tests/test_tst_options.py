@@ -112,7 +112,8 @@ def test_fused_output_loss_flag_reaches_the_model():
 def _phase1_meta(**tst) -> dict:
     args = validated(TST)
     saved = {**ckpt.tst_state(args, phase=1), **tst}
-    return {"model": ckpt.model_shape(args), "tst": saved, "use_distributed_optimizer": False}
+    return {"model": ckpt.model_shape(args), "tst": saved, "use_distributed_optimizer": False,
+            "iteration": 2}  # fmt: skip
 
 
 def test_phase1_resume_checks_fold_and_weighting():

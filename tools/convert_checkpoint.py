@@ -154,6 +154,7 @@ def mcore_to_hf(argv: list[str]) -> str:
 
 def _copy_tokenizer(args: argparse.Namespace, tokenizer, out: str, max_length: int) -> list[str]:
     """Copy the run's tokenizer files into ``out``; add a ``tokenizer_config.json`` if none."""
+    extra: dict = {}
     if args.tokenizer_type == "HuggingFaceTokenizer":
         model = args.tokenizer_model
         files = [(os.path.join(model, name), name) for name in TOKENIZER_FILES]
@@ -163,6 +164,10 @@ def _copy_tokenizer(args: argparse.Namespace, tokenizer, out: str, max_length: i
     elif args.tokenizer_type == "GPT2BPETokenizer":
         files = [(args.vocab_file, "vocab.json"), (args.merge_file, "merges.txt")]
         tokenizer_class = "GPT2TokenizerFast"
+    elif args.tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
+        files = [(args.tokenizer_model, "tokenizer.model")]
+        tokenizer_class = "LlamaTokenizer"  # the plain SentencePiece model, as trained
+        extra = {"add_bos_token": False, "add_eos_token": False, "legacy": True}
     else:  # NullTokenizer: token ids are the text, there is nothing to copy
         return []
     copied = []
@@ -175,8 +180,9 @@ def _copy_tokenizer(args: argparse.Namespace, tokenizer, out: str, max_length: i
             os.path.join(out, "tokenizer_config.json"),
             {
                 "tokenizer_class": tokenizer_class,
-                "eos_token": tokenizer.detokenize([tokenizer.eod]),
+                "eos_token": tokenizer.eod_token,
                 "model_max_length": max_length,
+                **extra,
             },
         )
         copied.append("tokenizer_config.json (written)")

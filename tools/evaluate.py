@@ -58,8 +58,8 @@ def parse(argv: list[str] | None):
         args.train_data_path = args.train_data_path or args.valid_data_path  # (unused) stream
     vars(args).update(
         no_load_optim=True, no_load_rng=True, finetune=False, allow_fresh_start=False,
-        save=None, tensorboard_dir=None, wandb_project=None, metrics_jsonl=None,
-        global_batch_size=None, rampup_batch_size=None,
+        evaluation_only=True, save=None, tensorboard_dir=None, wandb_project=None,
+        metrics_jsonl=None, global_batch_size=None, rampup_batch_size=None,
     )  # fmt: skip
     validate_args(args, int(os.environ.get("WORLD_SIZE", "1")))
     if args.load is None:
@@ -87,9 +87,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from tst_megatron.data.stream import DataError
     from tst_megatron.data.tokenizer import TokenizerError
-    from tst_megatron.training.checkpointing import CheckpointError
+    from tst_megatron.training.checkpointing import TRACKER, CheckpointError, find_checkpoint
     from tst_megatron.training.loop import Trainer, initialize_distributed, shutdown_distributed
 
+    try:  # before any expensive work
+        if find_checkpoint(args.load) is None:
+            raise CheckpointError(
+                f"--load {args.load}: no checkpoint there (no {TRACKER} and no "
+                "tst_checkpoint.json): point --load at a save directory or at one of its "
+                "iter_XXXXXXX directories"
+            )
+    except CheckpointError as err:
+        print(f"evaluate.py: error: {err}", file=sys.stderr, flush=True)
+        return 1
     initialize_distributed(args)
     code = 0
     try:

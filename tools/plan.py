@@ -30,6 +30,7 @@ from tst_megatron.planning.layout import PlanError, PlanRequest  # noqa: E402
 from tst_megatron.planning.memory import GPU_MEMORY_GIB, USABLE_MEMORY_FRACTION  # noqa: E402
 from tst_megatron.planning.report import plan, render  # noqa: E402
 from tst_megatron.planning.step_time import DEFAULT_MFU  # noqa: E402
+from tst_megatron.training.arguments import RECOMPUTE_MODULES  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,8 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Context length L (default: config; raises a smaller max-position-embeddings).",
     )
-    parser.add_argument(
-        "--recompute", action="store_true", help="Full activation recomputation of every layer."
+    recompute = parser.add_mutually_exclusive_group()
+    recompute.add_argument(
+        "--recompute",
+        action="store_true",
+        help="Full activation recomputation of every layer (default: the config's recompute-* "
+        "keys).",
+    )
+    recompute.add_argument(
+        "--recompute-modules",
+        nargs="+",
+        default=(),
+        choices=list(RECOMPUTE_MODULES),
+        help="Selective recomputation of these modules, as pretrain_tst.py's flag.",
     )
     parser.add_argument(
         "--mfu",
@@ -108,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     options = vars(build_parser().parse_args(argv))
     as_json = options.pop("json")
     try:
+        options["recompute_modules"] = tuple(options["recompute_modules"])
         report = plan(PlanRequest(**options))
     except PlanError as err:
         print(f"plan.py: error: {err}", file=sys.stderr)

@@ -32,7 +32,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -49,9 +49,19 @@ from merge_datasets import (
     merge_into,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tst_megatron.data.tokenizer import (  # noqa: E402
+    TOKENIZER_TYPES,
+    TokenizerError,
+    TokenizerSpec,
+    build_tokenizer,
+    require_eod,
+)
+
 INPUT_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
-TOKENIZER_TYPES = ("HuggingFaceTokenizer", "GPT2BPETokenizer", "SentencePieceTokenizer")
-EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 WINDOW_LINES = 1024  # lines handed to the worker pool at once; bounds memory use
 CHUNKSIZE = 32  # lines per worker task
 LISTED_PER_REASON = 10  # skipped lines listed individually per reason
@@ -129,117 +139,7 @@ def iter_lines(paths: list[str]) -> Iterator[tuple[str, bytes]]:
             raise ToolError(f"cannot read {path}: {exc}") from exc
 
 
-# ---------------------------------------------------------------------------- tokenizers
-
-
-@dataclass(frozen=True)
-class TokenizerSpec:
-    """How to load a tokenizer; picklable, so worker processes can load their own."""
-
-    kind: str
-    model: str | None = None
-    vocab_file: str | None = None
-    merge_file: str | None = None
-
-
-@dataclass(frozen=True)
-class LoadedTokenizer:
-    """The parts of a tokenizer the tool needs."""
-
-    encode: Callable[[str], list[int]]
-    vocab_size: int
-    eod: int | None
-
-
-def load_tokenizer(spec: TokenizerSpec) -> LoadedTokenizer:
-    """Load the tokenizer described by ``spec`` or fail naming the bad argument."""
-    if spec.kind == "HuggingFaceTokenizer":
-        return load_huggingface(spec.model)
-    if spec.kind == "GPT2BPETokenizer":
-        return load_gpt2_bpe(spec.vocab_file, spec.merge_file)
-    return load_sentencepiece(spec.model)
-
-
-def load_huggingface(model: str | None) -> LoadedTokenizer:
-    """A ``tokenizers`` tokenizer from a ``tokenizer.json`` file or a directory holding one.
-
-    Documents get the ids ``Tokenizer.encode(text)`` returns, including any special tokens
-    its post-processor adds (a BOS, say), as with Megatron-LM's HuggingFaceTokenizer.
-    """
-    from tokenizers import Tokenizer
-
-    if model is None:
-        raise ToolError("HuggingFaceTokenizer needs --tokenizer-model")
-    path = Path(model) / "tokenizer.json" if os.path.isdir(model) else Path(model)
-    if not path.is_file():
-        raise ToolError(
-            f"tokenizer not found: {model} "
-            "(expected a tokenizer.json file or a directory holding one)"
-        )
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as exc:  # the Rust library raises plain Exception
-        raise ToolError(f"cannot load tokenizer {path}: {exc}") from exc
-    ids = (tokenizer.token_to_id(token) for token in eod_candidates(path.parent))
-    return LoadedTokenizer(
-        lambda text: tokenizer.encode(text).ids,
-        tokenizer.get_vocab_size(with_added_tokens=True),
-        eod=next((id_ for id_ in ids if id_ is not None), None),
-    )
-
-
-def eod_candidates(directory: Path) -> list[str]:
-    """EOD token names to try: ``eos_token`` of a ``tokenizer_config.json``, then the usual."""
-    config_path = directory / "tokenizer_config.json"
-    eos = None
-    if config_path.is_file():
-        try:
-            eos = json.loads(config_path.read_text(encoding="utf-8")).get("eos_token")
-        except (OSError, ValueError, AttributeError) as exc:
-            raise ToolError(f"cannot read {config_path}: {exc}") from exc
-        eos = eos.get("content") if isinstance(eos, dict) else eos
-    return ([eos] if isinstance(eos, str) else []) + list(EOD_CANDIDATES)
-
-
-def load_gpt2_bpe(vocab_file: str | None, merge_file: str | None) -> LoadedTokenizer:
-    """GPT-2 byte-level BPE from ``vocab.json`` + ``merges.txt``; EOD is ``<|endoftext|>``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    for flag, value in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
-        if value is None:
-            raise ToolError(f"GPT2BPETokenizer needs {flag}")
-        if not os.path.isfile(value):
-            raise ToolError(f"tokenizer file not found: {value} ({flag})")
-    try:
-        tokenizer = Tokenizer(models.BPE.from_file(vocab_file, merge_file))
-    except Exception as exc:  # the Rust library raises plain Exception
-        raise ToolError(f"cannot load GPT-2 BPE from {vocab_file}, {merge_file}: {exc}") from exc
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    return LoadedTokenizer(
-        lambda text: tokenizer.encode(text).ids,
-        tokenizer.get_vocab_size(),
-        tokenizer.token_to_id("<|endoftext|>"),
-    )
-
-
-def load_sentencepiece(model: str | None) -> LoadedTokenizer:
-    """A SentencePiece model; EOD is its ``eos`` piece."""
-    try:
-        import sentencepiece
-    except ImportError:
-        raise ToolError(
-            "SentencePieceTokenizer needs the 'sentencepiece' package: pip install sentencepiece"
-        ) from None
-    if model is None:
-        raise ToolError("SentencePieceTokenizer needs --tokenizer-model")
-    if not os.path.isfile(model):
-        raise ToolError(f"tokenizer not found: {model}")
-    try:
-        processor = sentencepiece.SentencePieceProcessor(model_file=model)
-    except (OSError, RuntimeError) as exc:
-        raise ToolError(f"cannot load SentencePiece model {model}: {exc}") from exc
-    eos = processor.eos_id()
-    return LoadedTokenizer(processor.encode, processor.vocab_size(), eos if eos >= 0 else None)
+# ---------------------------------------------------------------------------- tokens
 
 
 def token_dtype(vocab_size: int) -> type[np.integer]:
@@ -276,7 +176,7 @@ class Encoder:
 
     def __init__(self, config: EncodeConfig) -> None:
         self.config = config
-        self.tokenizer = load_tokenizer(config.tokenizer)
+        self.tokenizer = build_tokenizer(config.tokenizer)
 
     def __call__(self, line: bytes) -> list[np.ndarray] | Skip:
         line = line.rstrip(b"\r\n")
@@ -304,10 +204,13 @@ class Encoder:
             if not record[key].strip():
                 return Skip("empty text", f"empty text for key {key!r}")
             texts.append(record[key])
-        return [self._tokens(text) for text in texts]
+        try:
+            return [self._tokens(text) for text in texts]
+        except TokenizerError as exc:  # NullTokenizer: text that is not token ids
+            return Skip("not token ids", str(exc))
 
     def _tokens(self, text: str) -> np.ndarray:
-        ids = self.tokenizer.encode(text)
+        ids = self.tokenizer.tokenize(text)
         if self.config.append_eod:
             ids.append(self.tokenizer.eod)
         return np.array(ids, dtype=self.config.dtype)
@@ -507,6 +410,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--vocab-file", help="GPT-2 vocab.json (GPT2BPETokenizer)")
     group.add_argument("--merge-file", help="GPT-2 merges.txt (GPT2BPETokenizer)")
     group.add_argument(
+        "--vocab-size",
+        type=int,
+        help="NullTokenizer: ids are the text's integers below this; EOD is the last id",
+    )
+    group.add_argument(
         "--append-eod",
         action="store_true",
         help="append the end-of-document token to every document",
@@ -542,6 +450,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             f"--workers ({args.workers}) must be a multiple of --partitions ({args.partitions})"
         )
+    if args.vocab_size is not None and args.tokenizer_type != "NullTokenizer":
+        parser.error(
+            f"--vocab-size is for --tokenizer-type NullTokenizer; {args.tokenizer_type} "
+            "has its own vocabulary"
+        )
     if len(set(args.json_keys)) != len(args.json_keys):
         parser.error(f"--json-keys has duplicates: {' '.join(args.json_keys)}")
     return args
@@ -551,15 +464,13 @@ def prepare_job(args: argparse.Namespace) -> Job:
     """Check inputs, output location and tokenizer before any work; fail on the first."""
     inputs = resolve_inputs(args.input)
     check_output_prefix(args.output_prefix)
-    spec = TokenizerSpec(
-        args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file
-    )
-    tokenizer = load_tokenizer(spec)
-    if args.append_eod and tokenizer.eod is None:
-        raise ToolError(
-            f"--append-eod: tokenizer {args.tokenizer_model or args.vocab_file} has "
-            f"no end-of-document token (looked for {', '.join(EOD_CANDIDATES)})"
-        )
+    spec = TokenizerSpec.from_args(args)
+    try:
+        tokenizer = build_tokenizer(spec)
+        if args.append_eod:
+            require_eod(tokenizer, spec, "--append-eod")
+    except TokenizerError as exc:
+        raise ToolError(str(exc)) from exc
     config = EncodeConfig(
         spec, tuple(args.json_keys), args.append_eod, token_dtype(tokenizer.vocab_size)
     )

@@ -29,10 +29,14 @@ def average_bags(embeddings: torch.Tensor, bag_size: int) -> torch.Tensor:
     return _fp32_mean(bags, dim=1).to(embeddings.dtype)
 
 
-def average_bags_batch_first(embeddings: torch.Tensor, bag_size: int) -> torch.Tensor:
+def average_bags_batch_first(
+    embeddings: torch.Tensor, bag_size: int, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """``[b, s*L, h]`` token embeddings -> ``[b, L, h]`` bag means (fp32 accumulate).
 
-    The sum runs in fp32 without an fp32 copy of the ``s*L`` embeddings.
+    The sum runs in fp32 without an fp32 copy of the ``s*L`` embeddings. ``token_mask``
+    (``[b, s*L]`` bool, at least one True per bag) restricts each mean to the kept tokens
+    (``--reset-attention-mask``: the tokens of the bag's own document).
     """
     batch, tokens, hidden = embeddings.shape
     if tokens % bag_size:
@@ -40,7 +44,12 @@ def average_bags_batch_first(embeddings: torch.Tensor, bag_size: int) -> torch.T
             f"input of {tokens} tokens per sample is not a whole number of bags of {bag_size}"
         )
     bags = embeddings.view(batch, tokens // bag_size, bag_size, hidden)
-    return _fp32_mean(bags, dim=2).to(embeddings.dtype)
+    if token_mask is None:
+        return _fp32_mean(bags, dim=2).to(embeddings.dtype)
+    keep = token_mask.view(batch, tokens // bag_size, bag_size)
+    total = bags.masked_fill(~keep.unsqueeze(-1), 0).sum(dim=2, dtype=torch.float32)
+    count = keep.sum(dim=2, keepdim=True, dtype=torch.float32)
+    return total.div_(count).to(embeddings.dtype)
 
 
 def _fp32_mean(bags: torch.Tensor, dim: int) -> torch.Tensor:

@@ -85,6 +85,7 @@ class TSTGPTModel(GPTModel):
         labels: torch.Tensor | None = None,
         *args,
         loss_mask: torch.Tensor | None = None,
+        bag_token_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """`GPTModel.forward` plus the TST hooks.
@@ -94,13 +95,15 @@ class TSTGPTModel(GPTModel):
             position_ids: ``[b, L]`` latent positions.
             labels: ``[b, L]`` (standard) or ``[b, L, s]`` (multi-hot).
             loss_mask: with multi-hot labels, ``[b, L, s]`` per-target mask.
+            bag_token_mask: ``[b, s*L]`` bool, the tokens each bag averages
+                (``--reset-attention-mask``, `tst_megatron.data.documents`); None = all.
 
         Returns:
             Per-position loss ``[b, L]`` when labels are given, else logits ``[b, L, V/TP]``.
         """
         bag_size = self.phase_spec.input_bag_size
         if bag_size > 1 and decoder_input is None and self.pre_process:
-            decoder_input = self.embed_bags(input_ids, position_ids, bag_size)
+            decoder_input = self.embed_bags(input_ids, position_ids, bag_size, bag_token_mask)
         if labels is not None and labels.dim() == 3:
             if loss_mask is not None:
                 labels = labels.masked_fill(loss_mask == 0, IGNORE_TARGET)
@@ -117,7 +120,11 @@ class TSTGPTModel(GPTModel):
         )
 
     def embed_bags(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, bag_size: int
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        bag_size: int,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``[b, s*L]`` token ids -> ``[L, b, h]`` bag-averaged decoder input.
 
@@ -128,6 +135,9 @@ class TSTGPTModel(GPTModel):
         the bytes of a standard step, not ``s`` times them. The latent position embedding is
         added once per bag (the mean of ``e_k + p_i`` is ``mean(e_k) + p_i``); dropout acts
         on the averaged decoder input, as on a standard step's embedding.
+        ``token_mask`` ``[b, s*L]`` (bool) limits each average to the kept tokens (document
+        masking); partial lookups of dropped tokens are left out of the sum before the
+        reduction as well.
         """
         embedding, config = self.embedding, self.config
         latent = input_ids.shape[1] // bag_size
@@ -139,7 +149,9 @@ class TSTGPTModel(GPTModel):
                 "multiple of it"
             )
         words = embedding.word_embeddings
-        partial = average_bags_batch_first(_vocab_shard_lookup(words, input_ids), bag_size)
+        partial = average_bags_batch_first(
+            _vocab_shard_lookup(words, input_ids), bag_size, token_mask
+        )
         partial = partial.transpose(0, 1).contiguous()  # [L, b, h]
         if embedding.reduce_scatter_embeddings:
             out = tensor_parallel.reduce_scatter_to_sequence_parallel_region(

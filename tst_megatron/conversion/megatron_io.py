@@ -17,16 +17,13 @@ from typing import Any
 
 import torch
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
 from tst_megatron.conversion import ConversionError
-from tst_megatron.data.tokenizer import build_tokenizer
+from tst_megatron.data.tokenizer import build_tokenizer_from_args, model_vocab_size
 from tst_megatron.model import TSTGPTModel
 from tst_megatron.training import checkpointing as ckpt
-from tst_megatron.training.arguments import (
-    load_yaml_defaults,
-    validate_args,
-    vocab_size_with_padding,
-)
+from tst_megatron.training.arguments import load_yaml_defaults, validate_args
 from tst_megatron.training.model_builder import (
     build_model,
     single_process_parallel_state,
@@ -54,6 +51,9 @@ SINGLE_PROCESS = {
     "recompute_granularity": None,
     "recompute_method": None,
     "recompute_num_layers": None,
+    "recompute_activations": False,
+    "recompute_modules": None,
+    "moe_permute_fusion": None,  # needs Transformer Engine on a GPU
     "distributed_backend": "gloo",
     # no data is read and nothing is logged
     "mock_data": True,
@@ -104,19 +104,15 @@ def single_process_args(run_args: Namespace) -> tuple[Namespace, Any]:
     padding = Namespace(
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
+        vocab_size=args.vocab_size,
     )
     vars(args).update(SINGLE_PROCESS)
     vars(args).update(PLACEHOLDERS)
     if args.seq_length is None:  # the sequence length is no part of the weights
         args.seq_length = args.max_position_embeddings
     validate_args(args, 1)
-    tokenizer = build_tokenizer(
-        args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file,
-        args.vocab_size,
-    )  # fmt: skip
-    args.padded_vocab_size = vocab_size_with_padding(
-        args.vocab_size or tokenizer.vocab_size, padding
-    )
+    tokenizer = build_tokenizer_from_args(args)
+    args.padded_vocab_size = model_vocab_size(tokenizer, padding)
     return args, tokenizer
 
 
@@ -140,8 +136,8 @@ def find_checkpoint(load: str) -> tuple[str, dict]:
         )
     try:
         return path, ckpt.read_checkpoint_meta(path)
-    except (OSError, ValueError) as err:
-        raise ConversionError(f"cannot read {os.path.join(path, ckpt.META)}: {err}") from None
+    except ckpt.CheckpointError as err:
+        raise ConversionError(str(err)) from None
 
 
 def check_model_shape(args: Namespace, meta: dict, path: str) -> None:
@@ -168,8 +164,8 @@ def stored_dtype(path: str) -> torch.dtype:
     """The dtype checkpoint ``path`` stores its weights in (the run's parameter dtype)."""
     try:
         metadata = dist_checkpointing.load_tensors_metadata(path)
-    except Exception as err:  # dist_checkpointing raises many types for missing/corrupt files
-        raise ConversionError(f"cannot load {path}: {type(err).__name__}: {err}") from err
+    except (Exception, CheckpointException) as err:  # CheckpointException: BaseException
+        raise ConversionError(ckpt.describe_load_failure(err, path)) from None
     return metadata["embedding.word_embeddings.weight"].dtype
 
 
@@ -180,7 +176,7 @@ def load_model(args: Namespace, path: str) -> TSTGPTModel:
     The files are first checked against the sizes and CRC32s ``tst_checkpoint.json`` records.
     """
     try:
-        ckpt.verify_files(path, ckpt.read_checkpoint_meta(path).get("files", {}))
+        ckpt.verify_files(path, ckpt.recorded_files(ckpt.read_checkpoint_meta(path), path))
     except ckpt.CheckpointError as err:
         raise ConversionError(str(err)) from None
     model = _build(args)
@@ -191,8 +187,8 @@ def load_model(args: Namespace, path: str) -> TSTGPTModel:
     }
     try:
         loaded = dist_checkpointing.load({"model": sharded}, path)
-    except Exception as err:  # dist_checkpointing raises many types for missing/corrupt files
-        raise ConversionError(f"cannot load {path}: {type(err).__name__}: {err}") from err
+    except (Exception, CheckpointException) as err:  # CheckpointException: BaseException
+        raise ConversionError(ckpt.describe_load_failure(err, path)) from None
     _load_strict(model, loaded["model"])
     return model
 

@@ -7,6 +7,7 @@ import os
 import re
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tst_megatron.conversion import ConversionError
@@ -66,8 +67,14 @@ def load_weights(directory: str) -> dict[str, torch.Tensor]:
     """All tensors of an HF model directory (single file or index + shards)."""
     index = os.path.join(directory, INDEX)
     if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ConversionError(
+                f"cannot read {index} ({type(err).__name__}: {err}): not a safetensors index "
+                "with a weight_map (truncated?)"
+            ) from None
     elif os.path.isfile(os.path.join(directory, SINGLE)):
         files = [SINGLE]
     else:
@@ -80,5 +87,11 @@ def load_weights(directory: str) -> dict[str, torch.Tensor]:
         path = os.path.join(directory, file)
         if not os.path.isfile(path):
             raise ConversionError(f"{index} lists {file}, which is missing")
-        tensors |= load_file(path)
+        try:
+            tensors |= load_file(path)
+        except (OSError, SafetensorError) as err:
+            raise ConversionError(
+                f"cannot read {path}: {err} (a truncated or damaged safetensors file? "
+                "download or save it again)"
+            ) from None
     return tensors

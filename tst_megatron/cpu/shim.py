@@ -354,20 +354,31 @@ def _cpu_maybe_move_tensor_to_cpu(
 
 
 def _patch_moe() -> None:
-    """Two MoE fixes.
+    """transformer/moe/token_dispatcher.py (``MoEAlltoAllTokenDispatcher``): the all-to-all
+    split sizes are converted to host numpy arrays by ``maybe_move_tensor_to_cpu(...,
+    as_numpy=True)``, which only converts CUDA tensors; CPU tensors stay tensors and
+    ``all_to_all_single`` then rejects them. Convert CPU tensors too.
 
-    * transformer/moe/moe_utils.py: ``RouterGatingLinearFunction`` tests
-      ``te_general_gemm is not None`` but the name is only bound when Transformer Engine is
-      installed (a 0.16.1 bug: NameError without TE). Bind it to None.
-    * transformer/moe/token_dispatcher.py (``MoEAlltoAllTokenDispatcher``): the all-to-all split
-      sizes are converted to host numpy arrays by ``maybe_move_tensor_to_cpu(...,
-      as_numpy=True)``, which only converts CUDA tensors; CPU tensors stay tensors and
-      ``all_to_all_single`` then rejects them. Convert CPU tensors too.
+    transformer/moe/router.py: see `_uncompile`.
+
+    (The missing ``te_general_gemm`` of moe_utils.py is not CPU-specific: see
+    `tst_megatron.mcore_fixes`, which the model builder applies on every device.)
     """
-    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+    from megatron.core.transformer.moe import router, token_dispatcher
 
-    moe_utils.te_general_gemm = None
     token_dispatcher.maybe_move_tensor_to_cpu = _cpu_maybe_move_tensor_to_cpu
+    _uncompile(router.TopKRouter, "_apply_expert_bias")
+
+
+def _uncompile(owner: type, name: str) -> None:
+    """Run a ``@jit_fuser`` (``torch.compile``) method of ``owner`` uncompiled.
+
+    transformer/moe/router.py ``TopKRouter._apply_expert_bias`` (the per-expert token count
+    of aux-loss-free balancing, ``--moe-router-enable-expert-bias``) is compiled by inductor on
+    its first call: ~15 s per CPU rank for one ``+=``. The original function does the same ops.
+    """
+    method = getattr(owner, name)
+    setattr(owner, name, getattr(method, "_torchdynamo_orig_callable", method))
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from argparse import Namespace
 
@@ -13,6 +14,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import get_blend_from_list
 
+from tst_megatron.data.checks import check_pointers, check_token_range, read_index_header
 from tst_megatron.data.stream import BlendedStream, DataError, DocumentStream, MockStream
 
 TRAIN, VALID = 0, 1
@@ -31,47 +33,62 @@ def parse_blend(paths: list[str], flag: str) -> tuple[list[str], list[float]]:
         except ValueError:
             weights = None
         if weights is not None:
-            if any(w <= 0 for w in weights):
-                raise DataError(f"{flag}: blend weights must be positive, got {weights_raw}")
+            if not all(math.isfinite(w) and w > 0 for w in weights):
+                raise DataError(
+                    f"{flag}: blend weights must be finite positive numbers, got {weights_raw}"
+                )
             return list(paths[1::2]), weights
     prefixes, weights = get_blend_from_list(paths)
     return list(prefixes), [1.0 / len(prefixes)] * len(prefixes) if weights is None else weights
 
 
-def open_indexed_dataset(prefix: str, vocab_size: int | None = None) -> IndexedDataset:
-    """Open ``prefix.bin/.idx``, checking the pair is complete and consistent."""
+def open_indexed_dataset(
+    prefix: str, vocab_size: int | None = None, cache_dir: str | None = None
+) -> IndexedDataset:
+    """Open ``prefix.bin/.idx`` after checking the pair is complete and consistent.
+
+    Checks (`tst_megatron.data.checks`): the ``.idx`` header and size, the ``.bin`` size
+    against the lengths, the pointer table against the lengths and, with ``vocab_size``, every
+    token id of the ``.bin`` against the vocabulary (cached in ``cache_dir`` or beside the
+    dataset).
+    """
     for ext in (".bin", ".idx"):
         if not os.path.isfile(prefix + ext):
             raise DataError(f"dataset {prefix!r}: {prefix + ext} does not exist")
-    try:
-        dataset = IndexedDataset(prefix, multimodal=False, mmap=True)
-    except Exception as err:  # the reader asserts on a malformed header
-        raise DataError(f"dataset {prefix!r}: cannot read {prefix}.idx ({err})") from err
-    itemsize = np.dtype(dataset.index.dtype).itemsize
-    expected = int(np.asarray(dataset.sequence_lengths, dtype=np.int64).sum()) * itemsize
+    header = read_index_header(prefix)
+    itemsize = np.dtype(header.dtype).itemsize
     actual = os.path.getsize(prefix + ".bin")
+    if actual == 0 and header.sequence_count:
+        raise DataError(f"dataset {prefix!r}: {prefix}.bin is empty but {prefix}.idx is not")
+    dataset = _construct_indexed_dataset(prefix)
+    expected = int(np.asarray(dataset.sequence_lengths, dtype=np.int64).sum()) * itemsize
     if actual != expected:
         raise DataError(
             f"dataset {prefix!r}: {prefix}.idx describes {expected} bytes of tokens but "
             f"{prefix}.bin holds {actual}; the pair is truncated or mismatched (re-run "
             "tools/preprocess_data.py)"
         )
+    check_pointers(dataset, prefix)
     if vocab_size is not None and len(dataset) > 0:
-        check_token_range(dataset, vocab_size, prefix)
+        check_token_range(dataset, vocab_size, prefix, cache_dir)
     return dataset
 
 
-def check_token_range(dataset: IndexedDataset, vocab_size: int, prefix: str) -> None:
-    """Sample up to 64 documents and reject token ids >= the model's vocabulary."""
-    count = len(dataset)
-    for doc in np.linspace(0, count - 1, num=min(count, 64), dtype=np.int64):
-        tokens = dataset.get(int(doc))
-        if len(tokens) and int(tokens.max()) >= vocab_size:
-            raise DataError(
-                f"dataset {prefix!r}: document {int(doc)} holds token id {int(tokens.max())} "
-                f"but the model's vocabulary has {vocab_size} entries (was the data "
-                "tokenized with another tokenizer?)"
-            )
+def _construct_indexed_dataset(prefix: str) -> IndexedDataset:
+    """`IndexedDataset` without its stray ``__del__`` traceback when construction fails.
+
+    Megatron-Core's ``IndexedDataset.__del__`` deletes attributes that a failed
+    ``initialize`` never set, which prints "Exception ignored in ... __del__" after our error
+    (megatron/core/datasets/indexed_dataset.py); the placeholders make that a no-op.
+    """
+    dataset = IndexedDataset.__new__(IndexedDataset)
+    try:
+        dataset.initialize(prefix, False, True, None)
+    except Exception as err:  # the reader asserts on a malformed file
+        dataset.__dict__.setdefault("bin_reader", None)
+        dataset.__dict__.setdefault("index", None)
+        raise DataError(f"dataset {prefix!r}: cannot read {prefix}.idx ({err})") from err
+    return dataset
 
 
 def split_documents(num_documents: int, split: str, which: int) -> np.ndarray:
@@ -95,14 +112,29 @@ def build_train_stream(args: Namespace, tokenizer) -> BlendedStream:
         split, which = args.split, TRAIN
     streams = []
     for prefix in prefixes:
-        dataset = open_indexed_dataset(prefix, args.padded_vocab_size)
+        dataset = open_indexed_dataset(prefix, args.padded_vocab_size, args.data_cache_path)
         docs = split_documents(len(dataset), split, which)
         if len(docs) == 0:
             raise DataError(f"dataset {prefix!r}: the train split {split!r} holds no documents")
         stream = DocumentStream(dataset, docs, args.seed, prefix)
         check_holds_one_window(stream, args)
         streams.append(stream)
+    check_evaluation_datasets(args)
     return BlendedStream(streams, weights)
+
+
+def check_evaluation_datasets(args: Namespace) -> None:
+    """Run the file checks on ``--valid-data-path`` / ``--test-data-path`` at start-up too.
+
+    Megatron-Core's `GPTDataset` reads them later, at the first evaluation, and checks nothing.
+    """
+    for flag, paths in (
+        ("--valid-data-path", args.valid_data_path),
+        ("--test-data-path", args.test_data_path),
+    ):
+        if paths:
+            for prefix in parse_blend(paths, flag)[0]:
+                open_indexed_dataset(prefix, args.padded_vocab_size, args.data_cache_path)
 
 
 def check_holds_one_window(stream: DocumentStream, args: Namespace) -> None:
@@ -112,11 +144,12 @@ def check_holds_one_window(stream: DocumentStream, args: Namespace) -> None:
     window = spec.window_length(length)
     if stream.tokens_per_epoch >= window:
         return
-    formula = (
-        f"L+s = {length}+{s}"
-        if spec.mode == "output-only" and s > 1
-        else (f"s*(L+1) = {s}*({length}+1)")
-    )
+    if spec.mode == "output-only" and s > 1:
+        formula = f"L+s = {length}+{s}"
+    elif spec.fold_factor > 1:  # --tst-fold batch: samples of L/s latent positions
+        formula = f"s*(L/s+1) = {s}*({length}/{s}+1)"
+    else:
+        formula = f"s*(L+1) = {s}*({length}+1)"
     raise DataError(
         f"dataset {stream.name!r}: its training split holds {stream.tokens_per_epoch} tokens, "
         f"fewer than one phase-1 sample window of {formula} = {window} tokens "

@@ -20,7 +20,9 @@ class PlanRequest:
     """What to plan: a config, a cluster and a layout (the flags of ``tools/plan.py``).
 
     ``etp`` None means ``tp``; ``micro_batch_size``, ``global_batch_size`` and ``seq_length``
-    None keep the config's.
+    None keep the config's. ``recompute`` (full, uniform, one layer per chunk) and
+    ``recompute_modules`` (selective) replace the config's recomputation; without them the
+    config's own ``recompute-*`` keys apply.
     """
 
     config: str
@@ -37,6 +39,7 @@ class PlanRequest:
     global_batch_size: int | None = None
     seq_length: int | None = None
     recompute: bool = False
+    recompute_modules: tuple[str, ...] = ()
     mfu: float = DEFAULT_MFU
     usable_memory_fraction: float = USABLE_MEMORY_FRACTION
 
@@ -69,6 +72,9 @@ def config_args(request: PlanRequest) -> tuple[argparse.Namespace, bool]:
     if request.recompute:
         argv += ["--recompute-granularity", "full", "--recompute-method", "uniform",
                  "--recompute-num-layers", "1"]  # fmt: skip
+    if request.recompute_modules:
+        argv += ["--recompute-granularity", "selective", "--recompute-modules",
+                 *request.recompute_modules]  # fmt: skip
     try:
         args = parse_args(argv)
     except ConfigError as err:

@@ -20,7 +20,14 @@ from tst_megatron.planning.layout import (
     single_gpu_layout,
     validated,
 )
-from tst_megatron.planning.memory import GIB, GPU_MEMORY_GIB, peak_stage_and_phase, stage_memory
+from tst_megatron.planning.memory import (
+    GIB,
+    GPU_MEMORY_GIB,
+    peak_stage_and_phase,
+    recompute_setting,
+    recomputed_forward_fraction,
+    stage_memory,
+)
 from tst_megatron.planning.params import (
     NamedParams,
     count_parameters,
@@ -89,7 +96,7 @@ def plan(request: PlanRequest) -> dict[str, Any]:
             "dp": args.data_parallel_size if layout_ok else None,
             "sequence_parallel": bool(args.sequence_parallel),
             "distributed_optimizer": bool(args.use_distributed_optimizer),
-            "recompute": request.recompute,
+            "recompute": recompute_setting(args),
             "micro_batch_size": args.micro_batch_size,
             "global_batch_size": batch,
             "seq_length": seq,
@@ -167,7 +174,7 @@ def _add_layout_estimates(
             world,
             peak_tflops,
             request.mfu,
-            recompute=request.recompute,
+            recomputed_fraction=recomputed_forward_fraction(args),
             pp=request.pp,
             vpp=request.vpp,
             num_microbatches=num_micro,
@@ -195,7 +202,7 @@ def _add_layout_estimates(
 
 def _memory_remedies(args: argparse.Namespace, request: PlanRequest) -> str:
     remedies = ["more TP/PP" + ("/EP" if args.num_experts else "")]
-    if not request.recompute:
+    if args.recompute_granularity != "full":
         remedies.append("--recompute")
     if not args.use_distributed_optimizer:
         remedies.append("use-distributed-optimizer in the config")
@@ -248,7 +255,7 @@ def _render_model(report: dict[str, Any]) -> list[str]:
         f"CP {lay['cp']}, EP {lay['ep']} (ETP {lay['etp']}), DP {dp}",
         f"  batch             micro {lay['micro_batch_size']}, global {lay['global_batch_size']} "
         f"({micro} micro-batches per step), L = {lay['seq_length']}, "
-        f"recompute {'full' if lay['recompute'] else 'off'}",
+        f"recompute {lay['recompute']}",
         f"  parameters        {_billions(report['total_params'])} total, "
         f"{_billions(report['active_params'])} active (meta model; analytic formula "
         f"{'agrees' if agrees else 'DIFFERS'})",

@@ -26,14 +26,17 @@ def step_time(
     peak_tflops: float,
     mfu: float,
     *,
-    recompute: bool,
+    recomputed_fraction: float,
     pp: int,
     vpp: int,
     num_microbatches: int,
 ) -> StepTime:
-    """Time of one step of ``flops`` model FLOPs on ``world_size`` GPUs."""
+    """Time of one step of ``flops`` model FLOPs on ``world_size`` GPUs.
+
+    ``recomputed_fraction``: the share of the forward pass full recomputation runs again
+    (1 with ``--recompute-method uniform``, N / layers per stage with ``block``).
+    """
     compute = flops / (world_size * peak_tflops * 1e12 * mfu)
-    if recompute:
-        compute *= RECOMPUTE_COST
+    compute *= 1 + recomputed_fraction * (RECOMPUTE_COST - 1)
     bubble = (pp - 1) / (vpp * num_microbatches)
     return StepTime(seconds=compute * (1 + bubble), bubble=bubble)

@@ -76,7 +76,9 @@ def build_tiny_chunks(config, model_cls, *, vocab: int, seq_len: int, seed: int)
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from tst_megatron.cpu.layer_spec import get_cpu_gpt_block_spec
+    from tst_megatron.mcore_fixes import apply_mcore_fixes
 
+    apply_mcore_fixes()
     torch.manual_seed(seed)
     vpp = config.virtual_pipeline_model_parallel_size
     chunks = []

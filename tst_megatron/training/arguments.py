@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import os
 import signal
 import warnings
 from pathlib import Path
@@ -22,6 +23,14 @@ import torch
 import yaml
 
 from tst_megatron.config import BAG_WEIGHTINGS, TST_FOLDS, TST_MODES, TSTConfig
+from tst_megatron.data.tokenizer import (
+    TOKENIZER_TYPES,
+    TokenizerError,
+    TokenizerSpec,
+    vocab_size_with_padding,
+)
+from tst_megatron.kernels import KernelAvailability
+from tst_megatron.training import fusions, placement
 from tst_megatron.training.flops import current_device_peak_tflops
 
 TE_INSTALL_HINT = "install transformer-engine[pytorch]"
@@ -32,7 +41,9 @@ TE_IMPL_MISSING = (
 EXIT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 CKPT_FORMATS = ("torch_dist",)
 FP8_TOKEN_MULTIPLE = 16  # Transformer Engine: FP8 GEMM token dims divisible by 16 (wgrad)
-TOKENIZER_TYPES = ("HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer")
+MOE_AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
+MOE_LOAD_BALANCING_TYPES = (*MOE_AUX_LOSS_TYPES, "sinkhorn", "none")
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mlp", "moe", "shared_experts")
 REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
             "train_iters", "lr")  # fmt: skip
 POSITIVE = (*REQUIRED[:-1], "tensor_model_parallel_size", "pipeline_model_parallel_size",
@@ -61,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_moe_args(parser)
     _add_parallelism_args(parser)
     _add_precision_args(parser)
+    _add_fusion_args(parser)
     _add_optimization_args(parser)
     _add_learning_rate_args(parser)
     _add_data_args(parser)
@@ -68,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_logging_args(parser)
     _add_tst_args(parser)
     _add_reliability_args(parser)
+    _add_timing_and_memory_args(parser)
     return parser
 
 
@@ -239,6 +252,21 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Layers per recompute chunk (uniform) or per stage (block).",
     )
+    group.add_argument(
+        "--recompute-activations",
+        action="store_true",
+        help="Selective recomputation (Megatron-LM's shorthand for --recompute-granularity "
+        "selective): recompute the --recompute-modules, by default core attention.",
+    )
+    group.add_argument(
+        "--recompute-modules",
+        nargs="*",
+        default=None,
+        choices=list(RECOMPUTE_MODULES),
+        help="With selective recomputation, the submodules to recompute: core_attn, moe_act "
+        "(needs --moe-grouped-gemm), layernorm, mlp (dense MLPs), moe (whole MoE layers), "
+        "shared_experts. Default core_attn.",
+    )
 
 
 def _add_moe_args(parser: argparse.ArgumentParser) -> None:
@@ -267,14 +295,20 @@ def _add_moe_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--moe-aux-loss-coeff",
         type=float,
+        nargs="+",
         default=0.0,
-        help="Load-balancing loss coefficient (1e-2 is a usual start).",
+        help="Load-balancing loss coefficient (1e-2 is a usual start); one per "
+        "--moe-router-load-balancing-type when several are combined.",
     )
     group.add_argument(
         "--moe-router-load-balancing-type",
+        nargs="+",
         default="aux_loss",
-        choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"],
-        help="Router load-balancing strategy.",
+        choices=list(MOE_LOAD_BALANCING_TYPES),
+        help="Router load balancing: aux_loss (GShard/Switch, per micro-batch), "
+        "seq_aux_loss (per sample, DeepSeek-V2/V3), global_aux_loss (over the global batch), "
+        "sinkhorn (S-BASE), none. The three aux losses can be combined (give several, with "
+        "one --moe-aux-loss-coeff each); sinkhorn and none stand alone.",
     )
     group.add_argument(
         "--moe-token-dispatcher-type",
@@ -308,6 +342,89 @@ def _add_moe_args(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="Router z-loss coefficient (1e-3 is a usual start).",
+    )
+    _add_moe_routing_and_capacity_args(group)
+
+
+def _add_moe_routing_and_capacity_args(group: argparse._ArgumentGroup) -> None:
+    """Router, capacity and dispatch-speed flags, as Megatron-LM names them."""
+    group.add_argument(
+        "--moe-router-topk-scaling-factor",
+        type=float,
+        default=None,
+        help="Multiply the top-k routing weights by this (DeepSeek-V3 uses 2.5 with sigmoid "
+        "scores); unset = no scaling.",
+    )
+    group.add_argument(
+        "--moe-router-num-groups",
+        type=int,
+        default=None,
+        help="Group-limited routing: split the experts into this many equal groups (e.g. the "
+        "expert-parallel size for device-limited routing); needs --moe-router-group-topk.",
+    )
+    group.add_argument(
+        "--moe-router-group-topk",
+        type=int,
+        default=None,
+        help="Group-limited routing: each token picks its experts from this many groups.",
+    )
+    group.add_argument(
+        "--moe-router-enable-expert-bias",
+        action="store_true",
+        help="Aux-loss-free load balancing (arXiv 2408.15664): a per-expert bias, added to the "
+        "sigmoid scores for the top-k choice only, moves by --moe-router-bias-update-rate "
+        "after every step towards equal load. The bias is a buffer of the checkpoint. Needs "
+        "--moe-router-score-function sigmoid.",
+    )
+    group.add_argument(
+        "--moe-router-bias-update-rate",
+        type=float,
+        default=1e-3,
+        help="Step size of the expert-bias update (sign of the load deficit per expert, over "
+        "the global batch); used with --moe-router-enable-expert-bias.",
+    )
+    group.add_argument(
+        "--moe-router-dtype",
+        default="fp32",
+        choices=["fp32", "fp64", "none"],
+        help="Precision of the router logits and of the weighted sum of expert outputs. fp32 "
+        "by default here (Megatron-LM leaves it unset and Megatron-Core warns from 32 experts "
+        "on); none = the model's precision.",
+    )
+    group.add_argument(
+        "--moe-permute-fusion",
+        action="store_true",
+        default=None,
+        help="Fused token permutation in the dispatcher (Transformer Engine >= 2.1 kernels). "
+        "Default: on with --transformer-impl transformer_engine on a GPU when the kernels "
+        "import, else off.",
+    )
+    group.add_argument(
+        "--no-moe-permute-fusion",
+        action="store_false",
+        dest="moe_permute_fusion",
+        default=None,
+        help="Unfused token permutation even where the fused kernels run.",
+    )
+    group.add_argument(
+        "--moe-expert-capacity-factor",
+        type=float,
+        default=None,
+        help="Token dropping: each expert takes at most capacity = ceil(tokens * topk / "
+        "experts * factor) tokens per micro-batch and rank; the rest skip it. Unset = dropless.",
+    )
+    group.add_argument(
+        "--moe-token-drop-policy",
+        default="probs",
+        choices=["probs", "position"],
+        help="Which tokens an expert over capacity drops: the lowest routing weights (probs) "
+        "or the last ones in the micro-batch (position).",
+    )
+    group.add_argument(
+        "--moe-pad-expert-input-to-capacity",
+        action="store_true",
+        help="Pad every expert's input to its capacity (static shapes); needs "
+        "--moe-expert-capacity-factor.",
     )
 
 
@@ -363,9 +480,18 @@ def _add_parallelism_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--distributed-backend",
-        default="nccl",
+        default=None,
         choices=["nccl", "gloo"],
-        help="torch.distributed backend.",
+        help="torch.distributed backend. Default nccl with CUDA GPUs, gloo without (said "
+        "in the log).",
+    )
+    group.add_argument(
+        "--no-overlap-p2p-communication",
+        action="store_false",
+        dest="overlap_p2p_comm",
+        help="Do not overlap the interleaved pipeline schedule's p2p communication with "
+        "compute (then NCCL batches the sends and receives, which needs "
+        "--pipeline-model-parallel-size > 2).",
     )
     group.add_argument(
         "--distributed-timeout-minutes",
@@ -427,6 +553,86 @@ def _add_precision_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--initial-loss-scale", type=float, default=2**32, help="Initial dynamic fp16 loss scale."
+    )
+    group.add_argument(
+        "--min-loss-scale", type=float, default=1.0, help="Minimum dynamic fp16 loss scale."
+    )
+    group.add_argument(
+        "--loss-scale-window",
+        type=float,
+        default=1000,
+        help="Steps without overflow after which the dynamic fp16 loss scale doubles.",
+    )
+    group.add_argument(
+        "--hysteresis",
+        type=int,
+        default=2,
+        help="Consecutive overflow steps before the dynamic fp16 loss scale halves.",
+    )
+
+
+def _add_fusion_args(parser: argparse.ArgumentParser) -> None:
+    """Megatron-LM's fusion flags and defaults (see `tst_megatron.training.fusions`)."""
+    group = parser.add_argument_group(
+        "fusions",
+        "Fused kernels, on by default where Megatron-LM has them on; each resolves off (with "
+        "a log line) where this device or its installed kernels cannot run it.",
+    )
+    group.add_argument(
+        "--no-masked-softmax-fusion",
+        action="store_false",
+        dest="masked_softmax_fusion",
+        help="Disable the fused scale-mask-softmax of the local attention.",
+    )
+    group.add_argument(
+        "--no-bias-gelu-fusion",
+        action="store_false",
+        dest="bias_gelu_fusion",
+        help="Disable the fused bias + GeLU.",
+    )
+    group.add_argument(
+        "--no-bias-swiglu-fusion",
+        action="store_false",
+        dest="bias_swiglu_fusion",
+        help="Disable the fused bias + SwiGLU (unfused keeps two more [tokens, ffn] "
+        "activations per layer for backward).",
+    )
+    group.add_argument(
+        "--no-bias-dropout-fusion",
+        action="store_false",
+        dest="bias_dropout_fusion",
+        help="Disable the fused bias + dropout + residual add.",
+    )
+    group.add_argument(
+        "--no-rope-fusion",
+        action="store_false",
+        dest="apply_rope_fusion",
+        help="Disable Transformer Engine's fused RoPE.",
+    )
+    group.add_argument(
+        "--no-persist-layer-norm",
+        action="store_true",
+        help="Disable apex's persistent LayerNorm kernel (local spec).",
+    )
+    group.add_argument(
+        "--no-gradient-accumulation-fusion",
+        action="store_false",
+        dest="gradient_accumulation_fusion",
+        help="Disable fusing the weight-gradient GEMM with the fp32 gradient accumulation.",
+    )
+    group.add_argument(
+        "--cross-entropy-loss-fusion",
+        action="store_true",
+        help="Fused vocab-parallel cross-entropy for standard next-token steps (baseline and "
+        "TST phase 2; phase 1's multi-hot loss is always fused). Off by default, as in "
+        "Megatron-LM.",
+    )
+    group.add_argument(
+        "--cross-entropy-fusion-impl",
+        default="native",
+        choices=["native", "te"],
+        help="Implementation of --cross-entropy-loss-fusion: Megatron-Core's or Transformer "
+        "Engine's.",
     )
 
 
@@ -493,6 +699,15 @@ def _add_optimization_args(parser: argparse.ArgumentParser) -> None:
         help="Clip the global gradient L2 norm to this value (0 = off).",
     )
     group.add_argument("--seed", type=int, default=1234, help="Random seed.")
+    group.add_argument(
+        "--calculate-per-token-loss",
+        action="store_true",
+        help="Normalise the loss by the number of loss tokens of the whole global batch "
+        "(summed over micro-batches and data-parallel ranks) instead of averaging per-micro-"
+        "batch means. A token is a position with an unmasked target; in TST phase 1 a latent "
+        "position (its loss is the multi-hot CE, the mean over its unmasked target slots), "
+        "see docs/method.md.",
+    )
 
 
 def _add_learning_rate_args(parser: argparse.ArgumentParser) -> None:
@@ -567,29 +782,49 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
         help="Tokenizer. Default NullTokenizer when only --vocab-size is given.",
     )
     group.add_argument(
-        "--tokenizer-model", default=None, help="HuggingFace tokenizer name or directory."
+        "--tokenizer-model",
+        default=None,
+        help="HuggingFace tokenizer.json or its directory, or a SentencePiece model file.",
     )
     group.add_argument("--vocab-file", default=None, help="GPT-2 BPE vocabulary file.")
     group.add_argument("--merge-file", default=None, help="GPT-2 BPE merges file.")
     group.add_argument(
-        "--eod-mask-loss", action="store_true", help="Drop end-of-document targets from the loss."
+        "--eod-mask-loss",
+        action="store_true",
+        help="Drop the loss of predictions made from an end-of-document token (the first token "
+        "of each document), as Megatron-LM does; in TST phase 1 every target slot holding a "
+        "document's first token.",
     )
     group.add_argument(
         "--reset-position-ids",
         action="store_true",
-        help="Restart position ids after each end-of-document token.",
+        help="Restart position ids at each document (after each end-of-document token); in TST "
+        "bag phases at the first latent position of each document. Learned absolute positions "
+        "only: RoPE sees relative positions (use --reset-attention-mask).",
     )
     group.add_argument(
         "--reset-attention-mask",
         action="store_true",
-        help="Block attention across end-of-document tokens.",
+        help="Documents inside a sample attend only within themselves (both TST phases and "
+        "validation); a bag spanning a document boundary belongs to the document of its last "
+        "token (docs/method.md). Costs a [b, 1, L, L] bool mask per micro-batch on the device "
+        "and an unfused attention path with Transformer Engine; not with context parallelism.",
     )
-    group.add_argument("--num-workers", type=int, default=2, help="Data loader workers.")
+    group.add_argument(
+        "--num-workers",
+        type=int,
+        default=2,
+        help="Training-data prefetch: 0 reads each step's windows on the training thread; "
+        "N >= 1 has one background thread prepare up to N steps ahead while the current one "
+        "computes (Megatron-LM: DataLoader worker processes).",
+    )
     group.add_argument(
         "--no-create-attention-mask-in-dataloader",
         action="store_false",
         dest="create_attention_mask_in_dataloader",
-        help="Do not build attention masks in the data loader.",
+        help="Megatron-LM: no attention mask from the data loader (the kernel's causal mask). "
+        "This trainer never materialises a causal mask; the flag is refused with "
+        "--reset-attention-mask, whose document mask Megatron-LM would then drop.",
     )
 
 
@@ -629,6 +864,56 @@ def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="When --load holds no checkpoint, start from scratch instead of failing.",
     )
+    group.add_argument(
+        "--ckpt-fully-reshardable",
+        "--dist-ckpt-optim-fully-reshardable",
+        dest="ckpt_fully_reshardable",
+        action="store_true",
+        help="Save the distributed-optimizer state in the fully_reshardable format (loads at "
+        "any parallel layout; gathers every optimizer buffer onto each data-parallel rank at "
+        "save). Default dp_reshardable: each rank writes its own shard, reshardable across "
+        "data parallel only.",
+    )
+    group.add_argument(
+        "--no-ckpt-fully-parallel-save",
+        dest="ckpt_fully_parallel_save",
+        action="store_false",
+        help="Do not split the writing of replicated tensors over the data-parallel ranks.",
+    )
+    group.add_argument(
+        "--no-ckpt-fully-parallel-load",
+        dest="ckpt_fully_parallel_load",
+        action="store_false",
+        help="Do not split the reading of replicated tensors over the data-parallel ranks "
+        "(each rank then reads its whole model-parallel slice).",
+    )
+    group.add_argument(
+        "--async-save",
+        action="store_true",
+        help="Write the --save-interval checkpoints in a background process while training "
+        "continues (Megatron-Core's async save); published once every rank finished.",
+    )
+    group.add_argument(
+        "--override-save-lock",
+        action="store_true",
+        help="Take over the --save lock held by another job (only when that job is gone, "
+        "e.g. its node died; two writers corrupt each other's checkpoints).",
+    )
+    group.add_argument(
+        "--override-opt_param-scheduler",
+        "--override-opt-param-scheduler",
+        dest="override_opt_param_scheduler",
+        action="store_true",
+        help="On resume, use this run's learning-rate / weight-decay schedule flags instead of "
+        "refusing a --train-iters that differs from the checkpoint's.",
+    )
+    group.add_argument(
+        "--tst-allow-schedule-change",
+        action="store_true",
+        help="On resume, allow a TST phase-1 length (--tst-phase1-fraction / "
+        "--tst-phase1-iters x --train-iters) that differs from the checkpoint's, or "
+        "--tst-phase 2 from a checkpoint inside phase 1.",
+    )
 
 
 def _add_logging_args(parser: argparse.ArgumentParser) -> None:
@@ -657,20 +942,19 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
         help="Append every logged step and validation as one JSON line to this file "
         "(full-precision losses; the demo plots its loss curve from it).",
     )
-    group.add_argument("--log-throughput", action="store_true", help="Log TFLOP/s per GPU and MFU.")
+    group.add_argument(
+        "--log-throughput",
+        action="store_true",
+        help="Add model TFLOP/s per GPU and MFU to the training log line (as Megatron-LM "
+        "does with this flag; the --metrics-jsonl record always has them).",
+    )
     group.add_argument(
         "--peak-tflops",
         type=float,
         default=None,
-        help="Per-GPU peak TFLOP/s for MFU. Default from the GPU model (dense "
-        "BF16, doubled with --fp8-format); none on CPU.",
-    )
-    group.add_argument(
-        "--timing-log-level",
-        type=int,
-        default=0,
-        choices=[0, 1, 2],
-        help="Timer detail: 0 = iteration time only, 2 = everything.",
+        help="Per-GPU peak TFLOP/s for MFU. Default from the GPU model: its dense BF16 peak, "
+        "also with --fp8-format (MFU is conventionally quoted against the BF16 peak); none "
+        "on CPU.",
     )
 
 
@@ -785,6 +1069,56 @@ def _add_reliability_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_timing_and_memory_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("timing and memory")
+    group.add_argument(
+        "--timing-log-level",
+        type=int,
+        default=0,
+        choices=[0, 1, 2],
+        help="Megatron-Core timers: 0 = iteration and checkpoint times only; 1 adds "
+        "batch-generator (data), forward-backward, gradient all-reduce (all-grads-sync), "
+        "optimizer and its parts, once per step; 2 adds per-micro-batch forward/backward "
+        "compute and pipeline send/recv. Printed every --log-interval.",
+    )
+    group.add_argument(
+        "--timing-log-option",
+        default="minmax",
+        choices=["max", "minmax", "all"],
+        help="Report the max, the (min, max) or every rank's time of each timer.",
+    )
+    group.add_argument(
+        "--no-barrier-with-level-1-timing",
+        action="store_false",
+        dest="barrier_with_L1_time",
+        help="Do not put a barrier before the level-1 timers (by default they wait for every "
+        "rank, so they measure the step and not the wait for stragglers).",
+    )
+    group.add_argument(
+        "--log-timers-to-tensorboard",
+        action="store_true",
+        help="Also write the timers (max over ranks) to TensorBoard / W&B.",
+    )
+    group.add_argument(
+        "--manual-gc",
+        action="store_true",
+        help="Disable Python's automatic garbage collector and collect at fixed points "
+        "instead, so that all ranks pause together.",
+    )
+    group.add_argument(
+        "--manual-gc-interval",
+        type=int,
+        default=0,
+        help="With --manual-gc: collect every N training steps (0 = only around evaluations).",
+    )
+    group.add_argument(
+        "--no-manual-gc-eval",
+        action="store_false",
+        dest="manual_gc_eval",
+        help="With --manual-gc: do not collect before and after each evaluation.",
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Parsing, with an optional YAML file of defaults
 # --------------------------------------------------------------------------------------------
@@ -860,6 +1194,8 @@ def _yaml_value(action: argparse.Action, via_flag: bool, value: Any, where: str)
     if action.nargs is None or action.nargs == "?":
         return _yaml_scalar(action, value, where)
     items = value.split() if isinstance(value, str) else value
+    if action.nargs in ("+", "*") and isinstance(items, (int, float)):
+        items = [items]  # one value of a list flag, e.g. moe-aux-loss-coeff: 1.0e-3
     if not isinstance(items, list):
         raise ConfigError(f"{where} must be a list, got {value!r}")
     if isinstance(action.nargs, int) and len(items) != action.nargs:
@@ -867,16 +1203,20 @@ def _yaml_value(action: argparse.Action, via_flag: bool, value: Any, where: str)
     return [_yaml_scalar(action, item, where) for item in items]
 
 
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string"}
+
+
 def _yaml_scalar(action: argparse.Action, value: Any, where: str) -> Any:
     kind = action.type or str
+    name = _KIND_NAMES.get(kind, f"a {getattr(kind, '__name__', kind)} value")
     if isinstance(value, (bool, dict, list)):
-        raise ConfigError(f"{where} must be a single {kind.__name__}, got {value!r}")
+        raise ConfigError(f"{where} must be a single value ({name}), got {value!r}")
     if kind is int and isinstance(value, float):
         raise ConfigError(f"{where} must be an integer, got {value!r}")
     try:
         converted = kind(value)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where} must be a {kind.__name__}, got {value!r}") from exc
+        raise ConfigError(f"{where} must be {name}, got {value!r}") from exc
     if action.choices is not None and converted not in action.choices:
         allowed = ", ".join(str(choice) for choice in action.choices)
         raise ConfigError(f"{where} must be one of {allowed}; got {converted!r}")
@@ -898,19 +1238,25 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     tokenizer when ``--vocab-size`` is not given), ``expert_tensor_parallel_size``,
     ``moe_ffn_hidden_size``, ``virtual_pipeline_model_parallel_size``, ``global_batch_size``,
     ``lr_decay_iters``, ``lr_warmup_iters``, ``start/end_weight_decay``, ``tokenizer_type``,
-    ``collective_timeout_s``, ``exit_signal`` (a `signal.Signals`), ``peak_tflops``, and
-    ``tst`` (a `TSTConfig`).
+    ``collective_timeout_s``, ``exit_signal`` (a `signal.Signals`), ``peak_tflops``,
+    ``tst`` (a `TSTConfig`), ``distributed_backend`` (when unset), ``fusions`` (a
+    `tst_megatron.training.fusions.Fusions`: what this device runs) and ``startup_notes``
+    (lines for the start of the log: fusions turned off, the backend chosen).
 
     Raises:
         ConfigError: naming the offending flags, their values and what is allowed.
     """
     args.world_size = world_size
+    args.startup_notes = []
     _check_required(args)
     _validate_implementation(args)
     _validate_precision(args)
+    _validate_backend(args)
     _validate_parallel_layout(args)
+    _validate_local_spec(args)
     _validate_model_shape(args)
     _validate_moe(args)
+    _validate_recompute(args)
     _validate_batch(args)
     _validate_learning_rate(args)
     _validate_data(args)
@@ -918,12 +1264,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     _validate_logging(args)
     _validate_tst(args)
     _validate_reliability(args)
-
-
-def vocab_size_with_padding(vocab_size: int, args: argparse.Namespace) -> int:
-    """Megatron's padding: round up to a multiple of make-vocab-size-divisible-by * TP."""
-    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
-    return int(math.ceil(vocab_size / multiple) * multiple)
+    _validate_timing_and_memory(args)
+    _validate_fusions(args)
 
 
 def transformer_engine_installed() -> bool:
@@ -953,6 +1295,7 @@ def _validate_implementation(args: argparse.Namespace) -> None:
             f"--fp8-format {args.fp8} needs Transformer Engine, which is not installed: "
             f"{TE_INSTALL_HINT} or drop --fp8-format"
         )
+    args.transformer_impl_resolved = args.transformer_impl is None
     if args.transformer_impl is None:
         args.transformer_impl = "transformer_engine" if has_cuda and has_te else "local"
         if has_cuda and not has_te:
@@ -982,11 +1325,67 @@ def _validate_precision(args: argparse.Namespace) -> None:
             raise ConfigError("--fp8-param-gather needs --use-distributed-optimizer")
     if args.bf16:
         args.params_dtype = torch.bfloat16
+        # Megatron-LM: "bfloat16 requires gradient accumulation and all-reduce to be
+        # performed in fp32"
         args.accumulate_allreduce_grads_in_fp32 = True
     elif args.fp16:
         args.params_dtype = torch.float16
     else:
         args.params_dtype = torch.float32
+    if args.loss_scale is not None and args.loss_scale <= 0:
+        raise ConfigError(f"--loss-scale must be > 0, got {args.loss_scale}")
+    if not 0 < args.min_loss_scale <= args.initial_loss_scale:
+        raise ConfigError(
+            f"--min-loss-scale {args.min_loss_scale} must be > 0 and at most "
+            f"--initial-loss-scale {args.initial_loss_scale:g}"
+        )
+    if args.loss_scale_window <= 0 or args.hysteresis < 1:
+        raise ConfigError(
+            f"--loss-scale-window must be > 0 and --hysteresis >= 1, got "
+            f"{args.loss_scale_window:g} and {args.hysteresis}"
+        )
+
+
+def _validate_backend(args: argparse.Namespace) -> None:
+    """nccl with CUDA, gloo without: the default, or a clear error for nccl without GPUs."""
+    has_cuda = torch.cuda.is_available()
+    if args.distributed_backend is None:
+        args.distributed_backend = "nccl" if has_cuda else "gloo"
+        if not has_cuda:
+            args.startup_notes.append(
+                "no CUDA device visible: torch.distributed backend gloo (CPU); pass "
+                "--distributed-backend to choose explicitly"
+            )
+    elif args.distributed_backend == "nccl" and not has_cuda:
+        raise ConfigError(
+            "--distributed-backend nccl needs CUDA GPUs, and none is visible (torch "
+            f"{torch.__version__}, CUDA available: no): use --distributed-backend gloo to run "
+            "on CPUs"
+        )
+    error = placement.cuda_connections_error(args, placement.cuda_arch_major(), os.environ)
+    if error:
+        raise ConfigError(error)
+
+
+def _validate_local_spec(args: argparse.Namespace) -> None:
+    """What the local (no-TE) spec cannot do on GPUs, refused before any work."""
+    if args.transformer_impl != "local":
+        return
+    kernels = KernelAvailability.detect()
+    if kernels.cuda and args.context_parallel_size > 1:
+        raise ConfigError(
+            f"--context-parallel-size {args.context_parallel_size} with --transformer-impl "
+            "local: Megatron-Core's local attention (DotProductAttention) has no context "
+            "parallelism on GPUs; use --transformer-impl transformer_engine (TE's attention "
+            "does CP), or --context-parallel-size 1"
+        )
+    apex_norm = kernels.apex_layer_norm and args.normalization == "LayerNorm"
+    if args.apply_layernorm_1p and not apex_norm:
+        raise ConfigError(
+            f"--apply-layernorm-1p with --transformer-impl local and --normalization "
+            f"{args.normalization}: the local spec's torch norms have no zero-centred gamma "
+            "(apex's fused LayerNorm does); use --transformer-impl transformer_engine"
+        )
 
 
 def _validate_parallel_layout(args: argparse.Namespace) -> None:
@@ -1099,18 +1498,6 @@ def _validate_model_shape(args: argparse.Namespace) -> None:
     if args.vocab_size is not None:
         _check_positive(args, "vocab_size")
         args.padded_vocab_size = vocab_size_with_padding(args.vocab_size, args)
-    if args.recompute_granularity == "full" and (
-        args.recompute_method is None or args.recompute_num_layers is None
-    ):
-        raise ConfigError(
-            "--recompute-granularity full needs --recompute-method (uniform or block) and "
-            "--recompute-num-layers"
-        )
-    if args.recompute_granularity == "selective" and args.recompute_method is not None:
-        raise ConfigError(
-            f"--recompute-method {args.recompute_method} applies only to "
-            "--recompute-granularity full, not selective"
-        )
 
 
 def _validate_moe(args: argparse.Namespace) -> None:
@@ -1121,9 +1508,11 @@ def _validate_moe(args: argparse.Namespace) -> None:
     if args.num_experts == 0:
         args.num_experts = None
     experts = args.num_experts
+    _normalize_load_balancing(args)
     if experts is None:
         if ep > 1:
             raise ConfigError(f"--expert-model-parallel-size {ep} needs --num-experts")
+        _refuse_moe_flags_without_experts(args)
         return
     if experts < 1:
         raise ConfigError(f"--num-experts must be >= 1 (or 0 for a dense model), got {experts}")
@@ -1158,11 +1547,19 @@ def _validate_moe(args: argparse.Namespace) -> None:
         and args.transformer_impl == "local"
         and importlib.util.find_spec("grouped_gemm") is None
     ):
-        raise ConfigError(
-            "--moe-grouped-gemm with --transformer-impl local needs the grouped_gemm package, "
-            "which is not installed: install it (github.com/fanshiqing/grouped_gemm), use "
-            "--transformer-impl transformer_engine, or drop --moe-grouped-gemm"
+        if not args.transformer_impl_resolved:
+            raise ConfigError(
+                "--moe-grouped-gemm with --transformer-impl local needs the grouped_gemm package, "
+                "which is not installed: install it (github.com/fanshiqing/grouped_gemm), use "
+                "--transformer-impl transformer_engine, or drop --moe-grouped-gemm"
+            )
+        warnings.warn(
+            "--moe-grouped-gemm: this machine runs --transformer-impl local (no Transformer "
+            "Engine on a GPU) and has no grouped_gemm package: the experts run one by one "
+            "(SequentialMLP) instead; same parameters, same checkpoint",
+            stacklevel=3,
         )
+        args.moe_grouped_gemm = False
     if args.moe_layer_freq < 1:
         raise ConfigError(f"--moe-layer-freq must be >= 1, got {args.moe_layer_freq}")
     if args.tensor_model_parallel_size > 1 and not args.sequence_parallel:
@@ -1178,6 +1575,266 @@ def _validate_moe(args: argparse.Namespace) -> None:
         )
     if args.moe_ffn_hidden_size is None:
         args.moe_ffn_hidden_size = args.ffn_hidden_size
+    if args.add_bias_linear and etp > 1:
+        raise ConfigError(
+            f"--expert-tensor-parallel-size {etp} with linear biases: Megatron-Core's experts "
+            "support biases only at expert-tensor-parallel size 1; pass --disable-bias-linear "
+            "or --expert-tensor-parallel-size 1"
+        )
+    _validate_moe_routing(args)
+    _validate_moe_capacity(args)
+    _resolve_moe_speed_flags(args)
+
+
+def _normalize_load_balancing(args: argparse.Namespace) -> None:
+    """One load-balancing type and coefficient stay scalars (as Megatron-Core takes them);
+    a combination of aux losses becomes two equally long lists."""
+    types = _as_list(args.moe_router_load_balancing_type)
+    coeffs = _as_list(args.moe_aux_loss_coeff)
+    flag = "--moe-router-load-balancing-type " + " ".join(types)
+    if len(set(types)) != len(types):
+        raise ConfigError(f"{flag}: each type may appear once")
+    if len(types) > 1 and not set(types) <= set(MOE_AUX_LOSS_TYPES):
+        raise ConfigError(
+            f"{flag}: only the aux losses ({', '.join(MOE_AUX_LOSS_TYPES)}) can be combined; "
+            "sinkhorn and none stand alone"
+        )
+    if len(coeffs) != len(types):
+        raise ConfigError(
+            f"{flag} needs one --moe-aux-loss-coeff per type, got "
+            f"{len(coeffs)}: {' '.join(str(c) for c in coeffs)}"
+        )
+    if any(coeff < 0 for coeff in coeffs):
+        raise ConfigError(f"--moe-aux-loss-coeff must be >= 0, got {coeffs}")
+    args.moe_router_load_balancing_type = types[0] if len(types) == 1 else types
+    args.moe_aux_loss_coeff = coeffs[0] if len(coeffs) == 1 else coeffs
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _refuse_moe_flags_without_experts(args: argparse.Namespace) -> None:
+    given = [
+        flag
+        for flag, on in (
+            ("--moe-router-enable-expert-bias", args.moe_router_enable_expert_bias),
+            ("--moe-expert-capacity-factor", args.moe_expert_capacity_factor is not None),
+            ("--moe-pad-expert-input-to-capacity", args.moe_pad_expert_input_to_capacity),
+            ("--moe-router-num-groups", args.moe_router_num_groups is not None),
+            ("--moe-router-group-topk", args.moe_router_group_topk is not None),
+            ("--moe-router-topk-scaling-factor", args.moe_router_topk_scaling_factor is not None),
+            ("--moe-permute-fusion", bool(args.moe_permute_fusion)),
+            ("--moe-grouped-gemm", args.moe_grouped_gemm),
+        )
+        if on
+    ]
+    if given:
+        raise ConfigError(f"{', '.join(given)} need(s) a MoE model: give --num-experts")
+
+
+def _validate_moe_routing(args: argparse.Namespace) -> None:
+    experts, topk = args.num_experts, args.moe_router_topk
+    sinkhorn = args.moe_router_load_balancing_type == "sinkhorn"
+    if args.moe_router_enable_expert_bias:
+        if args.moe_router_score_function != "sigmoid":
+            raise ConfigError(
+                "--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid "
+                f"(got {args.moe_router_score_function}): Megatron-Core adds the expert bias "
+                "to sigmoid scores only"
+            )
+        if args.moe_router_bias_update_rate <= 0:
+            raise ConfigError(
+                "--moe-router-bias-update-rate must be > 0 with --moe-router-enable-expert-bias, "
+                f"got {args.moe_router_bias_update_rate}"
+            )
+    scaling = args.moe_router_topk_scaling_factor
+    if scaling is not None and scaling <= 0:
+        raise ConfigError(f"--moe-router-topk-scaling-factor must be > 0, got {scaling}")
+    groups, group_topk = args.moe_router_num_groups, args.moe_router_group_topk
+    if (groups is None) != (group_topk is None):
+        raise ConfigError(
+            "group-limited routing needs both --moe-router-num-groups and "
+            f"--moe-router-group-topk (got {groups} and {group_topk})"
+        )
+    if groups is not None:
+        if groups < 1 or experts % groups:
+            raise ConfigError(
+                f"--moe-router-num-groups {groups} must divide --num-experts {experts}"
+            )
+        if not 1 <= group_topk <= min(groups, topk):
+            raise ConfigError(
+                f"--moe-router-group-topk {group_topk} must be between 1 and the smaller of "
+                f"--moe-router-num-groups {groups} and --moe-router-topk {topk}"
+            )
+        if group_topk * (experts // groups) < topk:
+            raise ConfigError(
+                f"--moe-router-group-topk {group_topk} groups of {experts // groups} experts "
+                f"(--num-experts {experts} / --moe-router-num-groups {groups}) hold fewer than "
+                f"--moe-router-topk {topk} experts"
+            )
+    ignored_by_sinkhorn = [
+        flag
+        for flag, on in (
+            ("--moe-router-enable-expert-bias", args.moe_router_enable_expert_bias),
+            ("--moe-router-num-groups/--moe-router-group-topk", groups is not None),
+            ("--moe-router-topk-scaling-factor", scaling is not None),
+        )
+        if on
+    ]
+    if sinkhorn and ignored_by_sinkhorn:
+        raise ConfigError(
+            "--moe-router-load-balancing-type sinkhorn routes by Sinkhorn-normalised scores "
+            f"and ignores {', '.join(ignored_by_sinkhorn)}"
+        )
+
+
+def _validate_moe_capacity(args: argparse.Namespace) -> None:
+    factor = args.moe_expert_capacity_factor
+    if factor is None:
+        if args.moe_pad_expert_input_to_capacity:
+            raise ConfigError(
+                "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor (the "
+                "capacity it pads to)"
+            )
+        if args.moe_token_drop_policy != "probs":
+            raise ConfigError(
+                f"--moe-token-drop-policy {args.moe_token_drop_policy} needs "
+                "--moe-expert-capacity-factor (without it no token is dropped)"
+            )
+        return
+    if factor <= 0:
+        raise ConfigError(
+            f"--moe-expert-capacity-factor must be > 0, got {factor} (leave it out for "
+            "dropless routing)"
+        )
+    if args.moe_router_load_balancing_type == "sinkhorn":
+        raise ConfigError(
+            f"--moe-expert-capacity-factor {factor} does not work with "
+            "--moe-router-load-balancing-type sinkhorn (Megatron-Core drops tokens only with "
+            "aux_loss, seq_aux_loss, global_aux_loss or none)"
+        )
+
+
+def _resolve_moe_speed_flags(args: argparse.Namespace) -> None:
+    """``moe_permute_fusion`` (auto: on where Transformer Engine's kernels run) and the router
+    precision (``--moe-router-dtype none`` -> None)."""
+    if args.moe_router_dtype == "none":
+        args.moe_router_dtype = None
+    available = (
+        args.transformer_impl == "transformer_engine"
+        and torch.cuda.is_available()
+        and _fused_permute_available()
+    )
+    if args.moe_permute_fusion is None:
+        args.moe_permute_fusion = available
+    elif args.moe_permute_fusion and not available:
+        raise ConfigError(
+            "--moe-permute-fusion needs Transformer Engine >= 2.1's fused permutation kernels "
+            "on a GPU (--transformer-impl transformer_engine); this run has "
+            f"--transformer-impl {args.transformer_impl}"
+            f"{'' if torch.cuda.is_available() else ' and no GPU'}: drop the flag"
+        )
+
+
+def _fused_permute_available() -> bool:
+    """Whether Megatron-Core found Transformer Engine's fused permutation kernels."""
+    from megatron.core.transformer.moe import moe_utils
+
+    return all(
+        getattr(moe_utils, name, None) is not None
+        for name in (
+            "fused_permute",
+            "fused_permute_with_probs",
+            "fused_sort_chunks_by_index",
+            "fused_sort_chunks_by_index_with_probs",
+            "fused_unpermute",
+        )
+    )
+
+
+def _validate_recompute(args: argparse.Namespace) -> None:
+    """Megatron-LM's recompute flags, checked before Megatron-Core asserts on them."""
+    granularity, method, num = (
+        args.recompute_granularity,
+        args.recompute_method,
+        args.recompute_num_layers,
+    )
+    if args.recompute_activations:
+        if granularity == "full":
+            raise ConfigError(
+                "--recompute-activations means --recompute-granularity selective; it cannot be "
+                "combined with --recompute-granularity full"
+            )
+        granularity = args.recompute_granularity = "selective"
+    if granularity is None and (method is not None or num is not None):
+        raise ConfigError(
+            "--recompute-method/--recompute-num-layers need --recompute-granularity full"
+        )
+    if granularity == "full":
+        if method is None or num is None:
+            raise ConfigError(
+                "--recompute-granularity full needs --recompute-method (uniform or block) and "
+                "--recompute-num-layers"
+            )
+        per_stage = args.num_layers // args.pipeline_model_parallel_size
+        per_chunk = args.num_layers_per_virtual_pipeline_stage or per_stage
+        if not 1 <= num <= per_chunk:
+            raise ConfigError(
+                f"--recompute-num-layers {num} must be between 1 and the {per_chunk} layers of "
+                "a pipeline stage (or virtual stage)"
+            )
+    if granularity == "selective" and method is not None:
+        raise ConfigError(
+            f"--recompute-method {method} applies only to --recompute-granularity full, not "
+            "selective"
+        )
+    if granularity == "selective" and num is not None:
+        raise ConfigError(
+            f"--recompute-num-layers {num} applies only to --recompute-granularity full "
+            "(selective recomputation covers every layer)"
+        )
+    modules = args.recompute_modules
+    if modules is None:
+        return
+    if granularity != "selective":
+        raise ConfigError(
+            "--recompute-modules needs selective recomputation (--recompute-activations or "
+            "--recompute-granularity selective)"
+        )
+    if not modules:
+        raise ConfigError("--recompute-modules needs at least one module")
+    moe_layers = args.num_experts is not None
+    unusable = {
+        "moe_act": (not args.moe_grouped_gemm, "needs --moe-grouped-gemm (and a kernel for it)"),
+        "moe": (not moe_layers, "needs --num-experts"),
+        "shared_experts": (
+            args.moe_shared_expert_intermediate_size is None,
+            "needs --moe-shared-expert-intermediate-size",
+        ),
+        "mlp": (moe_layers and args.moe_layer_freq == 1, "has no dense MLP (every layer is MoE)"),
+    }
+    for module in modules:
+        refused, why = unusable.get(module, (False, ""))
+        if refused:
+            raise ConfigError(f"--recompute-modules {module}: {why}")
+        if module in ("layernorm", "moe_act") and not transformer_engine_installed():
+            raise ConfigError(
+                f"--recompute-modules {module} needs Transformer Engine (Megatron-Core's "
+                "output-discarding checkpoint, tensor_parallel/random.py CheckpointWithoutOutput, "
+                f"uses it unconditionally): {TE_INSTALL_HINT} or recompute other modules"
+            )
+
+
+def _validate_timing_and_memory(args: argparse.Namespace) -> None:
+    if args.manual_gc_interval < 0:
+        raise ConfigError(f"--manual-gc-interval must be >= 0, got {args.manual_gc_interval}")
+    if not args.manual_gc and (args.manual_gc_interval or not args.manual_gc_eval):
+        raise ConfigError("--manual-gc-interval/--no-manual-gc-eval need --manual-gc")
+    if args.log_timers_to_tensorboard and not (args.tensorboard_dir or args.wandb_project):
+        raise ConfigError(
+            "--log-timers-to-tensorboard needs --tensorboard-dir (or --wandb-project)"
+        )
 
 
 def _validate_batch(args: argparse.Namespace) -> None:
@@ -1298,20 +1955,51 @@ def _validate_data(args: argparse.Namespace) -> None:
     if args.tokenizer_type is None:
         if args.vocab_size is None:
             raise ConfigError(
-                "give --tokenizer-type (HuggingFaceTokenizer, GPT2BPETokenizer, NullTokenizer) "
+                f"give --tokenizer-type ({', '.join(TOKENIZER_TYPES)}) "
                 "or --vocab-size (which implies NullTokenizer)"
             )
         args.tokenizer_type = "NullTokenizer"
-    if args.tokenizer_type == "HuggingFaceTokenizer" and not args.tokenizer_model:
-        raise ConfigError(
-            "--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model (a name or directory)"
-        )
-    if args.tokenizer_type == "GPT2BPETokenizer" and not (args.vocab_file and args.merge_file):
-        raise ConfigError("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
-    if args.tokenizer_type == "NullTokenizer" and args.vocab_size is None:
-        raise ConfigError("--tokenizer-type NullTokenizer needs --vocab-size")
+    try:
+        TokenizerSpec.from_args(args).check()
+    except TokenizerError as err:
+        raise ConfigError(str(err)) from None
     if args.num_workers < 0:
         raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
+    _validate_document_masking(args)
+
+
+def _validate_document_masking(args: argparse.Namespace) -> None:
+    """``--reset-position-ids`` / ``--reset-attention-mask`` combinations that cannot work."""
+    if args.reset_attention_mask and args.context_parallel_size > 1:
+        raise ConfigError(
+            "--reset-attention-mask cannot be combined with --context-parallel-size "
+            f"{args.context_parallel_size}: context-parallel attention (Transformer Engine's "
+            "ring attention) takes no arbitrary document mask; use --context-parallel-size 1 "
+            "or drop --reset-attention-mask"
+        )
+    if args.reset_attention_mask and args.transformer_impl == "transformer_engine":
+        warnings.warn(
+            "--reset-attention-mask with Transformer Engine: self-attention takes the document "
+            "mask as attn_mask_type 'arbitrary', which Transformer Engine runs with its unfused "
+            "attention (its flash/cuDNN kernels take no arbitrary mask): slower, and "
+            "[b, heads/TP, L, L] scores in memory",
+            stacklevel=3,
+        )
+    if args.reset_attention_mask and not args.create_attention_mask_in_dataloader:
+        raise ConfigError(
+            "--reset-attention-mask needs the document mask that "
+            "--no-create-attention-mask-in-dataloader turns off (in Megatron-LM the pair trains "
+            "without document masking); drop one of the two"
+        )
+    kind = args.position_embedding_type
+    if args.reset_position_ids and kind != "learned_absolute" and not args.reset_attention_mask:
+        raise ConfigError(
+            f"--reset-position-ids has no effect with --position-embedding-type {kind}: "
+            "Megatron-Core's rotary embedding takes positions 0..L-1 from the sequence, not "
+            "from position ids (Megatron-LM ignores the flag silently). To keep documents "
+            "apart add --reset-attention-mask (with RoPE the restart is then implied: "
+            "attention only sees relative positions within a document)"
+        )
 
 
 def _validate_checkpointing(args: argparse.Namespace) -> None:
@@ -1329,6 +2017,15 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
         raise ConfigError(
             f"--ckpt-keep-last must be >= 0 (0 = keep all), got {args.ckpt_keep_last}"
         )
+    for dest in ("async_save", "override_save_lock"):
+        if getattr(args, dest) and not args.save:
+            raise ConfigError(f"--{dest.replace('_', '-')} needs --save (it acts on saving)")
+    resume_flags = ("tst_allow_schedule_change", "override_opt_param_scheduler")
+    for dest in resume_flags:
+        if getattr(args, dest) and not args.load:
+            raise ConfigError(
+                f"--{dest.replace('_', '-')} acts on a resume: it needs --load"
+            )
 
 
 def _validate_logging(args: argparse.Namespace) -> None:
@@ -1339,7 +2036,7 @@ def _validate_logging(args: argparse.Namespace) -> None:
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         raise ConfigError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     if args.peak_tflops is None:
-        args.peak_tflops = current_device_peak_tflops(fp8=args.fp8 is not None)
+        args.peak_tflops = current_device_peak_tflops()
 
 
 def _validate_tst(args: argparse.Namespace) -> None:
@@ -1373,6 +2070,13 @@ def _validate_tst(args: argparse.Namespace) -> None:
     if args.tst_phase == "2" and args.load is None:
         raise ConfigError(
             "--tst-phase 2 continues from the phase-1 checkpoint: give --load with its directory"
+        )
+    if bag > 1 and fraction is not None and int(fraction * args.train_iters) == 0:
+        raise ConfigError(
+            f"--tst-phase1-fraction {fraction} x --train-iters {args.train_iters} = "
+            f"{fraction * args.train_iters:g} rounds down to 0 phase-1 iterations: TST would be "
+            "off. Give a larger fraction, --tst-phase1-iters N (N >= 1), or --tst-bag-size 1 "
+            "for a baseline run"
         )
     _validate_tst_weighting(args)
     _validate_tst_fold(args)
@@ -1463,6 +2167,30 @@ def _validate_tst_fold(args: argparse.Namespace) -> None:
                 f"{bag * args.micro_batch_size}); Transformer Engine's FP8 GEMMs need a "
                 f"multiple of {FP8_TOKEN_MULTIPLE}"
             )
+
+
+def _validate_fusions(args: argparse.Namespace) -> None:
+    te_loss = args.cross_entropy_loss_fusion and args.cross_entropy_fusion_impl == "te"
+    if te_loss and not transformer_engine_installed():
+        raise ConfigError(
+            "--cross-entropy-fusion-impl te needs Transformer Engine, which is not "
+            f"installed: {TE_INSTALL_HINT} or use --cross-entropy-fusion-impl native"
+        )
+    pp = args.pipeline_model_parallel_size
+    if (
+        args.virtual_pipeline_model_parallel_size is not None
+        and not args.overlap_p2p_comm
+        and args.distributed_backend == "nccl"
+        and pp <= 2
+    ):
+        raise ConfigError(
+            "--no-overlap-p2p-communication with the interleaved pipeline schedule batches "
+            "each step's sends and receives, which needs --pipeline-model-parallel-size > 2 "
+            f"(got {pp}: the previous and next stage are the same rank and batched messages "
+            "would cross, as Megatron-LM asserts); drop --no-overlap-p2p-communication"
+        )
+    args.fusions, notes = fusions.resolve_fusions(args, KernelAvailability.detect())
+    args.startup_notes.extend(notes)
 
 
 def _validate_reliability(args: argparse.Namespace) -> None:

@@ -2,39 +2,76 @@
 
 Layout (Megatron-LM's, so its tools find their way around)::
 
+    SAVE/.tst_save.lock                         # held by the job saving here (checkpoint_lock)
     SAVE/latest_checkpointed_iteration.txt      # written last, by rename
     SAVE/iter_0000100/                          # model, optimizer, scheduler, RNG, data
-    SAVE/iter_0000100/tst_checkpoint.json       # TST state + model shape, for checks
+    SAVE/iter_0000100/tst_checkpoint.json       # TST state, model shape, layout, digests
 
-A save goes to ``iter_XXXXXXX.tmp``; after every rank finished writing, rank 0 renames it
-to ``iter_XXXXXXX`` and then replaces the tracker file. A process killed at any moment
-leaves the previous checkpoint and tracker intact (a stale ``.tmp`` is removed by the next
-save). ``tst_checkpoint.json`` records the size and CRC32 of every file of the checkpoint
-(torch's distributed checkpoint has no checksums: a garbled shard would load silently); a
-load verifies them first. A checkpoint saved at one parallel layout loads at another
-(resharding).
+A save goes to ``iter_XXXXXXX.tmp``. Once every rank finished writing, rank 0 records the
+size and CRC32 that each rank computed while writing its files (`checkpoint_files`), fsyncs
+what it wrote and the directory, renames it to ``iter_XXXXXXX``, fsyncs the parent and then
+replaces the tracker. A process killed at any moment, or a full or read-only disk, leaves the
+previous checkpoint and tracker intact (a stale ``.tmp`` is removed by the next save). A load
+verifies every file against the recorded digests first (torch's distributed checkpoint has
+none of its own: a garbled shard would load silently).
+
+Every failure is agreed by all ranks (one all-gather) and raised everywhere as a
+`CheckpointError` with one line naming the file or directory, so no rank is left waiting.
+
+The distributed optimizer is saved ``dp_reshardable`` (each rank writes its own shard) unless
+``--ckpt-fully-reshardable``; see `checkpoint_strategies`. Model weights always reshard to any
+parallel layout; a ``dp_reshardable`` optimizer state only across data parallel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import zlib
 from argparse import Namespace
 from dataclasses import dataclass
+from functools import partial
 
 import torch
-from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
 from tst_megatron.config import RESUME_SETTINGS
 from tst_megatron.training import fault_injection
+from tst_megatron.training import rng_state as rng
+from tst_megatron.training.checkpoint_files import (
+    CheckpointError,
+    Digest,
+    WrittenDigests,
+    check_digests,
+    describe_storage_failure,
+    file_digest,
+    fsync_dir,
+    fsync_file,
+    short_description,
+    split_by_bytes,
+    write_atomically,
+)
+from tst_megatron.training.checkpoint_lock import SaveDirLock
+from tst_megatron.training.checkpoint_strategies import (
+    DP_RESHARDABLE,
+    FULLY_RESHARDABLE,
+    AsyncSaves,
+    deferred_rank0_write_errors,
+    load_strategy,
+    optimizer_format,
+    save_strategy,
+    sharded_state_dict_metadata,
+    shield_checkpoint_writer,
+)
 from tst_megatron.training.optimizer import init_optimizer_state, unshare_adam_steps
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "tst_checkpoint.json"
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+REQUIRED_META = ("iteration", "tst", "model", "layout")
+# Files Megatron-Core's torch_dist format always writes; a record without them is incomplete.
+REQUIRED_FILES = (".metadata", "common.pt", "metadata.json")
 MODEL_SHAPE_KEYS = (
     "num_layers",
     "hidden_size",
@@ -53,10 +90,18 @@ MODEL_SHAPE_KEYS = (
     "add_bias_linear",
     "qk_layernorm",
 )
+# The part of the layout a dp_reshardable optimizer state is tied to (it reshards over DP).
+OPTIMIZER_LAYOUT_KEYS = (
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "virtual_pipeline_model_parallel_size",
+    "expert_model_parallel_size",
+    "expert_tensor_parallel_size",
+)
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, partial, corrupted or incompatible with this run."""
+_save_lock: SaveDirLock | None = None  # held by rank 0 of a training job for its life
+_async_saves: AsyncSaves | None = None
+published: list[str] = []  # async saves published by `finalize_async_saves`, for the log
 
 
 @dataclass
@@ -80,10 +125,15 @@ def model_shape(args: Namespace) -> dict:
 
 def layout(args: Namespace) -> dict:
     """The parallel layout a checkpoint was written at (RNG states depend on it)."""
+    world = torch.distributed.get_world_size()
     return {
         "tensor_model_parallel_size": args.tensor_model_parallel_size,
         "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
-        "world_size": torch.distributed.get_world_size(),
+        "virtual_pipeline_model_parallel_size": args.virtual_pipeline_model_parallel_size,
+        "expert_model_parallel_size": args.expert_model_parallel_size,
+        "expert_tensor_parallel_size": args.expert_tensor_parallel_size,
+        "context_parallel_size": args.context_parallel_size,
+        "world_size": world,
     }
 
 
@@ -94,19 +144,26 @@ def tst_state(args: Namespace, phase: int) -> dict:
         "mode": args.tst.mode,
         "phase1_fraction": args.tst.phase1_fraction,
         "phase1_iters": args.tst.phase1_iters,
+        "phase1_iterations": args.tst.phase1_iterations(args.train_iters),
+        "train_iters": args.train_iters,
         **args.tst.resume_settings(),
     }
 
 
-def _sharded_state_dict(model_chunks, optimizer, scheduler, progress, args, is_loading):
+def _model_key(index: int, count: int) -> str:
+    return "model" if count == 1 else f"model{index}"
+
+
+def _sharded_state_dict(
+    model_chunks, optimizer, scheduler, progress, sharding_type: str, is_loading: bool
+) -> dict:
     state = {}
     for i, chunk in enumerate(model_chunks):
-        key = "model" if len(model_chunks) == 1 else f"model{i}"
-        state[key] = _unwrap(chunk).sharded_state_dict()
+        state[_model_key(i, len(model_chunks))] = _unwrap(chunk).sharded_state_dict()
     if optimizer is not None:
         # the nested {model0: ..., model1: ...} dict: virtual-pipeline chunks reuse local names
         state["optimizer"] = optimizer.sharded_state_dict(
-            dict(state), is_loading=is_loading, metadata=OPTIMIZER_METADATA
+            dict(state), is_loading=is_loading, metadata=sharded_state_dict_metadata(sharding_type)
         )
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
@@ -117,131 +174,292 @@ def _sharded_state_dict(model_chunks, optimizer, scheduler, progress, args, is_l
         "data_state": progress.data_state,
         "skipped_iterations": progress.skipped_iterations,
     }
-    state["rng_state"] = _rng_sharded_object()
+    state[rng.KEY] = rng.sharded_rng_state()
     state["checkpoint_version"] = 3.0
     return state
-
-
-def _rng_sharded_object() -> ShardedObject:
-    """Per-(pp, tp) RNG state, replicated over data parallel, as Megatron-LM stores it."""
-    from megatron.core import tensor_parallel
-
-    rng = {
-        "random_rng_state": __import__("random").getstate(),
-        "np_rng_state": __import__("numpy").random.get_state(),
-        "torch_rng_state": torch.get_rng_state(),
-        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
-    }
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    return ShardedObject(
-        "rng_state",
-        [rng],
-        (pp_size, tp_size),
-        (pp_rank, tp_rank),
-        replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
-    )
 
 
 def _unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
-def save_checkpoint(args, model_chunks, optimizer, scheduler, progress: TrainingProgress) -> str:
-    """Write ``SAVE/iter_XXXXXXX`` atomically and point the tracker at it."""
-    final = iteration_dir(args.save, progress.iteration)
-    staging = final + ".tmp"
-    rank = torch.distributed.get_rank()
-    if rank == 0:
-        os.makedirs(args.save, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging)
-    torch.distributed.barrier()
-    state = _sharded_state_dict(model_chunks, optimizer, scheduler, progress, args, False)
-    dist_checkpointing.save(state, staging)
-    fault_injection.during_save(progress.iteration)
-    torch.distributed.barrier()
-    names = [sorted(os.listdir(staging)) if rank == 0 else None]
-    torch.distributed.broadcast_object_list(names, src=0)
-    digests = _gather(_digest_share(staging, names[0]))
-    if rank == 0:
-        meta = {
-            "iteration": progress.iteration,
-            "tst": tst_state(args, progress.phase),
-            "model": model_shape(args),
-            "layout": layout(args),
-            "use_distributed_optimizer": bool(args.use_distributed_optimizer),
-            "consumed_data_tokens": progress.data_state.get("consumed_tokens", 0),
-            "files": {name: digest for part in digests for name, digest in part.items()},
-        }
-        _write_atomically(os.path.join(staging, META), json.dumps(meta, indent=2))
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        _write_atomically(os.path.join(args.save, TRACKER), str(progress.iteration))
-        _rotate(args.save, getattr(args, "ckpt_keep_last", 0) or 0, progress.iteration)
-    torch.distributed.barrier()
-    return final
-
-
-def _file_digest(path: str) -> list[int]:
-    """``[size, crc32]`` of a file."""
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            crc = zlib.crc32(chunk, crc)
-    return [os.path.getsize(path), crc]
-
-
-def _digest_share(directory: str, names: list[str]) -> dict[str, list[int]]:
-    """Digests of this rank's share of ``names`` (ranks split the reading)."""
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return {name: _file_digest(os.path.join(directory, name)) for name in names[rank::world]}
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def _gather(value) -> list:
     """``value`` of every rank, in rank order."""
-    values = [None] * torch.distributed.get_world_size()
+    values = [None] * _rank_and_world()[1]
+    if len(values) == 1:
+        return [value]
     torch.distributed.all_gather_object(values, value)
     return values
 
 
-def verify_files(path: str, files: dict[str, list[int]]) -> None:
-    """Check every file's size and CRC32 against those recorded at save (ranks share the work).
+def _agree(problem: str | None) -> None:
+    """Raise the first rank's problem on every rank (a collective: call it on all ranks)."""
+    found = next((p for p in _gather(problem) if p), None)
+    if found:
+        raise CheckpointError(found)
+
+
+def _on_rank0(action) -> str | None:
+    """Run ``action`` on rank 0; the `CheckpointError` it raised, as a message (else None)."""
+    if _rank_and_world()[0] != 0:
+        return None
+    try:
+        action()
+    except CheckpointError as err:
+        return str(err)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# The save directory
+# --------------------------------------------------------------------------------------------
+
+
+def open_save_dir(args: Namespace) -> str | None:
+    """At start-up, before any expensive work: ``--save`` is writable and this job's alone.
+
+    Rank 0 creates the directory and takes its lock (`checkpoint_lock`), which writes and
+    fsyncs a file there: a read-only, full or unwritable ``--save`` fails now, not at the
+    first save. Returns a note for the log when a stale lock was taken over.
 
     Raises:
-        CheckpointError: on every rank, naming each missing, resized or altered file.
+        CheckpointError: on every rank, naming the directory and the problem.
     """
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    problems = []
-    for name in sorted(files)[rank::world]:
-        size, crc = files[name]
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            problems.append(f"{name} is missing")
-            continue
-        actual_size, actual_crc = _file_digest(file)
-        if actual_size != size:
-            problems.append(f"{name} holds {actual_size} bytes, {size} were saved (truncated?)")
-        elif actual_crc != crc:
-            problems.append(f"{name} has CRC32 {actual_crc:08x}, {crc:08x} was saved (garbled)")
-    problems = [problem for part in _gather(problems) for problem in part]
-    if problems:
+    global _save_lock
+    if not args.save:
+        return None
+    note = []
+
+    def take() -> None:
+        global _save_lock
+        try:
+            os.makedirs(args.save, exist_ok=True)
+            _save_lock, taken_over = SaveDirLock.acquire(
+                args.save, override=getattr(args, "override_save_lock", False)
+            )
+        except OSError as err:
+            raise CheckpointError(
+                f"--save {args.save} is not writable: {describe_storage_failure(err, args.save)}"
+            ) from None
+        if taken_over:
+            note.append(taken_over)
+
+    _agree(_on_rank0(take))
+    return note[0] if note else None
+
+
+def close_save_dir() -> None:
+    """Release the ``--save`` lock (rank 0; a no-op elsewhere). Safe to call twice."""
+    global _save_lock
+    if _save_lock is not None:
+        with contextlib.suppress(OSError):  # a read-only or vanished directory
+            _save_lock.release()
+        _save_lock = None
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _PendingSave:
+    """A save whose shards are written (or being written) and that waits for publication."""
+
+    args: Namespace
+    iteration: int
+    phase: int
+    consumed_tokens: int
+    staging: str
+    final: str
+    digests: WrittenDigests
+    sharding_type: str
+
+
+def save_checkpoint(
+    args, model_chunks, optimizer, scheduler, progress: TrainingProgress, async_save=False
+) -> str:
+    """Write ``SAVE/iter_XXXXXXX`` and publish it (point the tracker at it).
+
+    With ``async_save`` the shards are written by a background process and the checkpoint is
+    published by `finalize_async_saves` once every rank is done; earlier pending saves are
+    finalized first. Returns the checkpoint's path.
+
+    Raises:
+        CheckpointError: on every rank; the previous checkpoint and the tracker are intact.
+    """
+    if _async_saves is not None:  # one save in flight at a time; logged by the next finalize
+        _async_saves.finalize(blocking=True)
+    final = iteration_dir(args.save, progress.iteration)
+    pending = _PendingSave(
+        args=args,
+        iteration=progress.iteration,
+        phase=progress.phase,
+        consumed_tokens=progress.data_state.get("consumed_tokens", 0),
+        staging=final + ".tmp",
+        final=final,
+        digests=WrittenDigests(),
+        sharding_type=optimizer_format(args),
+    )
+
+    def prepare() -> None:
+        if _save_lock is not None:
+            _save_lock.check_held()
+        try:
+            os.makedirs(args.save, exist_ok=True)
+            shutil.rmtree(pending.staging, ignore_errors=True)
+            os.makedirs(pending.staging)
+        except OSError as err:
+            reason = describe_storage_failure(err, args.save)
+            raise CheckpointError(_save_failure(pending, reason)) from None
+
+    _agree(_on_rank0(prepare))
+    shield_checkpoint_writer()
+    state = _sharded_state_dict(
+        model_chunks, optimizer, scheduler, progress, pending.sharding_type, False
+    )
+    request, failure = None, None
+    with deferred_rank0_write_errors() as deferred, pending.digests.capturing():
+        try:
+            request = dist_checkpointing.save(
+                state,
+                pending.staging,
+                save_strategy(args),
+                async_sharded_save=async_save,
+                content_metadata=sharded_state_dict_metadata(pending.sharding_type),
+            )
+        except (Exception, CheckpointException) as err:  # CheckpointException: BaseException
+            failure = err
+        if deferred and failure is None:
+            failure = deferred[0]
+        if request is not None and failure is None:
+            _schedule(request, pending)
+            return final
+    _publish(pending, failure)
+    return final
+
+
+def _schedule(request, pending: _PendingSave) -> None:
+    """Queue an async save: its finalize functions and our publication run once all ranks'
+    writes are done, inside `deferred_rank0_write_errors`."""
+    global _async_saves
+    mcore_finalize = list(request.finalize_fns)
+    request.finalize_fns.clear()
+    request.finalize_fns.append(partial(_finalize_and_publish, mcore_finalize, pending))
+    if _async_saves is None:
+        _async_saves = AsyncSaves()
+    _async_saves.schedule(request)
+
+
+def _finalize_and_publish(mcore_finalize: list, pending: _PendingSave) -> None:
+    failure = None
+    with deferred_rank0_write_errors() as deferred:
+        try:
+            for finalize in mcore_finalize:
+                finalize()
+        except (Exception, CheckpointException) as err:
+            failure = err
+        if deferred and failure is None:
+            failure = deferred[0]
+    _publish(pending, failure)
+    published.append(pending.final)
+
+
+def finalize_async_saves(blocking: bool) -> list[str]:
+    """Publish the async saves that every rank finished writing (all of them when
+    ``blocking``); returns their paths. Call on all ranks, e.g. once per step."""
+    if _async_saves is None:
+        return []
+    _async_saves.finalize(blocking)
+    done = list(published)
+    published.clear()
+    return done
+
+
+def _previous_checkpoint(save: str) -> str:
+    """What a failed save left intact, for its message."""
+    try:
+        with open(os.path.join(save, TRACKER)) as f:
+            text = f.read().strip()
+    except OSError:
+        return f"no checkpoint was published in {save} before (nothing is lost)"
+    if not text.isdigit():
+        return f"{TRACKER} is unchanged"
+    return f"the previous checkpoint {iteration_dir(save, int(text))} and {TRACKER} are intact"
+
+
+def _save_failure(pending: _PendingSave, reason: str) -> str:
+    return (
+        f"cannot save the checkpoint of iteration {pending.iteration} to {pending.staging}: "
+        f"{reason}; {_previous_checkpoint(pending.args.save)}. Free space or fix --save "
+        f"{pending.args.save} (or give another --save) and resume from the previous checkpoint"
+    )
+
+
+def _publish(pending: _PendingSave, failure: BaseException | None) -> None:
+    """All ranks: agree that every write succeeded, then rank 0 publishes (see module doc)."""
+    written = pending.digests.collect()
+    problem = None
+    if failure is not None:
+        problem = _save_failure(pending, describe_storage_failure(failure, pending.staging))
+    parts = _gather((written, problem))
+    problem = next((p for _, p in parts if p), None)
+    if problem is None:
+        fault_injection.during_save(pending.iteration, pending.staging)
+        files = {name: digest for part, _ in parts for name, digest in part.items()}
+        problem = _on_rank0(partial(_publish_on_rank0, pending, files))
+    if problem is not None and _rank_and_world()[0] == 0:
+        shutil.rmtree(pending.staging, ignore_errors=True)  # free the space it took
+    _agree(problem)
+
+
+def _publish_on_rank0(pending: _PendingSave, files: dict[str, Digest]) -> None:
+    args, staging = pending.args, pending.staging
+    try:
+        present = set(os.listdir(staging))
+        for name in sorted(present - set(files)):
+            if name in REQUIRED_FILES:  # written by rank 0 itself: digest it now, then fsync
+                files[name] = file_digest(os.path.join(staging, name))
+                fsync_file(os.path.join(staging, name))
+        unexpected = sorted(present - set(files))
+        missing = sorted(set(files) - present)
+        if unexpected or missing:
+            raise CheckpointError(
+                f"cannot publish {staging}: it holds {unexpected or 'no'} files that no rank of "
+                f"this job wrote and lacks {missing or 'none'} that were written: another job "
+                f"is writing to --save {args.save} (each --save must have one writer)"
+            )
+        if _save_lock is not None:
+            _save_lock.check_held()
+        meta = {
+            "iteration": pending.iteration,
+            "tst": tst_state(args, pending.phase),
+            "model": model_shape(args),
+            "layout": layout(args),
+            "use_distributed_optimizer": bool(args.use_distributed_optimizer),
+            "optimizer_format": pending.sharding_type,
+            "overlap_grad_reduce": bool(getattr(args, "overlap_grad_reduce", False)),
+            "consumed_data_tokens": pending.consumed_tokens,
+            "files": dict(sorted(files.items())),
+        }
+        write_atomically(os.path.join(staging, META), json.dumps(meta, indent=2))
+        fsync_dir(staging)
+        if os.path.exists(pending.final):
+            shutil.rmtree(pending.final)
+        os.replace(staging, pending.final)
+        fsync_dir(args.save)
+        write_atomically(os.path.join(args.save, TRACKER), str(pending.iteration))
+    except OSError as err:
         raise CheckpointError(
-            f"checkpoint {path} is corrupted: " + "; ".join(problems) + ": load an earlier "
-            "checkpoint (point --load at its iter_XXXXXXX directory)"
-        )
-
-
-def _write_atomically(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+            _save_failure(pending, describe_storage_failure(err, staging))
+        ) from None
+    _rotate(args.save, getattr(args, "ckpt_keep_last", 0) or 0, pending.iteration)
 
 
 def _rotate(save: str, keep_last: int, newest: int) -> None:
@@ -261,6 +479,11 @@ def saved_iterations(save: str) -> list[int]:
     return found
 
 
+# --------------------------------------------------------------------------------------------
+# Finding, checking and loading
+# --------------------------------------------------------------------------------------------
+
+
 def find_checkpoint(load: str) -> str | None:
     """The published checkpoint ``--load`` points at (a save dir or an ``iter_`` dir)."""
     if os.path.isfile(os.path.join(load, META)):
@@ -268,8 +491,11 @@ def find_checkpoint(load: str) -> str | None:
     tracker = os.path.join(load, TRACKER)
     if not os.path.isfile(tracker):
         return None
-    with open(tracker) as f:
-        text = f.read().strip()
+    try:
+        with open(tracker) as f:
+            text = f.read().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"cannot read {tracker}: {err}") from None
     if not text.isdigit():
         raise CheckpointError(f"{tracker} holds {text!r}, not an iteration number")
     path = iteration_dir(load, int(text))
@@ -282,15 +508,74 @@ def find_checkpoint(load: str) -> str | None:
 
 
 def read_checkpoint_meta(path: str) -> dict:
-    with open(os.path.join(path, META)) as f:
-        return json.load(f)
+    """``tst_checkpoint.json`` of a checkpoint, checked for the entries a load relies on.
+
+    Raises:
+        CheckpointError: unreadable, not JSON (truncated), or an entry missing, naming the file.
+    """
+    file = os.path.join(path, META)
+    try:
+        with open(file) as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"cannot read {file}: {err}") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(
+            f"{file} is not valid JSON ({err}; truncated or overwritten?): the checkpoint's "
+            "record is damaged; load an earlier checkpoint (point --load at its iter_ directory)"
+        ) from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{file} holds {type(meta).__name__}, not the checkpoint record")
+    missing = [key for key in REQUIRED_META if key not in meta]
+    if missing:
+        raise CheckpointError(f"{file} lacks {', '.join(missing)}: it is no checkpoint record")
+    return meta
 
 
-def check_compatible(args: Namespace, meta: dict, path: str) -> None:
+def recorded_files(meta: dict, path: str) -> dict[str, Digest]:
+    """The file digests a checkpoint's record holds; a load never goes on without them.
+
+    Raises:
+        CheckpointError: the ``files`` entry, or one of Megatron-Core's files in it, is missing.
+    """
+    files = meta.get("files")
+    missing = ["files"] if not isinstance(files, dict) else [
+        f"files[{name!r}]" for name in REQUIRED_FILES if name not in files
+    ]
+    if missing:
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: {os.path.join(path, META)} lacks "
+            f"{', '.join(missing)}: without the recorded file digests the checkpoint cannot be "
+            "verified (a damaged shard would load silently); load an earlier checkpoint"
+        )
+    return files
+
+
+def verify_files(path: str, files: dict[str, Digest]) -> None:
+    """Check every file's size and CRC32 against those recorded at save.
+
+    The ranks split the reading evenly by bytes. Works without a process group (one reader).
+
+    Raises:
+        CheckpointError: on every rank, naming each missing, resized or altered file.
+    """
+    rank, world = _rank_and_world()
+    share = split_by_bytes(files, world)[rank]
+    problems = [p for part in _gather(check_digests(path, files, share)) for p in part]
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted: " + "; ".join(sorted(problems)) + ": load an "
+            "earlier checkpoint (point --load at its iter_XXXXXXX directory)"
+        )
+
+
+def check_compatible(args: Namespace, meta: dict, path: str) -> list[str]:
     """Reject a resume whose model shape or phase-1 TST settings (bag size, mode, fold, bag-loss
     weighting) differ from the checkpoint.
 
     Every difference is named in one message, with the checkpoint's value and this run's.
+    Also checks the schedule (`check_schedule`) and the optimizer format against the layout.
+    Returns notes for the log (schedule changes the flags allowed).
     """
     saved_shape, shape = meta["model"], model_shape(args)
     diffs = [
@@ -324,6 +609,119 @@ def check_compatible(args: Namespace, meta: dict, path: str) -> None:
             f"checkpoint {path} was saved {flag} --use-distributed-optimizer; the optimizer "
             "state formats differ: resume with the same setting, or pass --no-load-optim"
         )
+    if loads_optimizer and saved_dist_opt:
+        _check_optimizer_layout(args, meta, path)
+    if getattr(args, "evaluation_only", False):  # tools/evaluate.py: weights only, no schedule
+        return []
+    return check_schedule(args, meta, path)
+
+
+def _check_optimizer_layout(args: Namespace, meta: dict, path: str) -> None:
+    """A dp_reshardable optimizer state loads only at its model-parallel layout."""
+    if meta.get("optimizer_format", FULLY_RESHARDABLE) != DP_RESHARDABLE:
+        return
+    saved, now = meta["layout"], layout(args)
+    diffs = [
+        f"{key}: checkpoint {saved.get(key)!r}, this run {now[key]!r}"
+        for key in OPTIMIZER_LAYOUT_KEYS
+        if saved.get(key) != now[key]
+    ]
+    if bool(meta.get("overlap_grad_reduce")) != bool(getattr(args, "overlap_grad_reduce", False)):
+        diffs.append(
+            f"--overlap-grad-reduce: checkpoint {bool(meta.get('overlap_grad_reduce'))}, this "
+            f"run {bool(getattr(args, 'overlap_grad_reduce', False))} (it sets the buckets)"
+        )
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} holds its distributed-optimizer state in the dp_reshardable "
+            "format, which reshards across data parallel only, and this run's layout differs: "
+            + "; ".join(diffs)
+            + ". Either resume once at the checkpoint's layout with --ckpt-fully-reshardable "
+            "(e.g. with --exit-interval) to write a reshardable checkpoint, or pass "
+            "--no-load-optim (the weights reshard; the optimizer restarts)"
+        )
+
+
+def check_schedule(args: Namespace, meta: dict, path: str) -> list[str]:
+    """Refuse a resume that would change the TST phase schedule or the LR schedule silently.
+
+    Returns notes for the log when ``--tst-allow-schedule-change`` allowed a change.
+    """
+    if args.finetune:
+        return []
+    saved = meta["tst"]
+    iteration = int(meta["iteration"])
+    saved_phase, saved_p1 = saved["phase"], saved.get("phase1_iterations")
+    now_p1 = args.tst.phase1_iterations(args.train_iters)
+    allow = getattr(args, "tst_allow_schedule_change", False)
+    schedule_flags = (
+        f"--tst-phase1-fraction {args.tst.phase1_fraction}"
+        if args.tst.phase1_fraction is not None
+        else f"--tst-phase1-iters {args.tst.phase1_iters}"
+    )
+    saved_flags = (
+        f"--tst-phase1-fraction {saved.get('phase1_fraction')}"
+        if saved.get("phase1_fraction") is not None
+        else f"--tst-phase1-iters {saved.get('phase1_iters')}"
+    )
+    notes = []
+    if args.tst_phase == "2" and saved["bag_size"] == 1:
+        raise CheckpointError(
+            f"--tst-phase 2 continues a TST phase-1 run, but checkpoint {path} was saved by a "
+            "baseline run (--tst-bag-size 1, no phase 1): drop --tst-phase 2 and the --tst-* "
+            "flags to continue the baseline, or --load the phase-1 checkpoint"
+        )
+    if args.tst_phase == "2" and saved_phase == 1 and saved_p1 is not None and iteration < saved_p1:
+        if not allow:
+            raise CheckpointError(
+                f"checkpoint {path} is at iteration {iteration}, inside phase 1 (which ends at "
+                f"iteration {saved_p1}): finish phase 1 first (--tst-phase 1), or pass "
+                "--tst-allow-schedule-change to start phase 2 now"
+            )
+        notes.append(f"phase 1 cut short at iteration {iteration} (it was to end at {saved_p1})")
+    if args.tst_phase == "1" and saved_phase == 2:
+        raise CheckpointError(
+            f"checkpoint {path} is already in phase 2 (iteration {iteration}): --tst-phase 1 "
+            "has nothing left to do; continue with --tst-phase 2"
+        )
+    if args.tst_phase != "2" and saved_p1 is not None and now_p1 != saved_p1:
+        what = (
+            f"this run's phase 1 ends at iteration {now_p1} ({schedule_flags}, --train-iters "
+            f"{args.train_iters}); the checkpoint's ended at {saved_p1} ({saved_flags}, "
+            f"--train-iters {saved.get('train_iters')})"
+        )
+        if saved_phase == 2 and now_p1 > iteration:
+            raise CheckpointError(
+                f"checkpoint {path} is at iteration {iteration}, in phase 2, but {what}: "
+                "resuming would go back to bag (phase-1) training. Resume with the checkpoint's "
+                "phase-1 length and --train-iters"
+            )
+        if saved_phase == 1:
+            if not allow:
+                raise CheckpointError(
+                    f"checkpoint {path} is at iteration {iteration}, in phase 1, and {what}: "
+                    "resume with the checkpoint's phase-1 length and --train-iters, or pass "
+                    "--tst-allow-schedule-change to move the boundary"
+                )
+            when = "now" if now_p1 <= iteration else f"at iteration {now_p1}"
+            notes.append(
+                f"TST schedule changed (--tst-allow-schedule-change): phase 1 ends {when} "
+                f"instead of at iteration {saved_p1}"
+            )
+    saved_t = saved.get("train_iters")
+    if saved_t is not None and saved_t != args.train_iters:
+        if not getattr(args, "override_opt_param_scheduler", False):
+            raise CheckpointError(
+                f"--train-iters {args.train_iters} differs from checkpoint {path}'s "
+                f"{saved_t}: the learning-rate and weight-decay schedules were built for "
+                f"{saved_t} iterations. Resume with --train-iters {saved_t}, or pass "
+                "--override-opt_param-scheduler to continue with this run's schedules"
+            )
+        notes.append(
+            f"--train-iters {args.train_iters} (checkpoint: {saved_t}): the learning-rate and "
+            "weight-decay schedules follow this run's flags (--override-opt_param-scheduler)"
+        )
+    return notes
 
 
 def load_checkpoint(
@@ -331,37 +729,42 @@ def load_checkpoint(
 ) -> TrainingProgress:
     """Load model (+ optimizer, scheduler, RNG unless disabled) from a published checkpoint.
 
-    RNG states are per (pp, tp) rank, so pass ``load_rng=False`` when the layout changed.
+    RNG states are per rank of the layout they were saved at: pass ``load_rng=False`` when the
+    layout changed.
+
+    Raises:
+        CheckpointError: on every rank, naming the checkpoint and what failed.
     """
+    meta = read_checkpoint_meta(path)
     load_optim = optimizer is not None and not args.no_load_optim and not args.finetune
     if load_optim:
         init_optimizer_state(optimizer)
+        if getattr(args, "override_opt_param_scheduler", False):
+            scheduler.override_opt_param_scheduler = True
+    sharding_type = meta.get("optimizer_format", FULLY_RESHARDABLE)
     state = _sharded_state_dict(
         model_chunks,
         optimizer if load_optim else None,
         scheduler if load_optim else None,
         TrainingProgress(0, 0, 1, {}),
-        args,
+        sharding_type,
         True,
     )
     if args.no_load_rng or args.finetune or not load_rng:
-        state.pop("rng_state")
-    verify_files(path, read_checkpoint_meta(path).get("files", {}))
+        state.pop(rng.KEY)
+    verify_files(path, recorded_files(meta, path))
     try:
-        loaded = dist_checkpointing.load(state, path)
-    except Exception as err:
-        raise CheckpointError(
-            f"cannot load checkpoint {path}: {type(err).__name__}: {err}"
-        ) from err
-    for i, chunk in enumerate(model_chunks):
-        key = "model" if len(model_chunks) == 1 else f"model{i}"
-        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
-    if load_optim:
-        optimizer.load_state_dict(loaded["optimizer"])
-        unshare_adam_steps(optimizer)
-        scheduler.load_state_dict(loaded["opt_param_scheduler"])
-    if "rng_state" in loaded:
-        _restore_rng(loaded["rng_state"])
+        loaded = dist_checkpointing.load(state, path, load_strategy(args, path))
+        for i, chunk in enumerate(model_chunks):
+            _unwrap(chunk).load_state_dict(loaded[_model_key(i, len(model_chunks))], strict=True)
+        if load_optim:
+            optimizer.load_state_dict(loaded["optimizer"])
+            unshare_adam_steps(optimizer)
+            scheduler.load_state_dict(loaded["opt_param_scheduler"])
+        if rng.KEY in loaded:
+            rng.restore_rng_state(loaded[rng.KEY])
+    except (Exception, CheckpointException) as err:  # CheckpointException: BaseException
+        raise CheckpointError(describe_load_failure(err, path)) from None
     progress = loaded["progress"]
     if args.finetune:
         return TrainingProgress(0, 0, 2, {})
@@ -374,14 +777,13 @@ def load_checkpoint(
     )
 
 
-def _restore_rng(rng_state) -> None:
-    import random
-
-    import numpy as np
-    from megatron.core import tensor_parallel
-
-    rng = rng_state[0] if isinstance(rng_state, list) else rng_state
-    random.setstate(rng["random_rng_state"])
-    np.random.set_state(rng["np_rng_state"])
-    torch.set_rng_state(rng["torch_rng_state"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(rng["rng_tracker_states"])
+def describe_load_failure(err: BaseException, path: str) -> str:
+    """One line for a failed `dist_checkpointing.load` of ``path``."""
+    detail = short_description(err)
+    if "Number of unpadded elements in each bucket" in detail:
+        detail += (
+            " (the distributed optimizer's buckets differ from the checkpoint's: they depend "
+            "on --overlap-grad-reduce and, for large models, the data-parallel size; resume "
+            "with the saving run's settings, or save with --ckpt-fully-reshardable)"
+        )
+    return f"cannot load checkpoint {path}: {detail}"

@@ -6,11 +6,15 @@ skips a step or exits alone.
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from argparse import Namespace
+from dataclasses import dataclass
 
 import torch
+
+from tst_megatron.training import exit_signals
 
 
 def _max_over_ranks(number: int) -> int:
@@ -21,31 +25,79 @@ def _max_over_ranks(number: int) -> int:
     return int(value.item())
 
 
-def _any_rank(flag: bool) -> bool:
-    return _max_over_ranks(int(flag)) > 0
-
-
 class TrainingStopped(RuntimeError):
     """Training cannot go on (too many consecutive NaN/Inf steps); nothing was saved from it."""
 
 
+@dataclass(frozen=True)
+class StepHealth:
+    """What all ranks agree on about one step, from one all-reduce (`check_step`).
+
+    ``loss``: the step's global mean lm loss (sum and count over micro-batches and data
+    parallel). ``grads_finite``: no rank's local gradient buffers hold a NaN or Inf.
+    ``target_entropy``: TST multi-hot steps, the mean entropy of the positions' target
+    distributions over the same positions (``loss - target_entropy`` is the KL form); 0 else.
+    """
+
+    loss: float
+    grads_finite: bool
+    target_entropy: float = 0.0
+
+    @property
+    def loss_finite(self) -> bool:
+        return math.isfinite(self.loss)
+
+    def is_bad(self, loss_scaling: bool) -> bool:
+        """A NaN/Inf step, whose update must be skipped.
+
+        A non-finite loss always is. Non-finite gradients with a finite loss are, except under
+        fp16 loss scaling (``loss_scaling``): there they are an overflow of the scaled loss,
+        which the optimizer detects itself, skipping the update and lowering the scale.
+        """
+        return not self.loss_finite or (not self.grads_finite and not loss_scaling)
+
+
+def check_step(outputs: list[dict], chunks) -> StepHealth:
+    """The step's mean loss and whether any gradient is non-finite, on every rank.
+
+    One world all-reduce (SUM) of ``[loss sum, loss count, target entropy sum, non-finite
+    flags]`` in float64 (the entropy sum is 0 without a ``"target entropy"`` report).
+    Every rank of the last pipeline stage holds a copy of its replica's loss (tensor- and
+    context-parallel ranks hold the same sums), so sum and count carry the same multiplicity
+    and their ratio is the data-parallel mean; other stages add zeros. The gradient check
+    reads each buffer's ``aminmax`` (a reduction: no parameter-sized temporary; NaN
+    propagates through both, an Inf shows in one).
+    """
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    loss = torch.zeros(3, dtype=torch.float64, device=device)
+    for out in outputs or []:
+        loss[:2] += out["lm loss"].detach().to(device=loss.device, dtype=torch.float64)
+        if "target entropy" in out:
+            loss[2:] += out["target entropy"].detach().to(device=loss.device, dtype=torch.float64)
+    extremes = [
+        torch.stack(torch.aminmax(buffer.grad_data)).to(torch.float64)
+        for chunk in chunks
+        for buffer in [*chunk.buffers, *chunk.expert_parallel_buffers]
+    ]
+    flags = (~torch.isfinite(torch.cat(extremes))).sum() if extremes else loss.new_zeros(())
+    total = torch.cat([loss, flags.to(loss).reshape(1)])
+    torch.distributed.all_reduce(total)
+    loss_sum, count, entropy_sum, non_finite = total.tolist()
+    return StepHealth(
+        loss=loss_sum / max(count, 1.0),
+        grads_finite=non_finite == 0,
+        target_entropy=entropy_sum / max(count, 1.0),
+    )
+
+
 class BadStepGuard:
-    """Detects NaN/Inf gradients on any rank; counts consecutive bad steps."""
+    """Counts consecutive bad (NaN/Inf) steps and decides when training must stop."""
 
     def __init__(self, max_consecutive: int) -> None:
         self.max_consecutive = max_consecutive
         self.consecutive = 0
         self.total = 0
         self.last_bad_iteration: int | None = None
-
-    def grads_not_finite(self, chunks) -> bool:
-        """True on every rank when any rank's local gradients hold a NaN or Inf."""
-        bad = False
-        for chunk in chunks:
-            for buffer in [*chunk.buffers, *chunk.expert_parallel_buffers]:
-                if not torch.isfinite(buffer.grad_data).all():
-                    bad = True
-        return _any_rank(bad)
 
     def record(self, bad: bool, iteration: int) -> None:
         if bad:
@@ -72,17 +124,28 @@ _DURATION, _INTERVAL = 1000, 1001  # exit codes agreed over ranks besides signal
 
 
 class ExitRequests:
-    """Exit signals (SIGTERM/SIGUSR1, Slurm's warning), --exit-duration-in-mins, --exit-interval."""
+    """Exit signals (SIGTERM/SIGUSR1, Slurm's warning), --exit-duration-in-mins, --exit-interval.
+
+    The signal is recorded by `tst_megatron.training.exit_signals` (installed by
+    ``pretrain_tst.py`` before any heavy work, so a signal during start-up is kept too).
+    """
 
     def __init__(self, args: Namespace) -> None:
         self.duration_s = (args.exit_duration_in_mins or 0) * 60
         self.interval = args.exit_interval or 0
-        self.received = 0  # the signal number, once one arrived
         if args.exit_signal_handler:
-            signal.signal(args.exit_signal, self._on_signal)
+            exit_signals.install(args.exit_signal)
 
-    def _on_signal(self, signum, frame) -> None:
-        self.received = signum
+    @property
+    def received(self) -> int:
+        """The exit signal's number once it arrived in this process, else 0."""
+        return exit_signals.received()
+
+    def signal_before_start(self) -> str | None:
+        """The reason to exit before the first step: an exit signal received during start-up
+        by any rank (agreed by all ranks)."""
+        code = _max_over_ranks(self.received)
+        return f"received {signal.Signals(code).name} during start-up" if code else None
 
     def check(self, iteration: int, start_time: float) -> str | None:
         """The reason to save and exit now, agreed by all ranks (even those the signal missed)."""

@@ -30,16 +30,21 @@ from dataclasses import dataclass
 import torch
 
 # Dense (non-sparse) BF16 tensor-core peak TFLOP/s per GPU, from NVIDIA's data sheets. Matched
-# as lowercase substrings of `torch.cuda.get_device_name()` in this order (specific first).
+# as lowercase substrings of `torch.cuda.get_device_name()` in this order (specific first:
+# "gb200" contains "b200", "gh200" and "h200 nvl" contain "h200").
 PEAK_TFLOPS_BF16: dict[str, float] = {
     "gb200": 2500.0,
-    "b200": 2250.0,
-    "h200": 989.0,
+    "b200": 2250.0,  # HGX B200
+    "gh200": 989.0,  # Grace Hopper: an H100-class GPU
+    "h200 nvl": 835.0,
+    "h200": 989.0,  # SXM
     "h100 pcie": 756.0,
     "h100 nvl": 835.0,
     "h100": 989.0,  # SXM
     "a100": 312.0,
 }
+# Dense FP8 over dense BF16 tensor-core peak on Hopper and Blackwell (for time estimates only:
+# MFU is reported against the BF16 peak, see `current_device_peak_tflops`).
 FP8_SPEEDUP = 2.0
 
 
@@ -201,7 +206,10 @@ def _mlp_params(hidden: int, ffn: int, glu: int, bias: int) -> int:
 
 
 def peak_tflops_for_device(name: str, fp8: bool = False) -> float | None:
-    """Per-GPU dense peak TFLOP/s for a device name (None when the GPU is not in the table)."""
+    """Per-GPU dense peak TFLOP/s for a device name (None when the GPU is not in the table).
+
+    ``fp8``: the FP8 tensor-core peak instead of BF16, for time estimates (the planner).
+    """
     lowered = name.lower()
     for key, tflops in PEAK_TFLOPS_BF16.items():
         if key in lowered:
@@ -209,11 +217,16 @@ def peak_tflops_for_device(name: str, fp8: bool = False) -> float | None:
     return None
 
 
-def current_device_peak_tflops(fp8: bool = False) -> float | None:
-    """Peak TFLOP/s of this process's CUDA device; None on CPU or an unknown GPU."""
+def current_device_peak_tflops() -> float | None:
+    """The MFU denominator of this process's CUDA device: its dense BF16 peak TFLOP/s.
+
+    Also under FP8, as is conventional: attention, the LM head and the loss still run in
+    BF16, and one denominator keeps MFU comparable across precisions. None on CPU or an
+    unknown GPU (give ``--peak-tflops``).
+    """
     if not torch.cuda.is_available():
         return None
-    return peak_tflops_for_device(torch.cuda.get_device_name(), fp8=fp8)
+    return peak_tflops_for_device(torch.cuda.get_device_name())
 
 
 def achieved_tflops_per_gpu(step_flops: float, step_seconds: float, num_gpus: int) -> float:

@@ -31,25 +31,49 @@ from megatron.core.num_microbatches_calculator import (
     update_num_microbatches,
 )
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.utils import get_batch_on_this_cp_rank
+from megatron.core.utils import get_batch_on_this_cp_rank, get_model_config
 
 from tst_megatron.config import STANDARD_PHASE, PhaseSpec
+from tst_megatron.data.batches import StepLayout, read_step
 from tst_megatron.data.builders import build_train_stream, build_valid_dataset, mock_valid_windows
-from tst_megatron.data.tokenizer import TokenizerError, build_tokenizer
+from tst_megatron.data.documents import (
+    DocumentMasking,
+    apply_document_masking,
+    eod_target_mask,
+    standard_document_fields,
+)
+from tst_megatron.data.masks import attention_mask_from_documents
+from tst_megatron.data.prefetch import StepPrefetcher, StepRequest
+from tst_megatron.data.tokenizer import build_tokenizer_from_args, model_vocab_size
 from tst_megatron.loss import positions_with_targets, target_entropy
+from tst_megatron.planning import footprint
 from tst_megatron.targets import build_batch
 from tst_megatron.training import checkpointing as ckpt
-from tst_megatron.training import fault_injection
-from tst_megatron.training.arguments import vocab_size_with_padding
-from tst_megatron.training.faults import BadStepGuard, ExitRequests, TrainingStopped
+from tst_megatron.training import fault_injection, placement, precision
+from tst_megatron.training.faults import BadStepGuard, ExitRequests, TrainingStopped, check_step
+from tst_megatron.training.manual_gc import ManualGarbageCollection
 from tst_megatron.training.metrics import MetricsLogger
 from tst_megatron.training.model_builder import build_model, transformer_config_from_args
+from tst_megatron.training.moe_metrics import MoEStepMetrics
 from tst_megatron.training.optimizer import build_optimizer, build_scheduler, describe_kernels
+from tst_megatron.training.timers import StepTimers, attach_timers
+
+# Megatron-LM reports the measured memory after the second step, which includes the optimizer
+# state (Adam's moments are allocated at the first step).
+MEASURE_MEMORY_AFTER_STEPS = 2
 
 
 def initialize_distributed(args: Namespace) -> None:
-    """Process group, model-parallel groups, seeds and the micro-batch calculator."""
-    if not torch.cuda.is_available():
+    """Process group, model-parallel groups, seeds and the micro-batch calculator.
+
+    On CUDA, first the environment Megatron-LM requires (``CUDA_DEVICE_MAX_CONNECTIONS``,
+    before the CUDA context exists) and this rank's device (`placement.set_cuda_device`).
+    """
+    if torch.cuda.is_available():
+        note = placement.set_cuda_connections(args, placement.cuda_arch_major(), os.environ)
+        if note:
+            args.startup_notes.append(note)
+    else:
         from tst_megatron.cpu.shim import install_cpu_shim
 
         install_cpu_shim()
@@ -60,7 +84,7 @@ def initialize_distributed(args: Namespace) -> None:
     )
     if not torch.distributed.is_initialized():
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            placement.set_cuda_device()
         torch.distributed.init_process_group(args.distributed_backend, timeout=timeout)
     ps.initialize_model_parallel(
         # mcore's own groups (data, tensor, pipeline, ...) otherwise wait 30 minutes
@@ -109,6 +133,7 @@ def build_model_chunks(args: Namespace) -> list[DistributedDataParallel]:
         )
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
+        model = precision.wrap_model_chunk(model, config)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32,
             overlap_grad_reduce=args.overlap_grad_reduce,
@@ -125,35 +150,65 @@ def build_model_chunks(args: Namespace) -> list[DistributedDataParallel]:
     return chunks
 
 
-def unwrap(chunk):
-    return getattr(chunk, "module", chunk)
+unwrap = precision.unwrap
 
 
 def loss_func(
-    position_mask: torch.Tensor, output: torch.Tensor, target_entropy: torch.Tensor | None = None
+    position_mask: torch.Tensor,
+    output: torch.Tensor,
+    per_token: bool = False,
+    target_entropy: torch.Tensor | None = None,
 ):
     """Mean loss over the unmasked positions of the micro-batch, global over context parallel.
 
     Args:
         position_mask: ``[b, L/CP]`` 1 where the position has at least one unmasked target.
         output: ``[b, L/CP]`` per-position loss from the model.
+        per_token: ``--calculate-per-token-loss`` (see `per_token_loss`).
         target_entropy: TST multi-hot phases: ``[b, L/CP]`` entropy of each position's
-            target distribution, reported (sum, count over this rank's positions) as
-            ``"target entropy"`` for the KL form of the loss.
+            target distribution, reported (its sum over the positions of ``"lm loss"``)
+            as ``"target entropy"`` for the KL form of the loss (`check_step`).
 
     Returns the legacy 2-tuple: mcore's schedule multiplies the loss by the CP size and
     divides it by the number of micro-batches, and DDP averages gradients over DP x CP.
     """
     mask = position_mask.reshape(-1).float()
-    total = torch.stack([(output.float().reshape(-1) * mask).sum(), mask.sum()])
+    sums = [(output.float().reshape(-1) * mask).sum(), mask.sum()]
+    if target_entropy is not None:
+        sums.append((target_entropy.reshape(-1) * mask).sum())
+    total = torch.stack(sums)
+    if per_token:
+        return per_token_loss(total)
     if ps.get_context_parallel_world_size() > 1:
         torch.distributed.all_reduce(total, group=ps.get_context_parallel_group())
     loss = total[0] / total[1].clamp(min=1)
-    report = {"lm loss": total.detach().clone()}
-    if target_entropy is not None:
-        report["target entropy"] = torch.stack([(target_entropy * mask.view_as(target_entropy))
-                                                .sum(), mask.sum()]).detach()  # fmt: skip
-    return loss, report
+    return loss, _loss_report(total.detach().clone())
+
+
+def per_token_loss(total: torch.Tensor):
+    """``--calculate-per-token-loss``: Megatron-LM's 3-tuple ``(sum, count, report)``.
+
+    ``total`` is ``[loss sum, loss tokens]`` (+ the target entropy sum) of this rank's share of
+    the micro-batch (a token is a position with an unmasked target; in TST phase 1 a latent
+    position, whose loss is the multi-hot CE over its unmasked target slots). The schedule
+    leaves the sum alone and passes the step's token count to `finalize_model_grads`, which
+    sums it over data and context parallel and divides the gradients by it: the step minimises
+    the global sum over the global token count. The report is summed over context parallel
+    for logging.
+    """
+    report = total.detach().clone()
+    if ps.get_context_parallel_world_size() > 1:
+        torch.distributed.all_reduce(report, group=ps.get_context_parallel_group())
+    return total[0], total[1].detach().to(torch.int), _loss_report(report)
+
+
+def _loss_report(total: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{"lm loss": [sum, count]}`` and, with a third entry, ``{"target entropy": [sum]}``
+    (summed over the same positions, so `check_step` divides it by the same count)."""
+    report = {"lm loss": total[:2]}
+    if total.numel() > 2:
+        report["target entropy"] = total[2:]
+    return report
 
 
 def forward_step(data_iterator, model):
@@ -166,9 +221,30 @@ def forward_step(data_iterator, model):
         if mask.shape[-1] > 1:
             entropy = target_entropy(batch["labels"], mask, weights)
     output = model(
-        batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=mask
+        batch["tokens"],
+        batch["position_ids"],
+        document_attention_mask(batch),
+        labels=batch["labels"],
+        loss_mask=mask,
+        **bag_token_kwargs(batch),
     )
-    return output, partial(loss_func, position_mask, target_entropy=entropy)
+    per_token = get_model_config(model).calculate_per_token_loss
+    return output, partial(
+        loss_func, position_mask, per_token=per_token, target_entropy=entropy
+    )
+
+
+def document_attention_mask(batch: dict) -> torch.Tensor | None:
+    """``--reset-attention-mask``: the ``[b, 1, L, L]`` mask (True = masked), built here on the
+    device from the batch's ``[b, L]`` document ids; None (causal) otherwise."""
+    document_ids = batch.get("document_ids")
+    return None if document_ids is None else attention_mask_from_documents(document_ids)
+
+
+def bag_token_kwargs(batch: dict) -> dict:
+    """The bag-average token mask for `TSTGPTModel.forward`, when the batch has one."""
+    mask = batch.get("bag_token_mask")
+    return {} if mask is None else {"bag_token_mask": mask}
 
 
 def _target_weights(model, device: torch.device) -> torch.Tensor | None:
@@ -198,23 +274,27 @@ class Trainer:
     def __init__(self, args: Namespace) -> None:
         self.args = args
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        self.tokenizer = build_tokenizer(
-            args.tokenizer_type,
-            args.tokenizer_model,
-            args.vocab_file,
-            args.merge_file,
-            args.vocab_size,
+        self.tokenizer = build_tokenizer_from_args(args)
+        args.padded_vocab_size = model_vocab_size(self.tokenizer, args)
+        self.documents = DocumentMasking(
+            self.tokenizer.eod, args.reset_position_ids, args.reset_attention_mask
         )
-        if args.padded_vocab_size is None:
-            args.padded_vocab_size = vocab_size_with_padding(self.tokenizer.vocab_size, args)
-        elif self.tokenizer.vocab_size > args.padded_vocab_size:
-            raise TokenizerError(
-                f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's padded "
-                f"vocabulary (--vocab-size {args.vocab_size}) has {args.padded_vocab_size}"
-            )
-        self.stream = build_train_stream(args, self.tokenizer)
+        self.step_layout = StepLayout(
+            seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size,
+            dp_rank=ps.get_data_parallel_rank(),
+            dp_size=ps.get_data_parallel_world_size(),
+            eod=self.tokenizer.eod,
+            eod_mask_loss=args.eod_mask_loss,
+            documents=self.documents,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.stream = StepPrefetcher(
+            build_train_stream(args, self.tokenizer), self._host_microbatches, args.num_workers
+        )
         self.chunks = build_model_chunks(args)
         self.optimizer = build_optimizer(args, self.chunks)
+        precision.attach_loss_scale(self.chunks, self.optimizer)
         self.scheduler = build_scheduler(args, self.optimizer)
         self.phase1_iters = args.tst.phase1_iterations(args.train_iters)
         self.progress = ckpt.TrainingProgress(0, 0, 1 if self.phase1_iters else 2, {})
@@ -222,6 +302,15 @@ class Trainer:
         self.exits = ExitRequests(args)
         self.metrics = MetricsLogger(args, self.phase1_iters)
         self._valid = None
+        self.timers = StepTimers(args)
+        attach_timers(self.timers, get_model_config(self.chunks[0]), self.optimizer)
+        self.metrics.attach_timers(self.timers)
+        self.moe = MoEStepMetrics(args, self.chunks) if args.num_experts else None
+        self.gc = ManualGarbageCollection(args)
+        if args.manual_gc:
+            self.metrics.print(self.gc.describe())
+        for note in args.startup_notes:
+            self.metrics.print(note)
         self.metrics.print(
             f"transformer impl: {args.transformer_impl}; optimizer kernel: "
             f"{describe_kernels(self.optimizer)} (Megatron-Core uses Transformer Engine or apex "
@@ -260,38 +349,55 @@ class Trainer:
                 f"{ckpt.META}); pass --allow-fresh-start to start from scratch"
             )
         meta = ckpt.read_checkpoint_meta(path)
-        ckpt.check_compatible(args, meta, path)
+        for note in ckpt.check_compatible(args, meta, path):
+            self.metrics.print(f"note: {note}")
         same_layout = meta["layout"] == ckpt.layout(args)
+        self.timers("load-checkpoint", log_level=0).start(barrier=True)
         self.progress = ckpt.load_checkpoint(
             args, self.chunks, self.optimizer, self.scheduler, path, load_rng=same_layout
         )
+        self.timers("load-checkpoint").stop(barrier=True)
+        self.metrics.checkpoint_time(self.progress.iteration, "load-checkpoint")
         if self.progress.data_state:
             self.stream.load_state(self.progress.data_state)
+        optimizer = ""
+        if args.use_distributed_optimizer and not (args.no_load_optim or args.finetune):
+            optimizer = f", optimizer state {meta.get('optimizer_format', 'fully_reshardable')}"
         self.metrics.print(
             f"loaded checkpoint {path} at iteration {self.progress.iteration} "
             f"(phase {self.progress.phase}, layout "
-            f"{'unchanged' if same_layout else 'changed: resharded'})"
+            f"{'unchanged' if same_layout else 'changed: resharded'}{optimizer})"
         )
 
-    def save(self) -> None:
+    def save(self, async_save: bool = False) -> None:
+        """Save now (``async_save``: write in the background, publish in `finalize_saves`)."""
         if not self.args.save:
             return
         self.progress.data_state = self.stream.state.as_dict()
         start = time.time()
+        self.timers("save-checkpoint", log_level=0).start(barrier=True)
         overlapped = self.args.overlap_param_gather
         if overlapped:  # finish the pending all-gather of updated params before writing them
             for chunk in self.chunks:
                 chunk.disable_forward_pre_hook(param_sync=True)
         path = ckpt.save_checkpoint(
-            self.args, self.chunks, self.optimizer, self.scheduler, self.progress
+            self.args, self.chunks, self.optimizer, self.scheduler, self.progress, async_save
         )
         if overlapped:
             for chunk in self.chunks:
                 chunk.enable_forward_pre_hook()
+        self.timers("save-checkpoint").stop(barrier=True)
+        done = "scheduled async save of" if async_save else "saved"
         self.metrics.print(
-            f"saved checkpoint {path} at iteration {self.progress.iteration} "
+            f"{done} checkpoint {path} at iteration {self.progress.iteration} "
             f"({time.time() - start:.1f}s)"
         )
+        self.metrics.checkpoint_time(self.progress.iteration, "save-checkpoint")
+
+    def finalize_saves(self, blocking: bool) -> None:
+        """Publish the async saves every rank finished writing (all when ``blocking``)."""
+        for path in ckpt.finalize_async_saves(blocking):
+            self.metrics.print(f"saved checkpoint {path} (async save published)")
 
     # --- data ---------------------------------------------------------------------------
     def print_data_notices(self) -> None:
@@ -300,28 +406,33 @@ class Trainer:
             self.metrics.print(notice)
 
     def _microbatches(self, spec: PhaseSpec) -> list[dict]:
-        """This rank's micro-batches of ``spec.micro_batch_rows(mbs)`` model samples each."""
-        args = self.args
-        num_micro = get_num_microbatches()
-        rows_per_micro = spec.micro_batch_rows(args.micro_batch_size)
-        per_rank = num_micro * rows_per_micro
-        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        window = spec.window_length(args.seq_length)
-        rows = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
-        windows = torch.from_numpy(self.stream.next_windows(per_rank * dp_size, window, rows))
-        target_mask = (windows != self.tokenizer.eod).float() if args.eod_mask_loss else None
-        batches = []
-        for i in range(num_micro):
-            rows_i = slice(i * rows_per_micro, (i + 1) * rows_per_micro)
-            sample = build_batch(
-                windows[rows_i],
-                spec,
-                args.seq_length,
-                None if target_mask is None else target_mask[rows_i],
-            ).as_dict()
-            sample = split_for_context_parallel(sample, spec.input_bag_size)
-            batches.append({k: v.to(self.device) for k, v in sample.items()})
-        return batches
+        """This step's micro-batches on the device (prepared ahead with ``--num-workers``), of
+        ``spec.micro_batch_rows(mbs)`` model samples each (s times more with the batch fold)."""
+        request = StepRequest(spec, get_num_microbatches())
+        host = self.stream.next_step(request, self._upcoming_requests(request))
+        non_blocking = self.device.type == "cuda"  # host tensors are pinned on CUDA
+        return [
+            {k: v.to(self.device, non_blocking=non_blocking) for k, v in sample.items()}
+            for sample in host
+        ]
+
+    def _upcoming_requests(self, request: StepRequest) -> list[StepRequest]:
+        """What the next ``--num-workers`` steps will ask for (the schedule's phases)."""
+        args, after = self.args, self.progress.iteration + 1
+        upcoming = []
+        for completed in range(after, min(after + self.stream.depth, self.last_iteration())):
+            phase = 2 if args.tst_phase == "2" else args.tst.phase_at(completed, args.train_iters)
+            upcoming.append(StepRequest(self.phase_spec(phase), request.num_microbatches))
+        return upcoming
+
+    def _host_microbatches(self, stream, request: StepRequest) -> list[dict]:
+        """One step's host micro-batches (on the prefetch thread with ``--num-workers`` >= 1)."""
+        return read_step(
+            stream,
+            request,
+            self.step_layout,
+            lambda sample, spec: split_for_context_parallel(sample, spec.input_bag_size),
+        )
 
     # --- steps --------------------------------------------------------------------------
     def _run_schedule(
@@ -349,26 +460,39 @@ class Trainer:
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        step_func = fault_injection.forward_step(forward_step, self.progress.iteration + 1)
-        outputs = self._run_schedule(self._microbatches(spec), False, step_func, spec)
-        bad = self.guard.grads_not_finite(self.chunks) and not self.args.fp16
+        iteration = self.progress.iteration + 1
+        step_func = fault_injection.forward_step(forward_step, iteration)
+        self.timers("batch-generator", log_level=1).start()
+        batches = self._microbatches(spec)
+        self.timers("batch-generator").stop()
+        outputs = self._run_schedule(batches, False, step_func, spec)
+        health = check_step(outputs, self.chunks)
+        fp16 = self.args.fp16
+        scale = precision.current_loss_scale(self.optimizer) if fp16 else None
+        bad = health.is_bad(loss_scaling=fp16)
+        self.timers("optimizer", log_level=1).start(barrier=self.args.barrier_with_L1_time)
         if bad:
             updated, grad_norm = False, float("nan")
-        else:
+        else:  # fp16: the optimizer skips an overflow step itself and lowers the loss scale
             updated, grad_norm, _ = self.optimizer.step()
+        self.timers("optimizer").stop()
+        overflow = fp16 and not bad and not updated
         gbs = get_current_global_batch_size()
         if updated:
             self.scheduler.step(increment=gbs)
-        self.guard.record(bad or not updated, self.progress.iteration + 1)
-        loss = _reduce_lm_loss(outputs)
+        # an overflow at the minimum loss scale cannot be scaled away: a bad step too
+        self.guard.record(bad or (overflow and scale <= self.args.min_loss_scale), iteration)
         return {
-            "loss": loss,
-            "loss_kl": loss - _reduce_target_entropy(outputs, spec),
+            "loss": health.loss,
+            "loss_kl": health.loss - health.target_entropy,
             "grad_norm": grad_norm,
             "updated": updated,
             "nan": bad,
+            "overflow": overflow,
+            "loss_scale": precision.current_loss_scale(self.optimizer) if fp16 else None,
             "global_batch_size": gbs,
             "lr": self.optimizer.param_groups[0]["lr"],
+            "moe": self.moe.collect(len(batches)) if self.moe else None,
         }
 
     def evaluate(self) -> float | None:
@@ -383,8 +507,11 @@ class Trainer:
         self.set_phase(2)
         for chunk in self.chunks:
             chunk.eval()
-        with torch.no_grad():
+        config = get_model_config(self.chunks[0])
+        config.timers = None  # like Megatron-LM: evaluation stays out of the step timers
+        with self.gc.evaluation(), torch.no_grad():
             outputs = self._run_schedule(samples, forward_only=True)
+        config.timers = self.timers.timers
         for chunk in self.chunks:
             chunk.train()
         self.set_phase(phase)
@@ -400,10 +527,20 @@ class Trainer:
         first = ps.get_data_parallel_rank() * per_rank
         if args.mock_data:
             windows = mock_valid_windows(self.tokenizer, args.seed, total, args.seq_length + 1)
+            eod = self.tokenizer.eod
+            target_mask = eod_target_mask(windows, eod) if args.eod_mask_loss else None
             samples = [
-                build_batch(
-                    windows[first + i : first + i + 1], STANDARD_PHASE, args.seq_length
-                ).as_dict()
+                apply_document_masking(
+                    build_batch(
+                        windows[first + i : first + i + 1],
+                        STANDARD_PHASE,
+                        args.seq_length,
+                        None if target_mask is None else target_mask[first + i : first + i + 1],
+                    ).as_dict(),
+                    windows[first + i : first + i + 1],
+                    STANDARD_PHASE,
+                    self.documents,
+                )
                 for i in range(per_rank)
             ]
         else:
@@ -422,6 +559,7 @@ class Trainer:
                         "loss_mask": torch.as_tensor(item["loss_mask"]).float().unsqueeze(0),
                     }
                 )
+                samples[-1].update(standard_document_fields(samples[-1]["tokens"], self.documents))
         batches = []
         for start in range(0, per_rank, mbs):
             group = samples[start : start + mbs]
@@ -431,22 +569,55 @@ class Trainer:
         self._valid = batches
         return batches
 
+    # --- memory footprint ---------------------------------------------------------------
+    def log_memory_estimate(self) -> None:
+        """Log the planner's memory estimate per GPU of every pipeline stage for this run
+        (Megatron-LM's "theoretical memory footprints"; a collective: every rank calls it)."""
+        args = self.args
+        micro = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+        models = [unwrap(chunk) for chunk in self.chunks]
+        self.footprint = footprint.run_footprint(args, models, micro)
+        for line in footprint.estimate_lines(self.footprint):
+            self.metrics.print(line)
+
+    def log_measured_memory(self) -> None:
+        """On CUDA, log every stage's measured ``max_memory_allocated`` beside the estimate
+        (a collective: every rank calls it)."""
+        if self.device.type != "cuda":
+            return
+        measured = footprint.measured_peaks(self.args)
+        self.metrics.print(
+            footprint.measured_line(
+                self.footprint, measured, self.progress.iteration, self.progress.phase
+            )
+        )
+
     # --- the loop -----------------------------------------------------------------------
     def train(self) -> dict:
         args = self.args
         self.maybe_load()
+        self.log_memory_estimate()
         # The schedule, not the checkpoint, decides the phase: an imported or --finetune
         # checkpoint at iteration 0 starts with TST phase 1 when it is configured.
         scheduled = args.tst.phase_at(self.progress.iteration, args.train_iters)
         if args.tst_phase == "2":
             scheduled = 2
-        if self.progress.phase == 1 and scheduled == 2 and args.tst_phase == "2":
+        if self.progress.phase == 1 and scheduled == 2:  # also a boundary moved before it
             self.metrics.phase_boundary(self.progress.iteration, self.stream.state)
         self.set_phase(scheduled)
         self.print_data_notices()
+        early = self.exits.signal_before_start()
+        if early:  # nothing trained in this job yet: the checkpoint on disk (if any) is current
+            self.metrics.print(
+                f"exiting at iteration {self.progress.iteration} before the first step: "
+                f"{early}; nothing new to save"
+            )
+            return {"iteration": self.progress.iteration, "exit_reason": early}
         stop_at = self.last_iteration()
         update_num_microbatches(self.progress.consumed_samples, consistency_check=False)
         final = {"iteration": self.progress.iteration}
+        measure_at = min(self.progress.iteration + MEASURE_MEMORY_AFTER_STEPS, stop_at)
+        self.gc.start()
         while self.progress.iteration < stop_at:
             if self.progress.phase == 1 and self.progress.iteration >= self.phase1_iters:
                 self.set_phase(2)
@@ -464,23 +635,30 @@ class Trainer:
                 self.progress, spec, step, time.time() - start, self.stream.state, stop_at
             )
             self.print_data_notices()
+            if self.progress.iteration == measure_at:
+                self.log_measured_memory()
+            self.gc.after_step(self.progress.iteration)
             final = {"iteration": self.progress.iteration, "loss": step["loss"]}
             if self.guard.should_stop():
                 raise TrainingStopped(self.guard.stop_message())
             at_end = self.progress.iteration == stop_at
             if not at_end and self.progress.iteration % args.eval_interval == 0:
                 self.metrics.validation(self.progress.iteration, self.evaluate())
+            if args.async_save:
+                self.finalize_saves(blocking=False)
             saved = False
             if args.save_interval and self.progress.iteration % args.save_interval == 0:
-                self.save()
+                self.save(async_save=args.async_save and not at_end)
                 saved = True
             reason = self.exits.check(self.progress.iteration, self.metrics.start_time)
             if reason:
+                self.finalize_saves(blocking=True)
                 if not saved:
                     self.save()
                 self.metrics.print(f"exiting at iteration {self.progress.iteration}: {reason}")
                 final["exit_reason"] = reason
                 return final
+        self.finalize_saves(blocking=True)
         if args.save and (not args.save_interval or self.progress.iteration % args.save_interval):
             self.save()
         valid = self.evaluate()
@@ -491,27 +669,11 @@ class Trainer:
 
 def _reduce_lm_loss(outputs: list[dict]) -> float:
     """Global mean lm loss of a step: sums and counts over micro-batches and data parallel."""
-    return _reduce_report_mean(outputs, "lm loss", ps.get_data_parallel_group())
-
-
-def _reduce_target_entropy(outputs: list[dict], spec: PhaseSpec) -> float:
-    """Mean target entropy of a step's multi-hot positions (0 for one target per position).
-
-    The micro-batch reports are per context-parallel rank: summed over DP x CP.
-    """
-    if spec.target_width == 1:
-        return 0.0
-    group = ps.get_data_parallel_group(with_context_parallel=True)
-    return _reduce_report_mean(outputs, "target entropy", group)
-
-
-def _reduce_report_mean(outputs: list[dict], key: str, group) -> float:
-    """``sum / count`` of the ``[sum, count]`` reports ``key``, reduced over ``group`` on the
-    last pipeline stage and broadcast to every rank."""
     total = torch.zeros(2)
     for out in outputs or []:
-        total += out[key].detach().float().cpu()
+        total += out["lm loss"].detach().float().cpu()
     if ps.is_pipeline_last_stage(ignore_virtual=True):
+        group = ps.get_data_parallel_group()
         total = total.to(torch.cuda.current_device()) if torch.cuda.is_available() else total
         torch.distributed.all_reduce(total, group=group)
     src = torch.distributed.get_world_size() - 1

@@ -16,6 +16,8 @@ import torch
 
 from tst_megatron.config import PhaseSpec
 from tst_megatron.training.flops import ModelShape, mfu, phase_flops_per_step
+from tst_megatron.training.moe_metrics import MoEIntervalLog, moe_layer_numbers
+from tst_megatron.training.timers import StepTimers
 
 
 def _is_logging_rank() -> bool:
@@ -35,6 +37,9 @@ class MetricsLogger:
         self._interval = self._empty_interval()
         self._boundary_loss: float | None = None
         self._writers = self._open_writers() if _is_logging_rank() else []
+        self._timers: StepTimers | None = None
+        self._moe: MoEIntervalLog | None = None
+        self._boundary_moe: dict | None = None
 
     @staticmethod
     def _empty_interval() -> dict:
@@ -75,8 +80,14 @@ class MetricsLogger:
         if _is_logging_rank():
             print(f"[{datetime.now():%Y-%m-%d %H:%M:%S}] {message}", flush=True)
 
-    def _write(self, iteration: int, scalars: dict) -> None:
+    def attach_timers(self, timers: StepTimers) -> None:
+        """Report these timers every log interval (a collective: all ranks log together)."""
+        self._timers = timers
+
+    def _write(self, iteration: int, scalars: dict, kinds: tuple[str, ...] | None = None) -> None:
         for kind, writer in self._writers:
+            if kinds is not None and kind not in kinds:
+                continue
             if kind == "tb":
                 for key, value in scalars.items():
                     if value is not None:
@@ -102,14 +113,20 @@ class MetricsLogger:
         it["flops"] += phase_flops_per_step(self.shape, spec, args.seq_length, gbs)
         it["nan"] += int(step["nan"])
         it["skipped"] += int(not step["updated"])
+        moe = step.get("moe")
+        if moe is not None:
+            self._moe = self._moe or MoEIntervalLog(moe_layer_numbers(args))
+            self._moe.add(moe)
         if progress.phase == 2 and self._boundary_loss is not None:
             self.print(
                 f"phase 2, iteration {progress.iteration}: lm loss {step['loss']:.4f} "
                 f"(last phase-1 loss {self._boundary_loss:.4f})"
+                + (self._moe.boundary_note(self._boundary_moe, moe) if self._moe else "")
             )
             self._boundary_loss = None
         if progress.phase == 1 and progress.iteration == self.phase1_iters:
             self._boundary_loss = step["loss"]
+            self._boundary_moe = moe
         if progress.iteration % args.log_interval and progress.iteration != stop_at:
             return
         good = it["steps"] - it["skipped"]
@@ -132,10 +149,11 @@ class MetricsLogger:
             f"consumed samples: {progress.consumed_samples:12d}",
             f"consumed data tokens: {stream_state.consumed_tokens:14d}",
             f"elapsed time per iteration (ms): {per_iter * 1e3:.1f}",
-            f"throughput per GPU (TFLOP/s/GPU): {tflops:.3f}",
         ]
-        if self.peak:
-            fields.append(f"MFU: {100 * mfu(tflops, self.peak):.1f}%")
+        if args.log_throughput:
+            fields.append(f"throughput per GPU (TFLOP/s/GPU): {tflops:.3f}")
+            if self.peak:
+                fields.append(f"MFU: {100 * mfu(tflops, self.peak):.1f}%")
         fields += [
             f"tokens/s (model): {it['model_tokens'] / it['time']:.0f}",
             f"tokens/s (data): {it['data_tokens'] / it['time']:.0f}",
@@ -143,27 +161,64 @@ class MetricsLogger:
             f"global batch size: {gbs:5d}",
             f"lm loss: {'n/a' if loss is None else f'{loss:.6E}'}",
             *_kl_field(spec, loss_kl),
+            *([f"loss scale: {step['loss_scale']:.1f}"] if args.fp16 else []),
             f"grad norm: {_fmt(step['grad_norm'])}",
             f"number of skipped iterations: {it['skipped']:3d}",
             f"number of nan iterations: {it['nan']:3d}",
             f"elapsed: {elapsed:.0f}s ETA: {eta:.0f}s",
         ]
+        moe_fields, moe_scalars = self._moe.flush() if self._moe else ([], {})
+        fields += moe_fields
         self.print(" | ".join(fields) + " |")
+        timer_scalars = self._log_timers(it["steps"])
         record = {
             "phase": progress.phase,
             "lr": step["lr"],
             "grad_norm": _num(step["grad_norm"]),
             "tflops_per_gpu": tflops,
+            "iteration_time_s": per_iter,
             "data_tokens": stream_state.consumed_tokens,
             "data_tokens_per_s": it["data_tokens"] / it["time"],
             "model_tokens_per_s": it["model_tokens"] / it["time"],
+            "skipped_iterations": it["skipped"],
+            "nan_iterations": it["nan"],
         }
+        if args.fp16:
+            record["loss_scale"] = step["loss_scale"]
+        if self.peak:
+            record["mfu"] = mfu(tflops, self.peak)
         if loss is not None:
             record["lm_loss"] = loss
             record["lm_loss_kl"] = loss_kl  # MCE - target entropy (= lm loss for one target)
+        record.update(moe_scalars)
         if _is_logging_rank():
-            self._write(progress.iteration, record)
+            self._write_with_timers(progress.iteration, record, timer_scalars)
         self._interval = self._empty_interval()
+
+    def _log_timers(self, steps: int, names: list[str] | None = None) -> dict[str, float]:
+        """Print the timers' block (per step over ``steps``) and return their scalars."""
+        if self._timers is None:
+            return {}
+        report = self._timers.report(
+            self._timers.step_names() if names is None else names, normalizer=steps
+        )
+        block = self._timers.format_report(report)
+        if block:
+            self.print(block)
+        return report.scalars()
+
+    def _write_with_timers(self, iteration: int, record: dict, timers: dict[str, float]) -> None:
+        """Timers go to the JSONL record; to TensorBoard / W&B with --log-timers-to-tensorboard."""
+        full = {**record, **timers}
+        self._write(iteration, full, kinds=("jsonl",))
+        shown = full if self.args.log_timers_to_tensorboard else record
+        self._write(iteration, shown, kinds=("tb", "wandb"))
+
+    def checkpoint_time(self, iteration: int, name: str) -> None:
+        """Log a checkpoint timer (``save-checkpoint`` / ``load-checkpoint``); all ranks call."""
+        timers = self._log_timers(1, [name])
+        if _is_logging_rank() and timers:
+            self._write_with_timers(iteration, {}, timers)
 
     def phase_boundary(self, iteration: int, stream_state) -> None:
         self.print(

@@ -17,21 +17,19 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_decoder_block_spec,
-    get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import (
-    TransformerBlockSubmodules,
-    get_num_layers_to_build,
-)
-from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+from tst_megatron.data.masks import with_document_attention
+from tst_megatron.layers.spec import local_block_spec
+from tst_megatron.mcore_fixes import apply_mcore_fixes
 from tst_megatron.model import TSTGPTModel
 from tst_megatron.training import arguments
 from tst_megatron.training.arguments import ConfigError
-from tst_megatron.training.flops import moe_layer_pattern
+from tst_megatron.training.fusions import p2p_settings
 
 LayerSpec = ModuleSpec | TransformerBlockSubmodules
 
@@ -39,20 +37,9 @@ LayerSpec = ModuleSpec | TransformerBlockSubmodules
 def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
     """The `TransformerConfig` of validated args (see `arguments.validate_args`).
 
-    Pipeline p2p: ``batch_p2p_comm`` is off on gloo, and for the interleaved schedule at
-    pipeline size 2. A batched isend/irecv matches messages between the same two ranks in
-    posting order; in the interleaved schedule at PP=2 the previous and the next stage are
-    the same rank, and each rank posts "send to previous" before "send to next" while its
-    peer posts the receives the other way round, so the activations and gradients trade
-    places silently (measured on gloo: gradients off by ~1; Megatron-LM forbids PP=2
-    interleaving with batched p2p on NCCL for the same reason). The unbatched path orders
-    sends and receives by even/odd rank and, for a 2-rank pipeline group, carries one
-    direction over the world group, so nothing can be crossed. Gloo gains nothing from
-    batching (it issues the operations one by one anyway), so it always takes that path.
+    Fusions are ``args.fusions`` (Megatron-LM's defaults resolved for this device, see
+    `tst_megatron.training.fusions`); pipeline p2p follows `fusions.p2p_settings`.
     """
-    pp = args.pipeline_model_parallel_size
-    vpp = args.virtual_pipeline_model_parallel_size
-    interleaved_pp2 = vpp is not None and pp == 2
     kwargs = dict(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -72,8 +59,8 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
         init_method_std=args.init_method_std,
         attention_softmax_in_fp32=args.attention_softmax_in_fp32,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         context_parallel_size=args.context_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
@@ -86,11 +73,8 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
         perform_initialization=True,
         variable_seq_lengths=False,
         deallocate_pipeline_outputs=True,
-        batch_p2p_comm=args.distributed_backend != "gloo" and not interleaved_pp2,
-        cross_entropy_loss_fusion=False,
-        recompute_granularity=args.recompute_granularity,
-        recompute_method=args.recompute_method,
-        recompute_num_layers=args.recompute_num_layers,
+        **p2p_settings(args),
+        **args.fusions.as_config_kwargs(),
         transformer_impl=args.transformer_impl,
     )
     if args.num_experts is not None:
@@ -108,9 +92,42 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
             moe_z_loss_coeff=args.moe_z_loss_coeff,
             moe_layer_freq=args.moe_layer_freq,
         )
+        kwargs.update(_moe_routing_kwargs(args))
+    kwargs.update(_recompute_and_loss_kwargs(args))
     if args.fp8 is not None:
         kwargs.update(fp8=args.fp8, fp8_recipe=args.fp8_recipe, fp8_param=args.fp8_param_gather)
     return TransformerConfig(**kwargs)
+
+
+def _moe_routing_kwargs(args: argparse.Namespace) -> dict:
+    """Router, capacity and dispatch settings (Megatron-LM's ``--moe-*`` flags)."""
+    return dict(
+        moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
+        moe_router_num_groups=args.moe_router_num_groups,
+        moe_router_group_topk=args.moe_router_group_topk,
+        moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=args.moe_router_bias_update_rate,
+        moe_router_dtype=args.moe_router_dtype,
+        moe_permute_fusion=args.moe_permute_fusion,
+        moe_expert_capacity_factor=args.moe_expert_capacity_factor,
+        moe_token_drop_policy=args.moe_token_drop_policy,
+        moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
+    )
+
+
+def _recompute_and_loss_kwargs(args: argparse.Namespace) -> dict:
+    """Activation recomputation (``--recompute-*``), per-token loss and level-1 timer barriers.
+
+    ``recompute_modules`` None lets Megatron-Core pick its default (``["core_attn"]``).
+    """
+    return dict(
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        recompute_modules=args.recompute_modules,
+        calculate_per_token_loss=args.calculate_per_token_loss,
+        barrier_with_L1_time=args.barrier_with_L1_time,
+    )
 
 
 def layer_spec_from_args(
@@ -119,80 +136,31 @@ def layer_spec_from_args(
     """The decoder spec for ``--transformer-impl``.
 
     - ``transformer_engine``: Megatron-Core's TE spec (checks TE is installed first).
-    - ``local`` on CUDA: Megatron-Core's local spec; without CUDA: the CPU-adapted local
-      block spec (`tst_megatron.cpu.layer_spec`), whose final norm supports sequence parallel.
+    - ``local``: the local spec of `tst_megatron.layers.spec` on any device (mcore's local
+      modules, norms that support sequence parallelism); without CUDA with the CPU
+      context-parallel attention (`tst_megatron.cpu.layer_spec`). Context parallelism with
+      the local spec on GPUs is refused by `arguments.validate_args`.
 
     With MoE every ``--moe-layer-freq``-th layer is MoE and the others dense: a block spec for
     this pipeline stage (``vp_stage`` chunk), like Megatron-Core's `get_gpt_decoder_block_spec`.
     """
-    num_experts = args.num_experts
-    mixed = num_experts is not None and args.moe_layer_freq != 1
     if args.transformer_impl == "transformer_engine":
         if not arguments.transformer_engine_installed():
             raise ConfigError(arguments.TE_IMPL_MISSING)
-        if mixed:
+        if args.num_experts is not None and args.moe_layer_freq != 1:
             return get_gpt_decoder_block_spec(
                 config, use_transformer_engine=True, vp_stage=vp_stage
             )
         return get_gpt_layer_with_transformer_engine_spec(
-            num_experts=num_experts,
+            num_experts=args.num_experts,
             moe_grouped_gemm=args.moe_grouped_gemm,
             qk_layernorm=args.qk_layernorm,
         )
     if torch.cuda.is_available():
-        return _mcore_local_spec(args, config, vp_stage)
+        return local_block_spec(config, vp_stage=vp_stage)
+    from tst_megatron.cpu.layer_spec import get_cpu_gpt_block_spec
 
-    from tst_megatron.cpu.layer_spec import get_cpu_gpt_block_spec, get_cpu_gpt_layer_spec
-
-    block = get_cpu_gpt_block_spec(config, vp_stage=vp_stage)  # its final norm handles SP
-    if not mixed:
-        return block
-    dense, moe = (
-        get_cpu_gpt_layer_spec(
-            num_experts=experts,
-            moe_grouped_gemm=args.moe_grouped_gemm,
-            qk_layernorm=args.qk_layernorm,
-            normalization=args.normalization,
-            sequence_parallel=args.sequence_parallel,
-            context_parallel=args.context_parallel_size > 1,
-        )
-        for experts in (None, num_experts)
-    )
-    return _mixed_block_spec(config, dense, moe, block.layer_norm, vp_stage)
-
-
-def _mcore_local_spec(
-    args: argparse.Namespace, config: TransformerConfig, vp_stage: int | None
-) -> LayerSpec:
-    """Megatron-Core's own local (no-TE) spec."""
-    if args.num_experts is not None and args.moe_layer_freq != 1:
-        return get_gpt_decoder_block_spec(
-            config,
-            use_transformer_engine=False,
-            normalization=args.normalization,
-            vp_stage=vp_stage,
-        )
-    return get_gpt_layer_local_spec(
-        num_experts=args.num_experts,
-        moe_grouped_gemm=args.moe_grouped_gemm,
-        qk_layernorm=args.qk_layernorm,
-        normalization=args.normalization,
-    )
-
-
-def _mixed_block_spec(
-    config: TransformerConfig,
-    dense: ModuleSpec,
-    moe: ModuleSpec,
-    final_norm: type,
-    vp_stage: int | None,
-) -> TransformerBlockSubmodules:
-    """This pipeline stage's slice of the dense/MoE layer pattern, then ``final_norm``."""
-    pattern = moe_layer_pattern(config.num_layers, config.moe_layer_freq)
-    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
-    count = get_num_layers_to_build(config, vp_stage=vp_stage)
-    layers = [moe if pattern[i] else dense for i in range(offset, offset + count)]
-    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=final_norm)
+    return get_cpu_gpt_block_spec(config, vp_stage=vp_stage)
 
 
 def build_model(
@@ -204,10 +172,14 @@ def build_model(
     vp_stage: int | None = None,
 ) -> TSTGPTModel:
     """One pipeline stage (or virtual chunk ``vp_stage``) of the model."""
+    apply_mcore_fixes()
+    spec = layer_spec_from_args(args, config, vp_stage)
+    if args.reset_attention_mask:  # the document mask must reach the attention kernels
+        spec = with_document_attention(spec)
     return _build(
         args,
         config,
-        layer_spec_from_args(args, config, vp_stage),
+        spec,
         pre_process=pre_process,
         post_process=post_process,
         vp_stage=vp_stage,
@@ -225,6 +197,7 @@ def _build(
 ) -> TSTGPTModel:
     if args.padded_vocab_size is None:
         raise ConfigError("args.padded_vocab_size is not set (set it from the tokenizer)")
+    apply_mcore_fixes()
     return TSTGPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -272,7 +245,7 @@ def model_provider_from_args(args: argparse.Namespace) -> ModelProvider:
 def build_meta_model(args: argparse.Namespace) -> TSTGPTModel:
     """The whole model (TP=PP=CP=EP=1 view) on the meta device: shapes, no memory.
 
-    For parameter counting of any size. It always uses Megatron-Core's local spec, which
+    For parameter counting of any size. It always uses the local spec (torch norms), which
     needs neither Transformer Engine nor a GPU and has the same parameter shapes as the TE
     spec (TE fuses the pre-attention/pre-MLP norms into the following linear layer, so only
     the parameter names differ); grouped-GEMM experts become per-expert MLPs (same counts).
@@ -293,7 +266,7 @@ def build_meta_model(args: argparse.Namespace) -> TSTGPTModel:
     config = transformer_config_from_args(view)
     config.perform_initialization = False
     with single_process_parallel_state(), torch.device("meta"):
-        spec = _mcore_local_spec(view, config, vp_stage=None)
+        spec = local_block_spec(config, apex=False)
         return _build(view, config, spec, pre_process=True, post_process=True, vp_stage=None)
 
 

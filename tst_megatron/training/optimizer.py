@@ -44,6 +44,9 @@ def optimizer_config_from_args(args: Namespace) -> OptimizerConfig:
         params_dtype=args.params_dtype,
         loss_scale=args.loss_scale,
         initial_loss_scale=args.initial_loss_scale,
+        min_loss_scale=args.min_loss_scale,
+        loss_scale_window=args.loss_scale_window,
+        hysteresis=args.hysteresis,
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
 
@@ -122,6 +125,7 @@ def fix_torch_adam_state(megatron_optimizer) -> None:
         )
 
 
+@torch.no_grad()  # the main params are leaves that require grad (dp_reshardable load)
 def _set_main_param_and_states_except_step(optimizer, model_param, tensors: dict) -> None:
     """`DistributedOptimizer._set_main_param_and_optimizer_states` minus the ``step`` key."""
     group_index, group_order = optimizer.model_param_group_index_map[model_param]

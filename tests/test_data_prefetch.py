@@ -1,0 +1,248 @@
+"""The data path off the critical path: vectorised window reads and the step prefetcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+from tst_megatron.config import PhaseSpec
+from tst_megatron.data.builders import open_indexed_dataset
+from tst_megatron.data.prefetch import StepPrefetcher, StepRequest
+from tst_megatron.data.stream import BlendedStream, DocumentStream, MockStream
+
+
+def write_dataset(prefix, lengths, seed, dtype=np.uint16):
+    rng = np.random.RandomState(seed)
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
+    for length in lengths:
+        builder.add_document(torch.from_numpy(rng.randint(0, 50_000, length)), [length])
+    builder.finalize(f"{prefix}.idx")
+    return open_indexed_dataset(str(prefix))
+
+
+@pytest.fixture(scope="module")
+def two_datasets(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("prefetch")
+    rng = np.random.RandomState(0)
+    a = write_dataset(tmp / "a", rng.randint(1, 40, 60), seed=1)
+    b = write_dataset(tmp / "b", rng.randint(1, 9, 50), seed=2, dtype=np.int32)
+    return a, b
+
+
+def blend(two_datasets, weights=(0.7, 0.3)) -> BlendedStream:
+    a, b = two_datasets
+    streams = [
+        DocumentStream(a, np.arange(10, len(a)), seed=3, name="a"),
+        DocumentStream(b, np.arange(len(b)), seed=4, name="b"),
+    ]
+    return BlendedStream(streams, list(weights))
+
+
+def reference_next_windows(stream: BlendedStream, count: int, window: int, rows: slice):
+    """The per-window loop the vectorised `next_windows` replaced (argmax draw, per-document
+    reads through `IndexedDataset.get`)."""
+    state, placements = stream.state, []
+    for _ in range(count):
+        drawn = sum(state.samples) + 1
+        errors = [w * drawn - n for w, n in zip(stream.weights, state.samples, strict=True)]
+        k = int(np.argmax(errors))
+        placements.append((k, state.cursors[k]))
+        state.cursors[k] += window - 1
+        state.samples[k] += 1
+        state.consumed_tokens += window - 1
+    return np.stack([stream.streams[k]._read_by_document(s, window) for k, s in placements[rows]])
+
+
+def test_vectorised_windows_equal_the_per_window_loop(two_datasets):
+    fast, slow = blend(two_datasets), blend(two_datasets)
+    for step in range(12):  # windows cross documents, and both datasets wrap several epochs
+        rows = slice(step % 3, 7)
+        got = fast.next_windows(9, 61, rows)
+        np.testing.assert_array_equal(got, reference_next_windows(slow, 9, 61, rows))
+        assert fast.state.as_dict() == slow.state.as_dict()
+    assert min(fast.state.cursors[k] // s.tokens_per_epoch for k, s in enumerate(fast.streams)) > 1
+
+
+# --------------------------------------------------------------------------------------------
+# StepPrefetcher
+# --------------------------------------------------------------------------------------------
+
+FULL, STANDARD = StepRequest(PhaseSpec(4, "full"), 2), StepRequest(PhaseSpec(1, "full"), 2)
+
+
+def produce(stream, request):
+    """One step: ``num_microbatches`` windows of the request's phase."""
+    window = request.spec.window_length(8)
+    return [torch.from_numpy(stream.next_windows(request.num_microbatches, window))]
+
+
+def run_steps(prefetcher, requests, guesses):
+    out, states = [], []
+    for i, request in enumerate(requests):
+        out.append(prefetcher.next_step(request, guesses[i + 1 : i + 1 + prefetcher.depth]))
+        states.append(prefetcher.state.as_dict())
+    return out, states
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_prefetch_gives_the_synchronous_batches_and_the_consumed_position(two_datasets, depth):
+    requests = [FULL] * 4 + [STANDARD] * 4  # a phase boundary after step 4
+    wrong = [FULL] * 8  # guesses that miss the boundary: rewound, still exact
+    sync, sync_states = run_steps(StepPrefetcher(blend(two_datasets), produce, 0), requests, [])
+    for guesses in (requests, wrong):
+        prefetcher = StepPrefetcher(blend(two_datasets), produce, depth)
+        batches, states = run_steps(prefetcher, requests, guesses)
+        for got, expected in zip(batches, sync, strict=True):
+            assert torch.equal(got[0], expected[0])
+        assert states == sync_states  # what a checkpoint saves: the trained steps only
+        prefetcher.close()
+
+
+def test_saved_position_resumes_exactly_while_steps_are_read_ahead(two_datasets):
+    prefetcher = StepPrefetcher(blend(two_datasets), produce, 2)
+    run_steps(prefetcher, [FULL] * 3, [FULL] * 6)
+    saved = prefetcher.state.as_dict()
+    while prefetcher._results.qsize() < len(prefetcher._pending):  # let the thread read ahead
+        time.sleep(0.01)
+    assert len(prefetcher._pending) == 2 and prefetcher._stream.state.as_dict() != saved
+    rest = prefetcher.next_step(FULL)
+    resumed = StepPrefetcher(blend(two_datasets), produce, 2)
+    resumed.load_state(saved)
+    assert torch.equal(resumed.next_step(FULL)[0], rest[0])
+
+
+def test_the_queue_is_bounded_by_the_depth(two_datasets):
+    in_flight, most = [0], [0]
+    lock = threading.Lock()
+
+    def counting(stream, request):
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0] + len(prefetcher._results.queue))
+        try:
+            return produce(stream, request)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    prefetcher = StepPrefetcher(blend(two_datasets), counting, 2)
+    run_steps(prefetcher, [FULL] * 6, [FULL] * 20)
+    assert len(prefetcher._pending) <= 2 and most[0] <= 2
+
+
+def test_an_error_on_the_thread_is_raised_by_the_step_that_needs_it(two_datasets):
+    calls = []
+
+    def failing(stream, request):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 2:
+            raise OSError("read error on /data/a.bin")
+        return produce(stream, request)
+
+    prefetcher = StepPrefetcher(blend(two_datasets), failing, 2)
+    prefetcher.next_step(FULL, [FULL, FULL])
+    with pytest.raises(OSError, match=r"read error on /data/a\.bin"):
+        prefetcher.next_step(FULL, [FULL, FULL])
+    assert set(calls) == {"tst-data-prefetch"}
+
+
+def test_epoch_notes_reach_the_log_with_their_step(two_datasets):
+    prefetcher = StepPrefetcher(blend(two_datasets), produce, 3)
+    notes_by_step = []
+    for _ in range(30):
+        prefetcher.next_step(FULL, [FULL] * 3)
+        notes_by_step.append(prefetcher.pop_notices())
+    sync = StepPrefetcher(blend(two_datasets), produce, 0)
+    expected = []
+    for _ in range(30):
+        sync.next_step(FULL)
+        expected.append(sync.pop_notices())
+    assert notes_by_step == expected and any(expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Real launches: prefetch keeps an interrupted + resumed run bit-exact
+# --------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+EOD = 511  # NullTokenizer --vocab-size 512
+LAUNCH = [
+    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+    "--seq-length", "32", "--max-position-embeddings", "32", "--transformer-impl", "local",
+    "--distributed-backend", "gloo", "--seed", "5", "--hidden-dropout", "0",
+    "--attention-dropout", "0", "--micro-batch-size", "2", "--global-batch-size", "4",
+    "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "2", "--train-iters", "8",
+    "--log-interval", "1", "--eval-interval", "3", "--eval-iters", "2",
+    "--tokenizer-type", "NullTokenizer", "--vocab-size", "512", "--split", "90,10,0",
+    "--tst-bag-size", "4", "--tst-phase1-fraction", "0.5",
+    "--reset-attention-mask", "--reset-position-ids", "--eod-mask-loss",
+]  # fmt: skip
+
+
+def launch(tmp: Path, name: str, extra: list[str]) -> list[dict]:
+    """One single-rank pretrain_tst.py run (the environment torchrun would give it)."""
+    metrics = tmp / f"{name}.jsonl"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "RANK": "0",
+           "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "pretrain_tst.py"), *LAUNCH, "--metrics-jsonl",
+           str(metrics), "--data-path", str(tmp / "corpus"), *extra]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+def losses(records: list[dict]) -> dict:
+    return {
+        (r["iteration"], key): r[key]
+        for r in records
+        for key in ("lm_loss", "valid_lm_loss")
+        if key in r
+    }
+
+
+@pytest.mark.slow
+def test_prefetched_interrupted_and_resumed_run_equals_the_synchronous_one(tmp_path):
+    """``--num-workers 2`` stopped at iteration 3 (steps 4-5 already read ahead), resumed with
+    ``--num-workers 3`` across the phase boundary (iteration 4), equals ``--num-workers 0``
+    bit for bit, document masks on, validation included."""
+    rng = np.random.RandomState(0)
+    documents = [[*rng.randint(0, EOD, rng.randint(5, 60)), EOD] for _ in range(120)]
+    builder = IndexedDatasetBuilder(str(tmp_path / "corpus.bin"), dtype=np.int32)
+    for doc in documents:
+        builder.add_document(torch.tensor(doc, dtype=torch.int32), [len(doc)])
+    builder.finalize(str(tmp_path / "corpus.idx"))
+
+    sync = losses(launch(tmp_path, "sync", ["--num-workers", "0"]))
+    save = ["--save", str(tmp_path / "ckpt")]
+    cut = losses(launch(tmp_path, "cut", ["--num-workers", "2", *save, "--exit-interval", "3"]))
+    resumed = losses(
+        launch(tmp_path, "resumed", ["--num-workers", "3", "--load", str(tmp_path / "ckpt")])
+    )
+    assert sorted({it for it, _ in cut}) == [1, 2, 3]
+    assert {**cut, **resumed} == sync
+    assert (3, "valid_lm_loss") in sync and (6, "valid_lm_loss") in sync
+
+
+def test_negative_num_workers_is_refused():
+    from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
+
+    args = parse_args([*LAUNCH, "--mock-data", "--num-workers", "-1"])
+    with pytest.raises(ConfigError, match=r"^--num-workers must be >= 0, got -1$"):
+        validate_args(args, 1)
+    with pytest.raises(ValueError, match="prefetch depth must be >= 0, got -1"):
+        StepPrefetcher(BlendedStream([MockStream(10, 0)], [1.0]), produce, -1)

@@ -1,0 +1,79 @@
+"""Device-independent fixes to Megatron-Core 0.16.1, in one place.
+
+Each fix names the mcore file and why; each applies on GPUs and CPUs alike (the CPU-only
+patches live in `tst_megatron.cpu.shim`). `apply_mcore_fixes` is idempotent and is called by
+the model builder before any model is built. The torch-AdamW fallback fixes are per optimizer
+instance and live in `tst_megatron.training.optimizer`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+__all__ = ["apply_mcore_fixes"]
+_applied = False
+
+
+def apply_mcore_fixes() -> None:
+    """Apply every fix below once per process."""
+    global _applied
+    if _applied:
+        return
+    _bind_missing_te_general_gemm()
+    _skip_size_one_reductions_in_parallel_linears()
+    _applied = True
+
+
+def _bind_missing_te_general_gemm() -> None:
+    """transformer/moe/moe_utils.py: ``RouterGatingLinearFunction.forward`` tests
+    ``te_general_gemm is not None``, but the name is bound only when Transformer Engine
+    imports (it is imported inside ``try: ... except ImportError``). Without TE every MoE
+    forward raises ``NameError: name 'te_general_gemm' is not defined``, on any device.
+    Binding it to None selects mcore's own ``torch.mm`` branch, as the test intends.
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def _skip_size_one_reductions_in_parallel_linears() -> None:
+    """Row-parallel linears skip the tensor-parallel reduction when the group has one rank.
+
+    The bug (tensor_parallel/layers.py, transformer/mlp.py): a routed expert with biases
+    (``add_bias_linear``, the default) at expert-parallel and expert-tensor-parallel size 1
+    runs ``RowParallelLinear``, whose output goes through
+    ``reduce_from_tensor_model_parallel_region`` (or, with sequence parallelism,
+    ``reduce_scatter_to_sequence_parallel_region``). Over a one-rank group the autograd
+    functions behind them (tensor_parallel/mappings.py ``_ReduceFromModelParallelRegion`` /
+    ``_ReduceScatterToSequenceParallelRegion``) return their input as is, which autograd
+    records as a view; `MLP.forward` then adds the expert bias to it in place
+    (``output += output_bias * per_token_scale``) and the first training step dies with
+    "Output 0 of _ReduceFromModelParallelRegion is a view and is being modified inplace".
+
+    The fix: over a one-rank group both reductions are the identity in the forward and the
+    backward pass, so `layers.py` calls its module-level names through a wrapper that returns
+    the input unchanged for a one-rank group and calls mcore's function otherwise. Values and
+    gradients are exactly mcore's; one autograd node less per linear at TP=1.
+    """
+    from megatron.core.tensor_parallel import layers, mappings
+    from megatron.core.utils import get_tensor_model_parallel_group_if_none
+
+    def skip_if_one_rank(reduction):
+        @functools.wraps(reduction)
+        def reduce(input_: torch.Tensor, group=None, *args, **kwargs) -> torch.Tensor:
+            group = get_tensor_model_parallel_group_if_none(group)
+            if group.size() == 1:
+                return input_
+            return reduction(input_, group, *args, **kwargs)
+
+        return reduce
+
+    layers.reduce_from_tensor_model_parallel_region = skip_if_one_rank(
+        mappings.reduce_from_tensor_model_parallel_region
+    )
+    layers.reduce_scatter_to_sequence_parallel_region = skip_if_one_rank(
+        mappings.reduce_scatter_to_sequence_parallel_region
+    )

@@ -1,0 +1,189 @@
+"""How Megatron-Core writes and reads a checkpoint: strategies, optimizer format, async saves.
+
+As Megatron-LM's ``megatron/training/checkpointing.py`` does:
+
+* **Optimizer format** (`optimizer_format`): ``dp_reshardable`` by default (each data-parallel
+  rank saves and loads its own distributed-optimizer shard: no gather, no exchange; it
+  reshards across data parallel only), ``fully_reshardable`` with ``--ckpt-fully-reshardable``
+  (Megatron-LM: ``--dist-ckpt-optim-fully-reshardable``; it gathers every optimizer buffer
+  onto each data-parallel rank at save, and reshards to any layout).
+* **Fully parallel save/load** (`save_strategy`, `load_strategy`): Megatron-Core's
+  `FullyParallelSaveStrategyWrapper` / `FullyParallelLoadStrategyWrapper` over the
+  data-parallel (x context-parallel) group split the writing and reading of replicated
+  tensors evenly over its ranks (``--no-ckpt-fully-parallel-save`` /
+  ``--no-ckpt-fully-parallel-load`` turn them off).
+* **Async saves** (`AsyncSaves`, ``--async-save``): Megatron-Core's `AsyncCallsQueue`; the
+  shards are written by a process forked from the rank while training goes on, and the
+  checkpoint is published by a finalize function once every rank's write is done.
+
+Two Megatron-Core behaviours are replaced, each for a failure it caused:
+`shield_checkpoint_writer` (its writer-results manager died of exit signals) and
+`deferred_rank0_write_errors` (a failed rank-0-only write left the other ranks waiting).
+"""
+
+from __future__ import annotations
+
+import os
+from argparse import Namespace
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import wraps
+from multiprocessing.managers import SyncManager
+
+import torch.multiprocessing as mp
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing import serialization
+from megatron.core.dist_checkpointing.serialization import (
+    get_default_load_sharded_strategy,
+    get_default_save_sharded_strategy,
+)
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue, AsyncRequest
+from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
+from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelLoadStrategyWrapper,
+    FullyParallelSaveStrategyWrapper,
+)
+
+from tst_megatron.training import exit_signals
+
+DP_RESHARDABLE = "dp_reshardable"
+FULLY_RESHARDABLE = "fully_reshardable"
+
+_manager: SyncManager | None = None
+_save_strategy: tuple | None = None  # (data-parallel group, fully parallel, strategy)
+
+
+def optimizer_format(args: Namespace) -> str:
+    """The distributed-optimizer checkpoint format this run saves in."""
+    return FULLY_RESHARDABLE if getattr(args, "ckpt_fully_reshardable", False) else DP_RESHARDABLE
+
+
+def sharded_state_dict_metadata(sharding_type: str) -> dict:
+    """The ``metadata`` argument of the optimizer's ``sharded_state_dict``."""
+    return {"distrib_optim_sharding_type": sharding_type}
+
+
+def save_strategy(args: Namespace):
+    """torch_dist saving, fully parallel over the data-parallel group unless turned off.
+
+    Built once per process and parallel state (kept for later saves, as Megatron-LM keeps it
+    in its ``checkpointing_context``).
+    """
+    global _save_strategy
+    parallel = getattr(args, "ckpt_fully_parallel_save", True)
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    if _save_strategy is None or _save_strategy[:2] != (group, parallel):
+        strategy = get_default_save_sharded_strategy("torch_dist")
+        if parallel:
+            strategy = FullyParallelSaveStrategyWrapper(strategy, group)
+        _save_strategy = (group, parallel, strategy)
+    return _save_strategy[2]
+
+
+def load_strategy(args: Namespace, path: str):
+    """The checkpoint's load strategy, fully parallel over the data-parallel group unless
+    turned off."""
+    strategy = get_default_load_sharded_strategy(path)
+    if getattr(args, "ckpt_fully_parallel_load", True):
+        strategy = FullyParallelLoadStrategyWrapper(
+            strategy, parallel_state.get_data_parallel_group(with_context_parallel=True)
+        )
+    return strategy
+
+
+class AsyncSaves:
+    """``--async-save``: Megatron-Core's queue of async checkpoint writes.
+
+    Megatron-Core's default (temporal) caller forks one writer process per save from the rank.
+    Megatron-LM 0.16.1 instead requires its persistent worker (``--use-persistent-ckpt-worker``),
+    a spawned process with default signal actions: a signal to the worker's process group or
+    to every process of a Slurm step would kill it (`shield_checkpoint_writer`'s problem
+    again). The forked writer inherits the rank's exit-signal handler and survives.
+    """
+
+    def __init__(self) -> None:
+        self.queue = AsyncCallsQueue()
+
+    def schedule(self, request: AsyncRequest) -> None:
+        self.queue.schedule_async_request(request)
+
+    def pending(self) -> int:
+        return self.queue.get_num_unfinalized_calls()
+
+    def finalize(self, blocking: bool) -> None:
+        """Run the finalize functions of the saves every rank finished (all when blocking).
+
+        Must be called on all ranks (it agrees through an all-reduce while saves are pending).
+        """
+        if self.pending():
+            self.queue.maybe_finalize_async_calls(blocking=blocking)
+
+
+def shield_checkpoint_writer() -> None:
+    """Start Megatron-Core's checkpoint-writer results queue in a process that survives the
+    exit signal.
+
+    ``megatron/core/dist_checkpointing/strategies/filesystem_async.py``
+    (`_get_write_results_queue`) creates, at a rank's first save, a spawn-mode
+    ``multiprocessing`` manager whose queue carries every later save's write results. That
+    manager is a child of the rank, in its process group, with default signal actions: the
+    SIGTERM that ``torchrun`` sends to each worker's process group, or the SIGUSR1 Slurm sends
+    to every process of the step, kills it, and the exit save that the signal asked for dies
+    with ``BrokenPipeError`` in ``write_preloaded_data_multiproc``. We start the same manager
+    ourselves, with `exit_signals.shield_helper_process` as its initializer (exit signals
+    ignored, exits when the rank is gone), and hand its queue to Megatron-Core. Idempotent.
+    """
+    global _manager
+    if filesystem_async._results_queue is not None:
+        return
+    _manager = SyncManager(ctx=mp.get_context("spawn"))
+    _manager.start(initializer=exit_signals.shield_helper_process, initargs=(os.getpid(),))
+    filesystem_async._results_queue = _manager.Queue()
+
+
+_deferred: list[OSError] = []
+
+
+def _deferring(write: Callable) -> Callable:
+    @wraps(write)
+    def deferred(*args, **kwargs):
+        try:
+            return write(*args, **kwargs)
+        except OSError as err:  # RuntimeError("... file write failed") from torch.save too
+            _deferred.append(err)
+        except RuntimeError as err:
+            if "write" not in str(err).lower():
+                raise
+            _deferred.append(err)
+
+    return deferred
+
+
+@contextmanager
+def deferred_rank0_write_errors() -> Iterator[list]:
+    """Record (instead of raising) write errors of the files only rank 0 writes.
+
+    Megatron-Core writes ``common.pt`` (``strategies/common.py``,
+    `TorchCommonSaveStrategy.save_common`), ``.metadata`` (``strategies/filesystem_async.py``,
+    `FileSystemWriterAsync.finish`) and ``metadata.json`` (``serialization.py``,
+    `save_config`) on rank 0 alone, each followed by a collective. When one of them fails
+    (a full or read-only disk), rank 0 raises and every other rank waits in that collective
+    until the timeout. Inside this context the error is recorded in the yielded list instead;
+    the caller agrees on it with every rank after the save and stops them all.
+    """
+    patched = [
+        (TorchCommonSaveStrategy, "save_common"),
+        (FileSystemWriterAsync, "finish"),
+        (serialization, "save_config"),
+    ]
+    originals = [getattr(owner, name) for owner, name in patched]
+    for (owner, name), original in zip(patched, originals, strict=True):
+        setattr(owner, name, _deferring(original))
+    _deferred.clear()
+    try:
+        yield _deferred
+    finally:
+        for (owner, name), original in zip(patched, originals, strict=True):
+            setattr(owner, name, original)

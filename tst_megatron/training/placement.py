@@ -1,0 +1,81 @@
+"""Where a rank runs: its CUDA device and the CUDA environment Megatron-LM requires.
+
+- Device: ``LOCAL_RANK % torch.cuda.device_count()``. With one GPU per task (Slurm's
+  ``--gpus-per-task 1``, or ``CUDA_VISIBLE_DEVICES`` set per rank) every rank sees device 0
+  while ``LOCAL_RANK`` runs 0..7; ``torch.cuda.set_device(LOCAL_RANK)`` would fail there with
+  "invalid device ordinal".
+- ``CUDA_DEVICE_MAX_CONNECTIONS=1``: Megatron-LM (``megatron/training/arguments.py``) asserts
+  it whenever tensor or context parallelism is on and the GPU is older than Blackwell
+  (compute capability < 10): with one hardware queue, the tensor-parallel communication
+  kernels are scheduled in issue order, ahead of the GEMMs they overlap with. It must be in the
+  environment before the CUDA context is created, so `set_cuda_connections` runs first in
+  `tst_megatron.training.loop.initialize_distributed`; device queries made before it
+  (``is_available``, ``get_device_capability``) create no context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import MutableMapping
+
+import torch
+
+CUDA_CONNECTIONS = "CUDA_DEVICE_MAX_CONNECTIONS"
+
+
+def local_device_index(local_rank: int, device_count: int) -> int:
+    """The CUDA device of the rank with ``LOCAL_RANK`` ``local_rank`` (Megatron-LM's rule)."""
+    if device_count < 1:
+        raise RuntimeError("no CUDA device is visible to this rank")
+    return local_rank % device_count
+
+
+def needs_single_connection(args: argparse.Namespace, arch_major: int | None) -> bool:
+    """Megatron-LM's rule: TP or CP > 1 on a GPU before Blackwell (capability < 10)."""
+    parallel = args.tensor_model_parallel_size > 1 or args.context_parallel_size > 1
+    return parallel and arch_major is not None and arch_major < 10
+
+
+def cuda_arch_major() -> int | None:
+    """Compute capability major of device 0 (None without CUDA); creates no CUDA context."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(0)[0]
+
+
+def cuda_connections_error(
+    args: argparse.Namespace, arch_major: int | None, environ: MutableMapping[str, str]
+) -> str | None:
+    """Why this environment cannot run ``args`` (a set value other than 1), else None."""
+    value = environ.get(CUDA_CONNECTIONS)
+    if not needs_single_connection(args, arch_major) or value in (None, "1"):
+        return None
+    return (
+        f"{CUDA_CONNECTIONS}={value}, but --tensor-model-parallel-size "
+        f"{args.tensor_model_parallel_size} / --context-parallel-size "
+        f"{args.context_parallel_size} on this GPU (compute capability {arch_major}.x, before "
+        f"Blackwell) needs {CUDA_CONNECTIONS}=1 so communication overlaps with compute, as "
+        f"Megatron-LM requires: unset it (pretrain_tst.py then sets 1) or export "
+        f"{CUDA_CONNECTIONS}=1"
+    )
+
+
+def set_cuda_connections(
+    args: argparse.Namespace, arch_major: int | None, environ: MutableMapping[str, str]
+) -> str | None:
+    """Set ``CUDA_DEVICE_MAX_CONNECTIONS=1`` where needed and unset; returns a log note."""
+    if not needs_single_connection(args, arch_major) or CUDA_CONNECTIONS in environ:
+        return None
+    environ[CUDA_CONNECTIONS] = "1"
+    return (
+        f"set {CUDA_CONNECTIONS}=1 (tensor/context parallelism before Blackwell, as "
+        "Megatron-LM requires)"
+    )
+
+
+def set_cuda_device(environ: MutableMapping[str, str] = os.environ) -> int:
+    """Make this rank's device (`local_device_index`) current; returns its index."""
+    index = local_device_index(int(environ.get("LOCAL_RANK", 0)), torch.cuda.device_count())
+    torch.cuda.set_device(index)
+    return index
