@@ -44,3 +44,22 @@ def test_average_bags_accumulates_in_fp32():
     assert out.dtype == torch.bfloat16
     assert out.item() == pytest.approx((256 + 15) / 16, rel=1e-2)
     assert average_bags_batch_first(emb.view(1, 16, 1), 16).item() == out.item()
+
+
+def test_batch_first_average_with_a_token_mask_matches_loop():
+    """``--reset-attention-mask``: each bag averages only its kept tokens, in fp32."""
+    torch.manual_seed(2)
+    s, latent, b, h = 4, 5, 2, 3
+    emb = torch.randn(b, s * latent, h).bfloat16()
+    keep = torch.rand(b, s * latent) > 0.4
+    keep[:, ::s] = True  # no bag is left empty (documents.py guarantees it)
+    out = average_bags_batch_first(emb, s, keep)
+    assert out.dtype == torch.bfloat16
+    for j in range(b):
+        for i in range(latent):
+            kept = [emb[j, i * s + k].float() for k in range(s) if keep[j, i * s + k]]
+            expected = (sum(kept) / len(kept)).bfloat16()
+            torch.testing.assert_close(out[j, i], expected, atol=0, rtol=0)
+    everything = torch.ones_like(keep)
+    unmasked = average_bags_batch_first(emb, s)
+    assert torch.equal(average_bags_batch_first(emb, s, everything), unmasked)

@@ -75,7 +75,9 @@ def test_batch_fold_shapes():
     assert batch.data_tokens_per_sample(32) == 4 * (4 * 9 - 1)
     # data tokens per step agree with the sequence fold up to the s-1 shared target tokens
     assert seq.data_tokens_per_sample(32) == 4 * 33 - 1
-    assert PhaseSpec(4, "output-only", fold="batch").window_length(32) == 8 + 4
+    with pytest.raises(TSTConfigError, match="mode 'output-only' reads one token per position"):
+        PhaseSpec(4, "output-only", fold="batch")  # no input bags to fold
+    assert PhaseSpec(1, "output-only", fold="batch").fold_factor == 1
     assert STANDARD_PHASE.fold_factor == 1 and STANDARD_PHASE.latent_length(33) == 33
     with pytest.raises(TSTConfigError, match="--seq-length 30 into samples of L/s latent"):
         batch.latent_length(30)
@@ -106,6 +108,7 @@ def test_bag_weighting_config():
             "give either explicit bag weights [1.0, 1.0, 1.0, 1.0] or the bag weighting",
         ),
         ({"bag_weighting": "first-token", "mode": "input-only"}, "input-only has one target"),
+        ({"fold": "batch", "mode": "output-only"}, "use fold 'sequence'"),
     ],
 )
 def test_rejects_bad_weighting_and_fold(kwargs, message):

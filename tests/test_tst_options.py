@@ -64,6 +64,10 @@ def test_flags_reach_the_tst_config():
             ["--tst-bag-weighting first-token", "input-only has one target per position"],
         ),
         (
+            f"{TST} --tst-mode output-only --tst-fold batch",
+            ["--tst-fold batch splits the s-token input bags", "output-only reads one token"],
+        ),
+        (
             "--tst-bag-size 3 --tst-phase1-iters 3 --tst-fold batch",
             ["--seq-length 32", "multiple of --tst-bag-size 3"],
         ),
@@ -148,14 +152,73 @@ def test_flops_follow_the_fold():
     assert flops_per_step(shape, L, b) - folded == attention - attention // 4
 
 
-def test_log_line_shows_the_kl_form_in_multi_hot_phases():
-    from tst_megatron.config import STANDARD_PHASE
-    from tst_megatron.training.metrics import _kl_field
+def test_kl_form_reaches_the_log_line_the_jsonl_and_tensorboard(tmp_path, capsys):
+    """`MetricsLogger` with the trainer's step dicts: phase 1 (multi-hot) shows MCE and its KL
+    form in all three sinks; phase 2 (one target) has them equal and no KL field in the log."""
+    import json
+    from types import SimpleNamespace
 
-    assert _kl_field(PhaseSpec(4, "full"), 1.25) == [
-        "lm loss KL (MCE - target entropy): 1.250000E+00"
-    ]
-    assert _kl_field(PhaseSpec(4, "input-only"), 1.25) == _kl_field(STANDARD_PHASE, 1.0) == []
+    from tst_megatron.config import STANDARD_PHASE
+    from tst_megatron.training.metrics import MetricsLogger
+
+    class Board:  # the SummaryWriter calls the logger makes
+        def __init__(self):
+            self.scalars: dict[tuple[str, int], float] = {}
+
+        def add_scalar(self, tag, value, step):
+            self.scalars[(tag, step)] = value
+
+        def flush(self):
+            pass
+
+    jsonl = tmp_path / "metrics.jsonl"
+    args = validated(TST, "--tst-fold batch --log-interval 1", f"--metrics-jsonl {jsonl}")
+    with model_builder.single_process_parallel_state():
+        logger = MetricsLogger(args, phase1_iters=3)
+        board = Board()
+        logger._writers.append(("tb", board))
+        stream = SimpleNamespace(consumed_tokens=0)
+        for iteration, phase, spec, kl in ((3, 1, args.tst.phase_spec(1), 2.5),
+                                            (4, 2, STANDARD_PHASE, 4.0)):  # fmt: skip
+            progress = SimpleNamespace(iteration=iteration, consumed_samples=0, phase=phase)
+            step = {"loss": 4.0, "loss_kl": kl, "grad_norm": 1.0, "updated": True,
+                    "nan": False, "global_batch_size": 2, "lr": 1e-3}  # fmt: skip
+            logger.step(progress, spec, step, 0.1, stream, stop_at=10)
+        for _, writer in logger._writers:
+            if hasattr(writer, "close"):
+                writer.close()
+    lines = [line for line in capsys.readouterr().out.splitlines() if "iteration" in line]
+    assert "phase: 1 (s=4, full, batch fold)" in lines[0]
+    assert "lm loss: 4.000000E+00 | lm loss KL (MCE - target entropy): 2.500000E+00 |" in lines[0]
+    assert "lm loss KL" not in lines[1]
+    records = {r["iteration"]: r for r in map(json.loads, jsonl.read_text().splitlines())}
+    assert (records[3]["lm_loss"], records[3]["lm_loss_kl"]) == (4.0, 2.5)
+    assert records[4]["lm_loss_kl"] == records[4]["lm_loss"] == 4.0
+    assert board.scalars[("lm_loss_kl", 3)] == 2.5 and board.scalars[("lm_loss", 3)] == 4.0
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_target_entropy_rides_with_the_loss_report_into_one_reduction(per_token):
+    """`loss_func` reports the entropy summed over the loss's positions; `check_step` divides it
+    by the same count in its one all-reduce (KL form = loss - mean entropy)."""
+    import torch
+
+    from tst_megatron.training.faults import check_step
+    from tst_megatron.training.loop import loss_func
+
+    position_mask = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    output = torch.tensor([[2.0, 9.0, 4.0], [3.0, 7.0, 9.0]])
+    entropy = torch.tensor([[0.5, 9.0, 1.5], [1.0, 1.0, 9.0]])
+    with model_builder.single_process_parallel_state():
+        result = loss_func(position_mask, output, per_token=per_token, target_entropy=entropy)
+        plain = loss_func(position_mask, output, per_token=per_token)
+        health = check_step([result[-1], plain[-1]], [])
+    assert (health.loss, health.target_entropy) == (4.0, 0.5)  # (16 + 16) / 8, (4 + 0) / 8
+    assert "target entropy" not in plain[-1]
+    if per_token:
+        assert result[0].item() == 16.0 and int(result[1]) == 4
+    else:
+        assert result[0].item() == 4.0
 
 
 def test_planner_follows_the_fold_and_the_fused_output_loss(tmp_path):
@@ -189,3 +252,39 @@ def test_planner_follows_the_fold_and_the_fused_output_loss(tmp_path):
     tokens, h, vocab = 128, 64, 4096  # 128 tokens fit one 256-token chunk here
     assert logits - fused_logits == 4 * tokens * vocab - (4 * tokens * vocab + 4 * vocab * h
                                                           + 4 * tokens * h)  # fmt: skip
+
+
+def test_the_data_path_reads_the_batch_fold():
+    """`read_step` (the prefetch thread's producer) under the batch fold: each micro-batch holds
+    s*b samples, each the sequence-fold layout of one L/s window (document masks included), and
+    the stream advances by the same windows."""
+    import torch
+
+    from tst_megatron.data.batches import StepLayout, read_step
+    from tst_megatron.data.documents import DocumentMasking, apply_document_masking
+    from tst_megatron.data.prefetch import StepRequest
+    from tst_megatron.data.stream import BlendedStream, MockStream
+    from tst_megatron.targets import build_batch
+
+    s, L, b, micro, dp = 4, 16, 2, 3, 2
+    fold, short = PhaseSpec(s, "full", "batch"), PhaseSpec(s, "full")
+    documents = DocumentMasking(eod=5, reset_position_ids=True, reset_attention_mask=True)
+    layout = StepLayout(seq_length=L, micro_batch_size=b, dp_rank=1, dp_size=dp, eod=5,
+                        eod_mask_loss=True, documents=documents)  # fmt: skip
+    got_stream, ref_stream = (BlendedStream([MockStream(32, 7)], [1.0]) for _ in range(2))
+    got = read_step(got_stream, StepRequest(fold, micro), layout)
+    rows = s * b
+    windows = torch.from_numpy(ref_stream.next_windows(dp * micro * rows,
+                                                       short.window_length(L // s),
+                                                       slice(micro * rows, 2 * micro * rows)))
+    assert got_stream.state.as_dict() == ref_stream.state.as_dict()
+    assert len(got) == micro
+    for i, batch in enumerate(got):
+        w = windows[i * rows : (i + 1) * rows]
+        eod_mask = torch.ones_like(w, dtype=torch.float)
+        eod_mask[:, 1:] = (w[:, :-1] != 5).float()
+        ref = apply_document_masking(build_batch(w, short, L // s, eod_mask).as_dict(), w,
+                                     short, documents)  # fmt: skip
+        assert batch.keys() == ref.keys() and batch["tokens"].shape == (rows, s * L // s)
+        for key, value in ref.items():
+            assert torch.equal(batch[key], value), key

@@ -12,8 +12,9 @@ gradient-accumulation fusion (weight gradient straight into DDP's ``main_grad``)
 Also: the (weighted) multi-hot CE and the fused output loss with the vocabulary split over
 TP=2 (with and without SP) against naive full-vocabulary references, s = 1 against
 Megatron's `vocab_parallel_cross_entropy`, the model's bag averaging against `average_bags`
-and against the former average-after-reduce-scatter path with the reduce-scatter bytes of a
-standard step, a stock `GPTModel` against `TSTGPTModel` in standard mode, and the state-dict
+(with a document token mask: against a per-bag loop over the kept tokens) and against the
+former average-after-reduce-scatter path with the reduce-scatter bytes of a standard step, a
+stock `GPTModel` against `TSTGPTModel` in standard mode, and the state-dict
 keys.
 """
 
@@ -353,6 +354,18 @@ class _CountBytes:
         torch.distributed.all_reduce = self.all_reduce
 
 
+def _masked_bag_mean(per_token: torch.Tensor, keep: torch.Tensor, s: int) -> torch.Tensor:
+    """``[s*L, b, h]`` token embeddings -> ``[L, b, h]`` means over the kept tokens, one bag
+    at a time (the document rule of ``--reset-attention-mask``)."""
+    latent, b = per_token.shape[0] // s, per_token.shape[1]
+    out = torch.empty(latent, b, per_token.shape[-1])
+    for j in range(b):
+        for i in range(latent):
+            rows = [i * s + k for k in range(s) if keep[j, i * s + k]]
+            out[i, j] = per_token[rows, j].mean(dim=0)
+    return out
+
+
 def embed_run() -> dict:
     """Model bag averaging at TP=2 (RoPE + SP, learned positions + SP, RoPE without SP):
     against `average_bags` of token embeddings, against the former average-after-reduce
@@ -364,6 +377,8 @@ def embed_run() -> dict:
 
     s = 4
     tokens = torch.randint(0, VOCAB, (2, s * LATENT), generator=torch.Generator().manual_seed(0))
+    keep = torch.rand(2, s * LATENT, generator=torch.Generator().manual_seed(1)) > 0.5
+    keep[:, s - 1 :: s] = True  # documents.py keeps every bag's last token (its owner)
     positions = torch.arange(LATENT).expand(2, -1)
     out = {"rank": ps.get_tensor_model_parallel_rank(), "sp_error": sp_error_message()}
     for name, model_cls, sp in (
@@ -389,7 +404,12 @@ def embed_run() -> dict:
             with torch.no_grad():
                 token_positions = torch.arange(s * LATENT).expand(2, -1)
                 per_token = gather(model.embedding(tokens, token_positions))
+                with _CountBytes() as masked_bytes:
+                    masked = model.embed_bags(tokens, positions, s, token_mask=keep)
             out[name]["reference"] = average_bags(per_token, s)
+            out[name]["masked"] = gather(masked)
+            out[name]["masked_bytes"] = masked_bytes.bytes
+            out[name]["masked_reference"] = _masked_bag_mean(per_token, keep, s)
     return out
 
 
@@ -501,6 +521,11 @@ def test_bag_embedding_is_exact_with_one_times_the_communication():
         assert "7 latent positions" in r["sp_error"] and "tensor-parallel size 2" in r["sp_error"]
         rope = r["rope_sp"]
         torch.testing.assert_close(rope["bagged"], rope["reference"], atol=1e-6, rtol=1e-6)
+        # document masking (bag_token_mask): the kept tokens' mean, still 1x communication
+        torch.testing.assert_close(rope["masked"], rope["masked_reference"], atol=1e-6,
+                                   rtol=1e-6)  # fmt: skip
+        assert not torch.allclose(rope["masked"], rope["bagged"])
+        assert rope["masked_bytes"] == rope["bytes"][1]
         for name in ("rope_sp", "learned_sp", "rope_tp"):
             case = r[name]
             torch.testing.assert_close(case["bagged"], case["former"], atol=1e-6, rtol=1e-6)

@@ -39,6 +39,14 @@ def _check_fold(fold: str) -> None:
         raise TSTConfigError(f"TST fold must be one of {', '.join(TST_FOLDS)}; got {fold!r}")
 
 
+def _check_fold_mode(fold: str, mode: str, bag_size: int) -> None:
+    if fold == "batch" and mode == "output-only" and bag_size > 1:
+        raise TSTConfigError(
+            "the batch fold splits the s-token bags of a sample's input over s samples; mode "
+            "'output-only' reads one token per position (no bags): use fold 'sequence'"
+        )
+
+
 def bag_weights(
     weighting: str, bag_size: int, explicit: tuple[float, ...] | None = None
 ) -> tuple[float, ...] | None:
@@ -108,6 +116,7 @@ class PhaseSpec:
         _check_bag_size(self.bag_size)
         _check_mode(self.mode)
         _check_fold(self.fold)
+        _check_fold_mode(self.fold, self.mode, self.bag_size)
         if self.target_weights is not None and len(self.target_weights) != self.target_width:
             raise TSTConfigError(
                 f"{len(self.target_weights)} target weights for {self.target_width} targets "
@@ -196,6 +205,7 @@ class TSTConfig:
         _check_bag_size(self.bag_size)
         _check_mode(self.mode)
         _check_fold(self.fold)
+        _check_fold_mode(self.fold, self.mode, self.bag_size)
         if self.phase1_fraction is not None and self.phase1_iters is not None:
             raise TSTConfigError(
                 "give either the phase-1 fraction or the phase-1 iterations, not both "

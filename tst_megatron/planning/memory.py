@@ -35,9 +35,10 @@
 - the batch fold (``--tst-fold batch``) keeps the tokens of a micro-batch (``L/s`` positions
   of ``s b`` samples) and, with flash attention, every term above;
 - TST phase 1 (bag inputs) on the first stage: this rank's partial lookups of the ``s L b``
-  tokens (bf16, every TP rank holds all positions of its vocabulary shard) and their fp32 bag
-  mean before the reduce(-scatter), ``s L b h 2 + L b h 4`` (`TSTGPTModel.embed_bags`) -
-  transient, but counted on top (an upper bound).
+  tokens (in the weights' dtype, ``e`` bytes: 2 in bf16; every TP rank holds all positions of
+  its vocabulary shard) and their fp32 bag mean before the reduce(-scatter),
+  ``s L b h e + L b h 4`` (`TSTGPTModel.embed_bags`) - transient, but counted on top (an upper
+  bound).
 
 Every function takes validated ``pretrain_tst.py`` arguments (`validate_args` fills the
 derived sizes: ``data_parallel_size``, ``world_size``, ``padded_vocab_size``...).
@@ -216,7 +217,7 @@ def one_stage_memory(
     if p == pp - 1:
         lm_head_inputs = 4 * tokens * h / sequence_split(args)
         logits = output_loss_bytes(args, tokens) + lm_head_inputs
-    bags = tokens * h * (2 * bag + 4) if p == 0 and bag > 1 else 0.0
+    bags = tokens * h * (weight_bytes * bag + 4) if p == 0 and bag > 1 else 0.0
     params = held.dense + held.experts
     weights = params * weight_bytes
     grads = params * grad_bytes

@@ -2138,6 +2138,12 @@ def _validate_tst_fold(args: argparse.Namespace) -> None:
         raise ConfigError(
             f"--tst-fold {args.tst_fold} needs TST on (--tst-bag-size > 1); got --tst-bag-size 1"
         )
+    if args.tst_mode == "output-only":
+        raise ConfigError(
+            "--tst-fold batch splits the s-token input bags of a phase-1 sample over s samples; "
+            "--tst-mode output-only reads one token per position (no bags, no extra data): "
+            "drop --tst-fold batch (or use --tst-mode full / input-only)"
+        )
     if seq % bag:
         raise ConfigError(
             f"--tst-fold batch splits --seq-length {seq} into phase-1 samples of L/s latent "

@@ -136,8 +136,9 @@ class MetricsLogger:
         tflops = it["flops"] / it["time"] / self.world / 1e12
         elapsed = time.time() - self.start_time
         eta = per_iter * (stop_at - progress.iteration)
+        fold = ", batch fold" if spec.fold == "batch" else ""
         phase = (
-            f"1 (s={spec.bag_size}, {spec.mode})"
+            f"1 (s={spec.bag_size}, {spec.mode}{fold})"
             if progress.phase == 1 and not spec.is_standard
             else "2"
             if self.phase1_iters
