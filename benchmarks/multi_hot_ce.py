@@ -27,9 +27,8 @@ def _init_single_rank() -> None:
     import torch
     from megatron.core import parallel_state
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29_000 + os.getpid() % 1000))
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    store = torch.distributed.HashStore()  # one process: no port to collide on
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
 
 
@@ -97,40 +96,18 @@ def time_all(vocab: int, tokens: int, repeats: int) -> dict[tuple[str, int], flo
 def peak_memory_one(impl: str, vocab: int, s: int, tokens: int) -> int:
     """Runs in a fresh process: peak resident bytes one fwd+bwd adds over its inputs."""
     import torch
+    from peak_memory import peak_added_bytes
 
     _init_single_rank()
     fn = _loss_fn(impl, s)
     base, targets = _case(vocab, s, tokens)
     buffer = torch.empty_like(base).copy_(base)
-    _reset_peak_rss()
-    baseline = _rss_bytes()
-    _fwd_bwd(fn, buffer, base, targets)
-    return max(_peak_rss_bytes() - baseline, 0)
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> None:
-    """Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    return peak_added_bytes(lambda: _fwd_bwd(fn, buffer, base, targets), torch.device("cpu"))
 
 
 def peak_memory_isolated(impl: str, vocab: int, s: int, tokens: int) -> int:
     cmd = [sys.executable, __file__, "--one", impl, str(vocab), str(s), "--tokens", str(tokens)]
-    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}  # parent holds its port
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -171,5 +148,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:0] = [os.path.join(here, ".."), here]
     main()

@@ -1,9 +1,9 @@
-"""Bag averaging against an explicit loop, and the row layout the model embeds."""
+"""Bag averaging against an explicit loop, in both layouts."""
 
 import pytest
 import torch
 
-from tst_megatron.bags import average_bag_rows, average_bags, bag_rows
+from tst_megatron.bags import average_bags, average_bags_batch_first
 
 
 def test_average_bags_matches_loop():
@@ -25,20 +25,16 @@ def test_average_bags_identity_and_errors():
         average_bags(emb, 0)
 
 
-def test_bag_rows_then_row_average_equals_average_bags():
+def test_batch_first_average_equals_average_bags():
     torch.manual_seed(1)
     s, latent, b, h, vocab = 4, 6, 3, 5, 50
     table = torch.randn(vocab, h)
     ids = torch.randint(0, vocab, (b, s * latent))
-    rows = bag_rows(ids, s)
-    assert rows.shape == (b * s, latent)
-    # row j*s + k holds token k of every bag of sample j
-    assert torch.equal(rows[1 * s + 2], ids[1, 2::s])
-    row_emb = table[rows].transpose(0, 1)  # [L, b*s, h]
-    expected = average_bags(table[ids].transpose(0, 1), s)
-    torch.testing.assert_close(average_bag_rows(row_emb, s), expected)
+    got = average_bags_batch_first(table[ids], s)  # [b, L, h]
+    expected = average_bags(table[ids].transpose(0, 1), s).transpose(0, 1)
+    torch.testing.assert_close(got, expected)
     with pytest.raises(ValueError, match="input of 10 tokens per sample is not a whole number"):
-        bag_rows(torch.zeros(1, 10, dtype=torch.long), 4)
+        average_bags_batch_first(torch.zeros(1, 10, 2), 4)
 
 
 def test_average_bags_accumulates_in_fp32():
@@ -47,3 +43,23 @@ def test_average_bags_accumulates_in_fp32():
     out = average_bags(emb, 16)
     assert out.dtype == torch.bfloat16
     assert out.item() == pytest.approx((256 + 15) / 16, rel=1e-2)
+    assert average_bags_batch_first(emb.view(1, 16, 1), 16).item() == out.item()
+
+
+def test_batch_first_average_with_a_token_mask_matches_loop():
+    """``--reset-attention-mask``: each bag averages only its kept tokens, in fp32."""
+    torch.manual_seed(2)
+    s, latent, b, h = 4, 5, 2, 3
+    emb = torch.randn(b, s * latent, h).bfloat16()
+    keep = torch.rand(b, s * latent) > 0.4
+    keep[:, ::s] = True  # no bag is left empty (documents.py guarantees it)
+    out = average_bags_batch_first(emb, s, keep)
+    assert out.dtype == torch.bfloat16
+    for j in range(b):
+        for i in range(latent):
+            kept = [emb[j, i * s + k].float() for k in range(s) if keep[j, i * s + k]]
+            expected = (sum(kept) / len(kept)).bfloat16()
+            torch.testing.assert_close(out[j, i], expected, atol=0, rtol=0)
+    everything = torch.ones_like(keep)
+    unmasked = average_bags_batch_first(emb, s)
+    assert torch.equal(average_bags_batch_first(emb, s, everything), unmasked)

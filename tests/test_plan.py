@@ -196,8 +196,9 @@ def test_3b_numbers(capsys):
     assert code == 0, report["errors"]
     assert report["total_params"] == 3_075_098_624
     assert report["data_tokens_per_step_phase1"] == 512 * (6 * 4097 - 1)
-    assert report["tst"] == {"bag_size": 6, "mode": "full", "train_iters": 20000,
-                             "phase1_iters": 6000, "phase2_iters": 14000}  # fmt: skip
+    assert report["tst"] == {"bag_size": 6, "mode": "full", "fold": "sequence",
+                             "train_iters": 20000, "phase1_iters": 6000,
+                             "phase2_iters": 14000}  # fmt: skip
     stage = report["memory_stages"][0]
     assert stage["weights_bytes"] == 2 * report["total_params"]
     assert stage["grads_bytes"] == 4 * report["total_params"]

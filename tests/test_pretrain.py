@@ -347,7 +347,8 @@ def test_startup_memory_estimate_is_logged(runs):
 
     The "auto" run: fp32 (4 B weights, 4 B grads, Adam 8 B sharded over DP=2), one stage of
     2 layers; activations per micro-batch (b=2, L=32: 64 tokens) are 2 layers of
-    ``tokens (8h + 4(q + kv) + 6f)``, plus the phase-1 bag inputs ``s tokens h (2 + 4)``.
+    ``tokens (8h + 4(q + kv) + 6f)``, plus the phase-1 bag inputs: the s lookups per latent
+    position (fp32 here) and their fp32 mean before the reduction, ``tokens h (4 s + 4)``.
     """
     from tst_megatron.planning.params import count_parameters, meta_parameters
     from tst_megatron.training.arguments import parse_args, validate_args
@@ -360,7 +361,7 @@ def test_startup_memory_estimate_is_logged(runs):
     h, f, tokens = 64, args.ffn_hidden_size, 2 * 32
     q, kv = 4 * 16, 2 * 16
     per_micro = 2 * tokens * (8 * h + 4 * (q + kv) + 6 * f)
-    bags = 4 * tokens * h * (2 + 4)
+    bags = tokens * h * (4 * 4 + 4)
     log = runs["auto"][1]
     expected = (
         "theoretical memory footprint per GPU of pipeline stage 0 of 1 (tst_megatron.planning, "

@@ -9,8 +9,9 @@ limit) and a plain ``scancel`` (SIGTERM, then SIGKILL after KillWait). Every sce
 compared with one uninterrupted job: the losses must be equal bit for bit.
 
 Without root or without the packages (``scripts/setup_slurm.sh`` installs them) the Slurm tests
-skip, saying why; ``TST_REQUIRE_SLURM=1`` (set by ``scripts/run_tests.sh``, i.e. ``make test``, after it installed them) turns
-that into a failure. The ``common.sh`` checks at the end need only bash and always run.
+skip, saying why; ``TST_REQUIRE_SLURM=1`` (set by ``scripts/run_tests.sh``, i.e. ``make test``,
+after it installed them) turns that into a failure. The ``common.sh`` checks at the end need
+only bash and always run.
 """
 
 from __future__ import annotations

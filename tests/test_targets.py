@@ -67,3 +67,13 @@ def test_too_short_window_is_rejected():
     with pytest.raises(TSTConfigError) as err:
         build_batch(torch.zeros(2, S * L, dtype=torch.long), spec, L)
     assert "needs 15 tokens; got windows of shape (2, 12)" in str(err.value)
+
+
+def test_batch_fold_sample_layout():
+    """The batch fold: each sample has L/s latent positions; same layout rule as sequence."""
+    spec = PhaseSpec(2, "full", fold="batch")
+    w = _windows(spec, batch=4)  # L = 4 -> 2 latent positions, windows of 2 * 3 tokens
+    out = build_batch(w, spec, L)
+    assert out.tokens.shape == (4, 4) and out.labels.shape == (4, 2, 2)
+    assert torch.equal(out.labels[:, 1], w[:, 4:6])
+    assert torch.equal(out.position_ids[0], torch.arange(2))

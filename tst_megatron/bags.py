@@ -6,10 +6,10 @@ import torch
 
 
 def average_bags(embeddings: torch.Tensor, bag_size: int) -> torch.Tensor:
-    """Mean of each bag of ``bag_size`` consecutive positions.
+    """Mean of each bag of ``bag_size`` consecutive positions, sequence-first layout.
 
     Args:
-        embeddings: ``[s*L, b, h]`` token embeddings in sequence-first (Megatron) layout.
+        embeddings: ``[s*L, b, h]`` token embeddings (Megatron layout).
         bag_size: s >= 1; the sequence length must be a multiple of it.
 
     Returns:
@@ -26,39 +26,31 @@ def average_bags(embeddings: torch.Tensor, bag_size: int) -> torch.Tensor:
     if bag_size == 1:
         return embeddings
     bags = embeddings.view(tokens // bag_size, bag_size, batch, hidden)
-    return bags.float().mean(dim=1).to(embeddings.dtype)
+    return _fp32_mean(bags, dim=1).to(embeddings.dtype)
 
 
-def bag_rows(input_ids: torch.Tensor, bag_size: int) -> torch.Tensor:
-    """Re-lay token ids so token k of every bag sits in its own row.
+def average_bags_batch_first(
+    embeddings: torch.Tensor, bag_size: int, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[b, s*L, h]`` token embeddings -> ``[b, L, h]`` bag means (fp32 accumulate).
 
-    ``[b, s*L]`` -> ``[b*s, L]`` with row ``j*s + k`` holding token k of each bag of sample j.
-    Embedding these rows with latent position ids ``0..L-1`` gives ``[L, b*s, h]``, whose
-    view ``[L, b, s, h]`` averages over dim 2 (see `average_bag_rows`). The model's own
-    embedding then does the vocab-parallel lookup and the sequence-parallel scatter on the
-    latent sequence, so whole bags stay on one rank.
+    The sum runs in fp32 without an fp32 copy of the ``s*L`` embeddings. ``token_mask``
+    (``[b, s*L]`` bool, at least one True per bag) restricts each mean to the kept tokens
+    (``--reset-attention-mask``: the tokens of the bag's own document).
     """
-    batch, tokens = input_ids.shape
+    batch, tokens, hidden = embeddings.shape
     if tokens % bag_size:
         raise ValueError(
             f"input of {tokens} tokens per sample is not a whole number of bags of {bag_size}"
         )
-    latent = tokens // bag_size
-    return input_ids.view(batch, latent, bag_size).transpose(1, 2).reshape(batch * bag_size, latent)
-
-
-def average_bag_rows(
-    row_embeddings: torch.Tensor, bag_size: int, token_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``[L, b*s, h]`` embeddings of `bag_rows` -> ``[L, b, h]`` bag means (fp32 accumulate).
-
-    ``token_mask`` (``[L, b, s]`` bool, at least one True per bag) restricts each mean to the
-    kept tokens (``--reset-attention-mask``: the tokens of the bag's own document).
-    """
-    latent, rows, hidden = row_embeddings.shape
-    bags = row_embeddings.view(latent, rows // bag_size, bag_size, hidden)
+    bags = embeddings.view(batch, tokens // bag_size, bag_size, hidden)
     if token_mask is None:
-        return bags.float().mean(dim=2).to(row_embeddings.dtype)
-    weights = token_mask.to(torch.float32).unsqueeze(-1)  # [L, b, s, 1]
-    mean = (bags.float() * weights).sum(dim=2) / weights.sum(dim=2)
-    return mean.to(row_embeddings.dtype)
+        return _fp32_mean(bags, dim=2).to(embeddings.dtype)
+    keep = token_mask.view(batch, tokens // bag_size, bag_size)
+    total = bags.masked_fill(~keep.unsqueeze(-1), 0).sum(dim=2, dtype=torch.float32)
+    count = keep.sum(dim=2, keepdim=True, dtype=torch.float32)
+    return total.div_(count).to(embeddings.dtype)
+
+
+def _fp32_mean(bags: torch.Tensor, dim: int) -> torch.Tensor:
+    return bags.sum(dim=dim, dtype=torch.float32).div_(bags.shape[dim])

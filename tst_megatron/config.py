@@ -1,8 +1,9 @@
-"""TST configuration: the bag size, the variant, and the two-phase schedule.
+"""TST configuration: the bag size, the variant, the fold, the bag-loss weighting and the
+two-phase schedule.
 
 `TSTConfig` is what a user sets (``--tst-*`` flags). `PhaseSpec` is what one phase feeds the
-model: phase 1 uses the user's bag size and mode, phase 2 (and a baseline run) is
-`STANDARD_PHASE`, plain next-token prediction.
+model: phase 1 uses the user's bag size, mode, fold and weighting; phase 2 (and a baseline
+run) is `STANDARD_PHASE`, plain next-token prediction.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from typing import Literal, get_args
 
 TSTMode = Literal["full", "input-only", "output-only"]
 TST_MODES: tuple[str, ...] = get_args(TSTMode)
+TSTFold = Literal["sequence", "batch"]
+TST_FOLDS: tuple[str, ...] = get_args(TSTFold)
+BagWeighting = Literal["uniform", "power-law", "exponential", "first-token"]
+BAG_WEIGHTINGS: tuple[str, ...] = get_args(BagWeighting)
 
 
 class TSTConfigError(ValueError):
@@ -29,6 +34,59 @@ def _check_mode(mode: str) -> None:
         raise TSTConfigError(f"TST mode must be one of {', '.join(TST_MODES)}; got {mode!r}")
 
 
+def _check_fold(fold: str) -> None:
+    if fold not in TST_FOLDS:
+        raise TSTConfigError(f"TST fold must be one of {', '.join(TST_FOLDS)}; got {fold!r}")
+
+
+def _check_fold_mode(fold: str, mode: str, bag_size: int) -> None:
+    if fold == "batch" and mode == "output-only" and bag_size > 1:
+        raise TSTConfigError(
+            "the batch fold splits the s-token bags of a sample's input over s samples; mode "
+            "'output-only' reads one token per position (no bags): use fold 'sequence'"
+        )
+
+
+def bag_weights(
+    weighting: str, bag_size: int, explicit: tuple[float, ...] | None = None
+) -> tuple[float, ...] | None:
+    """The weight ``g(i)`` of the i-th token of a target bag, i = 1..s (None = uniform).
+
+    ``uniform`` 1, ``power-law`` 1/i, ``exponential`` exp(-i), ``first-token`` delta(i = 1)
+    (the report's Appendix D); ``explicit`` weights (``--tst-bag-weights``) take precedence.
+    The loss normalises them over the unmasked targets of each position, so only their ratios
+    matter.
+
+    Raises:
+        TSTConfigError: an unknown weighting, or explicit weights that are not ``bag_size``
+            finite non-negative numbers with a positive sum.
+    """
+    if weighting not in BAG_WEIGHTINGS:
+        raise TSTConfigError(
+            f"bag weighting must be one of {', '.join(BAG_WEIGHTINGS)}; got {weighting!r}"
+        )
+    if explicit is not None:
+        values = tuple(float(w) for w in explicit)
+        if len(values) != bag_size:
+            raise TSTConfigError(
+                f"explicit bag weights need one weight per target token, {bag_size} for bag "
+                f"size {bag_size}; got {len(values)}: {list(values)}"
+            )
+        if not all(math.isfinite(w) and w >= 0 for w in values) or sum(values) <= 0:
+            raise TSTConfigError(
+                f"bag weights must be finite, >= 0 and not all 0; got {list(values)}"
+            )
+        return values
+    positions = range(1, bag_size + 1)
+    if weighting == "power-law":
+        return tuple(1.0 / i for i in positions)
+    if weighting == "exponential":
+        return tuple(math.exp(-i) for i in positions)
+    if weighting == "first-token":
+        return tuple(1.0 if i == 1 else 0.0 for i in positions)
+    return None
+
+
 @dataclass(frozen=True)
 class PhaseSpec:
     """How one training phase lays out a sample.
@@ -41,14 +99,29 @@ class PhaseSpec:
     | input-only    | ``[b, s*L]`` (bags) | ``[b, L, 1]`` CE   | ``s*(L+1)``            |
     | output-only   | ``[b, L]``          | ``[b, L, s]`` MCE  | ``L+s``                |
     | s = 1 (any)   | ``[b, L]``          | ``[b, L]`` CE      | ``L+1``                |
+
+    ``fold`` decides where the s-fold data goes. ``sequence``: each of the ``b`` samples of
+    a micro-batch has ``L`` latent positions (the table above). ``batch``: each sample has
+    ``L/s`` latent positions and the micro-batch holds ``s*b`` of them, so a step has the
+    same latent positions (GEMM FLOPs) and data tokens, and ``s`` times cheaper attention.
+    ``target_weights`` are the bag-loss weights ``g(1..s)`` of the targets (None = uniform).
     """
 
     bag_size: int = 1
     mode: TSTMode = "full"
+    fold: TSTFold = "sequence"
+    target_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_bag_size(self.bag_size)
         _check_mode(self.mode)
+        _check_fold(self.fold)
+        _check_fold_mode(self.fold, self.mode, self.bag_size)
+        if self.target_weights is not None and len(self.target_weights) != self.target_width:
+            raise TSTConfigError(
+                f"{len(self.target_weights)} target weights for {self.target_width} targets "
+                f"per position (bag size {self.bag_size}, mode {self.mode!r})"
+            )
 
     @property
     def is_standard(self) -> bool:
@@ -65,23 +138,49 @@ class PhaseSpec:
         """Targets per latent position (1 = ordinary next-token CE)."""
         return self.bag_size if self.mode in ("full", "output-only") else 1
 
+    @property
+    def fold_factor(self) -> int:
+        """Model samples per configured sample: s with the batch fold, else 1."""
+        return self.bag_size if self.fold == "batch" else 1
+
+    def latent_length(self, seq_length: int) -> int:
+        """Latent positions of one model sample for a context of ``seq_length`` (L or L/s)."""
+        if seq_length % self.fold_factor:
+            raise TSTConfigError(
+                f"the batch fold splits --seq-length {seq_length} into samples of L/s latent "
+                f"positions: it must be a multiple of the bag size {self.bag_size}"
+            )
+        return seq_length // self.fold_factor
+
+    def micro_batch_rows(self, micro_batch_size: int) -> int:
+        """Model samples in a micro-batch of ``micro_batch_size`` configured samples."""
+        return micro_batch_size * self.fold_factor
+
     def window_length(self, seq_length: int) -> int:
-        """Data tokens one sample of ``seq_length`` latent positions reads."""
-        s = self.bag_size
+        """Data tokens one model sample reads (its latent length from `latent_length`)."""
+        s, latent = self.bag_size, self.latent_length(seq_length)
         if self.mode == "output-only":
-            return seq_length + s
-        return s * (seq_length + 1)
+            return latent + s
+        return s * (latent + 1)
 
     def data_tokens_per_sample(self, seq_length: int) -> int:
-        """Data tokens a sample advances the stream by.
+        """Data tokens one configured sample (``fold_factor`` model samples) advances by.
 
         Consecutive windows share one token (the last target of a window is the first input
         of the next), exactly as Megatron's `GPTDataset` lays out ``L+1``-token samples.
         """
-        return self.window_length(seq_length) - 1
+        return self.fold_factor * (self.window_length(seq_length) - 1)
 
 
 STANDARD_PHASE = PhaseSpec(bag_size=1, mode="full")
+
+RESUME_SETTINGS: dict[str, tuple[str, object]] = {
+    "fold": ("--tst-fold", "sequence"),
+    "bag_weighting": ("--tst-bag-weighting", "uniform"),
+    "bag_weights": ("--tst-bag-weights", None),
+}
+"""Phase-1 settings (beyond bag size and mode) a phase-1 resume must keep: key of
+`TSTConfig.resume_settings` -> (flag, the value a checkpoint without the key implies)."""
 
 
 @dataclass(frozen=True)
@@ -90,16 +189,23 @@ class TSTConfig:
 
     Exactly one of ``phase1_fraction`` (r in (0, 1)) or ``phase1_iters`` sets where phase 1
     ends; with ``bag_size == 1`` TST is off and every step is standard training.
+    ``bag_weighting`` / ``bag_weights`` weight the targets of phase 1 (see `bag_weights`),
+    ``fold`` lays out its samples (see `PhaseSpec`).
     """
 
     bag_size: int = 1
     mode: TSTMode = "full"
     phase1_fraction: float | None = None
     phase1_iters: int | None = None
+    fold: TSTFold = "sequence"
+    bag_weighting: BagWeighting = "uniform"
+    bag_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_bag_size(self.bag_size)
         _check_mode(self.mode)
+        _check_fold(self.fold)
+        _check_fold_mode(self.fold, self.mode, self.bag_size)
         if self.phase1_fraction is not None and self.phase1_iters is not None:
             raise TSTConfigError(
                 "give either the phase-1 fraction or the phase-1 iterations, not both "
@@ -116,11 +222,32 @@ class TSTConfig:
                 f"bag_size={self.bag_size} turns TST on: also give the phase-1 length "
                 "(phase1_fraction r in (0, 1), e.g. 0.3, or phase1_iters)"
             )
+        if self.bag_weights is not None and self.bag_weighting != "uniform":
+            raise TSTConfigError(
+                f"give either explicit bag weights {list(self.bag_weights)} or the bag "
+                f"weighting {self.bag_weighting!r}, not both"
+            )
+        weights = bag_weights(self.bag_weighting, self.bag_size, self.bag_weights)
+        if weights is not None and self.mode == "input-only":
+            raise TSTConfigError(
+                "bag-loss weighting needs the multi-hot targets of mode full or output-only; "
+                "input-only has one target per position"
+            )
 
     @property
     def enabled(self) -> bool:
         """TST changes training only when bags hold more than one token."""
         return self.bag_size > 1
+
+    @property
+    def target_weights(self) -> tuple[float, ...] | None:
+        """Phase-1 weights ``g(1..s)`` of the target bag (None = uniform)."""
+        return bag_weights(self.bag_weighting, self.bag_size, self.bag_weights)
+
+    def resume_settings(self) -> dict:
+        """The `RESUME_SETTINGS` of this config, JSON-ready (saved in every checkpoint)."""
+        weights = None if self.bag_weights is None else list(self.bag_weights)
+        return {"fold": self.fold, "bag_weighting": self.bag_weighting, "bag_weights": weights}
 
     def phase1_iterations(self, train_iters: int) -> int:
         """Number of phase-1 optimizer steps in a run of ``train_iters`` steps."""
@@ -144,4 +271,9 @@ class TSTConfig:
             raise TSTConfigError(f"phase must be 1 or 2, got {phase}")
         if phase == 2 or not self.enabled:
             return STANDARD_PHASE
-        return PhaseSpec(bag_size=self.bag_size, mode=self.mode)
+        return PhaseSpec(
+            bag_size=self.bag_size,
+            mode=self.mode,
+            fold=self.fold,
+            target_weights=self.target_weights,
+        )

@@ -1,38 +1,61 @@
-"""`TSTGPTModel`: Megatron-Core's `GPTModel` with the two TST hooks and nothing else.
+"""`TSTGPTModel`: Megatron-Core's `GPTModel` with the TST hooks and nothing else.
 
-Why a subclass rather than a wrapper: both hooks sit on seams `GPTModel` already has —
-the ``decoder_input`` argument of `GPTModel.forward` (input side) and
-`compute_language_model_loss` (output side) — so the pipeline schedules, DDP, the
-distributed optimizer and `dist_checkpointing` see an ordinary `GPTModel`. The subclass
-adds no parameters or buffers: its ``state_dict`` and ``sharded_state_dict`` keys are
-exactly stock `GPTModel`'s, so any checkpoint it writes loads into plain Megatron-Core.
+Why a subclass rather than a wrapper: the hooks sit on seams `GPTModel` already has —
+the ``decoder_input`` argument of `GPTModel.forward` (input side), and
+`compute_language_model_loss` / `_postprocess` (output side) — so the pipeline schedules,
+DDP, the distributed optimizer and `dist_checkpointing` see an ordinary `GPTModel`. The
+subclass adds no parameters or buffers: its ``state_dict`` and ``sharded_state_dict`` keys
+are exactly stock `GPTModel`'s, so any checkpoint it writes loads into plain Megatron-Core.
 
 What a forward does depends on `phase_spec` (set with `set_phase`):
 - standard (s = 1, phase 2, baseline): exactly `GPTModel.forward`.
 - bag input (modes full, input-only): on the first pipeline stage, the ``[b, s*L]`` token
-  ids are embedded by the model's own (vocab-parallel, sequence-parallel) embedding at
-  latent positions ``0..L-1`` and averaged per bag into the ``[L, b, h]`` decoder input
-  (``[L/TP, b, h]`` under sequence parallel). Later stages receive hidden states as usual.
+  ids are embedded with the model's own (vocab-parallel) word embedding and averaged per bag
+  *before* the tensor-parallel reduction, so the reduce(-scatter) moves ``[L, b, h]`` like a
+  standard step; then the latent position embedding, the sequence-parallel scatter and
+  dropout follow as in `LanguageModelEmbedding`. The result is the ``[L, b, h]`` decoder
+  input (``[L/TP, b, h]`` under sequence parallel). Later stages receive hidden states.
 - multi-hot targets (modes full, output-only; ``labels`` of shape ``[b, L, s]``): the loss
-  is `tst_megatron.loss.multi_hot_cross_entropy` on the vocab-parallel logits.
+  is `tst_megatron.loss.multi_hot_cross_entropy` on the vocab-parallel logits, weighted by
+  the phase's bag-loss weights.
+- ``fused_output_loss``: the output layer and the loss (multi-hot or standard) run as
+  `tst_megatron.loss.fused_output_multi_hot_cross_entropy`, which never keeps the logits.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 
-from tst_megatron.bags import average_bag_rows, bag_rows
+from tst_megatron.bags import average_bags_batch_first
 from tst_megatron.config import STANDARD_PHASE, PhaseSpec, TSTConfigError
-from tst_megatron.loss import IGNORE_TARGET, multi_hot_cross_entropy
+from tst_megatron.loss import (
+    IGNORE_TARGET,
+    fused_output_multi_hot_cross_entropy,
+    multi_hot_cross_entropy,
+)
 
 
 class TSTGPTModel(GPTModel):
-    """A `GPTModel` (dense or MoE, local or Transformer Engine spec) that can run TST."""
+    """A `GPTModel` (dense or MoE, local or Transformer Engine spec) that can run TST.
 
-    def __init__(self, *args, **kwargs) -> None:
+    Args:
+        fused_output_loss: compute the output layer and the loss chunk by chunk without
+            keeping the logits (``--tst-fused-output-loss``); the rest as `GPTModel`.
+    """
+
+    def __init__(self, *args, fused_output_loss: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.phase_spec: PhaseSpec = STANDARD_PHASE
+        self.fused_output_loss = fused_output_loss
+        if fused_output_loss and getattr(self.config, "mtp_num_layers", None):
+            raise TSTConfigError(
+                "the fused output loss replaces the output layer's logits, which multi-token "
+                f"prediction needs (mtp_num_layers={self.config.mtp_num_layers})"
+            )
+        self._weights_on: dict[torch.device, torch.Tensor] = {}
 
     def set_phase(self, spec: PhaseSpec) -> None:
         """Switch how inputs and labels are interpreted; weights are untouched."""
@@ -42,6 +65,16 @@ class TSTGPTModel(GPTModel):
                 f"multi-token prediction (mtp_num_layers={self.config.mtp_num_layers})"
             )
         self.phase_spec = spec
+        self._weights_on = {}
+
+    def target_weights(self, device: torch.device) -> torch.Tensor | None:
+        """``[s]`` fp32 bag-loss weights of the current phase on ``device`` (None = uniform)."""
+        weights = self.phase_spec.target_weights
+        if weights is None:
+            return None
+        if device not in self._weights_on:
+            self._weights_on[device] = torch.tensor(weights, dtype=torch.float32, device=device)
+        return self._weights_on[device]
 
     def forward(
         self,
@@ -93,40 +126,53 @@ class TSTGPTModel(GPTModel):
         bag_size: int,
         token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``[b, s*L]`` token ids -> ``[L, b, h]`` bag-averaged embeddings.
+        """``[b, s*L]`` token ids -> ``[L, b, h]`` bag-averaged decoder input.
 
-        Under sequence parallel the result is this rank's ``[L/TP, b, h]`` shard: the
-        embedding scatters the latent sequence, so every bag is averaged on one rank.
-        ``token_mask`` ``[b, s*L]`` (bool) limits each average to the kept tokens.
+        `LanguageModelEmbedding.forward` with the bag mean moved before the tensor-parallel
+        reduction (averaging is linear): each rank averages its vocabulary shard's partial
+        lookups in fp32, then ``[L, b, h]`` is all-reduced (or, under sequence parallel
+        without a learned position table, reduce-scattered to this rank's ``[L/TP, b, h]``):
+        the bytes of a standard step, not ``s`` times them. The latent position embedding is
+        added once per bag (the mean of ``e_k + p_i`` is ``mean(e_k) + p_i``); dropout acts
+        on the averaged decoder input, as on a standard step's embedding.
+        ``token_mask`` ``[b, s*L]`` (bool) limits each average to the kept tokens (document
+        masking); partial lookups of dropped tokens are left out of the sum before the
+        reduction as well.
         """
+        embedding, config = self.embedding, self.config
         latent = input_ids.shape[1] // bag_size
-        tp_size = self.config.tensor_model_parallel_size
-        if self.config.sequence_parallel and latent % tp_size:
+        tp_size = config.tensor_model_parallel_size
+        if config.sequence_parallel and latent % tp_size:
             raise TSTConfigError(
                 f"sequence parallel splits the {latent} latent positions of this sample over "
                 f"tensor-parallel size {tp_size}; the latent sequence length must be a "
                 "multiple of it"
             )
-        rows = bag_rows(input_ids, bag_size)
-        row_positions = None
-        if position_ids is not None:
-            row_positions = position_ids.repeat_interleave(bag_size, dim=0)
-        row_embeddings = self.embedding(input_ids=rows, position_ids=row_positions)
-        local_mask = self._local_bag_mask(token_mask, bag_size, row_embeddings.shape[0])
-        return average_bag_rows(row_embeddings, bag_size, local_mask)
-
-    def _local_bag_mask(
-        self, token_mask: torch.Tensor | None, bag_size: int, local_latent: int
-    ) -> torch.Tensor | None:
-        """``[b, s*L]`` -> ``[L_local, b, s]``, this rank's latent rows under sequence parallel
-        (the embedding scatters the latent sequence over the tensor-parallel group)."""
-        if token_mask is None:
-            return None
-        per_bag = token_mask.view(token_mask.shape[0], -1, bag_size).transpose(0, 1)
-        if per_bag.shape[0] != local_latent:
-            start = torch.distributed.get_rank(group=self.tp_group) * local_latent
-            per_bag = per_bag[start : start + local_latent]
-        return per_bag
+        words = embedding.word_embeddings
+        partial = average_bags_batch_first(
+            _vocab_shard_lookup(words, input_ids), bag_size, token_mask
+        )
+        partial = partial.transpose(0, 1).contiguous()  # [L, b, h]
+        if embedding.reduce_scatter_embeddings:
+            out = tensor_parallel.reduce_scatter_to_sequence_parallel_region(
+                partial, group=words.tp_group
+            )
+        else:
+            out = tensor_parallel.reduce_from_tensor_model_parallel_region(
+                partial, group=words.tp_group
+            )
+        if embedding.add_position_embedding:
+            out = out + embedding.position_embeddings(position_ids).transpose(0, 1)
+        if config.fp32_residual_connection:
+            out = out.float()
+        if not config.sequence_parallel:
+            return embedding.embedding_dropout(out)
+        if not embedding.reduce_scatter_embeddings and embedding.scatter_to_sequence_parallel:
+            out = tensor_parallel.scatter_to_sequence_parallel_region(out, group=words.tp_group)
+        if config.clone_scatter_output_in_embedding and embedding.scatter_to_sequence_parallel:
+            out = out.clone()
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            return embedding.embedding_dropout(out)
 
     def compute_language_model_loss(
         self, labels: torch.Tensor, logits: torch.Tensor
@@ -142,4 +188,49 @@ class TSTGPTModel(GPTModel):
         """
         if labels.dim() == 2:
             return super().compute_language_model_loss(labels, logits)
-        return multi_hot_cross_entropy(logits, labels, tp_group=self.tp_group)
+        return multi_hot_cross_entropy(
+            logits, labels, tp_group=self.tp_group, weights=self.target_weights(logits.device)
+        )
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
+        """`GPTModel._postprocess`, or the fused output loss when it is on and labels given."""
+        if not (
+            self.fused_output_loss
+            and self.post_process
+            and labels is not None
+            and kwargs.get("inference_context") is None
+            and not kwargs.get("mtp_in_postprocess")
+        ):
+            return super()._postprocess(
+                hidden_states, input_ids, position_ids, labels, *args, **kwargs
+            )
+        if self.share_embeddings_and_output_weights:
+            weight = self.shared_embedding_or_output_weight()
+        else:
+            weight = self.output_layer.weight
+        standard = labels.dim() == 2
+        return fused_output_multi_hot_cross_entropy(
+            hidden_states,
+            weight,
+            labels,
+            # a standard step masks positions in loss_func; masked positions skip the loss
+            loss_mask=kwargs.get("loss_mask") if standard else None,
+            tp_group=self.output_layer.tp_group,
+            weights=None if standard else self.target_weights(hidden_states.device),
+            sequence_parallel=self.output_layer.sequence_parallel,
+            gradient_accumulation_fusion=self.output_layer.gradient_accumulation_fusion,
+        )
+
+
+def _vocab_shard_lookup(words, input_ids: torch.Tensor) -> torch.Tensor:
+    """``[b, n, h]`` this rank's partial lookups: `VocabParallelEmbedding.forward` without
+    the tensor-parallel reduction (ids outside the shard give zeros)."""
+    if words.tp_group.size() == 1:
+        ids, foreign = input_ids, None
+    else:
+        foreign = (input_ids < words.vocab_start_index) | (input_ids >= words.vocab_end_index)
+        ids = (input_ids - words.vocab_start_index).masked_fill(foreign, 0)
+    out = words.weight[ids] if words.deterministic_mode else F.embedding(ids, words.weight)
+    if foreign is not None:
+        out = out.masked_fill(foreign.unsqueeze(-1), 0.0)
+    return out

@@ -48,7 +48,8 @@ def build_batch(
     Args:
         windows: ``[b, spec.window_length(seq_length)]`` int64 token ids.
         spec: the phase's bag size and mode.
-        seq_length: L, the number of latent positions the model sees.
+        seq_length: L, the context; a sample has ``spec.latent_length(L)`` latent
+            positions (L, or L/s with the batch fold).
         target_mask: optional ``[b, window_length]`` per-token mask (0 = never a target,
             e.g. padding or a masked EOD); a target slot inherits the mask of its token.
 
@@ -66,7 +67,7 @@ def build_batch(
         )
     if target_mask is None:
         target_mask = torch.ones_like(windows, dtype=torch.float)
-    batch, s, latent = windows.shape[0], spec.bag_size, seq_length
+    batch, s, latent = windows.shape[0], spec.bag_size, spec.latent_length(seq_length)
     positions = torch.arange(latent, device=windows.device).unsqueeze(0).expand(batch, -1)
 
     if spec.is_standard:

@@ -39,20 +39,23 @@ def read_step(
     layout: StepLayout,
     finish: Callable[[dict, PhaseSpec], dict] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """This rank's ``request.num_microbatches`` micro-batches (dicts of host tensors).
+    """This rank's ``request.num_microbatches`` micro-batches (dicts of host tensors) of
+    ``spec.micro_batch_rows(micro_batch_size)`` model samples each (``s`` times the configured
+    micro-batch with the batch fold, whose samples have ``L/s`` latent positions).
 
     ``finish(sample, spec)`` post-processes each micro-batch (the trainer's context-parallel
     split). With ``layout.pin_memory`` the tensors are pinned for ``non_blocking`` copies.
     """
     spec = request.spec
-    per_rank = request.num_microbatches * layout.micro_batch_size
+    rows_per_micro = spec.micro_batch_rows(layout.micro_batch_size)
+    per_rank = request.num_microbatches * rows_per_micro
     window = spec.window_length(layout.seq_length)
     rows = slice(layout.dp_rank * per_rank, (layout.dp_rank + 1) * per_rank)
     windows = torch.from_numpy(stream.next_windows(per_rank * layout.dp_size, window, rows))
     target_mask = eod_target_mask(windows, layout.eod) if layout.eod_mask_loss else None
     batches = []
     for i in range(request.num_microbatches):
-        rows_i = slice(i * layout.micro_batch_size, (i + 1) * layout.micro_batch_size)
+        rows_i = slice(i * rows_per_micro, (i + 1) * rows_per_micro)
         sample = build_batch(
             windows[rows_i],
             spec,

@@ -144,11 +144,12 @@ def check_holds_one_window(stream: DocumentStream, args: Namespace) -> None:
     window = spec.window_length(length)
     if stream.tokens_per_epoch >= window:
         return
-    formula = (
-        f"L+s = {length}+{s}"
-        if spec.mode == "output-only" and s > 1
-        else (f"s*(L+1) = {s}*({length}+1)")
-    )
+    if spec.mode == "output-only" and s > 1:
+        formula = f"L+s = {length}+{s}"
+    elif spec.fold_factor > 1:  # --tst-fold batch: samples of L/s latent positions
+        formula = f"s*(L/s+1) = {s}*({length}/{s}+1)"
+    else:
+        formula = f"s*(L+1) = {s}*({length}+1)"
     raise DataError(
         f"dataset {stream.name!r}: its training split holds {stream.tokens_per_epoch} tokens, "
         f"fewer than one phase-1 sample window of {formula} = {window} tokens "

@@ -28,10 +28,17 @@
   ``4h``; ``core_attn`` nothing here (flash attention keeps no scores). The sequence is
   ``L / CP``. In flight: the 1F1B schedule keeps ``min(M, PP - p)`` micro-batches on stage ``p``;
   interleaved ``min(M V, 2(PP - p - 1) + (V - 1) PP + 1)`` chunk micro-batches;
-- the last stage's fp32 softmax of the logits ``4 L b V / TP`` plus the LM-head inputs;
-- TST phase 1 (bag inputs) on the first stage: the ``s L b`` token embeddings that are averaged
-  into bags, bf16 before the sequence-parallel scatter and fp32 during the mean,
-  ``s L b h (2 + 4 / TP)`` - transient, but counted on top (an upper bound).
+- the last stage's fp32 softmax of the logits ``4 L b V / TP`` plus the LM-head inputs; with
+  ``--tst-fused-output-loss`` instead one chunk's fp32 logits ``4 c V / TP``, the fp32
+  output-weight gradient ``4 V h / TP`` and hidden-state gradient ``4 L b h`` it keeps for the
+  backward (see `tst_megatron.loss.fused_output`);
+- the batch fold (``--tst-fold batch``) keeps the tokens of a micro-batch (``L/s`` positions
+  of ``s b`` samples) and, with flash attention, every term above;
+- TST phase 1 (bag inputs) on the first stage: this rank's partial lookups of the ``s L b``
+  tokens (in the weights' dtype, ``e`` bytes: 2 in bf16; every TP rank holds all positions of
+  its vocabulary shard) and their fp32 bag mean before the reduce(-scatter),
+  ``s L b h e + L b h 4`` (`TSTGPTModel.embed_bags`) - transient, but counted on top (an upper
+  bound).
 
 Every function takes validated ``pretrain_tst.py`` arguments (`validate_args` fills the
 derived sizes: ``data_parallel_size``, ``world_size``, ``padded_vocab_size``...).
@@ -45,6 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tst_megatron.loss import default_chunk_tokens
 from tst_megatron.planning.params import StageParams
 from tst_megatron.training.flops import moe_layer_pattern
 from tst_megatron.training.fusions import gpu_fusions
@@ -118,6 +126,15 @@ def layer_activation_bytes(args: argparse.Namespace, moe: bool, tokens: int) -> 
     return unsplit / sequence_split(args) + (attention + mlp) / tp
 
 
+def output_loss_bytes(args: argparse.Namespace, tokens: int) -> float:
+    """Bytes the output layer's loss keeps for ``tokens`` positions (see the module doc)."""
+    vocab = args.padded_vocab_size / args.tensor_model_parallel_size
+    if not args.tst_fused_output_loss:
+        return 4 * tokens * vocab
+    chunk = min(tokens, default_chunk_tokens(args.hidden_size))
+    return 4 * chunk * vocab + 4 * vocab * args.hidden_size + 4 * tokens * args.hidden_size
+
+
 def full_recompute_bytes(
     args: argparse.Namespace, per_layer: list[float], units: int, layers_per_unit: int, tokens: int
 ) -> float:
@@ -169,7 +186,6 @@ def one_stage_memory(
     """
     pp = args.pipeline_model_parallel_size
     vpp = args.virtual_pipeline_model_parallel_size or 1
-    tp = args.tensor_model_parallel_size
     h = args.hidden_size
     tokens = args.seq_length // args.context_parallel_size * args.micro_batch_size
     low_precision = args.params_dtype != torch.float32
@@ -200,8 +216,8 @@ def one_stage_memory(
     logits = 0.0
     if p == pp - 1:
         lm_head_inputs = 4 * tokens * h / sequence_split(args)
-        logits = tokens * args.padded_vocab_size / tp * 4 + lm_head_inputs
-    bags = bag * tokens * h * (2 + 4 / tp) if p == 0 and bag > 1 else 0.0
+        logits = output_loss_bytes(args, tokens) + lm_head_inputs
+    bags = tokens * h * (weight_bytes * bag + 4) if p == 0 and bag > 1 else 0.0
     params = held.dense + held.experts
     weights = params * weight_bytes
     grads = params * grad_bytes

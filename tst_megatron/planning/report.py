@@ -35,7 +35,7 @@ from tst_megatron.planning.params import (
     place_parameters,
 )
 from tst_megatron.planning.step_time import step_time
-from tst_megatron.training.flops import ModelShape, flops_per_step, peak_tflops_for_device
+from tst_megatron.training.flops import ModelShape, peak_tflops_for_device, phase_flops_per_step
 
 
 def plan(request: PlanRequest) -> dict[str, Any]:
@@ -74,7 +74,9 @@ def plan(request: PlanRequest) -> dict[str, Any]:
     seq = args.seq_length
     phase1, phase2 = args.tst.phase_spec(1), args.tst.phase_spec(2)
     phase1_iters = args.tst.phase1_iterations(args.train_iters)
-    step_flops = flops_per_step(shape, seq, batch)
+    # the batch fold runs phase 1 as s*b samples of L/s positions: s times cheaper attention
+    phase1_flops = phase_flops_per_step(shape, phase1, seq, batch)
+    phase2_flops = phase_flops_per_step(shape, phase2, seq, batch)
     report: dict[str, Any] = {
         "config": request.config,
         "gpu": request.gpu,
@@ -102,6 +104,7 @@ def plan(request: PlanRequest) -> dict[str, Any]:
         "tst": {
             "bag_size": args.tst.bag_size,
             "mode": args.tst.mode,
+            "fold": args.tst.fold,
             "train_iters": args.train_iters,
             "phase1_iters": phase1_iters,
             "phase2_iters": args.train_iters - phase1_iters,
@@ -111,8 +114,8 @@ def plan(request: PlanRequest) -> dict[str, Any]:
         "routed_expert_params": counts.routed_experts,
         "analytic_total_params": counts.analytic_total,
         "analytic_active_params": counts.analytic_active,
-        "flops_per_step_phase1": step_flops,
-        "flops_per_step_phase2": step_flops,
+        "flops_per_step_phase1": phase1_flops,
+        "flops_per_step_phase2": phase2_flops,
         "model_tokens_per_step": batch * seq,
         "data_tokens_per_step_phase1": batch * phase1.data_tokens_per_sample(seq),
         "data_tokens_per_step_phase2": batch * phase2.data_tokens_per_sample(seq),
@@ -165,26 +168,30 @@ def _add_layout_estimates(
         )
     peak_tflops = peak_tflops_for_device(request.gpu, fp8=fp8)
     world = layout["world_size"]
-    timing = step_time(
-        report["flops_per_step_phase2"],
-        world,
-        peak_tflops,
-        request.mfu,
-        recomputed_fraction=recomputed_forward_fraction(args),
-        pp=request.pp,
-        vpp=request.vpp,
-        num_microbatches=num_micro,
-    )
-    step = timing.seconds
+    step_seconds = {
+        phase: step_time(
+            report[f"flops_per_step_phase{phase}"],
+            world,
+            peak_tflops,
+            request.mfu,
+            recomputed_fraction=recomputed_forward_fraction(args),
+            pp=request.pp,
+            vpp=request.vpp,
+            num_microbatches=num_micro,
+        )
+        for phase in (1, 2)
+    }
+    step, step1 = step_seconds[2].seconds, step_seconds[1].seconds
     tst = report["tst"]
-    seconds = step * tst["train_iters"]
+    seconds = step1 * tst["phase1_iters"] + step * tst["phase2_iters"]
     report.update(
         mfu=request.mfu,
         peak_tflops_per_gpu=peak_tflops,
-        pipeline_bubble=timing.bubble,
+        pipeline_bubble=step_seconds[2].bubble,
         step_time_s=step,
+        step_time_s_phase1=step1,
         model_tokens_per_s=report["model_tokens_per_step"] / step,
-        data_tokens_per_s_phase1=report["data_tokens_per_step_phase1"] / step,
+        data_tokens_per_s_phase1=report["data_tokens_per_step_phase1"] / step1,
         data_tokens_per_s_phase2=report["data_tokens_per_step_phase2"] / step,
         run_hours=seconds / 3600,
         run_gpu_hours=seconds * world / 3600,
@@ -232,7 +239,8 @@ def _render_model(report: dict[str, Any]) -> list[str]:
     micro = lay.get("num_microbatches", "?")
     if tst["phase1_iters"]:
         schedule = (
-            f"s={tst['bag_size']} ({tst['mode']}), phase 1 = steps 1-{tst['phase1_iters']} "
+            f"s={tst['bag_size']} ({tst['mode']}, {tst['fold']} fold), phase 1 = steps "
+            f"1-{tst['phase1_iters']} "
             f"of {tst['train_iters']}"
         )
     else:
@@ -283,7 +291,8 @@ def _render_memory(report: dict[str, Any]) -> list[str]:
 
 def _render_time(report: dict[str, Any]) -> list[str]:
     return [
-        f"  time at {report['mfu']:.0%} MFU   step {report['step_time_s']:.3f} s "
+        f"  time at {report['mfu']:.0%} MFU   step {report['step_time_s']:.3f} s, phase 1 "
+        f"{report['step_time_s_phase1']:.3f} s "
         f"(peak {report['peak_tflops_per_gpu']:g} TFLOP/s/GPU, bubble "
         f"{report['pipeline_bubble']:.1%}); tokens/s: model {report['model_tokens_per_s']:,.0f}, "
         f"data phase 1 {report['data_tokens_per_s_phase1']:,.0f}, "

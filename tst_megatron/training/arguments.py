@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import signal
 import warnings
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 import yaml
 
-from tst_megatron.config import TST_MODES, TSTConfig
+from tst_megatron.config import BAG_WEIGHTINGS, TST_FOLDS, TST_MODES, TSTConfig
 from tst_megatron.data.tokenizer import (
     TOKENIZER_TYPES,
     TokenizerError,
@@ -39,6 +40,7 @@ TE_IMPL_MISSING = (
 )
 EXIT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 CKPT_FORMATS = ("torch_dist",)
+FP8_TOKEN_MULTIPLE = 16  # Transformer Engine: FP8 GEMM token dims divisible by 16 (wgrad)
 MOE_AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
 MOE_LOAD_BALANCING_TYPES = (*MOE_AUX_LOSS_TYPES, "sinkhorn", "none")
 RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mlp", "moe", "shared_experts")
@@ -990,6 +992,40 @@ def _add_tst_args(parser: argparse.ArgumentParser) -> None:
         help="auto: switch phases in this job at the boundary; 1: this job runs "
         "phase 1 only; 2: this job runs phase 2 from the phase-1 checkpoint "
         "in --load.",
+    )
+    group.add_argument(
+        "--tst-bag-weighting",
+        default="uniform",
+        choices=list(BAG_WEIGHTINGS),
+        help="Weight g(i) of the i-th token of the next bag in the phase-1 multi-hot loss, "
+        "normalised over each position's unmasked targets: uniform 1, power-law 1/i, "
+        "exponential exp(-i), first-token (i = 1 only). The report found power-law better "
+        "for s >= 8 and uniform better at s = 4.",
+    )
+    group.add_argument(
+        "--tst-bag-weights",
+        nargs="+",
+        type=float,
+        default=None,
+        metavar="W",
+        help="Explicit weights W1 .. Ws of the s target tokens (instead of "
+        "--tst-bag-weighting), e.g. the report's fitted power law C0 + a*i^k "
+        "(docs/method.md shows how to compute them).",
+    )
+    group.add_argument(
+        "--tst-fold",
+        default="sequence",
+        choices=list(TST_FOLDS),
+        help="Where phase 1's s-fold data goes. sequence: a sample reads s*L tokens into L "
+        "latent positions. batch: a sample reads L tokens into L/s latent positions and "
+        "a micro-batch holds s times as many samples (same GEMM FLOPs and data per step, "
+        "s times cheaper attention).",
+    )
+    group.add_argument(
+        "--tst-fused-output-loss",
+        action="store_true",
+        help="Compute the output layer and the loss (multi-hot in phase 1, standard CE "
+        "otherwise) chunk by chunk over tokens without keeping the [tokens, V/TP] logits.",
     )
 
 
@@ -2042,9 +2078,101 @@ def _validate_tst(args: argparse.Namespace) -> None:
             "off. Give a larger fraction, --tst-phase1-iters N (N >= 1), or --tst-bag-size 1 "
             "for a baseline run"
         )
+    _validate_tst_weighting(args)
+    _validate_tst_fold(args)
+    explicit = tuple(args.tst_bag_weights) if args.tst_bag_weights else None
     args.tst = TSTConfig(
-        bag_size=bag, mode=args.tst_mode, phase1_fraction=fraction, phase1_iters=iters
+        bag_size=bag,
+        mode=args.tst_mode,
+        phase1_fraction=fraction,
+        phase1_iters=iters,
+        fold=args.tst_fold,
+        bag_weighting=args.tst_bag_weighting,
+        bag_weights=explicit,
     )
+
+
+def _validate_tst_weighting(args: argparse.Namespace) -> None:
+    """``--tst-bag-weighting`` / ``--tst-bag-weights``: multi-hot targets, one weight each."""
+    bag, weighting, weights = args.tst_bag_size, args.tst_bag_weighting, args.tst_bag_weights
+    given = [
+        flag
+        for flag, on in (
+            (f"--tst-bag-weighting {weighting}", weighting != "uniform"),
+            ("--tst-bag-weights", weights is not None),
+        )
+        if on
+    ]
+    if not given:
+        return
+    if bag == 1:
+        raise ConfigError(f"{given[0]} needs TST on (--tst-bag-size > 1); got --tst-bag-size 1")
+    if len(given) == 2:
+        raise ConfigError(
+            f"give either --tst-bag-weights or --tst-bag-weighting (got {given[0]}), not both"
+        )
+    if args.tst_mode == "input-only":
+        raise ConfigError(
+            f"{given[0]} weights the multi-hot targets of --tst-mode full or output-only; "
+            "--tst-mode input-only has one target per position"
+        )
+    if weights is None:
+        return
+    if len(weights) != bag:
+        raise ConfigError(
+            f"--tst-bag-weights gives {len(weights)} weights; --tst-bag-size {bag} needs {bag} "
+            "(one per token of the next bag)"
+        )
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(
+            f"--tst-bag-weights must be finite, >= 0 and not all 0; got {weights}"
+        )
+
+
+def _validate_tst_fold(args: argparse.Namespace) -> None:
+    """``--tst-fold batch``: phase 1's ``L/s`` latent positions split like ``L`` does."""
+    if args.tst_fold == "sequence":
+        return
+    bag, seq = args.tst_bag_size, args.seq_length
+    if bag == 1:
+        raise ConfigError(
+            f"--tst-fold {args.tst_fold} needs TST on (--tst-bag-size > 1); got --tst-bag-size 1"
+        )
+    if args.tst_mode == "output-only":
+        raise ConfigError(
+            "--tst-fold batch splits the s-token input bags of a phase-1 sample over s samples; "
+            "--tst-mode output-only reads one token per position (no bags, no extra data): "
+            "drop --tst-fold batch (or use --tst-mode full / input-only)"
+        )
+    if seq % bag:
+        raise ConfigError(
+            f"--tst-fold batch splits --seq-length {seq} into phase-1 samples of L/s latent "
+            f"positions: it must be a multiple of --tst-bag-size {bag}"
+        )
+    latent = seq // bag
+    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    if args.sequence_parallel and latent % tp:
+        raise ConfigError(
+            f"--tst-fold batch: --sequence-parallel splits the {latent} phase-1 latent "
+            f"positions (--seq-length {seq} / --tst-bag-size {bag}) over "
+            f"--tensor-model-parallel-size {tp}: L/s must be a multiple of it"
+        )
+    if cp > 1 and latent % (2 * cp):
+        raise ConfigError(
+            f"--tst-fold batch: the {latent} phase-1 latent positions (--seq-length {seq} / "
+            f"--tst-bag-size {bag}) must be a multiple of 2 x --context-parallel-size {cp} = "
+            f"{2 * cp} (load-balanced context parallelism splits them into 2*CP chunks)"
+        )
+    if args.fp8 is not None:
+        split = cp * (tp if args.sequence_parallel else 1)
+        tokens = latent // split * bag * args.micro_batch_size
+        if tokens % FP8_TOKEN_MULTIPLE:
+            raise ConfigError(
+                f"--tst-fold batch with --fp8-format {args.fp8}: a phase-1 micro-batch puts "
+                f"{tokens} tokens per rank into each GEMM (L/s = {latent} / {split} x s*b = "
+                f"{bag * args.micro_batch_size}); Transformer Engine's FP8 GEMMs need a "
+                f"multiple of {FP8_TOKEN_MULTIPLE}"
+            )
 
 
 def _validate_fusions(args: argparse.Namespace) -> None:

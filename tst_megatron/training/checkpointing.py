@@ -37,6 +37,7 @@ import torch
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
+from tst_megatron.config import RESUME_SETTINGS
 from tst_megatron.training import fault_injection
 from tst_megatron.training import rng_state as rng
 from tst_megatron.training.checkpoint_files import (
@@ -145,6 +146,7 @@ def tst_state(args: Namespace, phase: int) -> dict:
         "phase1_iters": args.tst.phase1_iters,
         "phase1_iterations": args.tst.phase1_iterations(args.train_iters),
         "train_iters": args.train_iters,
+        **args.tst.resume_settings(),
     }
 
 
@@ -568,7 +570,8 @@ def verify_files(path: str, files: dict[str, Digest]) -> None:
 
 
 def check_compatible(args: Namespace, meta: dict, path: str) -> list[str]:
-    """Reject a resume whose model shape or phase-1 TST bag size/mode differs from the checkpoint.
+    """Reject a resume whose model shape or phase-1 TST settings (bag size, mode, fold, bag-loss
+    weighting) differ from the checkpoint.
 
     Every difference is named in one message, with the checkpoint's value and this run's.
     Also checks the schedule (`check_schedule`) and the optimizer format against the layout.
@@ -586,6 +589,12 @@ def check_compatible(args: Namespace, meta: dict, path: str) -> list[str]:
             f"{flag}: checkpoint {saved_tst[key]!r}, this run {getattr(args.tst, key)!r}"
             for key, flag in (("bag_size", "--tst-bag-size"), ("mode", "--tst-mode"))
             if saved_tst[key] != getattr(args.tst, key)
+        ]
+        current = args.tst.resume_settings()  # fold, bag-loss weighting (issue 13)
+        diffs += [
+            f"{flag}: checkpoint {saved_tst.get(key, default)!r}, this run {current[key]!r}"
+            for key, (flag, default) in RESUME_SETTINGS.items()
+            if saved_tst.get(key, default) != current[key]
         ]
     if diffs:
         raise CheckpointError(

@@ -35,10 +35,13 @@ class StepHealth:
 
     ``loss``: the step's global mean lm loss (sum and count over micro-batches and data
     parallel). ``grads_finite``: no rank's local gradient buffers hold a NaN or Inf.
+    ``target_entropy``: TST multi-hot steps, the mean entropy of the positions' target
+    distributions over the same positions (``loss - target_entropy`` is the KL form); 0 else.
     """
 
     loss: float
     grads_finite: bool
+    target_entropy: float = 0.0
 
     @property
     def loss_finite(self) -> bool:
@@ -57,7 +60,8 @@ class StepHealth:
 def check_step(outputs: list[dict], chunks) -> StepHealth:
     """The step's mean loss and whether any gradient is non-finite, on every rank.
 
-    One world all-reduce (SUM) of ``[loss sum, loss count, non-finite flags]`` in float64.
+    One world all-reduce (SUM) of ``[loss sum, loss count, target entropy sum, non-finite
+    flags]`` in float64 (the entropy sum is 0 without a ``"target entropy"`` report).
     Every rank of the last pipeline stage holds a copy of its replica's loss (tensor- and
     context-parallel ranks hold the same sums), so sum and count carry the same multiplicity
     and their ratio is the data-parallel mean; other stages add zeros. The gradient check
@@ -65,9 +69,11 @@ def check_step(outputs: list[dict], chunks) -> StepHealth:
     propagates through both, an Inf shows in one).
     """
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    loss = torch.zeros(2, dtype=torch.float64, device=device)
+    loss = torch.zeros(3, dtype=torch.float64, device=device)
     for out in outputs or []:
-        loss += out["lm loss"].detach().to(device=loss.device, dtype=torch.float64)
+        loss[:2] += out["lm loss"].detach().to(device=loss.device, dtype=torch.float64)
+        if "target entropy" in out:
+            loss[2:] += out["target entropy"].detach().to(device=loss.device, dtype=torch.float64)
     extremes = [
         torch.stack(torch.aminmax(buffer.grad_data)).to(torch.float64)
         for chunk in chunks
@@ -76,8 +82,12 @@ def check_step(outputs: list[dict], chunks) -> StepHealth:
     flags = (~torch.isfinite(torch.cat(extremes))).sum() if extremes else loss.new_zeros(())
     total = torch.cat([loss, flags.to(loss).reshape(1)])
     torch.distributed.all_reduce(total)
-    loss_sum, count, non_finite = total.tolist()
-    return StepHealth(loss=loss_sum / max(count, 1.0), grads_finite=non_finite == 0)
+    loss_sum, count, entropy_sum, non_finite = total.tolist()
+    return StepHealth(
+        loss=loss_sum / max(count, 1.0),
+        grads_finite=non_finite == 0,
+        target_entropy=entropy_sum / max(count, 1.0),
+    )
 
 
 class BadStepGuard:

@@ -18,6 +18,8 @@ LM head see ``L`` latent positions. Bag averaging is an embedding lookup of ``s*
 a mean (``O(s*L*h)`` adds, negligible), and the multi-hot loss shares one logsumexp and gathers
 ``s`` logits per position (``O(s)``, like CE's one gather), so neither is counted. Only the
 data consumed changes: ``s`` times more tokens per step (see `tst_megatron.config.PhaseSpec`).
+With ``--tst-fold batch`` a phase-1 step runs ``s*b`` samples of ``L/s`` latent positions: the
+same GEMM FLOPs, ``s`` times fewer causal-attention FLOPs (`phase_flops_per_step`).
 """
 
 from __future__ import annotations
@@ -139,6 +141,17 @@ def flops_per_step(shape: ModelShape, seq_length: int, batch_size: int) -> int:
     causal_core = 6 * query * shape.num_layers  # 2 GEMMs x half the scores x 3 passes x 2
     tokens = batch_size * seq_length
     return tokens * per_token + batch_size * seq_length**2 * causal_core
+
+
+def phase_flops_per_step(shape: ModelShape, spec, seq_length: int, batch_size: int) -> int:
+    """`flops_per_step` of a step of ``spec`` (a `tst_megatron.config.PhaseSpec`).
+
+    The batch fold runs ``s * batch_size`` samples of ``L/s`` latent positions: the same
+    GEMM FLOPs as ``batch_size`` samples of ``L``, and ``s`` times fewer attention FLOPs.
+    """
+    return flops_per_step(
+        shape, spec.latent_length(seq_length), spec.micro_batch_rows(batch_size)
+    )
 
 
 def flops_per_token(shape: ModelShape, seq_length: int) -> float:

@@ -45,6 +45,7 @@ from tst_megatron.data.documents import (
 from tst_megatron.data.masks import attention_mask_from_documents
 from tst_megatron.data.prefetch import StepPrefetcher, StepRequest
 from tst_megatron.data.tokenizer import build_tokenizer_from_args, model_vocab_size
+from tst_megatron.loss import positions_with_targets, target_entropy
 from tst_megatron.planning import footprint
 from tst_megatron.targets import build_batch
 from tst_megatron.training import checkpointing as ckpt
@@ -152,47 +153,73 @@ def build_model_chunks(args: Namespace) -> list[DistributedDataParallel]:
 unwrap = precision.unwrap
 
 
-def loss_func(position_mask: torch.Tensor, output: torch.Tensor, per_token: bool = False):
+def loss_func(
+    position_mask: torch.Tensor,
+    output: torch.Tensor,
+    per_token: bool = False,
+    target_entropy: torch.Tensor | None = None,
+):
     """Mean loss over the unmasked positions of the micro-batch, global over context parallel.
 
     Args:
         position_mask: ``[b, L/CP]`` 1 where the position has at least one unmasked target.
         output: ``[b, L/CP]`` per-position loss from the model.
         per_token: ``--calculate-per-token-loss`` (see `per_token_loss`).
+        target_entropy: TST multi-hot phases: ``[b, L/CP]`` entropy of each position's
+            target distribution, reported (its sum over the positions of ``"lm loss"``)
+            as ``"target entropy"`` for the KL form of the loss (`check_step`).
 
     Returns the legacy 2-tuple: mcore's schedule multiplies the loss by the CP size and
     divides it by the number of micro-batches, and DDP averages gradients over DP x CP.
     """
     mask = position_mask.reshape(-1).float()
-    total = torch.stack([(output.float().reshape(-1) * mask).sum(), mask.sum()])
+    sums = [(output.float().reshape(-1) * mask).sum(), mask.sum()]
+    if target_entropy is not None:
+        sums.append((target_entropy.reshape(-1) * mask).sum())
+    total = torch.stack(sums)
     if per_token:
         return per_token_loss(total)
     if ps.get_context_parallel_world_size() > 1:
         torch.distributed.all_reduce(total, group=ps.get_context_parallel_group())
     loss = total[0] / total[1].clamp(min=1)
-    return loss, {"lm loss": total.detach().clone()}
+    return loss, _loss_report(total.detach().clone())
 
 
 def per_token_loss(total: torch.Tensor):
     """``--calculate-per-token-loss``: Megatron-LM's 3-tuple ``(sum, count, report)``.
 
-    ``total`` is ``[loss sum, loss tokens]`` of this rank's share of the micro-batch (a token
-    is a position with an unmasked target; in TST phase 1 a latent position, whose loss is
-    the multi-hot CE over its unmasked target slots). The schedule leaves the sum alone and
-    passes the step's token count to `finalize_model_grads`, which sums it over data and
-    context parallel and divides the gradients by it: the step minimises the global sum over
-    the global token count. The report is summed over context parallel for logging.
+    ``total`` is ``[loss sum, loss tokens]`` (+ the target entropy sum) of this rank's share of
+    the micro-batch (a token is a position with an unmasked target; in TST phase 1 a latent
+    position, whose loss is the multi-hot CE over its unmasked target slots). The schedule
+    leaves the sum alone and passes the step's token count to `finalize_model_grads`, which
+    sums it over data and context parallel and divides the gradients by it: the step minimises
+    the global sum over the global token count. The report is summed over context parallel
+    for logging.
     """
     report = total.detach().clone()
     if ps.get_context_parallel_world_size() > 1:
         torch.distributed.all_reduce(report, group=ps.get_context_parallel_group())
-    return total[0], total[1].detach().to(torch.int), {"lm loss": report}
+    return total[0], total[1].detach().to(torch.int), _loss_report(report)
+
+
+def _loss_report(total: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{"lm loss": [sum, count]}`` and, with a third entry, ``{"target entropy": [sum]}``
+    (summed over the same positions, so `check_step` divides it by the same count)."""
+    report = {"lm loss": total[:2]}
+    if total.numel() > 2:
+        report["target entropy"] = total[2:]
+    return report
 
 
 def forward_step(data_iterator, model):
     batch = next(data_iterator)
     mask = batch["loss_mask"]
-    position_mask = mask.amax(dim=-1) if mask.dim() == 3 else mask
+    position_mask, entropy = mask, None
+    if mask.dim() == 3:  # TST multi-hot targets: weighted positions, entropy for the KL form
+        weights = _target_weights(model, mask.device)
+        position_mask = positions_with_targets(mask, weights)
+        if mask.shape[-1] > 1:
+            entropy = target_entropy(batch["labels"], mask, weights)
     output = model(
         batch["tokens"],
         batch["position_ids"],
@@ -202,7 +229,9 @@ def forward_step(data_iterator, model):
         **bag_token_kwargs(batch),
     )
     per_token = get_model_config(model).calculate_per_token_loss
-    return output, partial(loss_func, position_mask, per_token=per_token)
+    return output, partial(
+        loss_func, position_mask, per_token=per_token, target_entropy=entropy
+    )
 
 
 def document_attention_mask(batch: dict) -> torch.Tensor | None:
@@ -216,6 +245,12 @@ def bag_token_kwargs(batch: dict) -> dict:
     """The bag-average token mask for `TSTGPTModel.forward`, when the batch has one."""
     mask = batch.get("bag_token_mask")
     return {} if mask is None else {"bag_token_mask": mask}
+
+
+def _target_weights(model, device: torch.device) -> torch.Tensor | None:
+    """The phase's bag-loss weights of a (DDP-wrapped) `TSTGPTModel`; None = uniform."""
+    module = unwrap(model)
+    return module.target_weights(device) if hasattr(module, "target_weights") else None
 
 
 def split_for_context_parallel(batch: dict, bag_size: int) -> dict:
@@ -371,7 +406,8 @@ class Trainer:
             self.metrics.print(notice)
 
     def _microbatches(self, spec: PhaseSpec) -> list[dict]:
-        """This step's micro-batches on the device (prepared ahead with ``--num-workers``)."""
+        """This step's micro-batches on the device (prepared ahead with ``--num-workers``), of
+        ``spec.micro_batch_rows(mbs)`` model samples each (s times more with the batch fold)."""
         request = StepRequest(spec, get_num_microbatches())
         host = self.stream.next_step(request, self._upcoming_requests(request))
         non_blocking = self.device.type == "cuda"  # host tensors are pinned on CUDA
@@ -400,8 +436,14 @@ class Trainer:
 
     # --- steps --------------------------------------------------------------------------
     def _run_schedule(
-        self, batches: list[dict], forward_only: bool, step_func=forward_step
+        self,
+        batches: list[dict],
+        forward_only: bool,
+        step_func=forward_step,
+        spec: PhaseSpec = STANDARD_PHASE,
     ) -> list[dict]:
+        """The pipeline schedule over ``batches``; its p2p shapes follow the phase's fold
+        (``L/s`` latent positions and ``s*b`` samples per micro-batch with the batch fold)."""
         args = self.args
         iterators = [iter(batches) for _ in self.chunks]
         return get_forward_backward_func()(
@@ -409,8 +451,8 @@ class Trainer:
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
             num_microbatches=len(batches),
-            seq_length=args.seq_length // args.context_parallel_size,
-            micro_batch_size=args.micro_batch_size,
+            seq_length=spec.latent_length(args.seq_length) // args.context_parallel_size,
+            micro_batch_size=spec.micro_batch_rows(args.micro_batch_size),
             forward_only=forward_only,
         )
 
@@ -423,7 +465,7 @@ class Trainer:
         self.timers("batch-generator", log_level=1).start()
         batches = self._microbatches(spec)
         self.timers("batch-generator").stop()
-        outputs = self._run_schedule(batches, False, step_func)
+        outputs = self._run_schedule(batches, False, step_func, spec)
         health = check_step(outputs, self.chunks)
         fp16 = self.args.fp16
         scale = precision.current_loss_scale(self.optimizer) if fp16 else None
@@ -442,6 +484,7 @@ class Trainer:
         self.guard.record(bad or (overflow and scale <= self.args.min_loss_scale), iteration)
         return {
             "loss": health.loss,
+            "loss_kl": health.loss - health.target_entropy,
             "grad_norm": grad_norm,
             "updated": updated,
             "nan": bad,

@@ -15,7 +15,7 @@ from datetime import datetime
 import torch
 
 from tst_megatron.config import PhaseSpec
-from tst_megatron.training.flops import ModelShape, flops_per_step, mfu
+from tst_megatron.training.flops import ModelShape, mfu, phase_flops_per_step
 from tst_megatron.training.moe_metrics import MoEIntervalLog, moe_layer_numbers
 from tst_megatron.training.timers import StepTimers
 
@@ -45,6 +45,7 @@ class MetricsLogger:
     def _empty_interval() -> dict:
         return {
             "loss": 0.0,
+            "loss_kl": 0.0,
             "steps": 0,
             "time": 0.0,
             "model_tokens": 0,
@@ -106,9 +107,10 @@ class MetricsLogger:
         it["steps"] += 1
         it["time"] += seconds
         it["loss"] += step["loss"] if step["updated"] else 0.0
+        it["loss_kl"] += step.get("loss_kl", step["loss"]) if step["updated"] else 0.0
         it["model_tokens"] += gbs * args.seq_length
         it["data_tokens"] += gbs * spec.data_tokens_per_sample(args.seq_length)
-        it["flops"] += flops_per_step(self.shape, args.seq_length, gbs)
+        it["flops"] += phase_flops_per_step(self.shape, spec, args.seq_length, gbs)
         it["nan"] += int(step["nan"])
         it["skipped"] += int(not step["updated"])
         moe = step.get("moe")
@@ -129,12 +131,14 @@ class MetricsLogger:
             return
         good = it["steps"] - it["skipped"]
         loss = it["loss"] / good if good else None  # every step of the interval was skipped
+        loss_kl = it["loss_kl"] / good if good else None
         per_iter = it["time"] / it["steps"]
         tflops = it["flops"] / it["time"] / self.world / 1e12
         elapsed = time.time() - self.start_time
         eta = per_iter * (stop_at - progress.iteration)
+        fold = ", batch fold" if spec.fold == "batch" else ""
         phase = (
-            f"1 (s={spec.bag_size}, {spec.mode})"
+            f"1 (s={spec.bag_size}, {spec.mode}{fold})"
             if progress.phase == 1 and not spec.is_standard
             else "2"
             if self.phase1_iters
@@ -157,6 +161,7 @@ class MetricsLogger:
             f"learning rate: {step['lr']:.6E}",
             f"global batch size: {gbs:5d}",
             f"lm loss: {'n/a' if loss is None else f'{loss:.6E}'}",
+            *_kl_field(spec, loss_kl),
             *([f"loss scale: {step['loss_scale']:.1f}"] if args.fp16 else []),
             f"grad norm: {_fmt(step['grad_norm'])}",
             f"number of skipped iterations: {it['skipped']:3d}",
@@ -185,6 +190,7 @@ class MetricsLogger:
             record["mfu"] = mfu(tflops, self.peak)
         if loss is not None:
             record["lm_loss"] = loss
+            record["lm_loss_kl"] = loss_kl  # MCE - target entropy (= lm loss for one target)
         record.update(moe_scalars)
         if _is_logging_rank():
             self._write_with_timers(progress.iteration, record, timer_scalars)
@@ -233,6 +239,13 @@ class MetricsLogger:
         )
         if _is_logging_rank():
             self._write(iteration, {"valid_lm_loss": loss})
+
+
+def _kl_field(spec: PhaseSpec, loss_kl: float | None) -> list[str]:
+    """The log line's KL form of a multi-hot loss (MCE - target entropy, floor 0)."""
+    if spec.target_width == 1:
+        return []
+    return [f"lm loss KL (MCE - target entropy): {'n/a' if loss_kl is None else f'{loss_kl:.6E}'}"]
 
 
 def _fmt(value) -> str:

@@ -211,6 +211,7 @@ def _build(
         rotary_percent=args.rotary_percent,
         rotary_base=args.rotary_base,
         vp_stage=vp_stage,
+        fused_output_loss=args.tst_fused_output_loss,
     )
 
 
