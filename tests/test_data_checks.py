@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ from tests.tool_import import import_tool
 from tst_megatron.data import checks
 from tst_megatron.data.builders import open_indexed_dataset, parse_blend
 from tst_megatron.data.stream import BlendedStream, DataError, MockStream
+from tst_megatron.testing.multirank import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 512
@@ -74,9 +74,7 @@ def data(tmp_path_factory) -> dict[str, str]:
 def launch(tmp: str, name: str, data: list[str], nproc: int, extra: list[str] = ()):
     metrics = Path(tmp) / f"{name}.jsonl"
     script = str(ROOT / "pretrain_tst.py")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
+    port = str(free_port())
     args = [*LAUNCH, "--data-path", *data, "--metrics-jsonl", str(metrics), *extra]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     if nproc == 1:

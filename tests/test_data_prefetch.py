@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ from tst_megatron.config import PhaseSpec
 from tst_megatron.data.builders import open_indexed_dataset
 from tst_megatron.data.prefetch import StepPrefetcher, StepRequest
 from tst_megatron.data.stream import BlendedStream, DocumentStream, MockStream
+from tst_megatron.testing.multirank import free_port
 
 
 def write_dataset(prefix, lengths, seed, dtype=np.uint16):
@@ -193,9 +193,7 @@ LAUNCH = [
 def launch(tmp: Path, name: str, extra: list[str]) -> list[dict]:
     """One single-rank pretrain_tst.py run (the environment torchrun would give it)."""
     metrics = tmp / f"{name}.jsonl"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
+    port = str(free_port())
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "RANK": "0",
            "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}  # fmt: skip

@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tst_megatron.testing.multirank import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = [
     "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
@@ -49,7 +51,7 @@ def launch(tmp: Path, name: str, nproc: int, extra: list[str]) -> tuple[list[dic
     metrics = tmp / f"{name}.jsonl"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-        "--master-port", str(31_000 + abs(hash(name)) % 2000), str(ROOT / "pretrain_tst.py"),
+        "--master-port", str(free_port()), str(ROOT / "pretrain_tst.py"),
         *MODEL, *MOE, "--metrics-jsonl", str(metrics), *extra,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}

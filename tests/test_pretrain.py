@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tst_megatron.testing.multirank import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
 TINY_MODEL = [
@@ -91,7 +93,7 @@ def run(tmp: Path, name: str, extra: list[str], nproc: int, data: str, expect_ok
         "torch.distributed.run",
         f"--nproc-per-node={nproc}",
         "--master-port",
-        str(29_500 + (abs(hash(name)) % 2000)),
+        str(free_port()),
         str(ROOT / "pretrain_tst.py"),
         *TINY_MODEL,
         *OPTIM,

@@ -54,9 +54,13 @@ def exit_iteration(run: Launch, signal_name: str) -> int:
 def assert_clean_exit_save(
     run: Launch, save: Path, signal_name: str, launcher_tracebacks: int = 0
 ) -> int:
-    """The run saved at the step after the signal, published it, and no rank failed."""
+    """The run saved at the step after the signal, published it, and no rank failed.
+
+    The signal is sent once checkpoint 2 is published; on a busy machine it can land before
+    the trainer's exit check of that same iteration, which then exits at 2 without saving
+    again (the save of that step is already there): iteration 2 is a valid answer."""
     iteration = exit_iteration(run, signal_name)
-    assert 2 < iteration < 8
+    assert 2 <= iteration < 8
     assert run.log.count("Traceback") == launcher_tracebacks, run.log[-4000:]
     assert "BrokenPipeError" not in run.log
     saved = {2 * k for k in range(1, iteration // 2 + 1)} | {iteration}

@@ -130,7 +130,7 @@ def run_multirank(
     if world_size % (tp * pp * cp) != 0:
         raise ValueError(f"world_size {world_size} is not a multiple of tp*pp*cp={tp * pp * cp}")
     layout = dict(tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, vpp=vpp, seed=seed)
-    port = _free_port()
+    port = free_port()
     result_dir = Path(tempfile.mkdtemp(prefix="multirank-"))
     ctx = _context(start_method)
     call = (fn, tuple(args), dict(kwargs or {}))
@@ -291,7 +291,8 @@ def _context(start_method: str) -> Any:
     return ctx
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it: no two callers share a guess)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
