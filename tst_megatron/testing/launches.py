@@ -84,16 +84,27 @@ class Running:
         return found
 
     def workers(self) -> list[psutil.Process]:
-        """The processes running pretrain_tst.py's main (not launchers, not helpers)."""
+        """The live processes running pretrain_tst.py's main: not launchers, not helpers
+        (spawned helpers run ``multiprocessing`` code; forked ones, such as Megatron-Core's
+        checkpoint writers, have a rank as their parent)."""
         found = []
         for proc in self.processes():
             with contextlib.suppress(psutil.Error):
                 cmd = proc.cmdline()
-                if str(SCRIPT) in cmd and "torch.distributed.run" not in cmd and not any(
-                    "multiprocessing" in part for part in cmd
+                if (
+                    proc.status() != psutil.STATUS_ZOMBIE
+                    and str(SCRIPT) in cmd
+                    and "torch.distributed.run" not in cmd
+                    and not any("multiprocessing" in part for part in cmd)
                 ):
                     found.append(proc)
-        return found
+        pids = {proc.pid for proc in found}
+        ranks = []
+        for proc in found:
+            with contextlib.suppress(psutil.Error):
+                if proc.ppid() not in pids:
+                    ranks.append(proc)
+        return ranks
 
     def signal_every_process(self, signum: int) -> None:
         """What Slurm does for a job step (``scancel --signal``, preemption, srun forwarding)."""

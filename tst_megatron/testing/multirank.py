@@ -292,10 +292,32 @@ def _context(start_method: str) -> Any:
 
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (the OS picks it: no two callers share a guess)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port free on 127.0.0.1 now, below the kernel's ephemeral range.
+
+    A port the OS hands out for ``bind(0)`` comes from the ephemeral range, which outgoing
+    connections (gloo's, the other test worker's) draw from too: between this check and the
+    launcher's own bind, one of them can take it (``EADDRINUSE``). Below that range only
+    explicit binds compete, and a random pick makes two test workers' choices collide rarely.
+    """
+    low = _ephemeral_port_start()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12_000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port below the ephemeral range (starts at {low})")
+
+
+def _ephemeral_port_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default
 
 
 def _failed(proc: mp.Process, result_dir: Path, rank: int) -> bool:

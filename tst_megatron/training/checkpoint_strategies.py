@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from functools import wraps
 from multiprocessing.managers import SyncManager
 
+import torch
 import torch.multiprocessing as mp
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing import serialization
@@ -134,11 +135,18 @@ def shield_checkpoint_writer() -> None:
     with ``BrokenPipeError`` in ``write_preloaded_data_multiproc``. We start the same manager
     ourselves, with `exit_signals.shield_helper_process` as its initializer (exit signals
     ignored, exits when the rank is gone), and hand its queue to Megatron-Core. Idempotent.
+
+    Start method: Megatron-Core spawns, because a rank that has initialised CUDA must not
+    fork a long-lived child. A spawned server re-imports torch to unpickle the write results
+    (about 3 s of CPU per rank at its first save); a rank that has not initialised CUDA (CPU
+    hosts, where that cost is most of a small run's save) forks it instead, as Megatron-Core
+    forks its checkpoint writers at every save.
     """
     global _manager
     if filesystem_async._results_queue is not None:
         return
-    _manager = SyncManager(ctx=mp.get_context("spawn"))
+    start_method = "spawn" if torch.cuda.is_initialized() else "fork"
+    _manager = SyncManager(ctx=mp.get_context(start_method))
     _manager.start(initializer=exit_signals.shield_helper_process, initargs=(os.getpid(),))
     filesystem_async._results_queue = _manager.Queue()
 
