@@ -112,12 +112,12 @@ def _median_rate(tokens: int, run, steps: int) -> float:
 def loader_throughput(prefixes: list[str], steps: int) -> dict:
     """Data tokens/s one rank gets at s = 16, L = 4096: the windows alone (vectorised and the
     per-window loop they replaced), and the whole `read_step` with and without masks."""
-    import numpy as np
 
     from tst_megatron.config import PhaseSpec
     from tst_megatron.data.batches import StepLayout, read_step
     from tst_megatron.data.documents import DocumentMasking
     from tst_megatron.data.prefetch import StepRequest
+    from tst_megatron.testing.datasets import reference_next_windows
 
     spec = PhaseSpec(BAG, "full")
     request = StepRequest(spec, GLOBAL_BATCH // DP // MICRO)
@@ -127,16 +127,7 @@ def loader_throughput(prefixes: list[str], steps: int) -> dict:
     rows = slice(0, per_rank)
 
     def loop_windows(stream):  # the code `next_windows` replaced
-        state, placements = stream.state, []
-        for _ in range(GLOBAL_BATCH):
-            drawn = sum(state.samples) + 1
-            errors = [w * drawn - n for w, n in zip(stream.weights, state.samples, strict=True)]
-            k = int(np.argmax(errors))
-            placements.append((k, state.cursors[k]))
-            state.cursors[k] += window - 1
-            state.samples[k] += 1
-        reads = [stream.streams[k]._read_by_document(s, window) for k, s in placements[rows]]
-        return np.stack(reads)
+        return reference_next_windows(stream, GLOBAL_BATCH, window, rows)
 
     results = {}
     stream = blend(prefixes)

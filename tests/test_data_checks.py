@@ -23,13 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from tests.tool_import import import_tool
 from tst_megatron.data import checks
 from tst_megatron.data.builders import open_indexed_dataset, parse_blend
 from tst_megatron.data.stream import BlendedStream, DataError, MockStream
+from tst_megatron.testing.datasets import write_documents as write_dataset
 from tst_megatron.testing.multirank import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,14 +41,6 @@ LAUNCH = [
     "--vocab-size", str(VOCAB), "--split", "100,0,0",
 ]  # fmt: skip
 ERROR = "pretrain_tst.py: error: "
-
-
-def write_dataset(prefix: Path, documents: list[list[int]]) -> str:
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
-    for doc in documents:
-        builder.add_document(torch.tensor(doc, dtype=torch.int32), [len(doc)])
-    builder.finalize(f"{prefix}.idx")
-    return str(prefix)
 
 
 def random_documents(count: int, high: int, seed: int) -> list[list[int]]:

@@ -19,6 +19,7 @@ from tst_megatron.config import PhaseSpec
 from tst_megatron.data.builders import open_indexed_dataset
 from tst_megatron.data.prefetch import StepPrefetcher, StepRequest
 from tst_megatron.data.stream import BlendedStream, DocumentStream, MockStream
+from tst_megatron.testing.datasets import reference_next_windows
 from tst_megatron.testing.multirank import free_port
 
 
@@ -47,21 +48,6 @@ def blend(two_datasets, weights=(0.7, 0.3)) -> BlendedStream:
         DocumentStream(b, np.arange(len(b)), seed=4, name="b"),
     ]
     return BlendedStream(streams, list(weights))
-
-
-def reference_next_windows(stream: BlendedStream, count: int, window: int, rows: slice):
-    """The per-window loop the vectorised `next_windows` replaced (argmax draw, per-document
-    reads through `IndexedDataset.get`)."""
-    state, placements = stream.state, []
-    for _ in range(count):
-        drawn = sum(state.samples) + 1
-        errors = [w * drawn - n for w, n in zip(stream.weights, state.samples, strict=True)]
-        k = int(np.argmax(errors))
-        placements.append((k, state.cursors[k]))
-        state.cursors[k] += window - 1
-        state.samples[k] += 1
-        state.consumed_tokens += window - 1
-    return np.stack([stream.streams[k]._read_by_document(s, window) for k, s in placements[rows]])
 
 
 def test_vectorised_windows_equal_the_per_window_loop(two_datasets):

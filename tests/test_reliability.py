@@ -27,6 +27,7 @@ import torch
 from tst_megatron.data.builders import build_train_stream, open_indexed_dataset
 from tst_megatron.data.stream import DataError
 from tst_megatron.data.tokenizer import TokenizerError
+from tst_megatron.testing.datasets import write_documents as write_dataset
 from tst_megatron.testing.launches import (
     DP2,
     ERROR,
@@ -53,17 +54,6 @@ def checkpoint_tensors(path: Path, tmp: Path) -> dict[str, torch.Tensor]:
     dcp_to_torch_save(path, tmp / "ckpt.pt")
     state = torch.load(tmp / "ckpt.pt", weights_only=False)
     return {k: v for k, v in state.items() if torch.is_tensor(v)}
-
-
-def write_dataset(prefix: Path, documents: list[list[int]]) -> str:
-    """A Megatron ``.bin``/``.idx`` pair holding ``documents``."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
-    for doc in documents:
-        builder.add_document(torch.tensor(doc, dtype=torch.int32), [len(doc)])
-    builder.finalize(f"{prefix}.idx")
-    return str(prefix)
 
 
 # --------------------------------------------------------------------------------------------
