@@ -34,6 +34,9 @@ def test_dry_run_prints_every_run_and_needs_no_gpu():
         assert f"# {name}\n" in proc.stdout
     assert proc.stdout.count("pretrain_tst.py") == len(NAMES)
     assert "# multi_hot_ce: bf16 logits [2048, 4, 128256]" in proc.stdout
+    assert "# fused_output: bf16 hidden [4096, 1, 1024], output weight [128256, 1024]" in (
+        proc.stdout
+    )
 
 
 def _pretrain_args(run: gpu_check.Run, tmp_path: Path) -> list[str]:

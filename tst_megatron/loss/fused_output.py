@@ -29,6 +29,8 @@ Vocab-parallel statistics need one collective per chunk: an all-gather of each r
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import mappings
@@ -48,12 +50,71 @@ def default_chunk_tokens(hidden_size: int) -> int:
     return max(MIN_CHUNK_TOKENS, hidden_size // 4)
 
 
-def _accumulate_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``out += a @ b`` with ``out`` fp32 (low-precision operands: GEMM, then fp32 add)."""
-    if a.dtype == out.dtype:
-        out.addmm_(a, b)
-    else:
-        out.add_(torch.mm(a, b))
+@functools.cache
+def _accumulates_low_precision_in_fp32(device: torch.device) -> bool:
+    """Whether ``torch.addmm(C fp32, A bf16, B bf16, out_dtype=fp32, out=C)`` runs on
+    ``device``: on CUDA one cuBLAS GEMM adds ``A B`` to the fp32 ``C`` (like apex's
+    ``wgrad_gemm_accum_fp32``); PyTorch has no such CPU kernel (probed once per device)."""
+    if device.type == "cpu":
+        return False
+    out = torch.ones(2, 2, device=device)
+    ones = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+    try:
+        torch.addmm(out, ones, ones, out_dtype=torch.float32, out=out)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return bool((out == 3).all())  # accumulated in place: 1 + (1*1 + 1*1)
+
+
+class _ChunkWorkspace:
+    """Buffers every chunk reuses: the logits ``[c, V/TP]`` in fp32 (and in the weight's
+    dtype when that is lower), and, for a low-precision weight on a device without an
+    fp32-accumulating mixed GEMM (the CPU), the ``[V/TP, h]`` product a chunk adds to the
+    fp32 weight gradient.
+
+    Reusing them is what keeps the chunk loop as fast as one big GEMM on a CPU: a fresh
+    32 MiB buffer per chunk is a fresh mapping that page-faults on first touch (measured:
+    the chunk's output GEMM took 1.2x as long into a new tensor as into a reused one). CUDA's
+    caching allocator would reuse the blocks anyway; the peak memory is the same. On CUDA
+    the weight gradient is accumulated by the GEMM itself: a separate product and add would
+    move ``3 x V/TP x h`` elements per chunk, as many bytes as the GEMM's own work takes time.
+    """
+
+    def __init__(self, chunk_tokens: int, weight: torch.Tensor, weight_grad: bool) -> None:
+        rows, device = chunk_tokens, weight.device
+        self.logits = torch.empty(rows, weight.shape[0], dtype=torch.float32, device=device)
+        self.low = self.product = None
+        self.accumulate_in_gemm = weight.dtype == torch.float32
+        if weight.dtype != torch.float32:
+            self.low = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=device)
+            self.accumulate_in_gemm = _accumulates_low_precision_in_fp32(device)
+            if weight_grad and not self.accumulate_in_gemm:
+                self.product = torch.empty_like(weight)
+
+    def chunk_logits(self, x_c: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``x_c W^T`` ``[c, V/TP]`` in fp32 (rounded through the weight's dtype, as the
+        unfused output layer's logits are), written into the reused buffer."""
+        rows = x_c.shape[0]
+        if self.low is None:
+            return torch.mm(x_c, weight.t(), out=self.logits[:rows])
+        low = torch.mm(x_c, weight.t(), out=self.low[:rows])
+        return self.logits[:rows].copy_(low)
+
+    def low_precision(self, grad_logits: torch.Tensor) -> torch.Tensor:
+        """``grad_logits`` in the weight's dtype (the GEMM operands' dtype)."""
+        if self.low is None:
+            return grad_logits
+        return self.low[: grad_logits.shape[0]].copy_(grad_logits)
+
+    def add_weight_grad(self, grad_w: torch.Tensor, grad_logits: torch.Tensor,
+                        x_c: torch.Tensor) -> None:  # fmt: skip
+        """``grad_w += grad_logits^T x_c``, ``grad_w`` fp32."""
+        if self.low is None:
+            grad_w.addmm_(grad_logits.t(), x_c)
+        elif self.accumulate_in_gemm:
+            torch.addmm(grad_w, grad_logits.t(), x_c, out_dtype=torch.float32, out=grad_w)
+        else:
+            grad_w.add_(torch.mm(grad_logits.t(), x_c, out=self.product))
 
 
 class _FusedOutputCrossEntropy(torch.autograd.Function):
@@ -91,11 +152,12 @@ class _FusedOutputCrossEntropy(torch.autograd.Function):
         if compute_grads:
             grad_x = torch.empty(tokens, h, dtype=torch.float32, device=x.device)
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
+        workspace = _ChunkWorkspace(min(chunk_tokens, tokens), weight, compute_grads)
         for start in range(0, tokens, chunk_tokens):
             rows = slice(start, min(start + chunk_tokens, tokens))
             loss[rows], lse[rows] = _forward_chunk(
                 x[rows], weight, local_index[rows], owned[rows], probs[rows], active[rows],
-                tp_group, tp_size, None if grad_x is None else grad_x[rows], grad_w,
+                tp_group, tp_size, workspace, None if grad_x is None else grad_x[rows], grad_w,
             )  # fmt: skip
 
         ctx.tp_group, ctx.sequence_parallel = tp_group, sequence_parallel
@@ -143,11 +205,11 @@ class _FusedOutputCrossEntropy(torch.autograd.Function):
 
 
 def _forward_chunk(x_c, weight, index_c, owned_c, probs_c, active_c, tp_group, tp_size,
-                   grad_x_c, grad_w) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                   workspace, grad_x_c, grad_w) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Loss and log-sum-exp ``[c]`` of one chunk of ``c`` tokens; with ``grad_x_c`` also its
     hidden-state gradient (written there) and weight gradient (added to ``grad_w``) for a
-    unit loss gradient. The chunk's ``[c, V/TP]`` logits are freed on return."""
-    logits = torch.mm(x_c, weight.t()).float()
+    unit loss gradient. The chunk's ``[c, V/TP]`` logits live in ``workspace``'s buffers."""
+    logits = workspace.chunk_logits(x_c, weight)
     stats = torch.empty(x_c.shape[0], 2 + index_c.shape[-1], dtype=torch.float32,
                         device=x_c.device)  # fmt: skip
     stats[:, 2:] = logits.gather(-1, index_c).masked_fill_(~owned_c, 0.0)
@@ -162,9 +224,12 @@ def _forward_chunk(x_c, weight, index_c, owned_c, probs_c, active_c, tp_group, t
     # logits now hold exp(z - local max): the softmax is one row scale away
     grad_logits = logits.mul_((torch.exp(local_max - lse_c) * active_c).unsqueeze(-1))
     grad_logits.scatter_add_(-1, index_c, -(probs_c * owned_c))
-    grad_logits = grad_logits.to(weight.dtype)
-    grad_x_c.copy_(torch.mm(grad_logits, weight))
-    _accumulate_mm(grad_w, grad_logits.t(), x_c)
+    grad_logits = workspace.low_precision(grad_logits)
+    if grad_x_c.dtype == grad_logits.dtype:
+        torch.mm(grad_logits, weight, out=grad_x_c)
+    else:
+        grad_x_c.copy_(torch.mm(grad_logits, weight))
+    workspace.add_weight_grad(grad_w, grad_logits, x_c)
     return loss_c, lse_c
 
 
@@ -186,14 +251,14 @@ def _combine_vocab_shards(
 
 def _weight_grad(grad_w, x, weight, g, lse, local_index, owned, probs, chunk_tokens) -> None:
     """``grad_w += sum_i g_i * dloss_i/dW`` over chunks, from the saved log-sum-exp."""
+    workspace = _ChunkWorkspace(min(chunk_tokens, x.shape[0]), weight, weight_grad=True)
     for start in range(0, x.shape[0], chunk_tokens):
         rows = slice(start, min(start + chunk_tokens, x.shape[0]))
-        logits = torch.mm(x[rows], weight.t()).float()
+        logits = workspace.chunk_logits(x[rows], weight)
         grad_logits = logits.sub_(lse[rows].unsqueeze(-1)).exp_().mul_(g[rows].unsqueeze(-1))
         target_grad = probs[rows] * g[rows].unsqueeze(-1) * owned[rows]
         grad_logits.scatter_add_(-1, local_index[rows], -target_grad)
-        _accumulate_mm(grad_w, grad_logits.to(weight.dtype).t(), x[rows])
-        del logits, grad_logits  # one chunk's logits alive at a time
+        workspace.add_weight_grad(grad_w, workspace.low_precision(grad_logits), x[rows])
 
 
 def _hand_over_weight_grad(

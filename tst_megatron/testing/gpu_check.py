@@ -2,7 +2,7 @@
 
 Needs one CUDA GPU, PyTorch with CUDA and Megatron-Core 0.16.1; no Transformer Engine, no apex
 (``--transformer-impl local``, mock data, the Llama-3 vocabulary size). Five ``pretrain_tst.py``
-runs, then the fused loss on CUDA:
+runs, then the two fused losses on CUDA:
 
 Runs (a sixth, ``te_fp8``, when Transformer Engine is installed: see `plan`):
 
@@ -21,6 +21,10 @@ Runs (a sixth, ``te_fp8``, when Transformer Engine is installed: see `plan`):
    + gather, autograd), and one standard CE (Megatron-Core's ``vocab_parallel_cross_entropy``)
    on the same logits: loss/gradient error, time and ``max_memory_allocated`` each as a ratio
    to the standard CE.
+7. ``fused_output``: `tst_megatron.loss.fused_output_multi_hot_cross_entropy` (bf16 hidden
+   ``[4096, 1, 1024]``, output weight ``[128256, 1024]``, s = 1, 6, 16) against the unfused
+   output layer + loss: time at most 1.15x, ``max_memory_allocated`` at most 0.3x, error
+   against fp32 no worse than the unfused path's.
 
 Every run must learn (the loss falls in both phases) with finite, non-zero grad norms. It
 prints one summary table, writes ``summary.txt``, ``gpu_check.json`` and ``logs.tar.gz`` to
@@ -78,6 +82,8 @@ MOE = [
 LEARNED = ["--position-embedding-type", "learned_absolute"]
 CE_SHAPE = (2048, 4, 128_256)  # [L, b, V]
 CE_BAG_SIZES = (4, 16)
+FUSED_OUTPUT_SHAPE = (4096, 1024, 128_256)  # tokens, hidden, vocab
+FUSED_OUTPUT_BAG_SIZES = (1, 6, 16)
 
 
 @dataclass
@@ -219,46 +225,84 @@ def check_runs(summary: Summary, runs: list[Run], out: Path, results: dict) -> N
             phase_speed(summary, by_name[name], data[name])
 
 
-def check_multi_hot_ce(summary: Summary) -> None:
-    """The fused loss on CUDA against a plain-torch reference and one standard CE."""
+def _measure_cuda(fn, leaves: tuple, repeats: int = 5) -> tuple:
+    """Forward + backward of ``fn(*leaves)`` (a loss tensor) on CUDA: (loss fp32, gradients
+    fp32 of ``leaves``, median ms of ``repeats``, peak bytes allocated above the inputs)."""
+    import torch
+
+    def step():
+        for leaf in leaves:
+            leaf.grad = None
+        loss = fn(*leaves)
+        loss.sum().backward()  # one loss gradient on every position, as Megatron's schedule
+        return loss
+
+    for _ in range(2):  # warm-up: cuBLAS workspaces and kernels are not the loss's
+        step()
+    for leaf in leaves:
+        leaf.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    result, grads = loss.detach().float(), [leaf.grad.float() for leaf in leaves]
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    for leaf in leaves:
+        leaf.grad = None
+    return result, grads, statistics.median(times), peak
+
+
+def _relative_error(got, want) -> float:
+    return ((got - want).norm() / want.norm()).item()
+
+
+def check_losses(summary: Summary) -> None:
+    """The CUDA loss checks in one single-rank NCCL process group (Megatron's CE needs it)."""
     import torch
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    from tst_megatron.loss import multi_hot_cross_entropy
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29613")
     torch.distributed.init_process_group("nccl", rank=0, world_size=1)
     parallel_state.initialize_model_parallel()
+    try:
+        for check in (check_multi_hot_ce, check_fused_output_loss):
+            try:
+                check(summary)
+            except Exception as err:  # report it in the table, like every other failure
+                summary.check(check.__name__[len("check_") :], f"{type(err).__name__}: {err}",
+                              False)  # fmt: skip
+    finally:
+        parallel_state.destroy_model_parallel()
+        torch.distributed.destroy_process_group()
+
+
+def check_multi_hot_ce(summary: Summary) -> None:
+    """The fused loss on CUDA against a plain-torch reference and one standard CE."""
+    import torch
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from tst_megatron.loss import multi_hot_cross_entropy
+
     torch.manual_seed(0)
     length, batch, vocab = CE_SHAPE
     logits = (torch.randn(CE_SHAPE, device="cuda") * 2).to(torch.bfloat16)
 
-    def measure(fn, *inputs):
+    def measure(fn, labels):
         """(loss [b, L] fp32, grad, median ms of fwd+bwd, peak bytes above the inputs)."""
-        leaf = logits.detach().requires_grad_()
-        for _ in range(2):  # warm-up
-            fn(leaf, *inputs).sum().backward()
-        leaf.grad = None
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        loss = fn(leaf, *inputs)
-        loss.sum().backward()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        result, grad = loss.detach().float(), leaf.grad.float()
-        times = []
-        for _ in range(5):
-            leaf.grad = None
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(leaf, *inputs).sum().backward()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return result, grad, statistics.median(times), peak
+        loss, (grad,), ms, peak = _measure_cuda(
+            lambda leaf: fn(leaf, labels), (logits.detach().requires_grad_(),)
+        )
+        return loss, grad, ms, peak
 
     def standard(leaf, labels):
         return vocab_parallel_cross_entropy(leaf, labels).transpose(0, 1)  # [L, b] -> [b, L]
@@ -276,7 +320,7 @@ def check_multi_hot_ce(summary: Summary) -> None:
     ce_loss, ce_grad, ce_ms, ce_peak = measure(standard, labels)
     plain = measure(plain_ce, labels)
     ce_loss_err = ((ce_loss - plain[0]).abs().max() / plain[0].abs().max()).item()
-    ce_grad_err = ((ce_grad - plain[1]).norm() / plain[1].norm()).item()
+    ce_grad_err = _relative_error(ce_grad, plain[1])
     summary.numbers["standard_ce"] = {
         "ms": ce_ms, "peak_bytes": ce_peak, "loss_rel_err": ce_loss_err, "grad_rel_err": ce_grad_err
     }  # fmt: skip
@@ -285,7 +329,7 @@ def check_multi_hot_ce(summary: Summary) -> None:
         fused = measure(lambda leaf, t: multi_hot_cross_entropy(leaf, t), targets)
         ref = measure(reference, targets)
         loss_err = ((fused[0] - ref[0]).abs().max() / ref[0].abs().max()).item()
-        grad_err = ((fused[1] - ref[1]).norm() / ref[1].norm()).item()
+        grad_err = _relative_error(fused[1], ref[1])
         time_ratio, mem_ratio = fused[2] / ce_ms, fused[3] / ce_peak
         summary.numbers[f"multi_hot_s{s}"] = {
             "loss_rel_err": loss_err, "grad_rel_err": grad_err, "ms": fused[2],
@@ -311,8 +355,70 @@ def check_multi_hot_ce(summary: Summary) -> None:
             f"{ref[3] / ce_peak:.2f}x)",
             mem_ratio <= 1.1,
         )
-    parallel_state.destroy_model_parallel()
-    torch.distributed.destroy_process_group()
+
+
+def check_fused_output_loss(summary: Summary) -> None:
+    """`--tst-fused-output-loss` on CUDA, bf16: output layer + loss fused vs unfused.
+
+    Same inputs as ``benchmarks/fused_output_loss.py`` (hidden ``[4096, 1, 1024]``, output
+    weight ``[128256, 1024]``): time and peak memory of fwd+bwd as ratios to the unfused
+    path (output GEMM, then Megatron's CE or the multi-hot CE), and both paths' errors
+    against the unfused path in fp32 (the fused one may not be less accurate).
+    """
+    import torch
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from tst_megatron.loss import fused_output_multi_hot_cross_entropy, multi_hot_cross_entropy
+
+    tokens, hidden, vocab = FUSED_OUTPUT_SHAPE
+    torch.manual_seed(0)
+    x32 = torch.randn(tokens, 1, hidden, device="cuda")
+    w32 = torch.randn(vocab, hidden, device="cuda") * 0.02
+    x16, w16 = x32.to(torch.bfloat16), w32.to(torch.bfloat16)
+
+    def unfused(x, w, targets):
+        logits = torch.matmul(x, w.t())  # [tokens, 1, V], as the output layer computes it
+        if targets.dim() == 2:
+            return vocab_parallel_cross_entropy(logits, targets.t()).t()
+        return multi_hot_cross_entropy(logits, targets)
+
+    def run(fn, x, w, targets):
+        leaves = (x.detach().requires_grad_(), w.detach().requires_grad_())
+        return _measure_cuda(lambda a, b: fn(a, b, targets), leaves)
+
+    for s in FUSED_OUTPUT_BAG_SIZES:
+        targets = torch.randint(0, vocab, (1, tokens, s), device="cuda")
+        targets = targets[..., 0] if s == 1 else targets
+        fused = run(fused_output_multi_hot_cross_entropy, x16, w16, targets)
+        plain = run(unfused, x16, w16, targets)
+        exact = run(unfused, x32, w32, targets)
+        errors = {  # worst of loss, hidden-state gradient, weight gradient
+            name: max(_relative_error(got[0], exact[0]), _relative_error(got[1][0], exact[1][0]),
+                      _relative_error(got[1][1], exact[1][1]))
+            for name, got in (("fused", fused), ("unfused", plain))
+        }  # fmt: skip
+        time_ratio, mem_ratio = fused[2] / plain[2], fused[3] / plain[3]
+        summary.numbers[f"fused_output_s{s}"] = {
+            "ms": fused[2], "unfused_ms": plain[2], "peak_bytes": fused[3],
+            "unfused_peak_bytes": plain[3], "time_over_unfused": time_ratio,
+            "memory_over_unfused": mem_ratio, "error": errors["fused"],
+            "unfused_error": errors["unfused"],
+        }  # fmt: skip
+        summary.check(
+            f"fused_output s={s}: error vs fp32",
+            f"{errors['fused']:.1e} (unfused bf16: {errors['unfused']:.1e})",
+            errors["fused"] <= 1.5 * errors["unfused"] + 1e-3,
+        )
+        summary.check(
+            f"fused_output s={s}: time / unfused",
+            f"{time_ratio:.2f}x ({fused[2]:.1f} vs {plain[2]:.1f} ms)",
+            time_ratio <= 1.15,
+        )
+        summary.check(
+            f"fused_output s={s}: max_memory_allocated / unfused",
+            f"{mem_ratio:.2f}x ({fused[3] / 2**30:.2f} vs {plain[3] / 2**30:.2f} GiB)",
+            mem_ratio <= 0.3,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -333,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
             print(shlex.join(run.command(work, opts.python)))
         print(f"# multi_hot_ce: bf16 logits {list(CE_SHAPE)}, s in {list(CE_BAG_SIZES)}, "
               "vs plain torch and one vocab_parallel_cross_entropy (in this process)")  # fmt: skip
+        tokens, hidden, vocab = FUSED_OUTPUT_SHAPE
+        print(f"# fused_output: bf16 hidden [{tokens}, 1, {hidden}], output weight [{vocab}, "
+              f"{hidden}], s in {list(FUSED_OUTPUT_BAG_SIZES)}, fused vs unfused (in this "
+              "process)")  # fmt: skip
         return 0
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -355,10 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    exit {code} after {time.time() - begin:.0f} s; tail:", flush=True)
         print("    " + "\n    ".join(log.read_text().splitlines()[-3:]), flush=True)
     check_runs(summary, runs, work, results)
-    try:
-        check_multi_hot_ce(summary)
-    except Exception as err:  # report it in the table, like every other failure
-        summary.check("multi_hot_ce", f"{type(err).__name__}: {err}", False)
+    check_losses(summary)
     summary.numbers["wall_s"] = time.time() - started
     summary.check("total wall time", f"{summary.numbers['wall_s']:.0f} s (budget 480 s)",
                   summary.numbers["wall_s"] <= 480)  # fmt: skip
