@@ -51,14 +51,14 @@ def default_chunk_tokens(hidden_size: int) -> int:
 
 
 @functools.cache
-def _accumulates_low_precision_in_fp32(device: torch.device) -> bool:
-    """Whether ``torch.addmm(C fp32, A bf16, B bf16, out_dtype=fp32, out=C)`` runs on
-    ``device``: on CUDA one cuBLAS GEMM adds ``A B`` to the fp32 ``C`` (like apex's
-    ``wgrad_gemm_accum_fp32``); PyTorch has no such CPU kernel (probed once per device)."""
+def _accumulates_low_precision_in_fp32(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(C fp32, A, B, out_dtype=fp32, out=C)`` runs on ``device`` for
+    ``dtype`` operands: on CUDA one cuBLAS GEMM adds ``A B`` to the fp32 ``C`` (like apex's
+    ``wgrad_gemm_accum_fp32``); PyTorch has no such CPU kernel (probed once per pair)."""
     if device.type == "cpu":
         return False
     out = torch.ones(2, 2, device=device)
-    ones = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+    ones = torch.ones(2, 2, device=device, dtype=dtype)
     try:
         torch.addmm(out, ones, ones, out_dtype=torch.float32, out=out)
     except (RuntimeError, NotImplementedError, TypeError):
@@ -87,7 +87,7 @@ class _ChunkWorkspace:
         self.accumulate_in_gemm = weight.dtype == torch.float32
         if weight.dtype != torch.float32:
             self.low = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=device)
-            self.accumulate_in_gemm = _accumulates_low_precision_in_fp32(device)
+            self.accumulate_in_gemm = _accumulates_low_precision_in_fp32(device, weight.dtype)
             if weight_grad and not self.accumulate_in_gemm:
                 self.product = torch.empty_like(weight)
 
