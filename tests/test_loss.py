@@ -226,20 +226,23 @@ def test_fused_output_loss_equals_unfused(s, weighting, chunk, uniform_grad):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_fused_output_loss_without_grad_and_in_bf16():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_output_loss_without_grad_and_in_half_precision(dtype):
     hidden, weight, targets, mask = _fused_case(4)
     with torch.no_grad():
         loss = fused_output_multi_hot_cross_entropy(hidden, weight, targets, mask, chunk_tokens=4)
     torch.testing.assert_close(loss, _unfused(hidden, weight, targets, mask, None), atol=1e-5,
                                rtol=1e-5)  # fmt: skip
-    grad_out = (mask.amax(-1) > 0).float()
-    got = _grads(fused_output_multi_hot_cross_entropy, hidden.bfloat16(), weight.bfloat16(),
-                 targets, mask, chunk_tokens=4, grad_out=grad_out)  # fmt: skip
-    ref = _grads(_unfused, hidden.bfloat16(), weight.bfloat16(), targets, mask, None,
-                 grad_out=grad_out)  # fmt: skip
-    assert got[1].dtype == got[2].dtype == torch.bfloat16
-    for a, b in zip(got, ref, strict=True):
-        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+    active = (mask.amax(-1) > 0).float()
+    varying = active * torch.linspace(0.5, 1.5, active.numel()).view(active.shape)
+    for grad_out in (active, varying):  # Megatron's one value, and the exact recompute path
+        got = _grads(fused_output_multi_hot_cross_entropy, hidden.to(dtype), weight.to(dtype),
+                     targets, mask, chunk_tokens=4, grad_out=grad_out)  # fmt: skip
+        ref = _grads(_unfused, hidden.to(dtype), weight.to(dtype), targets, mask, None,
+                     grad_out=grad_out)  # fmt: skip
+        assert got[1].dtype == got[2].dtype == dtype
+        for a, b in zip(got, ref, strict=True):
+            torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
 
 
 def test_fused_output_loss_adds_to_main_grad_with_gradient_accumulation_fusion():
