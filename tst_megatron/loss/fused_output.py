@@ -84,11 +84,9 @@ class _ChunkWorkspace:
         rows, device = chunk_tokens, weight.device
         self.logits = torch.empty(rows, weight.shape[0], dtype=torch.float32, device=device)
         self.low = self.product = None
-        self.accumulate_in_gemm = weight.dtype == torch.float32
         if weight.dtype != torch.float32:
             self.low = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=device)
-            self.accumulate_in_gemm = _accumulates_low_precision_in_fp32(device, weight.dtype)
-            if weight_grad and not self.accumulate_in_gemm:
+            if weight_grad and not _accumulates_low_precision_in_fp32(device, weight.dtype):
                 self.product = torch.empty_like(weight)
 
     def chunk_logits(self, x_c: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -111,7 +109,7 @@ class _ChunkWorkspace:
         """``grad_w += grad_logits^T x_c``, ``grad_w`` fp32."""
         if self.low is None:
             grad_w.addmm_(grad_logits.t(), x_c)
-        elif self.accumulate_in_gemm:
+        elif self.product is None:  # the GEMM accumulates into fp32 itself
             torch.addmm(grad_w, grad_logits.t(), x_c, out_dtype=torch.float32, out=grad_w)
         else:
             grad_w.add_(torch.mm(grad_logits.t(), x_c, out=self.product))
