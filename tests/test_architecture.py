@@ -18,14 +18,15 @@ ALLOWED = {
     **{name: METHOD for name in METHOD},
     "data": {"data", "config", "targets"},
     "training": METHOD
-    | {"data", "training", "planning", "cpu", "mcore_fixes", "kernels", "layers"},
+    | {"data", "training", "planning", "cpu", "mcore_fixes", "mcore_compat", "kernels", "layers"},
     "planning": METHOD | {"planning", "training"},
-    "conversion": METHOD | {"conversion", "data", "training", "cpu"},
-    "cpu": {"cpu", "layers"},
-    "mcore_fixes": set(),
+    "conversion": METHOD | {"conversion", "data", "training", "cpu", "mcore_compat"},
+    "cpu": {"cpu", "layers", "mcore_compat"},
+    "mcore_fixes": {"mcore_compat"},
+    "mcore_compat": set(),
     "kernels": set(),
-    "layers": {"layers", "kernels", "training"},
-    "testing": METHOD | {"testing", "cpu", "training", "mcore_fixes"},
+    "layers": {"layers", "kernels", "training", "mcore_compat"},
+    "testing": METHOD | {"testing", "cpu", "training", "mcore_fixes", "mcore_compat"},
 }
 # Imports allowed from one module only.
 ONLY_FROM = {

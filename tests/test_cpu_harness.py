@@ -121,9 +121,11 @@ def _loss_func(per_token_loss: torch.Tensor):
 
 
 def _forward_step(data_iterator, model):
-    from megatron.core.utils import get_batch_on_this_cp_rank
+    from megatron.core import parallel_state as ps
 
-    batch = get_batch_on_this_cp_rank(dict(next(data_iterator)))
+    from tst_megatron.mcore_compat import batch_on_this_cp_rank
+
+    batch = batch_on_this_cp_rank(dict(next(data_iterator)), ps.get_context_parallel_group())
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, _loss_func
 

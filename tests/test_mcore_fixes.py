@@ -2,7 +2,7 @@
 
 The MoE router of Megatron-Core 0.16.1 references ``te_general_gemm``, which is bound only
 when Transformer Engine imports: without TE every MoE forward raises ``NameError`` on any
-device. A fresh interpreter (no shim, TE absent) builds mcore's MoE layer from the local spec,
+device (0.19 binds it to None: there the fix is a no-op and the layer runs unfixed too). A fresh interpreter (no shim, TE absent) builds mcore's MoE layer from the local spec,
 shows the bug, applies `tst_megatron.mcore_fixes.apply_mcore_fixes` and runs forward and
 backward. The only stand-in is ``torch.cuda.current_device`` (the router moves its weight to
 "the current GPU"; a CPU-only torch has none); it is not part of the fix.
@@ -20,17 +20,18 @@ CHILD = """
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe import moe_utils
-from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from tst_megatron.cpu.shim import cpu_shim_installed
 from tst_megatron.layers.spec import local_layer_spec
+from tst_megatron.mcore_compat import TE_GEMM_UNBOUND_WITHOUT_TE, build_mlp
 from tst_megatron.mcore_fixes import apply_mcore_fixes
 from tst_megatron.training.arguments import transformer_engine_installed
 from tst_megatron.training.model_builder import single_process_parallel_state
 
 assert not cpu_shim_installed() and not transformer_engine_installed()
-assert not hasattr(moe_utils, "te_general_gemm"), "TE-absent branch expected"
+assert hasattr(moe_utils, "te_general_gemm") != TE_GEMM_UNBOUND_WITHOUT_TE, "unexpected binding"
+print("UNBOUND:", TE_GEMM_UNBOUND_WITHOUT_TE)
 torch.cuda.current_device = lambda: torch.device("cpu")
 config = TransformerConfig(
     num_layers=1, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
@@ -46,7 +47,7 @@ with single_process_parallel_state():
         num_experts=4, moe_grouped_gemm=False, qk_layernorm=False,
         normalization="RMSNorm", apex=False,
     )
-    layer = build_module(spec.submodules.mlp, config=config)
+    layer = build_mlp(spec.submodules.mlp, config)
     x = torch.randn(8, 2, 32, requires_grad=True)
     try:
         layer(x)
@@ -69,5 +70,8 @@ def test_moe_layer_runs_without_te_and_without_the_cpu_shim():
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert "UNFIXED: NameError name 'te_general_gemm' is not defined" in proc.stdout
+    if "UNBOUND: True" in proc.stdout:  # 0.16.1: the bug shows, the fix mends it
+        assert "UNFIXED: NameError name 'te_general_gemm' is not defined" in proc.stdout
+    else:  # 0.19: fixed upstream (tst_megatron.mcore_compat), the fix is a no-op
+        assert "UNBOUND: False" in proc.stdout and "UNFIXED: ran" in proc.stdout
     assert "FIXED: (8, 2, 32) grads ok" in proc.stdout

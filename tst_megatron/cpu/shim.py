@@ -1,4 +1,4 @@
-"""Make Megatron-Core 0.16.1 run on CPU processes that talk over gloo.
+"""Make Megatron-Core (0.16.1, 0.19.x) run on CPU processes that talk over gloo.
 
 Megatron-Core assumes CUDA in a few dozen places that are otherwise device agnostic. On a
 CPU-only PyTorch build every one of them raises (``torch.cuda.current_device()``,
@@ -28,12 +28,12 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
-from megatron.core import package_info
 from megatron.core.tensor_parallel import random as tp_random
+
+from tst_megatron.mcore_compat import check_supported
 
 __all__ = ["CpuRNGStatesTracker", "cpu_shim_installed", "install_cpu_shim"]
 
-_SUPPORTED_MCORE = "0.16."
 _installed = False
 
 
@@ -51,7 +51,8 @@ def install_cpu_shim(*, allow_with_cuda: bool = False) -> None:
 
     Raises:
         RuntimeError: CUDA is available (and ``allow_with_cuda`` is False), or the installed
-            Megatron-Core is not the 0.16 series the patches were written against.
+            Megatron-Core is not a release the patches were written against
+            (`tst_megatron.mcore_compat.SUPPORTED_RELEASES`).
     """
     global _installed
     if torch.cuda.is_available() and not allow_with_cuda:
@@ -62,11 +63,7 @@ def install_cpu_shim(*, allow_with_cuda: bool = False) -> None:
         )
     if _installed:
         return
-    if not package_info.__version__.startswith(_SUPPORTED_MCORE):
-        raise RuntimeError(
-            f"install_cpu_shim() targets megatron-core {_SUPPORTED_MCORE}x, "
-            f"found {package_info.__version__}: re-check every patch before widening this."
-        )
+    check_supported(what="install_cpu_shim()")
     _patch_torch_cuda()
     _patch_device_moves()
     _patch_hardcoded_cuda_factories()

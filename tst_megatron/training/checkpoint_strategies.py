@@ -33,20 +33,18 @@ from multiprocessing.managers import SyncManager
 import torch
 import torch.multiprocessing as mp
 from megatron.core import parallel_state
-from megatron.core.dist_checkpointing import serialization
 from megatron.core.dist_checkpointing.serialization import (
     get_default_load_sharded_strategy,
     get_default_save_sharded_strategy,
 )
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue, AsyncRequest
-from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
-from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 from megatron.core.dist_checkpointing.strategies.fully_parallel import (
     FullyParallelLoadStrategyWrapper,
     FullyParallelSaveStrategyWrapper,
 )
 
+from tst_megatron.mcore_compat import rank0_checkpoint_writers
 from tst_megatron.training import exit_signals
 
 DP_RESHARDABLE = "dp_reshardable"
@@ -173,19 +171,13 @@ def _deferring(write: Callable) -> Callable:
 def deferred_rank0_write_errors() -> Iterator[list]:
     """Record (instead of raising) write errors of the files only rank 0 writes.
 
-    Megatron-Core writes ``common.pt`` (``strategies/common.py``,
-    `TorchCommonSaveStrategy.save_common`), ``.metadata`` (``strategies/filesystem_async.py``,
-    `FileSystemWriterAsync.finish`) and ``metadata.json`` (``serialization.py``,
-    `save_config`) on rank 0 alone, each followed by a collective. When one of them fails
-    (a full or read-only disk), rank 0 raises and every other rank waits in that collective
-    until the timeout. Inside this context the error is recorded in the yielded list instead;
-    the caller agrees on it with every rank after the save and stops them all.
+    Megatron-Core writes ``.metadata``, ``metadata.json`` and, on 0.16, ``common.pt`` on rank 0
+    alone, each followed by a collective (the writers: `rank0_checkpoint_writers`). When one
+    of them fails (a full or read-only disk), rank 0 raises and every other rank waits in that
+    collective until the timeout. Inside this context the error is recorded in the yielded
+    list instead; the caller agrees on it with every rank after the save and stops them all.
     """
-    patched = [
-        (TorchCommonSaveStrategy, "save_common"),
-        (FileSystemWriterAsync, "finish"),
-        (serialization, "save_config"),
-    ]
+    patched = rank0_checkpoint_writers()
     originals = [getattr(owner, name) for owner, name in patched]
     for (owner, name), original in zip(patched, originals, strict=True):
         setattr(owner, name, _deferring(original))

@@ -38,6 +38,12 @@ from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
 from tst_megatron.config import RESUME_SETTINGS
+from tst_megatron.mcore_compat import (
+    MCORE_VERSION,
+    RANK0_CHECKPOINT_FILES,
+    async_save_kwargs,
+    check_checkpoint_readable,
+)
 from tst_megatron.training import fault_injection
 from tst_megatron.training import rng_state as rng
 from tst_megatron.training.checkpoint_files import (
@@ -71,7 +77,7 @@ TRACKER = "latest_checkpointed_iteration.txt"
 META = "tst_checkpoint.json"
 REQUIRED_META = ("iteration", "tst", "model", "layout")
 # Files Megatron-Core's torch_dist format always writes; a record without them is incomplete.
-REQUIRED_FILES = (".metadata", "common.pt", "metadata.json")
+REQUIRED_FILES = RANK0_CHECKPOINT_FILES
 MODEL_SHAPE_KEYS = (
     "num_layers",
     "hidden_size",
@@ -333,6 +339,7 @@ def save_checkpoint(
                 save_strategy(args),
                 async_sharded_save=async_save,
                 content_metadata=sharded_state_dict_metadata(pending.sharding_type),
+                **async_save_kwargs(),
             )
         except (Exception, CheckpointException) as err:  # CheckpointException: BaseException
             failure = err
@@ -439,6 +446,7 @@ def _publish_on_rank0(pending: _PendingSave, files: dict[str, Digest]) -> None:
             _save_lock.check_held()
         meta = {
             "iteration": pending.iteration,
+            "megatron_core": MCORE_VERSION,
             "tst": tst_state(args, pending.phase),
             "model": model_shape(args),
             "layout": layout(args),
@@ -508,10 +516,12 @@ def find_checkpoint(load: str) -> str | None:
 
 
 def read_checkpoint_meta(path: str) -> dict:
-    """``tst_checkpoint.json`` of a checkpoint, checked for the entries a load relies on.
+    """``tst_checkpoint.json`` of a checkpoint, checked for the entries a load relies on and
+    for the Megatron-Core version that wrote it (``megatron_core``; absent: 0.16.1).
 
     Raises:
-        CheckpointError: unreadable, not JSON (truncated), or an entry missing, naming the file.
+        CheckpointError: unreadable, not JSON (truncated), an entry missing, naming the file;
+            or written by a Megatron-Core this one cannot read, naming both versions.
     """
     file = os.path.join(path, META)
     try:
@@ -529,6 +539,10 @@ def read_checkpoint_meta(path: str) -> dict:
     missing = [key for key in REQUIRED_META if key not in meta]
     if missing:
         raise CheckpointError(f"{file} lacks {', '.join(missing)}: it is no checkpoint record")
+    try:
+        check_checkpoint_readable(meta.get("megatron_core"), path)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
     return meta
 
 

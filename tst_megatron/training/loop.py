@@ -31,7 +31,7 @@ from megatron.core.num_microbatches_calculator import (
     update_num_microbatches,
 )
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.utils import get_batch_on_this_cp_rank, get_model_config
+from megatron.core.utils import get_model_config
 
 from tst_megatron.config import STANDARD_PHASE, PhaseSpec
 from tst_megatron.data.batches import StepLayout, read_step
@@ -46,6 +46,7 @@ from tst_megatron.data.masks import attention_mask_from_documents
 from tst_megatron.data.prefetch import StepPrefetcher, StepRequest
 from tst_megatron.data.tokenizer import build_tokenizer_from_args, model_vocab_size
 from tst_megatron.loss import positions_with_targets, target_entropy
+from tst_megatron.mcore_compat import batch_on_this_cp_rank
 from tst_megatron.planning import footprint
 from tst_megatron.targets import build_batch
 from tst_megatron.training import checkpointing as ckpt
@@ -263,7 +264,7 @@ def split_for_context_parallel(batch: dict, bag_size: int) -> dict:
     tokens = batch["tokens"]
     b = tokens.shape[0]
     shaped = {**batch, "tokens": tokens.view(b, -1, bag_size)}
-    local = get_batch_on_this_cp_rank(shaped)
+    local = batch_on_this_cp_rank(shaped, ps.get_context_parallel_group())
     local["tokens"] = local["tokens"].reshape(b, -1)
     return local
 
