@@ -891,7 +891,14 @@ def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
         "--async-save",
         action="store_true",
         help="Write the --save-interval checkpoints in a background process while training "
-        "continues (Megatron-Core's async save); published once every rank finished.",
+        "continues (Megatron-Core's async save); published once every rank finished. Needs "
+        "--use-persistent-ckpt-worker (as in Megatron-LM; turned off with a warning without it).",
+    )
+    group.add_argument(
+        "--use-persistent-ckpt-worker",
+        action="store_true",
+        help="Write --async-save checkpoints in one persistent worker process per rank "
+        "(spawned at the first async save) instead of a process forked per save.",
     )
     group.add_argument(
         "--override-save-lock",
@@ -2020,6 +2027,16 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
     for dest in ("async_save", "override_save_lock"):
         if getattr(args, dest) and not args.save:
             raise ConfigError(f"--{dest.replace('_', '-')} needs --save (it acts on saving)")
+    if args.use_persistent_ckpt_worker and not args.async_save:
+        raise ConfigError(
+            "--use-persistent-ckpt-worker writes --async-save checkpoints: it needs --async-save"
+        )
+    if args.async_save and not args.use_persistent_ckpt_worker:
+        args.async_save = False  # Megatron-LM's rule: no writer forked from a CUDA/NCCL rank
+        args.startup_notes.append(
+            "--async-save is not supported without --use-persistent-ckpt-worker (as in "
+            "Megatron-LM): disabling --async-save, checkpoints are written synchronously"
+        )
     resume_flags = ("tst_allow_schedule_change", "override_opt_param_scheduler")
     for dest in resume_flags:
         if getattr(args, dest) and not args.load:
