@@ -192,3 +192,21 @@ def test_summary_is_written_as_it_goes_and_a_hung_check_is_cut(tmp_path):
         "PASS  last",
     ]  # fmt: skip
     assert (tmp_path / "logs" / "hung.log").exists()
+
+
+def test_the_loss_child_rows_reach_the_summary_once(tmp_path):
+    """The loss checks run in a child that appends its rows to summary.txt itself; the parent
+    takes them into its verdict without writing them again."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    path = tmp_path / "summary.txt"
+    child = gpu_check.Summary(path, rows_path=logs / "losses_rows.jsonl")
+    child.check("fused_output: weight-gradient accumulation path", "separate GEMM + fp32 add",
+                False)  # fmt: skip
+    child.numbers["fused_output_accumulation"] = "separate GEMM + fp32 add"
+    (logs / "losses_numbers.json").write_text(json.dumps(child.numbers))
+    parent = gpu_check.Summary(path)
+    gpu_check._ingest_losses(parent, logs)
+    assert parent.rows == child.rows and not parent.passed
+    assert parent.numbers["fused_output_accumulation"] == "separate GEMM + fp32 add"
+    assert path.read_text().count("weight-gradient accumulation path") == 1
