@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # One-GPU acceptance check of tst-megatron's production path (bf16/fp16 TST runs through the
-# phase boundary, mid-run save and exact resume, a local-spec MoE, the fused multi-hot loss on
-# CUDA, step time and MFU). Needs one NVIDIA GPU and a plain PyTorch CUDA install; no
-# Transformer Engine or apex. Megatron-Core is installed from wheels in $WHEELS when it is
-# missing (scripts/fetch_gpu_check_wheels.sh downloads them). Budget: < 8 minutes on H100/H200.
+# phase boundary, mid-run save and exact resume, a local-spec MoE, the fused losses on CUDA
+# with the weight-gradient accumulation path they took, step time and MFU against a floor).
+# Needs one NVIDIA GPU and a PyTorch CUDA install; what it cannot run here (Transformer Engine
+# + FP8, apex, NCCL across ranks, Megatron-FSDP) is a SKIP row with the reason. Megatron-Core
+# is installed from wheels in $WHEELS when it is missing (scripts/fetch_gpu_check_wheels.sh
+# downloads them). Budget: < 8 minutes on an H100; every run has its own timeout.
 # What it runs and checks: tst_megatron/testing/gpu_check.py; docs/gpu.md.
 #
-#   examples/gpu_check.sh            # prints one summary table; exit 1 on any failure
-#   examples/gpu_check.sh --dry-run  # prints the commands, runs nothing (no GPU needed)
+#   examples/gpu_check.sh               # one PASS/FAIL/SKIP row per check; exit 1 on any FAIL
+#   examples/gpu_check.sh --require-te  # Transformer Engine / FP8 missing is a FAIL, not a SKIP
+#   examples/gpu_check.sh --dry-run     # every row and command, runs nothing (no GPU needed)
 #
-# Environment: PYTHON (python3), WHEELS (.whl), OUT (runs/gpu_check: summary.txt,
-# gpu_check.json, logs.tar.gz), GPU_CHECK_WORK (/tmp/gpu_check: checkpoints and logs).
+# Environment: PYTHON (python3), WHEELS (.whl), OUT (runs/gpu_check: summary.txt, written row
+# by row as the checks end, logs/, gpu_check.json), GPU_CHECK_WORK (/tmp/gpu_check:
+# checkpoints).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

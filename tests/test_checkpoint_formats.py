@@ -57,7 +57,8 @@ def dp_async(tmp) -> tuple[Launch, Path]:
     save = tmp / "dp"
     cut = run(
         tmp, "dp_async",
-        [*DP2, "--save", str(save), "--save-interval", "2", "--async-save", "--exit-interval", "5"],
+        [*DP2, "--save", str(save), "--save-interval", "2", "--async-save",
+         "--use-persistent-ckpt-worker", "--exit-interval", "5"],
     )  # fmt: skip
     assert cut.returncode == 0, cut.log[-3000:]
     return cut, save

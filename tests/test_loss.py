@@ -5,6 +5,7 @@ The TP = 2 (vocabulary split across ranks) checks are in test_tst_parallel.py.
 """
 
 import math
+import sys
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from torch.utils._pytree import tree_flatten
 
 from tst_megatron.config import BAG_WEIGHTINGS, bag_weights
 from tst_megatron.loss import (
+    fused_output,
     fused_output_multi_hot_cross_entropy,
     multi_hot_cross_entropy,
     target_entropy,
@@ -243,6 +245,68 @@ def test_fused_output_loss_without_grad_and_in_half_precision(dtype):
         assert got[1].dtype == got[2].dtype == dtype
         for a, b in zip(got, ref, strict=True):
             torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+def _half_grads(dtype=torch.bfloat16):
+    hidden, weight, targets, mask = _fused_case(4)
+    grad_out = (mask.amax(-1) > 0).float() * 0.5
+    got = _grads(fused_output_multi_hot_cross_entropy, hidden.to(dtype), weight.to(dtype),
+                 targets, mask, chunk_tokens=4, grad_out=grad_out)  # fmt: skip
+    ref = _grads(_unfused, hidden.to(dtype), weight.to(dtype), targets, mask, None,
+                 grad_out=grad_out)  # fmt: skip
+    for a, b, name in zip(got, ref, ("loss", "hidden grad", "weight grad"), strict=True):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2, msg=name)
+
+
+def _accumulation_lines(capsys) -> list[str]:
+    out = capsys.readouterr().out.splitlines()
+    return [line for line in out if "weight-gradient accumulation" in line]
+
+
+@pytest.fixture
+def fresh_accumulation(monkeypatch):
+    probe = fused_output.weight_grad_accumulation
+    monkeypatch.setattr(fused_output, "_reported", set())
+    probe.cache_clear()
+    yield
+    probe.cache_clear()
+
+
+def test_fused_output_loss_fallback_accumulation_is_reported_once(capsys, fresh_accumulation):
+    """On the CPU the weight gradient takes the fallback (separate GEMM, fp32 add): equal to
+    the unfused reference, and one line per device and dtype says so."""
+    for dtype in (torch.bfloat16, torch.bfloat16, torch.float16, torch.float32):
+        _half_grads(dtype)
+    assert _accumulation_lines(capsys) == [
+        "fused output loss: weight-gradient accumulation on cpu, torch.bfloat16: "
+        "separate GEMM + fp32 add",
+        "fused output loss: weight-gradient accumulation on cpu, torch.float16: "
+        "separate GEMM + fp32 add",
+        "fused output loss: weight-gradient accumulation on cpu, torch.float32: fp32 addmm_",
+    ]
+
+
+def test_fused_output_loss_calls_apex_like_megatron(capsys, fresh_accumulation, monkeypatch):
+    """Where apex's kernel is chosen it is called as Megatron-Core's linears call it,
+    ``wgrad_gemm_accum_fp32(input [c, h], grad_output [c, V], main_grad [V, h] fp32)``
+    (a stand-in module on the CPU), and imported only then."""
+    calls = []
+
+    def wgrad_gemm_accum_fp32(inputs, grad_output, main_grad):
+        calls.append((inputs.shape, grad_output.shape, main_grad.dtype))
+        main_grad.add_(grad_output.t().float() @ inputs.float())
+
+    fake = type(sys)("fused_weight_gradient_mlp_cuda")
+    fake.wgrad_gemm_accum_fp32 = wgrad_gemm_accum_fp32
+    monkeypatch.setitem(sys.modules, "fused_weight_gradient_mlp_cuda", fake)
+    monkeypatch.setattr(fused_output, "weight_grad_accumulation",
+                        lambda device, dtype: fused_output.APEX_ACCUMULATION)  # fmt: skip
+    _half_grads()
+    assert calls and calls[0] == ((4, 16), (4, 53), torch.float32)
+    assert _accumulation_lines(capsys) == [
+        "fused output loss: weight-gradient accumulation on cpu, torch.bfloat16: "
+        "apex wgrad_gemm_accum_fp32"
+    ]
 
 
 def test_fused_output_loss_adds_to_main_grad_with_gradient_accumulation_fusion():

@@ -1,13 +1,15 @@
 """Device placement, process-group backend and CUDA environment, without a GPU.
 
 Megatron-LM's rules: the device is ``LOCAL_RANK % device_count`` (one GPU per Slurm task still
-works), ``CUDA_DEVICE_MAX_CONNECTIONS=1`` with TP or CP > 1 before Blackwell, set before the
-CUDA context exists. Without CUDA the backend defaults to gloo, with a log line.
+works), ``CUDA_DEVICE_MAX_CONNECTIONS=1`` with TP or CP > 1 before Blackwell, required in the
+environment (the launchers set it) and never set in-process. Without CUDA the backend
+defaults to gloo, with a log line.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,32 +50,48 @@ def test_set_cuda_device_with_one_gpu_per_task(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("tp", "cp", "arch", "environ", "expected", "noted"),
+    ("tp", "cp", "arch", "environ", "found"),
     [
-        (2, 1, 9, {}, "1", True),  # Hopper + TP: set
-        (1, 2, 8, {}, "1", True),  # Ampere + CP: set
-        (2, 1, 10, {}, None, False),  # Blackwell: Megatron-LM no longer needs it
-        (1, 1, 9, {}, None, False),  # no TP/CP
-        (2, 1, None, {}, None, False),  # no CUDA
-        (2, 1, 9, {VAR: "1"}, "1", False),  # already right: untouched
+        (2, 1, 9, {}, "is not set"),  # Hopper + TP: required, missing
+        (1, 2, 8, {}, "is not set"),  # Ampere + CP
+        (2, 1, 9, {VAR: "8"}, "is 8"),  # another value
+        (2, 1, 9, {VAR: "1"}, None),  # as required
+        (2, 1, 10, {}, None),  # Blackwell: Megatron-LM no longer needs it
+        (1, 1, 9, {}, None),  # no TP/CP
+        (2, 1, None, {}, None),  # no CUDA
     ],
 )
-def test_cuda_device_max_connections_is_set_when_needed(tp, cp, arch, environ, expected, noted):
-    note = placement.set_cuda_connections(layout(tp, cp), arch, environ)
-    assert environ.get(VAR) == expected
-    assert (note is not None) == noted
-    if note:
-        assert f"{VAR}=1" in note
+def test_cuda_device_max_connections_must_come_from_the_environment(tp, cp, arch, environ,
+                                                                     found):  # fmt: skip
+    before = dict(environ)
+    message = placement.cuda_connections_error(layout(tp, cp), arch, environ)
+    assert environ == before  # never set in-process: CUDA reads it when it starts
+    if found is None:
+        assert message is None
+        return
+    assert message == (
+        f"{VAR} {found}, but --tensor-model-parallel-size {tp} / --context-parallel-size {cp} "
+        f"on this GPU (compute capability {arch}.x, before Blackwell) needs {VAR}=1 in the "
+        "environment before CUDA starts, as Megatron-LM requires (communication then overlaps "
+        f"with compute): export {VAR}=1 in the launch script (examples/slurm/common.sh, "
+        "tools/launch.py and the Dockerfile set it)"
+    )
 
 
-def test_a_conflicting_value_is_refused_before_hopper_only():
-    environ = {VAR: "8"}
-    message = placement.cuda_connections_error(layout(tp=2), 9, environ)
-    assert f"{VAR}=8" in message and "--tensor-model-parallel-size 2" in message
-    assert f"export {VAR}=1" in message
-    assert placement.cuda_connections_error(layout(tp=2), 10, environ) is None
-    assert placement.set_cuda_connections(layout(tp=2), 9, environ) is None  # not overwritten
-    assert environ[VAR] == "8"
+def test_megatron_fsdp_does_not_need_one_connection():
+    args = layout(tp=2)
+    args.use_megatron_fsdp = True
+    assert placement.cuda_connections_error(args, 9, {}) is None
+
+
+def test_the_launchers_put_it_in_the_environment():
+    from tools.launch import torchrun_command
+
+    assert torchrun_command(["train.py"], {})[1][VAR] == "1"
+    assert torchrun_command(["train.py"], {VAR: "8"})[1][VAR] == "8"  # an exported value stays
+    root = Path(__file__).resolve().parents[1]
+    assert f"{VAR}=1" in (root / "Dockerfile").read_text()
+    assert f"export {VAR}=${{{VAR}:-1}}" in (root / "examples/slurm/common.sh").read_text()
 
 
 @pytest.fixture
@@ -84,19 +102,26 @@ def hopper(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
 
 
-def test_validation_refuses_the_conflicting_value(hopper, monkeypatch):
-    monkeypatch.setenv(VAR, "8")
+@pytest.mark.parametrize("value", [None, "8"])
+def test_validation_refuses_a_missing_or_other_value(hopper, monkeypatch, value):
+    if value is None:
+        monkeypatch.delenv(VAR, raising=False)
+    else:
+        monkeypatch.setenv(VAR, value)
     args = parse_args([*BASE, "--tensor-model-parallel-size", "2"])
-    with pytest.raises(ConfigError, match=f"{VAR}=8"):
+    with pytest.raises(ConfigError, match=f"{VAR} (is not set|is 8), but"):
         validate_args(args, world_size=2)
+    monkeypatch.setenv(VAR, "1")
+    validate_args(parse_args([*BASE, "--tensor-model-parallel-size", "2"]), world_size=2)
 
 
-def test_connections_are_set_before_the_device_and_process_group(hopper, monkeypatch):
-    """initialize_distributed: the variable is in the environment when set_device runs."""
-    monkeypatch.delenv(VAR, raising=False)
+def test_initialize_distributed_leaves_the_variable_alone(hopper, monkeypatch):
+    """initialize_distributed sets the device and nothing in the CUDA environment."""
+    monkeypatch.setenv(VAR, "1")
     monkeypatch.setenv("LOCAL_RANK", "3")
     args = parse_args([*BASE, "--tensor-model-parallel-size", "2"])
     validate_args(args, world_size=2)
+    monkeypatch.delenv(VAR)
     seen = []
 
     class Stop(Exception):
@@ -114,8 +139,7 @@ def test_connections_are_set_before_the_device_and_process_group(hopper, monkeyp
     monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
     with pytest.raises(Stop):
         loop.initialize_distributed(args)
-    assert seen == [(3, "1")]
-    assert any(f"{VAR}=1" in note for note in args.startup_notes)
+    assert seen == [(3, None)]
 
 
 def test_gloo_without_cuda_is_the_default_and_is_said():

@@ -81,7 +81,7 @@ def job_env(ckpt_root: Path, **extra: str) -> dict[str, str]:
     """The submission environment (sbatch exports it to the job)."""
     env = {
         "CKPT_ROOT": str(ckpt_root),
-        "PYTHON": sys.executable,
+        "TST_PYTHON": sys.executable,
         "PYTHONWARNINGS": "ignore",
         **extra,
     }
@@ -362,12 +362,13 @@ def test_gpu_scripts_are_accepted_on_8_gpu_nodes_with_96_cpus(slurm, tmp):
 # --------------------------------------------------------------------------------------------
 
 
-def _run_common_sh(tmp: Path, env: dict[str, str]) -> list[str]:
-    """Source common.sh with stub ``srun``/``scontrol`` and call run_pretrain; returns srun's
-    arguments."""
+def _run_common_sh(tmp: Path, env: dict[str, str],
+                   script: str = "run_pretrain --flag value") -> list[str]:  # fmt: skip
+    """Source common.sh with stub ``srun``/``scontrol`` and run ``script`` (by default
+    run_pretrain); returns srun's arguments, or ``script``'s output lines."""
     bin_dir = tmp / "bin"
     bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$SRUN_ARGS"\n')
+    (bin_dir / "srun").write_text('#!/bin/bash\nprintf "%s\\0" "$@" > "$SRUN_ARGS"\n')
     (bin_dir / "scontrol").write_text("#!/bin/bash\necho node001\n")
     for stub in ("srun", "scontrol"):
         (bin_dir / stub).chmod(0o755)
@@ -378,9 +379,42 @@ def _run_common_sh(tmp: Path, env: dict[str, str]) -> list[str]:
         "SLURM_JOB_NODELIST": "node001", "SLURM_NNODES": "4", "SLURM_NTASKS": "32",
         "SLURM_NTASKS_PER_NODE": "8", "SLURM_CPUS_ON_NODE": "96",
     }  # fmt: skip
-    script = 'source "$REPO/examples/slurm/common.sh"; run_pretrain --flag value'
-    subprocess.run(["bash", "-c", script], env=base | env, check=True, timeout=60)
-    return args_file.read_text().splitlines()
+    command = f'source "$REPO/examples/slurm/common.sh"; {script}'
+    proc = subprocess.run(["bash", "-c", command], env=base | env, check=True, timeout=60,
+                          capture_output=True, text=True)  # fmt: skip
+    if not script.startswith("run_pretrain"):
+        return proc.stdout.splitlines()
+    return args_file.read_text().split("\0")[:-1]
+
+
+def test_master_port_is_below_the_ephemeral_range(tmp_path):
+    """10000-32767 from the job id: no overlap with Linux's ephemeral 32768-60999."""
+    ids = [0, 1, 7, 22767, 22768, 22769, 99999, 123456789, 2**31 - 1]
+    lines = _run_common_sh(tmp_path, {}, 'echo "$MASTER_PORT"; for id in '
+                           + " ".join(map(str, ids)) + '; do master_port "$id"; done')  # fmt: skip
+    assert lines[0] == "10007"  # SLURM_JOB_ID=7
+    ports = [int(line) for line in lines[1:]]
+    assert ports == [10000 + i % 22768 for i in ids]
+    assert all(10000 <= port <= 32767 for port in ports) and max(ports) == 32767
+    assert _run_common_sh(tmp_path, {"MASTER_PORT": "45678"}, 'echo "$MASTER_PORT"') == ["45678"]
+
+
+def test_common_sh_runs_the_image_python_in_a_container(tmp_path):
+    """``TST_PYTHON`` outside containers; inside, the image's ``python``: a host ``PYTHON``
+    (or ``TST_PYTHON``) never reaches the container."""
+    host = {"PYTHON": "/host/bin/python3", "TST_PYTHON": "/host/venv/bin/python"}
+    image = {"CONTAINER_IMAGE": "nvcr.io/nvidia/pytorch:25.01-py3"}
+
+    def python_run(env):  # srun ... bash -c SCRIPT REPO PYTHON --flag value
+        args = _run_common_sh(tmp_path, env)
+        assert args[-4] == str(ROOT) and 'exec "$1" pretrain_tst.py' in args[-5], args
+        return args[-3]
+
+    assert python_run(image | host) == "python"
+    assert python_run(host) == "/host/venv/bin/python"
+    assert python_run({"PYTHON": "/host/bin/python3"}) == "python"
+    assert "$PYTHON" not in (SLURM_DIR / "common.sh").read_text()
+    assert "{PYTHON" not in (SLURM_DIR / "common.sh").read_text()
 
 
 def test_common_sh_passes_cpus_per_task_to_srun(tmp_path):

@@ -100,7 +100,34 @@ def test_fp8_token_count_is_checked(monkeypatch):
     fp8 = "--fp8-format hybrid --transformer-impl transformer_engine --micro-batch-size 1"
     message = rejected("--tst-bag-size 2 --tst-phase1-iters 3 --tst-fold batch", fp8,
                        "--seq-length 24 --max-position-embeddings 24")  # fmt: skip
-    assert "puts 24 tokens per rank into each GEMM" in message and "multiple of 16" in message
+    assert message == (
+        "--tst-fold batch with --fp8-format hybrid --fp8-recipe delayed: a phase-1 micro-batch "
+        "puts 24 tokens per rank into each GEMM (L/s = 12 / 1 x s*b = 2); Transformer "
+        "Engine's FP8 GEMMs with this recipe need a multiple of 16"
+    )
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "tensorwise", "blockwise", "mxfp8"])
+def test_fp8_token_multiple_is_per_recipe(monkeypatch, recipe):
+    """48 tokens per GEMM (L/s = 24, s*b = 2) suit every recipe but MXFP8 (blocks of 32)."""
+    from tst_megatron.training import arguments
+
+    monkeypatch.setattr(arguments, "transformer_engine_installed", lambda: True)
+    fold = "--tst-bag-size 2 --tst-phase1-iters 3 --tst-fold batch"
+    fp8 = ("--fp8-format e4m3 --transformer-impl transformer_engine --micro-batch-size 1 "
+           f"--fp8-recipe {recipe}")  # fmt: skip
+    shape = "--seq-length 48 --max-position-embeddings 48"
+    if recipe != "mxfp8":
+        assert validated(fold, fp8, shape).fp8_recipe == recipe
+        return
+    message = rejected(fold, fp8, shape)
+    assert message == (
+        "--tst-fold batch with --fp8-format e4m3 --fp8-recipe mxfp8: a phase-1 micro-batch "
+        "puts 48 tokens per rank into each GEMM (L/s = 24 / 1 x s*b = 2); Transformer "
+        "Engine's FP8 GEMMs with this recipe need a multiple of 32"
+    )
+    assert validated(fold, fp8.replace("--micro-batch-size 1", "--micro-batch-size 2"), shape,
+                     "--global-batch-size 2").fp8_recipe == "mxfp8"  # 96 tokens  # fmt: skip
 
 
 def test_fused_output_loss_flag_reaches_the_model():

@@ -30,6 +30,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tst_megatron.training.exit_signals import SHIELDED_ENV
+from tst_megatron.training.placement import CUDA_CONNECTIONS
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 TORCHRUN_DEFAULT_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"  # torchrun's --signals-to-handle
@@ -56,6 +57,9 @@ def torchrun_command(argv: list[str], environ: dict[str, str]) -> tuple[list[str
             break  # the training script: its own flags follow
     handled = environ.get("PET_SIGNALS_TO_HANDLE", TORCHRUN_DEFAULT_SIGNALS)
     env = environ | {
+        # Megatron-LM: one hardware queue for TP/CP overlap (before Blackwell), in the
+        # environment before CUDA starts; a value already exported (Megatron-FSDP) stays
+        CUDA_CONNECTIONS: environ.get(CUDA_CONNECTIONS, "1"),
         "PET_SIGNALS_TO_HANDLE": _without_forwarded(handled),
         SHIELDED_ENV: ",".join(sorted(sig.name for sig in FORWARDED)),
     }

@@ -26,12 +26,18 @@
 #                     else the node's CPUs divided by its tasks. Passed to srun explicitly:
 #                     Slurm 22.05-23.02 srun does not inherit sbatch's --cpus-per-task.
 #   CONTAINER_IMAGE   pyxis image to run in (a squashfs file from `enroot import`, or
-#                     docker://...; see docs/docker.md). Empty: the host's $PYTHON.
+#                     docker://...; see docs/docker.md). Empty: the host's $TST_PYTHON.
 #   CONTAINER_MOUNTS  pyxis bind mounts. Default: the repository and $CKPT_ROOT, plus each of
 #                     $CONTAINER_DATA_DIRS (default "/data /models") that exists, each at the
 #                     same path.
-#   PYTHON            host interpreter when no container is used (default: python).
-#   MASTER_PORT       rendezvous port (default: 20000 + job id mod 20000).
+#   TST_PYTHON        host interpreter when no container is used (default: python). Inside
+#                     a container the image's `python` runs: a host interpreter path (or a
+#                     generic PYTHON variable of the submitting shell) means nothing there.
+#   MASTER_PORT       rendezvous port (default: `master_port`, 10000-32767 from the job id,
+#                     below Linux's ephemeral range 32768-60999 that outgoing connections
+#                     take their local ports from).
+#   CUDA_DEVICE_MAX_CONNECTIONS  default 1: Megatron-LM requires it in the environment, before
+#                     CUDA starts, for tensor/context parallelism before Blackwell.
 #   OMP_NUM_THREADS   CPU threads per task (default: its CPUs).
 
 : "${REPO:?set REPO to the repository root before sourcing common.sh}"
@@ -41,10 +47,19 @@
 tst_early_warning=0
 trap 'tst_early_warning=1' USR1
 
+# master_port JOB_ID: the job's rendezvous port, 10000-32767 (below the ephemeral range, so no
+# outgoing connection on the node holds it; jobs sharing a node differ unless their ids are
+# 22768 apart).
+master_port() {
+    echo $((10000 + $1 % 22768))
+}
+
 export MASTER_ADDR
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
-export CUDA_DEVICE_MAX_CONNECTIONS=1   # Megatron's TP/SP communication overlap needs it
+export MASTER_PORT=${MASTER_PORT:-$(master_port "$SLURM_JOB_ID")}
+# Megatron's TP/CP communication overlap needs one hardware queue (before Blackwell), set before
+# CUDA initialises; Megatron-FSDP wants more (export another value before sourcing).
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 
 # cpus_per_task: what each task may use (see CPUS_PER_TASK above).
 cpus_per_task() {
@@ -131,8 +146,9 @@ run_pretrain() {
     cpus=$(cpus_per_task)
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$cpus}
     mkdir -p "$CKPT_ROOT"
-    local container=()
+    local container=() python=${TST_PYTHON:-python}
     if [[ -n ${CONTAINER_IMAGE:-} ]]; then
+        python=python   # the image's interpreter, never a host path
         container=(
             --container-image="$CONTAINER_IMAGE"
             --container-mounts="$(container_mounts)"
@@ -163,7 +179,7 @@ run_pretrain() {
         trap "" USR1
         export TST_LAUNCHER_SHIELDED_SIGNALS=SIGUSR1
         export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID
-        cd "$0" && exec "${PYTHON:-python}" pretrain_tst.py "$@"' "$REPO" "$@" &
+        cd "$0" && exec "$1" pretrain_tst.py "${@:2}"' "$REPO" "$python" "$@" &
     srun_pid=$!
     if [[ $warned == 1 ]]; then forward_warning; fi  # it came before srun started
     while :; do

@@ -23,6 +23,11 @@ DDP buffer) and a dummy gradient is returned, exactly as
 `LinearWithGradAccumulationAndAsyncCommunication` does; otherwise autograd receives it and
 DDP's hook adds it to ``main_grad``.
 
+Each chunk's weight gradient is added to the fp32 one by the first of apex's
+``wgrad_gemm_accum_fp32`` (Megatron-Core's kernel for ``main_grad``), torch's fp32-accumulating
+``addmm`` and a separate GEMM + fp32 add that runs (`weight_grad_accumulation`); one line per
+process, device and dtype names it.
+
 Vocab-parallel statistics need one collective per chunk: an all-gather of each rank's
 ``(max, sum of exp, owned target logits)`` ``[c, 2+s]``, combined locally.
 """
@@ -50,27 +55,89 @@ def default_chunk_tokens(hidden_size: int) -> int:
     return max(MIN_CHUNK_TOKENS, hidden_size // 4)
 
 
-@functools.cache
-def _accumulates_low_precision_in_fp32(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch.addmm(C fp32, A, B, out_dtype=fp32, out=C)`` runs on ``device`` for
-    ``dtype`` operands: on CUDA one cuBLAS GEMM adds ``A B`` to the fp32 ``C`` (like apex's
-    ``wgrad_gemm_accum_fp32``); PyTorch has no such CPU kernel (probed once per pair)."""
-    if device.type == "cpu":
-        return False
+APEX_ACCUMULATION = "apex wgrad_gemm_accum_fp32"
+TORCH_ACCUMULATION = "torch.addmm(out_dtype=torch.float32)"
+SEPARATE_ACCUMULATION = "separate GEMM + fp32 add"
+FP32_ACCUMULATION = "fp32 addmm_"
+ACCUMULATION_PATHS = (APEX_ACCUMULATION, TORCH_ACCUMULATION, SEPARATE_ACCUMULATION,
+                      FP32_ACCUMULATION)  # fmt: skip
+
+
+def _apex_wgrad_accumulate():
+    """apex's ``fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32`` (imported lazily, as
+    Megatron-Core's linears use it), or None where apex's CUDA extension is not installed."""
+    try:
+        import fused_weight_gradient_mlp_cuda
+    except ImportError:
+        return None
+    return fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32
+
+
+def _accumulates(add, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``add(fp32 C, low-precision ones)`` runs and leaves ``C + A^T B`` in ``C``."""
     out = torch.ones(2, 2, device=device)
     ones = torch.ones(2, 2, device=device, dtype=dtype)
     try:
-        torch.addmm(out, ones, ones, out_dtype=torch.float32, out=out)
+        add(out, ones)
     except (RuntimeError, NotImplementedError, TypeError):
         return False
     return bool((out == 3).all())  # accumulated in place: 1 + (1*1 + 1*1)
 
 
+@functools.cache
+def weight_grad_accumulation(device: torch.device, dtype: torch.dtype) -> str:
+    """How a chunk's weight gradient ``[V/TP, h]`` is added to the fp32 one for ``dtype``
+    operands on ``device`` (probed once per pair), the first that runs of:
+
+    1. `APEX_ACCUMULATION`: apex's ``wgrad_gemm_accum_fp32``, the kernel Megatron-Core's
+       linears accumulate ``main_grad`` with (one GEMM that adds into fp32);
+    2. `TORCH_ACCUMULATION`: ``torch.addmm(C, A, B, out_dtype=fp32, out=C)``, one cuBLAS GEMM
+       that adds into fp32 (PyTorch 2.8/2.9 refuse an fp32 ``C`` with low-precision
+       operands, pytorch issue 154086; later releases take it);
+    3. `SEPARATE_ACCUMULATION`: the product in the operands' dtype into a reused buffer, then
+       an fp32 add: about one more GEMM's time per chunk on a GPU (the CPU's only path).
+
+    fp32 operands take `FP32_ACCUMULATION` (``C.addmm_``).
+    """
+    if dtype == torch.float32:
+        return FP32_ACCUMULATION
+    if device.type == "cpu":
+        return SEPARATE_ACCUMULATION
+    apex = _apex_wgrad_accumulate()
+    if apex is not None and _accumulates(lambda c, ones: apex(ones, ones, c), device, dtype):
+        return APEX_ACCUMULATION
+
+    def torch_add(c, ones):
+        torch.addmm(c, ones, ones, out_dtype=torch.float32, out=c)
+
+    if _accumulates(torch_add, device, dtype):
+        return TORCH_ACCUMULATION
+    return SEPARATE_ACCUMULATION
+
+
+_reported: set[tuple[torch.device, torch.dtype]] = set()
+
+
+def _report_accumulation(device: torch.device, dtype: torch.dtype, path: str) -> None:
+    """One line per process, device and dtype at the first backward that accumulates (on
+    global rank 0 only when torch.distributed is initialised)."""
+    if (device, dtype) in _reported:
+        return
+    _reported.add((device, dtype))
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    print(
+        f"fused output loss: weight-gradient accumulation on {device}, {dtype}: {path}",
+        flush=True,
+    )
+
+
 class _ChunkWorkspace:
     """Buffers every chunk reuses: the logits ``[c, V/TP]`` in fp32 (and in the weight's
-    dtype when that is lower), and, for a low-precision weight on a device without an
-    fp32-accumulating mixed GEMM (the CPU), the ``[V/TP, h]`` product a chunk adds to the
-    fp32 weight gradient.
+    dtype when that is lower), and, where the weight gradient takes
+    `SEPARATE_ACCUMULATION` (the CPU, or a GPU without apex's kernel or torch's
+    fp32-accumulating mixed GEMM), the ``[V/TP, h]`` product a chunk adds to the fp32 weight
+    gradient.
 
     Reusing them is what keeps the chunk loop as fast as one big GEMM on a CPU: a fresh
     32 MiB buffer per chunk is a fresh mapping that page-faults on first touch (measured:
@@ -83,10 +150,13 @@ class _ChunkWorkspace:
     def __init__(self, chunk_tokens: int, weight: torch.Tensor, weight_grad: bool) -> None:
         rows, device = chunk_tokens, weight.device
         self.logits = torch.empty(rows, weight.shape[0], dtype=torch.float32, device=device)
-        self.low = self.product = None
+        self.low = self.product = self.accumulation = None
         if weight.dtype != torch.float32:
             self.low = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=device)
-            if weight_grad and not _accumulates_low_precision_in_fp32(device, weight.dtype):
+        if weight_grad:
+            self.accumulation = weight_grad_accumulation(device, weight.dtype)
+            _report_accumulation(device, weight.dtype, self.accumulation)
+            if self.accumulation == SEPARATE_ACCUMULATION:
                 self.product = torch.empty_like(weight)
 
     def chunk_logits(self, x_c: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -106,10 +176,12 @@ class _ChunkWorkspace:
 
     def add_weight_grad(self, grad_w: torch.Tensor, grad_logits: torch.Tensor,
                         x_c: torch.Tensor) -> None:  # fmt: skip
-        """``grad_w += grad_logits^T x_c``, ``grad_w`` fp32."""
-        if self.low is None:
+        """``grad_w += grad_logits^T x_c``, ``grad_w`` fp32 (`weight_grad_accumulation`)."""
+        if self.accumulation == FP32_ACCUMULATION:
             grad_w.addmm_(grad_logits.t(), x_c)
-        elif self.product is None:  # the GEMM accumulates into fp32 itself
+        elif self.accumulation == APEX_ACCUMULATION:  # main_grad += grad_output^T input
+            _apex_wgrad_accumulate()(x_c, grad_logits, grad_w)
+        elif self.accumulation == TORCH_ACCUMULATION:
             torch.addmm(grad_w, grad_logits.t(), x_c, out_dtype=torch.float32, out=grad_w)
         else:
             grad_w.add_(torch.mm(grad_logits.t(), x_c, out=self.product))

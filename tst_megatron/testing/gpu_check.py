@@ -1,49 +1,61 @@
 """One-GPU acceptance check of the production path (run through ``examples/gpu_check.sh``).
 
-Needs one CUDA GPU, PyTorch with CUDA and Megatron-Core 0.16.1; no Transformer Engine, no apex
-(``--transformer-impl local``, mock data, the Llama-3 vocabulary size). Five ``pretrain_tst.py``
-runs, then the two fused losses on CUDA:
-
-Runs (a sixth, ``te_fp8``, when Transformer Engine is installed: see `plan`):
+Needs one CUDA GPU, PyTorch with CUDA and Megatron-Core 0.16.1 (``--transformer-impl local``,
+mock data, the Llama-3 vocabulary size). Every check is a row of the summary, PASS, FAIL or
+SKIP with its reason, also the checks this machine cannot run:
 
 1. ``dense_learned``: the 600M config's shape (32 x 960, 128,256 vocabulary), bf16, learned
    positions, TST full (s=6) for 10 of 16 iterations, saves at iteration 8 (mid-run) and 16.
 2. ``dense_resume``: continues 1. from its iteration-8 checkpoint (across the boundary):
    iterations 9-16 must repeat 1.'s losses exactly.
 3. ``dense_rope``: the same with RoPE (the config's own), 12 + 12 iterations: phase-1 and
-   phase-2 step time and MFU (medians after the first 3 steps of each phase).
+   phase-2 step time and MFU (medians after the first 3 steps of each phase); the phase-2 MFU
+   must reach `MFU_FLOOR`.
 4. ``fp16``: the dense shape in fp16 (initial loss scale 65536): some update happens with a
    grad norm > 0, the loss falls, overflow steps are skipped and counted.
 5. ``moe``: 8 layers of 8 experts (top-2, alltoall dispatcher), local spec, through the
    boundary.
-6. ``multi_hot_ce``: `tst_megatron.loss.multi_hot_cross_entropy` on bf16 logits
-   ``[2048, 4, 128256]`` (s = 4 and 16) against a plain-torch reference (fp32 ``log_softmax``
-   + gather, autograd), and one standard CE (Megatron-Core's ``vocab_parallel_cross_entropy``)
-   on the same logits: loss/gradient error, time and ``max_memory_allocated`` each as a ratio
-   to the standard CE.
-7. ``fused_output``: `tst_megatron.loss.fused_output_multi_hot_cross_entropy` (bf16 hidden
-   ``[4096, 1, 1024]``, output weight ``[128256, 1024]``, s = 1, 6, 16) against the unfused
-   output layer + loss: time at most 1.15x, ``max_memory_allocated`` at most 0.3x, error
-   against fp32 no worse than the unfused path's.
+6. ``te_fp8``: the dense shape with Transformer Engine's spec and FP8 GEMMs (hybrid, delayed
+   scaling); SKIP without Transformer Engine, FAIL with ``--require-te``.
+7. ``megatron_fsdp``: one GPU, ``--use-megatron-fsdp``; SKIP while pretrain_tst.py has no
+   such flag.
+8. ``nccl_tp2``: two ranks over NCCL (TP=2 + sequence parallel, 16 heads of 1024); SKIP with
+   one GPU (a first multi-GPU run must check what it cannot: docs/gpu.md).
+9. ``losses`` (one child process): `tst_megatron.loss.multi_hot_cross_entropy` on bf16 logits
+   ``[2048, 4, 128256]`` (s = 4 and 16) against plain torch and one Megatron-Core CE, and
+   `tst_megatron.loss.fused_output_multi_hot_cross_entropy` (bf16 hidden ``[4096, 1, 1024]``,
+   output weight ``[128256, 1024]``, s = 1, 6, 16) against the unfused output layer + loss:
+   errors, time and ``max_memory_allocated`` ratios, and which weight-gradient accumulation
+   path ran (apex's ``wgrad_gemm_accum_fp32``, torch's fp32-accumulating ``addmm``, or the
+   slow fallback, a FAIL).
+10. ``apex``: whether apex's CUDA kernels are importable (SKIP without them).
 
-Every run must learn (the loss falls in both phases) with finite, non-zero grad norms. It
-prints one summary table, writes ``summary.txt``, ``gpu_check.json`` and ``logs.tar.gz`` to
-``--out`` (default ``$OUT``, else ``runs/gpu_check``) and exits 1 on any failure.
-``--dry-run`` prints the commands and checks without running anything (no GPU needed).
+Every run must learn (the loss falls in both phases) with finite, non-zero grad norms. Each
+check runs in a child process with a timeout (a hung one is cut and its row says FAIL
+(timeout); the rows before it stay); a check that would start with less than its timeout left
+in ``--budget-s`` is cut to what is left. The summary is written as it goes: ``summary.txt``
+(one line per row, appended and flushed), the child logs under ``logs/``, then the table and
+``gpu_check.json``, all in ``--out`` (default ``$OUT``, else ``runs/gpu_check``). Exit 1 on
+any FAIL. ``--dry-run`` runs nothing (no GPU needed): it prints and writes every row, the
+SKIP ones with their reasons and the others with their commands.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import math
 import os
 import shlex
+import signal
+import socket
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,14 +98,23 @@ FUSED_OUTPUT_SHAPE = (4096, 1024, 128_256)  # tokens, hidden, vocab
 FUSED_OUTPUT_BAG_SIZES = (1, 6, 16)
 
 
+MFU_FLOOR = 0.20  # dense_rope phase 2: the local (no-TE) spec of a 561M model, bf16
+RUN_TIMEOUT_S = 150.0  # one pretrain_tst.py run (start-up and torch.compile included)
+LOSSES_TIMEOUT_S = 180.0
+BUDGET_S = 560.0  # the whole check: under the device tool's 600 s per command
+PASS, FAIL, SKIP, DRY = "PASS", "FAIL", "SKIP", "DRY"
+
+
 @dataclass
 class Run:
-    """One ``pretrain_tst.py`` launch on one GPU."""
+    """One ``pretrain_tst.py`` launch (``nproc`` ranks, one GPU each)."""
 
     name: str
     flags: list[str]
     phase1_fraction: float  # the config files give a fraction: the CLI must too
     train_iters: int
+    nproc: int = 1
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def phase1_iters(self) -> int:
@@ -101,26 +122,21 @@ class Run:
 
     def command(self, out: Path, python: str = sys.executable) -> list[str]:
         return [
-            python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-            "pretrain_tst.py", *self.flags,
+            python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            str(self.nproc), "pretrain_tst.py", *self.flags,
             "--tst-phase1-fraction", str(self.phase1_fraction),
             "--train-iters", str(self.train_iters),
             "--metrics-jsonl", str(out / f"{self.name}.jsonl"),
         ]  # fmt: skip
 
 
-def plan(out: Path, transformer_engine: bool = False) -> list[Run]:
-    """The runs, in order (the resume needs the first one's checkpoint).
-
-    With Transformer Engine installed (an NGC container) a sixth run, ``te_fp8``, trains the
-    dense shape with the TE spec and FP8 GEMMs (hybrid E4M3/E5M2, delayed scaling).
-    """
+def plan(out: Path, transformer_engine: bool = False, megatron_fsdp: bool = False,
+         gpus: int = 1) -> list[Run]:  # fmt: skip
+    """The runs this machine can make, in order (the resume needs the first one's checkpoint):
+    ``te_fp8`` with Transformer Engine, ``megatron_fsdp`` once pretrain_tst.py has
+    ``--use-megatron-fsdp``, ``nccl_tp2`` with two GPUs (`unavailable` says why not)."""
     ckpt = out / "ckpt_dense_learned"
-    te = [
-        Run("te_fp8", [*DENSE, "--bf16", "--transformer-impl", "transformer_engine", "--fp8-format",
-                       "hybrid", "--fp8-recipe", "delayed"], 0.5, 24),
-    ]  # fmt: skip
-    return [
+    runs = [
         Run("dense_learned", [*DENSE, "--bf16", *LEARNED, "--save", str(ckpt),
                               "--save-interval", "8"], 0.625, 16),
         Run("dense_resume", [*DENSE, "--bf16", *LEARNED, "--load", str(ckpt / "iter_0000008")],
@@ -128,28 +144,92 @@ def plan(out: Path, transformer_engine: bool = False) -> list[Run]:
         Run("dense_rope", [*DENSE, "--bf16"], 0.5, 24),
         Run("fp16", [*DENSE, *LEARNED, "--fp16", "--initial-loss-scale", "65536"], 0.5, 12),
         Run("moe", [*MOE, "--tst-bag-size", "6"], 0.5, 16),
-        *(te if transformer_engine else []),
     ]  # fmt: skip
+    if transformer_engine:
+        runs.append(Run("te_fp8", [*DENSE, "--bf16", "--transformer-impl", "transformer_engine",
+                                   "--fp8-format", "hybrid", "--fp8-recipe", "delayed"],
+                        0.5, 24))  # fmt: skip
+    if megatron_fsdp:  # Megatron-LM: FSDP wants more than one hardware queue
+        runs.append(Run("megatron_fsdp", [*DENSE, "--bf16", "--use-megatron-fsdp"], 0.5, 8,
+                        env={"CUDA_DEVICE_MAX_CONNECTIONS": "8"}))  # fmt: skip
+    if gpus >= 2:
+        tp2 = ["--hidden-size", "1024", "--num-attention-heads", "16", "--num-query-groups", "4",
+               "--tensor-model-parallel-size", "2", "--sequence-parallel"]  # fmt: skip
+        runs.append(Run("nccl_tp2", [*DENSE, "--bf16", *tp2], 0.5, 8, nproc=2))
+    return runs
 
 
-@dataclass
+def unavailable(transformer_engine: bool, megatron_fsdp: bool, gpus: int,
+                apex: bool) -> dict[str, str]:  # fmt: skip
+    """The checks this machine cannot run, each with the reason (its SKIP row)."""
+    reasons = {}
+    if not transformer_engine:
+        reasons["te_fp8"] = ("Transformer Engine is not installed: the TE spec and FP8 GEMMs "
+                             "are not checked (an NGC PyTorch container has it)")  # fmt: skip
+    if not megatron_fsdp:
+        reasons["megatron_fsdp"] = "pretrain_tst.py has no --use-megatron-fsdp yet"
+    if gpus < 2:
+        visible = f"{gpus} GPU{'' if gpus == 1 else 's'} visible"
+        reasons["nccl_tp2"] = (f"{visible}: NCCL across ranks (TP/DP/PP/EP collectives) is "
+                               "not checked; see docs/gpu.md, 'A first multi-GPU run'")  # fmt: skip
+    if not apex:
+        reasons["apex"] = ("apex's CUDA kernels (fused_weight_gradient_mlp_cuda, "
+                           "fused_layer_norm_cuda) are not importable: Megatron-Core and the "
+                           "fused output loss use their torch paths")  # fmt: skip
+    return reasons
+
+
 class Summary:
-    rows: list[tuple[str, str, bool]] = field(default_factory=list)
-    numbers: dict = field(default_factory=dict)
+    """The rows (check, value, PASS/FAIL/SKIP), printed and appended to ``path`` (flushed
+    and synced) as each one is added, so that a cut run leaves every row before the cut."""
+
+    def __init__(self, path: Path | None = None, rows_path: Path | None = None) -> None:
+        self.rows: list[tuple[str, str, str]] = []
+        self.numbers: dict = {}
+        self.path, self.rows_path = path, rows_path
+
+    def add(self, name: str, value: str, status: str, write: bool = True) -> None:
+        self.rows.append((name, value, status))
+        if not write:
+            return
+        line = f"{status:4}  {name}: {value}"
+        print(line, flush=True)
+        if self.path is not None:
+            _append(self.path, line)
+        if self.rows_path is not None:
+            _append(self.rows_path, json.dumps([name, value, status]))
 
     def check(self, name: str, value: str, ok: bool) -> None:
-        self.rows.append((name, value, bool(ok)))
+        self.add(name, value, PASS if ok else FAIL)
+
+    def skip(self, name: str, reason: str, required: bool = False) -> None:
+        """A check not run: SKIP, or FAIL where it was required (``--require-te``)."""
+        self.add(name, reason + (" (required)" if required else ""), FAIL if required else SKIP)
+
+    def write_line(self, text: str) -> None:
+        print(text, flush=True)
+        if self.path is not None:
+            _append(self.path, text)
 
     @property
     def passed(self) -> bool:
-        return all(ok for _, _, ok in self.rows)
+        return bool(self.rows) and all(status != FAIL for _, _, status in self.rows)
 
     def table(self) -> str:
         width = max(len(name) for name, _, _ in self.rows)
         lines = [f"{'check':{width}}  result  value", "-" * (width + 40)]
-        lines += [f"{n:{width}}  {'PASS' if ok else 'FAIL':6}  {v}" for n, v, ok in self.rows]
-        lines.append(f"overall: {'PASS' if self.passed else 'FAIL'}")
+        lines += [f"{n:{width}}  {status:6}  {v}" for n, v, status in self.rows]
+        counts = {s: sum(row[2] == s for row in self.rows) for s in (PASS, FAIL, SKIP, DRY)}
+        shown = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+        lines.append(f"overall: {'PASS' if self.passed else 'FAIL'} ({shown})")
         return "\n".join(lines)
+
+
+def _append(path: Path, line: str) -> None:
+    with open(path, "a") as handle:
+        handle.write(line + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def records(path: Path) -> list[dict]:
@@ -178,7 +258,9 @@ def check_learning(summary: Summary, run: Run, rows: list[dict]) -> None:
     summary.check(f"{run.name}: grad norm finite > 0", f"first {', '.join(shown)}", good)
 
 
-def phase_speed(summary: Summary, run: Run, rows: list[dict]) -> None:
+def phase_speed(summary: Summary, run: Run, rows: list[dict], judge_mfu: bool = False) -> None:
+    """Step time, TFLOP/s and MFU per phase; with ``judge_mfu`` the phase-2 MFU against
+    `MFU_FLOOR`."""
     steps = [r for r in rows if "iteration_time_s" in r]
     for phase in (1, 2):
         times = [r for r in steps if r["phase"] == phase][3:]
@@ -188,41 +270,137 @@ def phase_speed(summary: Summary, run: Run, rows: list[dict]) -> None:
         seconds = statistics.median(r["iteration_time_s"] for r in times)
         mfu = [r["mfu"] for r in times if "mfu" in r]
         tflops = statistics.median(r["tflops_per_gpu"] for r in times)
-        mfu_text = f", MFU {100 * statistics.median(mfu):.1f}% of BF16 peak" if mfu else ""
+        median_mfu = statistics.median(mfu) if mfu else None
+        mfu_text = f", MFU {100 * median_mfu:.1f}% of BF16 peak" if mfu else ""
         summary.numbers[f"{run.name}_phase{phase}"] = {
-            "step_s": seconds,
-            "tflops_per_gpu": tflops,
-            "mfu": statistics.median(mfu) if mfu else None,
-        }
+            "step_s": seconds, "tflops_per_gpu": tflops, "mfu": median_mfu,
+        }  # fmt: skip
         summary.check(
             f"{run.name}: phase {phase} step time",
             f"{1e3 * seconds:.0f} ms, {tflops:.0f} TFLOP/s/GPU{mfu_text}",
             True,
         )
+        if judge_mfu and phase == 2:
+            name = f"{run.name}: phase 2 MFU >= {100 * MFU_FLOOR:.0f}%"
+            if median_mfu is None:
+                summary.skip(name, "no MFU logged: this GPU's BF16 peak is unknown "
+                                   "(tst_megatron.training.flops.PEAK_TFLOPS_BF16)")  # fmt: skip
+            else:
+                summary.check(name, f"{100 * median_mfu:.1f}%", median_mfu >= MFU_FLOOR)
 
 
-def check_runs(summary: Summary, runs: list[Run], out: Path, results: dict) -> None:
-    data = {run.name: records(out / f"{run.name}.jsonl") for run in runs}
-    by_name = {run.name: run for run in runs}
-    for run in runs:
-        code, seconds = results[run.name]
-        summary.check(f"{run.name}: exit code", f"{code} ({seconds:.0f} s)", code == 0)
-    for name in ("dense_learned", "dense_rope", "fp16", "moe", "te_fp8"):
-        if name in by_name:
-            check_learning(summary, by_name[name], data[name])
-    full = {r["iteration"]: r["lm_loss"] for r in data["dense_learned"] if "lm_loss" in r}
-    resumed = {r["iteration"]: r["lm_loss"] for r in data["dense_resume"] if "lm_loss" in r}
-    same = sorted(resumed) == list(range(9, 17)) and all(resumed[i] == full.get(i) for i in resumed)
-    diff = max((abs(resumed[i] - full[i]) for i in resumed if i in full), default=float("nan"))
-    summary.check("dense_resume: iterations 9-16 exact", f"max |dloss| {diff:.3g}", same)
-    fp16 = [r for r in data["fp16"] if "iteration_time_s" in r]
-    skipped = sum(r.get("skipped_iterations", 0) for r in fp16)
-    scale = fp16[-1].get("loss_scale") if fp16 else None
-    summary.check("fp16: overflow steps skipped", f"{skipped} skipped, final scale {scale}",
-                  bool(fp16) and skipped < len(fp16))  # fmt: skip
-    for name in ("dense_rope", "te_fp8"):
-        if name in by_name:
-            phase_speed(summary, by_name[name], data[name])
+def check_run(summary: Summary, run: Run, out: Path, reference: dict[str, Run]) -> None:
+    """The rows of one finished run (exit 0): learning, and what is particular to it."""
+    rows = records(out / f"{run.name}.jsonl")
+    if run.name != "dense_resume":
+        check_learning(summary, run, rows)
+    if run.name == "dense_resume":
+        full = {r["iteration"]: r["lm_loss"]
+                for r in records(out / "dense_learned.jsonl") if "lm_loss" in r}  # fmt: skip
+        resumed = {r["iteration"]: r["lm_loss"] for r in rows if "lm_loss" in r}
+        same = sorted(resumed) == list(range(9, 17))
+        same = same and all(resumed[i] == full.get(i) for i in resumed)
+        diff = max((abs(resumed[i] - full[i]) for i in resumed if i in full),
+                   default=float("nan"))  # fmt: skip
+        summary.check("dense_resume: iterations 9-16 exact", f"max |dloss| {diff:.3g}", same)
+    if run.name == "fp16":
+        steps = [r for r in rows if "iteration_time_s" in r]
+        skipped = sum(r.get("skipped_iterations", 0) for r in steps)
+        scale = steps[-1].get("loss_scale") if steps else None
+        summary.check("fp16: overflow steps skipped", f"{skipped} skipped, final scale {scale}",
+                      bool(steps) and skipped < len(steps))  # fmt: skip
+    if run.name in ("dense_rope", "te_fp8"):
+        phase_speed(summary, run, rows, judge_mfu=run.name == "dense_rope")
+
+
+@dataclass
+class Step:
+    """One child process of the check: its command, its time limit, and the rows it adds
+    once it ends (``evaluate(summary, finished)``; ``finished`` is False after a timeout)."""
+
+    name: str
+    command: list[str]
+    timeout_s: float
+    evaluate: Callable[[Summary, bool], None] | None = None
+    needs: str | None = None  # a step that must have passed first
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def run_steps(steps: list[Step], summary: Summary, logs: Path, env: dict[str, str],
+              budget_s: float = BUDGET_S, cwd: Path | None = None) -> None:  # fmt: skip
+    """Run ``steps`` in order, each cut at its timeout (and at what is left of ``budget_s``);
+    one ``NAME: exit code`` row each, then its own rows. A cut step's process group is
+    killed, its row says FAIL (timeout), and the next step starts."""
+    logs.mkdir(parents=True, exist_ok=True)
+    start, passed = time.monotonic(), set()
+    for step in steps:
+        left = budget_s - (time.monotonic() - start)
+        if step.needs and step.needs not in passed:
+            summary.skip(f"{step.name}: exit code", f"not run: it needs {step.needs}, which "
+                                                    "did not pass")  # fmt: skip
+            continue
+        if left < 10:
+            left_text = f"not run: {left:.0f} s left of --budget-s {budget_s:g}"
+            summary.check(f"{step.name}: exit code", left_text, False)
+            continue
+        timeout = min(step.timeout_s, left)
+        log = logs / f"{step.name}.log"
+        summary.write_line(f"=== {step.name} (timeout {timeout:.0f} s): "
+                           f"{shlex.join(step.command)}")  # fmt: skip
+        begin = time.monotonic()
+        with open(log, "w") as handle:
+            proc = subprocess.Popen(step.command, cwd=cwd, env={**env, **step.env},
+                                    stdout=handle, stderr=subprocess.STDOUT,
+                                    start_new_session=True)  # fmt: skip
+            try:
+                code = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                code = None
+                _kill_group(proc)
+        seconds = time.monotonic() - begin
+        if code is None:
+            summary.check(f"{step.name}: exit code", f"timeout: cut after {seconds:.0f} s "
+                                                     f"(log logs/{log.name})", False)  # fmt: skip
+        else:
+            summary.check(f"{step.name}: exit code", f"{code} ({seconds:.0f} s)", code == 0)
+            if code == 0:
+                passed.add(step.name)
+        if step.evaluate is not None and (code == 0 or step.name == "losses"):
+            step.evaluate(summary, code is not None)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the step's process group (torchrun and its ranks) and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_losses(summary: Summary) -> None:
+    """The CUDA loss checks in one single-rank NCCL process group (Megatron's CE needs it)."""
+    import torch
+    from megatron.core import parallel_state
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    torch.distributed.init_process_group("nccl", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    try:
+        for check in (check_multi_hot_ce, check_fused_output_loss):
+            try:
+                check(summary)
+            except Exception as err:  # report it in the table, like every other failure
+                summary.check(check.__name__[len("check_") :], f"{type(err).__name__}: {err}",
+                              False)  # fmt: skip
+    finally:
+        parallel_state.destroy_model_parallel()
+        torch.distributed.destroy_process_group()
 
 
 def _measure_cuda(fn, leaves: tuple, repeats: int = 5) -> tuple:
@@ -263,27 +441,6 @@ def _measure_cuda(fn, leaves: tuple, repeats: int = 5) -> tuple:
 
 def _relative_error(got, want) -> float:
     return ((got - want).norm() / want.norm()).item()
-
-
-def check_losses(summary: Summary) -> None:
-    """The CUDA loss checks in one single-rank NCCL process group (Megatron's CE needs it)."""
-    import torch
-    from megatron.core import parallel_state
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29613")
-    torch.distributed.init_process_group("nccl", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
-    try:
-        for check in (check_multi_hot_ce, check_fused_output_loss):
-            try:
-                check(summary)
-            except Exception as err:  # report it in the table, like every other failure
-                summary.check(check.__name__[len("check_") :], f"{type(err).__name__}: {err}",
-                              False)  # fmt: skip
-    finally:
-        parallel_state.destroy_model_parallel()
-        torch.distributed.destroy_process_group()
 
 
 def check_multi_hot_ce(summary: Summary) -> None:
@@ -369,7 +526,15 @@ def check_fused_output_loss(summary: Summary) -> None:
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from tst_megatron.loss import fused_output_multi_hot_cross_entropy, multi_hot_cross_entropy
+    from tst_megatron.loss.fused_output import SEPARATE_ACCUMULATION, weight_grad_accumulation
 
+    device = torch.device("cuda", torch.cuda.current_device())
+    path = weight_grad_accumulation(device, torch.bfloat16)
+    summary.numbers["fused_output_accumulation"] = path
+    slow = " (neither apex's kernel nor torch's fp32-accumulating addmm runs here)"
+    summary.check("fused_output: weight-gradient accumulation path",
+                  path + (slow if path == SEPARATE_ACCUMULATION else ""),
+                  path != SEPARATE_ACCUMULATION)  # fmt: skip
     tokens, hidden, vocab = FUSED_OUTPUT_SHAPE
     torch.manual_seed(0)
     x32 = torch.randn(tokens, 1, hidden, device="cuda")
@@ -421,66 +586,156 @@ def check_fused_output_loss(summary: Summary) -> None:
         )
 
 
+def detect() -> dict:
+    """What this machine has: Transformer Engine, ``--use-megatron-fsdp``, GPUs, apex."""
+    import torch
+
+    from tst_megatron.training.arguments import build_parser, transformer_engine_installed
+
+    apex = all(importlib.util.find_spec(name) is not None
+               for name in ("fused_weight_gradient_mlp_cuda", "fused_layer_norm_cuda"))  # fmt: skip
+    return {
+        "transformer_engine": transformer_engine_installed(),
+        "megatron_fsdp": "--use-megatron-fsdp" in build_parser()._option_string_actions,
+        "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "apex": apex,
+    }
+
+
+def planned_rows(step: str) -> list[tuple[str, str]]:
+    """The rows ``step`` adds after its exit-code row, with what each must show (the dry run
+    prints them)."""
+    learning = [(f"{step}: loss falls", "in phase 1 and in phase 2"),
+                (f"{step}: grad norm finite > 0", "every updated step")]  # fmt: skip
+    speed = [(f"{step}: phase {p} step time", "median after 3 steps, TFLOP/s, MFU")
+             for p in (1, 2)]  # fmt: skip
+    if step == "dense_resume":
+        return [("dense_resume: iterations 9-16 exact", "losses equal dense_learned's")]
+    if step == "fp16":
+        return [*learning, ("fp16: overflow steps skipped", "fewer skipped than steps")]
+    if step == "dense_rope":
+        mfu = (f"dense_rope: phase 2 MFU >= {100 * MFU_FLOOR:.0f}%",
+               f"median MFU of phase 2 at least {MFU_FLOOR:g} of the BF16 peak")  # fmt: skip
+        return [*learning, *speed, mfu]
+    if step == "te_fp8":
+        return [*learning, *speed]
+    if step == "losses":
+        rows = [("fused_output: weight-gradient accumulation path",
+                 "apex wgrad_gemm_accum_fp32 or torch.addmm(out_dtype=fp32), not the "
+                 "fallback")]  # fmt: skip
+        for s in CE_BAG_SIZES:
+            rows += [(f"multi_hot_ce s={s}: error vs plain torch", "loss < 1e-4, grad < 2e-2"),
+                     (f"multi_hot_ce s={s}: time / one CE", "<= 1.5x"),
+                     (f"multi_hot_ce s={s}: max_memory_allocated / one CE", "<= 1.1x")]  # fmt: skip
+        for s in FUSED_OUTPUT_BAG_SIZES:
+            rows += [(f"fused_output s={s}: error vs fp32", "<= 1.5x unfused bf16's + 1e-3"),
+                     (f"fused_output s={s}: time / unfused", "<= 1.15x"),
+                     (f"fused_output s={s}: max_memory_allocated / unfused",
+                      "<= 0.3x")]  # fmt: skip
+        return rows
+    return learning
+
+
+def steps_for(runs: list[Run], work: Path, out: Path, python: str,
+              timeout_s: float = RUN_TIMEOUT_S) -> list[Step]:  # fmt: skip
+    """The runs, then the loss checks (a child process), as `Step`s."""
+    logs = out / "logs"
+
+    def rows_of(run: Run) -> Callable[[Summary, bool], None]:
+        return lambda summary, finished: check_run(summary, run, logs, {})
+
+    steps = [
+        Step(run.name, run.command(logs, python), timeout_s, rows_of(run),
+             needs="dense_learned" if run.name == "dense_resume" else None, env=run.env)
+        for run in runs
+    ]  # fmt: skip
+    child = [python, "-m", "tst_megatron.testing.gpu_check", "--child", "losses", "--out",
+             str(out)]  # fmt: skip
+    steps.append(Step("losses", child, LOSSES_TIMEOUT_S,
+                      lambda summary, finished: _ingest_losses(summary, logs)))  # fmt: skip
+    return steps
+
+
+def _losses_child(out: Path) -> int:
+    """``--child losses``: the loss checks, each row appended to the summary as it comes."""
+    logs = out / "logs"
+    summary = Summary(out / "summary.txt", rows_path=logs / "losses_rows.jsonl")
+    check_losses(summary)
+    (logs / "losses_numbers.json").write_text(json.dumps(summary.numbers))
+    return 0
+
+
+def _ingest_losses(summary: Summary, logs: Path) -> None:
+    """The rows (and numbers) the loss child wrote; they are in summary.txt already."""
+    rows = logs / "losses_rows.jsonl"
+    for line in rows.read_text().splitlines() if rows.exists() else []:
+        summary.add(*json.loads(line), write=False)
+    numbers = logs / "losses_numbers.json"
+    if numbers.exists():
+        summary.numbers.update(json.loads(numbers.read_text()))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dry-run", action="store_true", help="Print the plan; run nothing.")
-    parser.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu_check")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="Print and write every row (SKIP ones with their reasons, the "
+                        "others with their commands); run nothing.")  # fmt: skip
+    parser.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu_check",
+                        help="summary.txt, gpu_check.json and logs/ (default $OUT, else "
+                        "runs/gpu_check).")  # fmt: skip
     parser.add_argument("--work", default=os.environ.get("GPU_CHECK_WORK", "/tmp/gpu_check"),
-                        help="Scratch directory for checkpoints and logs.")  # fmt: skip
+                        help="Scratch directory for checkpoints.")  # fmt: skip
     parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--require-te", action="store_true",
+                        help="FAIL the Transformer Engine / FP8 check where TE is missing "
+                        "(default: SKIP).")  # fmt: skip
+    parser.add_argument("--timeout-s", type=float, default=RUN_TIMEOUT_S,
+                        help="Time limit of each pretrain_tst.py run (then cut: FAIL "
+                        "(timeout)).")  # fmt: skip
+    parser.add_argument("--budget-s", type=float, default=BUDGET_S,
+                        help="Time limit of the whole check (runs are cut to what is "
+                        "left).")  # fmt: skip
+    parser.add_argument("--child", choices=["losses"], help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
-    work, out = Path(opts.work), Path(opts.out)
-    from tst_megatron.training.arguments import transformer_engine_installed
-
-    runs = plan(work, transformer_engine=transformer_engine_installed())
+    out, work = Path(opts.out), Path(opts.work)
+    if opts.child == "losses":
+        return _losses_child(out)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    (out / "summary.txt").write_text("")
+    summary = Summary(out / "summary.txt")
+    summary.write_line(_environment())
+    found = detect()
+    for name, reason in unavailable(**found).items():
+        summary.skip(name, reason, required=name == "te_fp8" and opts.require_te)
+    if found["apex"]:
+        summary.check("apex", "fused_weight_gradient_mlp_cuda and fused_layer_norm_cuda "
+                              "importable", True)  # fmt: skip
+    runs = plan(work, found["transformer_engine"], found["megatron_fsdp"], found["gpus"])
+    steps = steps_for(runs, work, out, opts.python, opts.timeout_s)
+    started = time.monotonic()
     if opts.dry_run:
-        for run in runs:
-            print(f"# {run.name}")
-            print(shlex.join(run.command(work, opts.python)))
-        print(f"# multi_hot_ce: bf16 logits {list(CE_SHAPE)}, s in {list(CE_BAG_SIZES)}, "
-              "vs plain torch and one vocab_parallel_cross_entropy (in this process)")  # fmt: skip
-        tokens, hidden, vocab = FUSED_OUTPUT_SHAPE
-        print(f"# fused_output: bf16 hidden [{tokens}, 1, {hidden}], output weight [{vocab}, "
-              f"{hidden}], s in {list(FUSED_OUTPUT_BAG_SIZES)}, fused vs unfused (in this "
-              "process)")  # fmt: skip
-        return 0
-    work.mkdir(parents=True, exist_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        "CUBLAS_WORKSPACE_CONFIG": ":4096:8",  # deterministic cuBLAS: the resume is exact
-    }
-    summary, results = Summary(), {}
-    started = time.time()
-    for run in runs:
-        log = work / f"{run.name}.log"
-        print(f"=== {run.name}: {shlex.join(run.command(work, opts.python))}", flush=True)
-        begin = time.time()
-        with open(log, "w") as handle:
-            code = subprocess.call(run.command(work, opts.python), cwd=ROOT, env=env,
-                                   stdout=handle, stderr=subprocess.STDOUT)  # fmt: skip
-        results[run.name] = (code, time.time() - begin)
-        print(f"    exit {code} after {time.time() - begin:.0f} s; tail:", flush=True)
-        print("    " + "\n    ".join(log.read_text().splitlines()[-3:]), flush=True)
-    check_runs(summary, runs, work, results)
-    check_losses(summary)
-    summary.numbers["wall_s"] = time.time() - started
-    summary.check("total wall time", f"{summary.numbers['wall_s']:.0f} s (budget 480 s)",
-                  summary.numbers["wall_s"] <= 480)  # fmt: skip
-    header = _environment()
-    text = header + "\n" + summary.table()
-    print(text)
-    (out / "summary.txt").write_text(text + "\n")
-    report = {"environment": header, "rows": summary.rows, "numbers": summary.numbers}
+        for step in steps:
+            summary.add(f"{step.name}: exit code", shlex.join(step.command), DRY)
+            for name, criterion in planned_rows(step.name):
+                summary.add(name, criterion, DRY)
+        summary.add("total wall time", f"<= --budget-s {opts.budget_s:g} s", DRY)
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            "CUBLAS_WORKSPACE_CONFIG": ":4096:8",  # deterministic cuBLAS: the resume is exact
+            "CUDA_DEVICE_MAX_CONNECTIONS": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "1"),
+        }
+        run_steps(steps, summary, out / "logs", env, opts.budget_s, cwd=ROOT)
+        wall = time.monotonic() - started
+        summary.numbers["wall_s"] = wall
+        summary.check("total wall time", f"{wall:.0f} s (budget {opts.budget_s:g} s)",
+                      wall <= opts.budget_s)  # fmt: skip
+    summary.write_line(summary.table())
+    report = {"rows": summary.rows, "numbers": summary.numbers, "found": found}
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
-    with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
-        for run in runs:
-            for suffix in (".log", ".jsonl"):
-                path = work / f"{run.name}{suffix}"
-                if path.exists():
-                    tar.add(path, arcname=path.name)
     return 0 if summary.passed else 1
 
 
@@ -494,6 +749,7 @@ def _environment() -> str:
         f"(CUDA {torch.version.cuda}); megatron-core {package_info.__version__}; python "
         f"{sys.version.split()[0]}"
     )
+
 
 
 if __name__ == "__main__":

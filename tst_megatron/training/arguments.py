@@ -40,7 +40,6 @@ TE_IMPL_MISSING = (
 )
 EXIT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 CKPT_FORMATS = ("torch_dist",)
-FP8_TOKEN_MULTIPLE = 16  # Transformer Engine: FP8 GEMM token dims divisible by 16 (wgrad)
 MOE_AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
 MOE_LOAD_BALANCING_TYPES = (*MOE_AUX_LOSS_TYPES, "sinkhorn", "none")
 RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mlp", "moe", "shared_experts")
@@ -891,7 +890,14 @@ def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
         "--async-save",
         action="store_true",
         help="Write the --save-interval checkpoints in a background process while training "
-        "continues (Megatron-Core's async save); published once every rank finished.",
+        "continues (Megatron-Core's async save); published once every rank finished. Needs "
+        "--use-persistent-ckpt-worker (as in Megatron-LM; turned off with a warning without it).",
+    )
+    group.add_argument(
+        "--use-persistent-ckpt-worker",
+        action="store_true",
+        help="Write --async-save checkpoints in one persistent worker process per rank "
+        "(spawned at the first async save) instead of a process forked per save.",
     )
     group.add_argument(
         "--override-save-lock",
@@ -2020,6 +2026,16 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
     for dest in ("async_save", "override_save_lock"):
         if getattr(args, dest) and not args.save:
             raise ConfigError(f"--{dest.replace('_', '-')} needs --save (it acts on saving)")
+    if args.use_persistent_ckpt_worker and not args.async_save:
+        raise ConfigError(
+            "--use-persistent-ckpt-worker writes --async-save checkpoints: it needs --async-save"
+        )
+    if args.async_save and not args.use_persistent_ckpt_worker:
+        args.async_save = False  # Megatron-LM's rule: no writer forked from a CUDA/NCCL rank
+        args.startup_notes.append(
+            "--async-save is not supported without --use-persistent-ckpt-worker (as in "
+            "Megatron-LM): disabling --async-save, checkpoints are written synchronously"
+        )
     resume_flags = ("tst_allow_schedule_change", "override_opt_param_scheduler")
     for dest in resume_flags:
         if getattr(args, dest) and not args.load:
@@ -2166,13 +2182,24 @@ def _validate_tst_fold(args: argparse.Namespace) -> None:
     if args.fp8 is not None:
         split = cp * (tp if args.sequence_parallel else 1)
         tokens = latent // split * bag * args.micro_batch_size
-        if tokens % FP8_TOKEN_MULTIPLE:
+        multiple = fp8_token_multiple(args.fp8_recipe)
+        if tokens % multiple:
             raise ConfigError(
-                f"--tst-fold batch with --fp8-format {args.fp8}: a phase-1 micro-batch puts "
-                f"{tokens} tokens per rank into each GEMM (L/s = {latent} / {split} x s*b = "
-                f"{bag * args.micro_batch_size}); Transformer Engine's FP8 GEMMs need a "
-                f"multiple of {FP8_TOKEN_MULTIPLE}"
+                f"--tst-fold batch with --fp8-format {args.fp8} --fp8-recipe "
+                f"{args.fp8_recipe}: a phase-1 micro-batch puts {tokens} tokens per rank into "
+                f"each GEMM (L/s = {latent} / {split} x s*b = {bag * args.micro_batch_size}); "
+                f"Transformer Engine's FP8 GEMMs with this recipe need a multiple of {multiple}"
             )
+
+
+def fp8_token_multiple(recipe: str) -> int:
+    """What an FP8 GEMM's token dimension must divide by: 32 for MXFP8 (Transformer Engine's
+    ``MXFP8Quantizer`` scales blocks of 32), 16 for the other recipes (Megatron-Core's
+    `get_fp8_align_size`)."""
+    from megatron.core.enums import Fp8Recipe
+    from megatron.core.fp8_utils import get_fp8_align_size
+
+    return get_fp8_align_size(Fp8Recipe(recipe))
 
 
 def _validate_fusions(args: argparse.Namespace) -> None:

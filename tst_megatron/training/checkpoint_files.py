@@ -91,29 +91,41 @@ class _DigestingFile:
         return getattr(self._file, name)
 
 
+def digesting_open(report: Callable[[str, Digest], None]) -> Callable:
+    """An ``open`` for Megatron-Core's writer module that digests each file opened ``"wb"``
+    and calls ``report(file name, digest)`` when it is closed (other modes: the builtin)."""
+
+    def open_(path, mode="r", *args, **kwargs):
+        if mode != "wb" or args or kwargs:
+            return builtins.open(path, mode, *args, **kwargs)
+        return _DigestingFile(os.fspath(path), report)
+
+    return open_
+
+
 class WrittenDigests:
     """Digests of the shard files Megatron-Core writes while this context is active.
 
     ``megatron/core/dist_checkpointing/strategies/filesystem_async.py``
     (`FileSystemWriterAsync.write_preloaded_data`) opens each shard file with the builtin
-    ``open``, in writer processes forked from the rank (and, with ``--async-save``, from the
-    rank's forked async writer). We give that module an ``open`` of its own that digests what
-    it writes, and the forked writers report each digest through a fork-inherited queue.
+    ``open``, in writer processes forked from the rank. We give that module an ``open`` of
+    its own (`digesting_open`) that digests what it writes, and the forked writers report each
+    digest through a fork-inherited queue. ``--use-persistent-ckpt-worker``'s worker does the
+    same in its own process (`checkpoint_worker`); its digests are `add`-ed here.
     """
 
     def __init__(self) -> None:
         self._queue = mp.get_context("fork").SimpleQueue()
         self._digests: dict[str, Digest] = {}
 
-    def _open(self, path, mode="r", *args, **kwargs):
-        if mode != "wb" or args or kwargs:
-            return builtins.open(path, mode, *args, **kwargs)
-        return _DigestingFile(os.fspath(path), lambda name, d: self._queue.put((name, d)))
+    def add(self, digests: dict[str, Digest]) -> None:
+        """Digests reported elsewhere (the persistent checkpoint worker)."""
+        self._digests.update(digests)
 
     @contextmanager
     def capturing(self) -> Iterator[WrittenDigests]:
         """Patch the writer's ``open`` for the duration (forked writers keep it)."""
-        filesystem_async.open = self._open
+        filesystem_async.open = digesting_open(lambda name, d: self._queue.put((name, d)))
         try:
             yield self
         finally:

@@ -12,9 +12,10 @@ As Megatron-LM's ``megatron/training/checkpointing.py`` does:
   data-parallel (x context-parallel) group split the writing and reading of replicated
   tensors evenly over its ranks (``--no-ckpt-fully-parallel-save`` /
   ``--no-ckpt-fully-parallel-load`` turn them off).
-* **Async saves** (`AsyncSaves`, ``--async-save``): Megatron-Core's `AsyncCallsQueue`; the
-  shards are written by a process forked from the rank while training goes on, and the
-  checkpoint is published by a finalize function once every rank's write is done.
+* **Async saves** (`AsyncSaves`, ``--async-save --use-persistent-ckpt-worker``): Megatron-Core's
+  `AsyncCallsQueue`; the shards are written by the rank's persistent checkpoint worker
+  (`checkpoint_worker`) while training goes on, and the checkpoint is published by a finalize
+  function once every rank's write is done.
 
 Two Megatron-Core behaviours are replaced, each for a failure it caused:
 `shield_checkpoint_writer` (its writer-results manager died of exit signals) and
@@ -46,6 +47,8 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
 
 from tst_megatron.mcore_compat import rank0_checkpoint_writers
 from tst_megatron.training import exit_signals
+from tst_megatron.training.checkpoint_files import Digest
+from tst_megatron.training.checkpoint_worker import PersistentCheckpointWorker
 
 DP_RESHARDABLE = "dp_reshardable"
 FULLY_RESHARDABLE = "fully_reshardable"
@@ -92,18 +95,25 @@ def load_strategy(args: Namespace, path: str):
     return strategy
 
 
-class AsyncSaves:
-    """``--async-save``: Megatron-Core's queue of async checkpoint writes.
+class _WorkerCallsQueue(AsyncCallsQueue):
+    """Megatron-Core's queue of async calls, every call made by one persistent worker."""
 
-    Megatron-Core's default (temporal) caller forks one writer process per save from the rank.
-    Megatron-LM 0.16.1 instead requires its persistent worker (``--use-persistent-ckpt-worker``),
-    a spawned process with default signal actions: a signal to the worker's process group or
-    to every process of a Slurm step would kill it (`shield_checkpoint_writer`'s problem
-    again). The forked writer inherits the rank's exit-signal handler and survives.
-    """
+    def __init__(self, worker: PersistentCheckpointWorker) -> None:
+        super().__init__()
+        self._worker = worker
+
+    def _get_async_caller(self) -> PersistentCheckpointWorker:
+        return self._worker
+
+
+class AsyncSaves:
+    """``--async-save`` (with ``--use-persistent-ckpt-worker``, as Megatron-LM requires):
+    Megatron-Core's `AsyncCallsQueue`, its writes made by this rank's persistent checkpoint
+    worker (`checkpoint_worker.PersistentCheckpointWorker`)."""
 
     def __init__(self) -> None:
-        self.queue = AsyncCallsQueue()
+        self.worker = PersistentCheckpointWorker()
+        self.queue = _WorkerCallsQueue(self.worker)
 
     def schedule(self, request: AsyncRequest) -> None:
         self.queue.schedule_async_request(request)
@@ -118,6 +128,15 @@ class AsyncSaves:
         """
         if self.pending():
             self.queue.maybe_finalize_async_calls(blocking=blocking)
+
+    def written_digests(self) -> dict[str, Digest]:
+        """The digests of the files the worker wrote since the last call."""
+        return self.worker.written_digests()
+
+    def close(self) -> None:
+        """Stop the worker: cleanly when every save was finalized, else at once (a save in
+        flight stays unpublished, as when the rank is killed)."""
+        self.worker.close(abort=bool(self.pending()))
 
 
 def shield_checkpoint_writer() -> None:
@@ -137,8 +156,8 @@ def shield_checkpoint_writer() -> None:
     Start method: Megatron-Core spawns, because a rank that has initialised CUDA must not
     fork a long-lived child. A spawned server re-imports torch to unpickle the write results
     (about 3 s of CPU per rank at its first save); a rank that has not initialised CUDA (CPU
-    hosts, where that cost is most of a small run's save) forks it instead, as Megatron-Core
-    forks its checkpoint writers at every save.
+    hosts, where that cost is most of a small run's save) forks it instead, as Megatron-Core's
+    writer forks its per-file writer processes.
     """
     global _manager
     if filesystem_async._results_queue is not None:

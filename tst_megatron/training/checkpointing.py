@@ -261,8 +261,12 @@ def open_save_dir(args: Namespace) -> str | None:
 
 
 def close_save_dir() -> None:
-    """Release the ``--save`` lock (rank 0; a no-op elsewhere). Safe to call twice."""
-    global _save_lock
+    """Stop the persistent checkpoint worker (`AsyncSaves.close`) and release the ``--save``
+    lock (rank 0; a no-op elsewhere). Safe to call twice."""
+    global _save_lock, _async_saves
+    if _async_saves is not None:
+        _async_saves.close()
+        _async_saves = None
     if _save_lock is not None:
         with contextlib.suppress(OSError):  # a read-only or vanished directory
             _save_lock.release()
@@ -365,6 +369,7 @@ def _schedule(request, pending: _PendingSave) -> None:
 
 
 def _finalize_and_publish(mcore_finalize: list, pending: _PendingSave) -> None:
+    pending.digests.add(_async_saves.written_digests())  # this rank's writes are done
     failure = None
     with deferred_rank0_write_errors() as deferred:
         try:

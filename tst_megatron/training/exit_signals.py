@@ -11,7 +11,9 @@ keep the exit save alive:
   and the loop exits cleanly before its first step.
 * **Checkpoint helper processes ignore exit signals** (`shield_helper_process`, the
   initializer of Megatron-Core's checkpoint-writer manager process, see
-  `tst_megatron.training.checkpoint_strategies`) and exit when their parent rank is gone.
+  `tst_megatron.training.checkpoint_strategies`, and the first call of the persistent
+  checkpoint worker, `tst_megatron.training.checkpoint_worker`) and exit when their parent
+  rank is gone.
 * **A launcher may shield itself** and forward the signal to the workers
   (``tools/launch.py``); it lists the signals it set to "ignored" in `SHIELDED_ENV`, and the
   workers restore their default action (`restore_shielded_signals`) before installing the

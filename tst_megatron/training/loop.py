@@ -8,7 +8,6 @@ Only the loop and what TST needs are written here; every parallel mechanism is m
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from argparse import Namespace
@@ -67,14 +66,10 @@ MEASURE_MEMORY_AFTER_STEPS = 2
 def initialize_distributed(args: Namespace) -> None:
     """Process group, model-parallel groups, seeds and the micro-batch calculator.
 
-    On CUDA, first the environment Megatron-LM requires (``CUDA_DEVICE_MAX_CONNECTIONS``,
-    before the CUDA context exists) and this rank's device (`placement.set_cuda_device`).
+    On CUDA, first this rank's device (`placement.set_cuda_device`; validation checked the
+    environment Megatron-LM requires, ``CUDA_DEVICE_MAX_CONNECTIONS``).
     """
-    if torch.cuda.is_available():
-        note = placement.set_cuda_connections(args, placement.cuda_arch_major(), os.environ)
-        if note:
-            args.startup_notes.append(note)
-    else:
+    if not torch.cuda.is_available():
         from tst_megatron.cpu.shim import install_cpu_shim
 
         install_cpu_shim()

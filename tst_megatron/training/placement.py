@@ -5,19 +5,22 @@
   while ``LOCAL_RANK`` runs 0..7; ``torch.cuda.set_device(LOCAL_RANK)`` would fail there with
   "invalid device ordinal".
 - ``CUDA_DEVICE_MAX_CONNECTIONS=1``: Megatron-LM (``megatron/training/arguments.py``) asserts
-  it whenever tensor or context parallelism is on and the GPU is older than Blackwell
-  (compute capability < 10): with one hardware queue, the tensor-parallel communication
-  kernels are scheduled in issue order, ahead of the GEMMs they overlap with. It must be in the
-  environment before the CUDA context is created, so `set_cuda_connections` runs first in
-  `tst_megatron.training.loop.initialize_distributed`; device queries made before it
-  (``is_available``, ``get_device_capability``) create no context.
+  it is in the environment whenever tensor or context parallelism is on and the GPU is older
+  than Blackwell (compute capability < 10): with one hardware queue, the tensor-parallel
+  communication kernels are scheduled in issue order, ahead of the GEMMs they overlap with.
+  CUDA reads it when it initialises, so it must come from the launcher
+  (``examples/slurm/common.sh``, ``tools/launch.py``, the Dockerfile), never from this
+  process: validation reads the compute capability (``get_device_capability``, which
+  initialises CUDA here, as Megatron-LM's ``get_device_arch_version`` does) and refuses a
+  missing or other value (`cuda_connections_error`). Megatron-FSDP is exempt (Megatron-LM
+  warns there instead: FSDP wants more queues).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 
 import torch
 
@@ -32,45 +35,36 @@ def local_device_index(local_rank: int, device_count: int) -> int:
 
 
 def needs_single_connection(args: argparse.Namespace, arch_major: int | None) -> bool:
-    """Megatron-LM's rule: TP or CP > 1 on a GPU before Blackwell (capability < 10)."""
+    """Megatron-LM's rule: TP or CP > 1 on a GPU before Blackwell (capability < 10), not
+    under Megatron-FSDP."""
     parallel = args.tensor_model_parallel_size > 1 or args.context_parallel_size > 1
-    return parallel and arch_major is not None and arch_major < 10
+    fsdp = getattr(args, "use_megatron_fsdp", False)
+    return parallel and not fsdp and arch_major is not None and arch_major < 10
 
 
 def cuda_arch_major() -> int | None:
-    """Compute capability major of device 0 (None without CUDA); creates no CUDA context."""
+    """Compute capability major of device 0 (None without CUDA)."""
     if not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_capability(0)[0]
 
 
 def cuda_connections_error(
-    args: argparse.Namespace, arch_major: int | None, environ: MutableMapping[str, str]
+    args: argparse.Namespace, arch_major: int | None, environ: Mapping[str, str]
 ) -> str | None:
-    """Why this environment cannot run ``args`` (a set value other than 1), else None."""
+    """Why this environment cannot run ``args`` (the variable unset or not 1), else None."""
     value = environ.get(CUDA_CONNECTIONS)
-    if not needs_single_connection(args, arch_major) or value in (None, "1"):
+    if not needs_single_connection(args, arch_major) or value == "1":
         return None
+    found = "is not set" if value is None else f"is {value}"
     return (
-        f"{CUDA_CONNECTIONS}={value}, but --tensor-model-parallel-size "
+        f"{CUDA_CONNECTIONS} {found}, but --tensor-model-parallel-size "
         f"{args.tensor_model_parallel_size} / --context-parallel-size "
         f"{args.context_parallel_size} on this GPU (compute capability {arch_major}.x, before "
-        f"Blackwell) needs {CUDA_CONNECTIONS}=1 so communication overlaps with compute, as "
-        f"Megatron-LM requires: unset it (pretrain_tst.py then sets 1) or export "
-        f"{CUDA_CONNECTIONS}=1"
-    )
-
-
-def set_cuda_connections(
-    args: argparse.Namespace, arch_major: int | None, environ: MutableMapping[str, str]
-) -> str | None:
-    """Set ``CUDA_DEVICE_MAX_CONNECTIONS=1`` where needed and unset; returns a log note."""
-    if not needs_single_connection(args, arch_major) or CUDA_CONNECTIONS in environ:
-        return None
-    environ[CUDA_CONNECTIONS] = "1"
-    return (
-        f"set {CUDA_CONNECTIONS}=1 (tensor/context parallelism before Blackwell, as "
-        "Megatron-LM requires)"
+        f"Blackwell) needs {CUDA_CONNECTIONS}=1 in the environment before CUDA starts, as "
+        f"Megatron-LM requires (communication then overlaps with compute): export "
+        f"{CUDA_CONNECTIONS}=1 in the launch script (examples/slurm/common.sh, tools/launch.py "
+        "and the Dockerfile set it)"
     )
 
 
