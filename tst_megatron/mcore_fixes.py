@@ -23,6 +23,7 @@ def apply_mcore_fixes() -> None:
         return
     _bind_missing_te_general_gemm()
     _skip_size_one_reductions_in_parallel_linears()
+    _accept_force_all_reduce_in_torch_fsdp2()
     _applied = True
 
 
@@ -77,3 +78,27 @@ def _skip_size_one_reductions_in_parallel_linears() -> None:
     layers.reduce_scatter_to_sequence_parallel_region = skip_if_one_rank(
         mappings.reduce_scatter_to_sequence_parallel_region
     )
+
+
+def _accept_force_all_reduce_in_torch_fsdp2() -> None:
+    """distributed/finalize_model_grads.py calls ``model_chunk.finish_grad_sync(
+    force_all_reduce=...)`` on every chunk, but 0.16.1's `TorchFullyShardedDataParallel`
+    inherits ``_BaseDataParallel.finish_grad_sync(self)``, which takes no argument: every
+    ``--use-torch-fsdp2`` step dies with "unexpected keyword argument 'force_all_reduce'".
+    Megatron-Core 0.19 adds the argument (and ignores it: FSDP2 reduce-scatters each unit's
+    gradients in the backward). The fix does the same where the signature lacks it.
+    """
+    import inspect
+
+    from megatron.core.distributed import TorchFullyShardedDataParallel
+
+    if (
+        "force_all_reduce"
+        in inspect.signature(TorchFullyShardedDataParallel.finish_grad_sync).parameters
+    ):
+        return
+
+    def finish_grad_sync(self, force_all_reduce: bool = False) -> None:
+        """FSDP2 reduce-scattered the gradients during the backward: nothing to finish."""
+
+    TorchFullyShardedDataParallel.finish_grad_sync = finish_grad_sync
