@@ -24,6 +24,7 @@ def apply_mcore_fixes() -> None:
     _bind_missing_te_general_gemm()
     _skip_size_one_reductions_in_parallel_linears()
     _accept_force_all_reduce_in_torch_fsdp2()
+    _match_fsdp2_params_to_optimizer_state_by_local_tensor()
     _applied = True
 
 
@@ -102,3 +103,25 @@ def _accept_force_all_reduce_in_torch_fsdp2() -> None:
         """FSDP2 reduce-scattered the gradients during the backward: nothing to finish."""
 
     TorchFullyShardedDataParallel.finish_grad_sync = finish_grad_sync
+
+
+def _match_fsdp2_params_to_optimizer_state_by_local_tensor() -> None:
+    """dist_checkpointing/optimizer.py (``get_optim_param_to_id_map``) finds which model
+    sharded tensor belongs to each optimizer state by ``id(to_local_if_dtensor(param))``,
+    relying on ``DTensor.to_local()`` returning the DTensor's own ``_local_tensor`` (which
+    ``make_(tp_)sharded_tensor_for_checkpoint`` stores). Since torch 2.13 ``to_local()`` of a
+    ``Parameter(DTensor)`` (every FSDP2 parameter) returns a fresh view instead, so no
+    parameter matches and an FSDP2 checkpoint save fails with "Param id 0 does not match any
+    model sharded param" (the temporaries' ids are even reused). The fix: in that module,
+    a DTensor's local tensor is its ``_local_tensor`` (same storage and values as the view).
+    """
+    from megatron.core.dist_checkpointing import optimizer
+
+    original = optimizer.to_local_if_dtensor
+
+    @functools.wraps(original)
+    def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+        local = getattr(tensor, "_local_tensor", None)
+        return local if isinstance(local, torch.Tensor) else original(tensor)
+
+    optimizer.to_local_if_dtensor = local_tensor

@@ -35,7 +35,7 @@ __all__ = ["fsdp_kind", "local_grad_shards", "wrap_chunk"]
 
 
 def fsdp_kind(args: Namespace) -> str | None:
-    """"torch_fsdp2", "megatron_fsdp" or None (DDP) for validated args."""
+    """Which FSDP validated args ask for: "torch_fsdp2", "megatron_fsdp", or None (DDP)."""
     if getattr(args, "use_torch_fsdp2", False):
         return "torch_fsdp2"
     if getattr(args, "use_megatron_fsdp", False):
