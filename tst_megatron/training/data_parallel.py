@@ -30,8 +30,11 @@ from megatron.core.distributed import (
 from megatron.core.transformer import TransformerConfig
 from megatron.core.utils import to_local_if_dtensor, unwrap_model
 from torch.distributed.fsdp import register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 
-__all__ = ["fsdp_kind", "local_grad_shards", "wrap_chunk"]
+from tst_megatron.training.checkpoint_files import CheckpointError
+
+__all__ = ["check_even_shards", "fsdp_kind", "local_grad_shards", "wrap_chunk"]
 
 
 def fsdp_kind(args: Namespace) -> str | None:
@@ -60,6 +63,8 @@ def wrap_chunk(
         )
         for module, method in unwrap_model(chunk).fsdp_forward_methods():
             register_fsdp_forward_method(module, method)
+        if args.save or args.load:
+            check_even_shards(chunk, swiglu=args.swiglu)
         return chunk
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32,
@@ -71,6 +76,29 @@ def wrap_chunk(
     )
     wrapper = FullyShardedDataParallel if kind == "megatron_fsdp" else DistributedDataParallel
     return wrapper(config, ddp_config, model, disable_bucketing=index > 0)
+
+
+def check_even_shards(chunk: torch.nn.Module, swiglu: bool) -> None:
+    """torch_dist describes an FSDP2 shard as an even part of dim 0: refuse uneven ones.
+
+    Raises:
+        CheckpointError: naming the first parameter whose (TP-local) first dimension does not split
+            evenly over the FSDP group, or, with SwiGLU, an odd FSDP size (a shard of the fused
+            ``[W; V]`` fc1 would straddle W and V).
+    """
+    for name, param in chunk.named_parameters():
+        if not isinstance(param, DTensor):
+            continue
+        size, rows = param.device_mesh.size(), param.shape[0]
+        straddles = swiglu and "linear_fc1" in name and size > 1 and (size % 2 or rows % size)
+        if rows % size or straddles:
+            raise CheckpointError(
+                f"--use-torch-fsdp2 checkpoints: {name} has {rows} rows (per tensor-parallel "
+                f"rank), which do not split evenly over the {size} data-parallel (x context-"
+                "parallel) ranks"
+                + (" into whole halves of SwiGLU's [W; V]" if straddles else "")
+                + "; choose a data-parallel size that divides them (an even one with --swiglu)"
+            )
 
 
 def local_grad_shards(chunk: torch.nn.Module) -> list[torch.Tensor]:
