@@ -190,3 +190,26 @@ def test_fsdp2_checks_its_sharded_gradients_for_inf(runs):
     assert records[2]["grad_norm"] is None and "lm_loss" not in records[2]
     assert records[2]["lr"] == records[1]["lr"]  # the schedule did not advance either
     assert all(records[i]["nan_iterations"] == 0 for i in range(3, 9))
+
+
+def test_planner_shards_every_model_state_over_data_parallel_with_fsdp():
+    from tst_megatron.planning.layout import PlanRequest
+    from tst_megatron.planning.report import plan
+
+    config = "examples/configs/tst-10b-a1b.yaml"  # untied embeddings, bf16, EP 1 here
+    ddp = plan(PlanRequest(config, gpu="h100"))["memory_stages"][0]
+    fsdp = plan(PlanRequest(config, gpu="h100", fsdp=True))["memory_stages"][0]
+    params, dp = ddp["params"], 8
+    assert fsdp["params"] == params
+    assert ddp["weights_bytes"] == 2 * params and ddp["grads_bytes"] == 4 * params
+    assert fsdp["weights_bytes"] == pytest.approx(2 * params / dp, abs=1)
+    assert fsdp["grads_bytes"] == pytest.approx(2 * params / dp, abs=1)  # bf16 gradients
+    assert fsdp["optimizer_bytes"] == pytest.approx(12 * params / dp, abs=1)
+    # the largest unit is a (MoE) layer, all 28 alike: the total less the word embedding,
+    # the LM head and the final norm, over the layers; gathered twice (running and
+    # prefetched) in bf16 plus its unsharded bf16 gradient
+    vocab, hidden, layers = 128_256, 1024, 28
+    layer = (params - 2 * vocab * hidden - hidden) / layers
+    assert layer > vocab * hidden
+    assert fsdp["fsdp_gathered_bytes"] == pytest.approx(3 * 2 * layer, abs=1)
+    assert ddp["fsdp_gathered_bytes"] == 0
