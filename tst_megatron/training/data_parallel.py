@@ -107,7 +107,7 @@ def local_grad_shards(chunk: torch.nn.Module) -> list[torch.Tensor]:
     DDP: its contiguous grad buffers (dense and expert-parallel). FSDP: each parameter's local
     shard of its sharded gradient (``main_grad`` where the wrapper keeps one, else ``grad``).
     """
-    if isinstance(chunk, DistributedDataParallel):
+    if hasattr(chunk, "expert_parallel_buffers"):  # DDP's buffers
         return [buffer.grad_data for buffer in [*chunk.buffers, *chunk.expert_parallel_buffers]]
     shards = []
     for param in chunk.parameters():
