@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Selective recomputation of these modules, as pretrain_tst.py's flag.",
     )
     parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="Plan torch FSDP2 (--use-torch-fsdp2: weights, gradients and optimizer state "
+        "sharded over DP x CP) instead of the config's DDP / distributed optimizer; unties "
+        "tied embeddings, as FSDP2 requires.",
+    )
+    parser.add_argument(
         "--mfu",
         type=_fraction,
         default=DEFAULT_MFU,

@@ -20,9 +20,18 @@ What a forward does depends on `phase_spec` (set with `set_phase`):
   the phase's bag-loss weights.
 - ``fused_output_loss``: the output layer and the loss (multi-hot or standard) run as
   `tst_megatron.loss.fused_output_multi_hot_cross_entropy`, which never keeps the logits.
+
+Both hooks read parameters outside their module's ``forward`` (the word and position
+embeddings, the output weight). They run as methods of those modules
+(``embedding.tst_embed_bags``, ``output_layer.tst_fused_output_loss``, listed by
+`TSTGPTModel.fsdp_forward_methods`), so a fully sharded wrapper can register them as forward
+methods: torch FSDP2 then all-gathers the unit's parameters before them and reduce-scatters
+their gradients as for ``forward``.
 """
 
 from __future__ import annotations
+
+from types import MethodType
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +65,22 @@ class TSTGPTModel(GPTModel):
                 f"prediction needs (mtp_num_layers={self.config.mtp_num_layers})"
             )
         self._weights_on: dict[torch.device, torch.Tensor] = {}
+        if self.pre_process:
+            self.embedding.tst_embed_bags = MethodType(_embed_bags, self.embedding)
+        if self.post_process:
+            self.output_layer.tst_fused_output_loss = MethodType(
+                _fused_output_loss, self.output_layer
+            )
+
+    def fsdp_forward_methods(self) -> list[tuple[torch.nn.Module, str]]:
+        """``(module, method name)`` of the hooks that read a module's parameters outside its
+        ``forward`` (for ``torch.distributed.fsdp.register_fsdp_forward_method``)."""
+        methods = []
+        if self.pre_process:
+            methods.append((self.embedding, "tst_embed_bags"))
+        if self.post_process:
+            methods.append((self.output_layer, "tst_fused_output_loss"))
+        return methods
 
     def set_phase(self, spec: PhaseSpec) -> None:
         """Switch how inputs and labels are interpreted; weights are untouched."""
@@ -139,7 +164,7 @@ class TSTGPTModel(GPTModel):
         masking); partial lookups of dropped tokens are left out of the sum before the
         reduction as well.
         """
-        embedding, config = self.embedding, self.config
+        config = self.config
         latent = input_ids.shape[1] // bag_size
         tp_size = config.tensor_model_parallel_size
         if config.sequence_parallel and latent % tp_size:
@@ -148,31 +173,7 @@ class TSTGPTModel(GPTModel):
                 f"tensor-parallel size {tp_size}; the latent sequence length must be a "
                 "multiple of it"
             )
-        words = embedding.word_embeddings
-        partial = average_bags_batch_first(
-            _vocab_shard_lookup(words, input_ids), bag_size, token_mask
-        )
-        partial = partial.transpose(0, 1).contiguous()  # [L, b, h]
-        if embedding.reduce_scatter_embeddings:
-            out = tensor_parallel.reduce_scatter_to_sequence_parallel_region(
-                partial, group=words.tp_group
-            )
-        else:
-            out = tensor_parallel.reduce_from_tensor_model_parallel_region(
-                partial, group=words.tp_group
-            )
-        if embedding.add_position_embedding:
-            out = out + embedding.position_embeddings(position_ids).transpose(0, 1)
-        if config.fp32_residual_connection:
-            out = out.float()
-        if not config.sequence_parallel:
-            return embedding.embedding_dropout(out)
-        if not embedding.reduce_scatter_embeddings and embedding.scatter_to_sequence_parallel:
-            out = tensor_parallel.scatter_to_sequence_parallel_region(out, group=words.tp_group)
-        if config.clone_scatter_output_in_embedding and embedding.scatter_to_sequence_parallel:
-            out = out.clone()
-        with tensor_parallel.get_cuda_rng_tracker().fork():
-            return embedding.embedding_dropout(out)
+        return self.embedding.tst_embed_bags(input_ids, position_ids, bag_size, token_mask)
 
     def compute_language_model_loss(
         self, labels: torch.Tensor, logits: torch.Tensor
@@ -204,21 +205,17 @@ class TSTGPTModel(GPTModel):
             return super()._postprocess(
                 hidden_states, input_ids, position_ids, labels, *args, **kwargs
             )
+        shared = None
         if self.share_embeddings_and_output_weights:
-            weight = self.shared_embedding_or_output_weight()
-        else:
-            weight = self.output_layer.weight
+            shared = self.shared_embedding_or_output_weight()
         standard = labels.dim() == 2
-        return fused_output_multi_hot_cross_entropy(
+        return self.output_layer.tst_fused_output_loss(
             hidden_states,
-            weight,
+            shared,
             labels,
             # a standard step masks positions in loss_func; masked positions skip the loss
-            loss_mask=kwargs.get("loss_mask") if standard else None,
-            tp_group=self.output_layer.tp_group,
-            weights=None if standard else self.target_weights(hidden_states.device),
-            sequence_parallel=self.output_layer.sequence_parallel,
-            gradient_accumulation_fusion=self.output_layer.gradient_accumulation_fusion,
+            kwargs.get("loss_mask") if standard else None,
+            None if standard else self.target_weights(hidden_states.device),
         )
 
 
@@ -234,3 +231,62 @@ def _vocab_shard_lookup(words, input_ids: torch.Tensor) -> torch.Tensor:
     if foreign is not None:
         out = out.masked_fill(foreign.unsqueeze(-1), 0.0)
     return out
+
+
+def _embed_bags(
+    embedding,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    bag_size: int,
+    token_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """``embedding.tst_embed_bags``: the body of `TSTGPTModel.embed_bags` on the model's
+    `LanguageModelEmbedding` (``[b, s*L]`` ids -> ``[L, b, h]``, see there)."""
+    config = embedding.config
+    words = embedding.word_embeddings
+    partial = average_bags_batch_first(
+        _vocab_shard_lookup(words, input_ids), bag_size, token_mask
+    )
+    partial = partial.transpose(0, 1).contiguous()  # [L, b, h]
+    if embedding.reduce_scatter_embeddings:
+        out = tensor_parallel.reduce_scatter_to_sequence_parallel_region(
+            partial, group=words.tp_group
+        )
+    else:
+        out = tensor_parallel.reduce_from_tensor_model_parallel_region(
+            partial, group=words.tp_group
+        )
+    if embedding.add_position_embedding:
+        out = out + embedding.position_embeddings(position_ids).transpose(0, 1)
+    if config.fp32_residual_connection:
+        out = out.float()
+    if not config.sequence_parallel:
+        return embedding.embedding_dropout(out)
+    if not embedding.reduce_scatter_embeddings and embedding.scatter_to_sequence_parallel:
+        out = tensor_parallel.scatter_to_sequence_parallel_region(out, group=words.tp_group)
+    if config.clone_scatter_output_in_embedding and embedding.scatter_to_sequence_parallel:
+        out = out.clone()
+    with tensor_parallel.get_cuda_rng_tracker().fork():
+        return embedding.embedding_dropout(out)
+
+
+def _fused_output_loss(
+    output_layer,
+    hidden_states: torch.Tensor,
+    shared_weight: torch.Tensor | None,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor | None,
+    weights: torch.Tensor | None,
+) -> torch.Tensor:
+    """``output_layer.tst_fused_output_loss``: the output layer (its own weight, or the tied
+    embedding weight ``shared_weight``) and the loss without logits; ``[b, L]`` per position."""
+    return fused_output_multi_hot_cross_entropy(
+        hidden_states,
+        output_layer.weight if shared_weight is None else shared_weight,
+        labels,
+        loss_mask=loss_mask,
+        tp_group=output_layer.tp_group,
+        weights=weights,
+        sequence_parallel=output_layer.sequence_parallel,
+        gradient_accumulation_fusion=output_layer.gradient_accumulation_fusion,
+    )

@@ -72,6 +72,7 @@ def install_cpu_shim(*, allow_with_cuda: bool = False) -> None:
     _patch_moe()
     _patch_uneven_collectives()
     _refuse_batched_p2p_with_interleaving()
+    _patch_torch_fsdp2_mesh()
     _installed = True
 
 
@@ -455,3 +456,29 @@ def _refuse_batched_p2p_with_interleaving() -> None:
         return interleaved(**kwargs)
 
     schedules.forward_backward_pipelining_with_interleaving = checked
+
+
+class _CpuDeviceMesh:
+    """Stands in for ``DeviceMesh`` inside torch_fully_sharded_data_parallel.py: a mesh
+    requested on "cuda" is built on "cpu"; everything else is torch's `DeviceMesh`."""
+
+    def __getattr__(self, name: str) -> Any:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        return getattr(DeviceMesh, name)
+
+    @staticmethod
+    def from_group(group: Any, device_type: str, *args: Any, **kwargs: Any) -> Any:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        device_type = "cpu" if device_type.startswith("cuda") else device_type
+        return DeviceMesh.from_group(group, device_type, *args, **kwargs)
+
+
+def _patch_torch_fsdp2_mesh() -> None:
+    """distributed/torch_fully_sharded_data_parallel.py: `TorchFullyShardedDataParallel`
+    builds its FSDP2 mesh with ``DeviceMesh.from_group(group, "cuda")``; on CPU the mesh (and
+    so ``fully_shard``'s all-gathers and reduce-scatters) must be on "cpu" over gloo."""
+    from megatron.core.distributed import torch_fully_sharded_data_parallel as fsdp
+
+    fsdp.DeviceMesh = _CpuDeviceMesh()

@@ -107,7 +107,13 @@ def estimate_lines(footprint: Footprint) -> list[str]:
             + ", ".join(f"phase {ph} {per_micro[ph] / MB:.2f} MB" for ph in phases)
             + f" ({getattr(total, kept) / MB:.2f} MB in flight"
             + (", full recompute" if footprint.recompute else "")
-            + f"), logits {total.logits_bytes / MB:.2f} MB, peak: "
+            + f"), logits {total.logits_bytes / MB:.2f} MB"
+            + (
+                f", FSDP all-gathered units {total.fsdp_gathered_bytes / MB:.2f} MB"
+                if total.fsdp_gathered_bytes
+                else ""
+            )
+            + ", peak: "
             + ", ".join(f"phase {ph} {peak_bytes(total, ph) / MB:.2f} MB" for ph in phases)
         )
     return lines

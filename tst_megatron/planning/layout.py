@@ -22,7 +22,9 @@ class PlanRequest:
     ``etp`` None means ``tp``; ``micro_batch_size``, ``global_batch_size`` and ``seq_length``
     None keep the config's. ``recompute`` (full, uniform, one layer per chunk) and
     ``recompute_modules`` (selective) replace the config's recomputation; without them the
-    config's own ``recompute-*`` keys apply.
+    config's own ``recompute-*`` keys apply. ``fsdp`` plans torch FSDP2
+    (``--use-torch-fsdp2``) instead of the config's DDP / distributed optimizer, with untied
+    embeddings if the config ties them (FSDP2 requires it).
     """
 
     config: str
@@ -40,6 +42,7 @@ class PlanRequest:
     seq_length: int | None = None
     recompute: bool = False
     recompute_modules: tuple[str, ...] = ()
+    fsdp: bool = False
     mfu: float = DEFAULT_MFU
     usable_memory_fraction: float = USABLE_MEMORY_FRACTION
 
@@ -79,6 +82,13 @@ def config_args(request: PlanRequest) -> tuple[argparse.Namespace, bool]:
         args = parse_args(argv)
     except ConfigError as err:
         raise PlanError(str(err)) from err
+    if request.fsdp:  # torch FSDP2 in place of DDP (+ distributed optimizer), its rules met
+        args.use_torch_fsdp2 = True
+        args.gradient_accumulation_fusion = False
+        args.use_distributed_optimizer = False
+        args.overlap_grad_reduce = args.overlap_param_gather = False
+        args.fsdp_untied = not args.untie_embeddings_and_output_weights
+        args.untie_embeddings_and_output_weights = True
     seq_length = request.seq_length
     if seq_length is not None and (args.max_position_embeddings or 0) < seq_length:
         args.max_position_embeddings = seq_length

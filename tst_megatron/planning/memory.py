@@ -6,6 +6,15 @@
 - optimizer: Adam's two moments plus an fp32 master copy with bf16/fp16 (12 B, else 8 B; SGD
   4 or 8 B), divided by DP x CP (experts: world / (EP x ETP x PP)) with the distributed
   optimizer;
+- FSDP (``--use-torch-fsdp2``; ``--use-megatron-fsdp`` by its
+  ``--data-parallel-sharding-strategy``): weights, gradients and optimizer state are sharded
+  over DP x CP. torch FSDP2 keeps the gradients in the weights' dtype (Megatron-Core's wrapper
+  sets no fp32 reduce dtype); Megatron-FSDP keeps fp32 ones. At peak a rank also holds the
+  all-gathered units (`fsdp_gathered_bytes`): the largest unit (a transformer layer, the word
+  embedding or the LM head, TP-local) twice in the weights' dtype (the one running and the
+  one prefetched) and its unsharded gradient before the reduce-scatter; with
+  ``--torch-fsdp2-no-reshard-after-forward`` every layer stays gathered from its forward to
+  its backward (all weights once, unsharded, plus one unit's gradient);
 - activations of one micro-batch and layer: Korthikanti et al. (2022), generalised to GQA,
   SwiGLU and MoE, for flash/fused attention (Transformer Engine, the trainer's GPU default),
   which keeps no ``L x L`` scores - the ``5as/h`` term of ``sbh(34 + 5as/h)`` drops out as in
@@ -79,6 +88,7 @@ class StageMemory:
     activations_recompute_bytes: int
     logits_bytes: int
     phase1_bag_input_bytes: int
+    fsdp_gathered_bytes: int
     total_phase1_bytes: int
     total_phase2_bytes: int
 
@@ -165,6 +175,16 @@ def recomputed_forward_fraction(args: argparse.Namespace) -> float:
     return min(args.recompute_num_layers, per_chunk) / per_chunk
 
 
+def fsdp_sharding(args: argparse.Namespace) -> tuple[str, ...]:
+    """What FSDP shards over DP x CP: () without FSDP; torch FSDP2 shards all three."""
+    if getattr(args, "use_torch_fsdp2", False):
+        return ("optim", "grads", "params")
+    if getattr(args, "use_megatron_fsdp", False):
+        strategy = args.data_parallel_sharding_strategy
+        return tuple(part for part in ("optim", "grads", "params") if part in strategy)
+    return ()
+
+
 def sequence_split(args: argparse.Namespace) -> int:
     """How far the tensors outside the TP-split GEMMs are split (SP: by TP)."""
     return args.tensor_model_parallel_size if args.sequence_parallel else 1
@@ -222,8 +242,23 @@ def one_stage_memory(
     weights = params * weight_bytes
     grads = params * grad_bytes
     optimizer = optim_bytes * (held.dense / dense_shard + held.experts / expert_shard)
+    gathered = 0.0
+    sharding = fsdp_sharding(args)
+    if sharding:
+        shard = args.data_parallel_size * args.context_parallel_size
+        unit_grad_bytes = weight_bytes if args.use_torch_fsdp2 else grad_bytes
+        optimizer = optim_bytes * params / shard
+        if "grads" in sharding:
+            grad_bytes = unit_grad_bytes
+            grads = params * grad_bytes / shard
+        if "params" in sharding:
+            weights = params * weight_bytes / shard
+            if getattr(args, "torch_fsdp2_reshard_after_forward", True):
+                gathered = held.largest_unit * (2 * weight_bytes + grad_bytes)
+            else:
+                gathered = params * weight_bytes + held.largest_unit * grad_bytes
     kept = recompute if args.recompute_granularity == "full" else activations
-    phase2 = weights + grads + optimizer + kept + logits
+    phase2 = weights + grads + optimizer + gathered + kept + logits
     return StageMemory(
         stage=p,
         layers=len(held.layers),
@@ -235,6 +270,7 @@ def one_stage_memory(
         activations_recompute_bytes=round(recompute),
         logits_bytes=round(logits),
         phase1_bag_input_bytes=round(bags),
+        fsdp_gathered_bytes=round(gathered),
         total_phase1_bytes=round(phase2 + bags),
         total_phase2_bytes=round(phase2),
     )

@@ -65,6 +65,9 @@ class StageParams:
     layers: list[int] = field(default_factory=list)
     dense: float = 0.0  # outside the routed experts, after TP sharding
     experts: float = 0.0  # routed experts, after EP x ETP sharding
+    # the largest FSDP unit (a transformer layer, the word embedding or the LM head), after
+    # TP/EP sharding: what FSDP all-gathers at once
+    largest_unit: float = 0.0
 
 
 def layer_stage(layer: int, args: argparse.Namespace) -> int:
@@ -86,21 +89,27 @@ def place_parameters(args: argparse.Namespace, named: NamedParams) -> list[Stage
     stages = [StageParams() for _ in range(pp)]
     for layer in range(args.num_layers):
         stages[layer_stage(layer, args)].layers.append(layer)
+    units: dict[tuple[int, str], float] = {}
     for name, numel, ndim in named:
         parts = name.split(".")
         if parts[0] == "embedding":
-            stage, split = 0, parts[1] == "word_embeddings"
+            stage, split, unit = 0, parts[1] == "word_embeddings", "embedding"
         elif parts[0] == "output_layer":
-            stage, split = pp - 1, True
+            stage, split, unit = pp - 1, True, "output_layer"
         elif parts[:2] == ["decoder", "final_layernorm"]:
-            stage, split = pp - 1, False
+            stage, split, unit = pp - 1, False, "output_layer"
         else:  # decoder.layers.<i>....
-            stage = layer_stage(int(parts[2]), args)
+            stage, unit = layer_stage(int(parts[2]), args), parts[2]
             split = ndim > 1 and ".mlp.router." not in name
         if is_routed_expert(name):
-            stages[stage].experts += numel / (ep * (etp if ndim > 1 else 1))
+            held = numel / (ep * (etp if ndim > 1 else 1))
+            stages[stage].experts += held
         else:
-            stages[stage].dense += numel / tp if split else numel
+            held = numel / tp if split else numel
+            stages[stage].dense += held
+        units[stage, unit] = units.get((stage, unit), 0.0) + held
+    for (stage, _), held in units.items():
+        stages[stage].largest_unit = max(stages[stage].largest_unit, held)
     if not args.untie_embeddings_and_output_weights and pp > 1:
         stages[-1].dense += args.padded_vocab_size * args.hidden_size / tp  # LM-head copy
     return stages

@@ -128,6 +128,10 @@ def plan(request: PlanRequest) -> dict[str, Any]:
         )
     if fp8:
         report["notes"].append("FP8: time at FP8 peak FLOPs; memory assumes bf16 weights")
+    if getattr(args, "fsdp_untied", False):
+        report["notes"].append(
+            "FSDP2 needs untied embeddings: planned with a separate LM head (the config ties)"
+        )
     if layout_ok:
         _add_layout_estimates(report, args, request, named, fp8)
     report["ok"] = not report["errors"]
@@ -280,6 +284,12 @@ def _render_memory(report: dict[str, Any]) -> list[str]:
                         "activations_recompute_bytes", "logits_bytes", "phase1_bag_input_bytes")
         ] + [f"{total / GIB:.2f}"]  # fmt: skip
         lines.append("    " + " ".join(f"{c:>9}" for c in cells))
+    gathered = max(m["fsdp_gathered_bytes"] for m in report["memory_stages"])
+    if gathered:
+        lines.append(
+            f"  FSDP              weights/grads/optimizer sharded over DP x CP; all-gathered "
+            f"units at peak {gathered / GIB:.2f} GiB (in total)"
+        )
     verdict = "fits" if report["fits"] else "DOES NOT FIT"
     lines.append(
         f"  peak              {report['memory_per_gpu_bytes'] / GIB:.2f} GiB (stage "

@@ -40,6 +40,7 @@ TE_IMPL_MISSING = (
 )
 EXIT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 CKPT_FORMATS = ("torch_dist",)
+DATA_PARALLEL_SHARDING_STRATEGIES = ("no_shard", "optim", "optim_grads", "optim_grads_params")
 MOE_AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
 MOE_LOAD_BALANCING_TYPES = (*MOE_AUX_LOSS_TYPES, "sinkhorn", "none")
 RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mlp", "moe", "shared_experts")
@@ -476,6 +477,36 @@ def _add_parallelism_args(parser: argparse.ArgumentParser) -> None:
         "--overlap-param-gather",
         action="store_true",
         help="Overlap the distributed optimizer's parameter all-gather with forward.",
+    )
+    group.add_argument(
+        "--use-torch-fsdp2",
+        action="store_true",
+        help="Fully sharded data parallel with PyTorch FSDP2 (Megatron-Core's "
+        "TorchFullyShardedDataParallel): parameters, gradients and optimizer state sharded "
+        "over the data-parallel group, one transformer layer all-gathered at a time. Megatron-"
+        "LM's rules: no pipeline or expert parallelism, no --use-distributed-optimizer, "
+        "--no-gradient-accumulation-fusion, --untie-embeddings-and-output-weights, not fp16.",
+    )
+    group.add_argument(
+        "--torch-fsdp2-no-reshard-after-forward",
+        action="store_false",
+        dest="torch_fsdp2_reshard_after_forward",
+        help="With --use-torch-fsdp2: keep each layer's gathered parameters from its forward "
+        "to its backward (ZeRO-2-like: no second all-gather, more memory).",
+    )
+    group.add_argument(
+        "--use-megatron-fsdp",
+        action="store_true",
+        help="Megatron-Core's own FSDP (Megatron-FSDP), CUDA only; needs "
+        "--use-distributed-optimizer. Its checkpoints are Megatron-LM's fsdp_dtensor "
+        "format, which this trainer does not write: no --save/--load with it.",
+    )
+    group.add_argument(
+        "--data-parallel-sharding-strategy",
+        default="no_shard",
+        choices=list(DATA_PARALLEL_SHARDING_STRATEGIES),
+        help="Megatron-FSDP's sharding: no_shard (DDP), optim (ZeRO-1), optim_grads "
+        "(ZeRO-2), optim_grads_params (ZeRO-3). Only with --use-megatron-fsdp.",
     )
     group.add_argument(
         "--distributed-backend",
@@ -1259,6 +1290,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     _validate_precision(args)
     _validate_backend(args)
     _validate_parallel_layout(args)
+    _validate_fsdp(args)
     _validate_local_spec(args)
     _validate_model_shape(args)
     _validate_moe(args)
@@ -1454,6 +1486,111 @@ def _validate_parallel_layout(args: argparse.Namespace) -> None:
         raise ConfigError(
             "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce"
         )
+
+
+def _validate_fsdp(args: argparse.Namespace) -> None:
+    """``--use-torch-fsdp2`` / ``--use-megatron-fsdp`` with Megatron-LM's rules (its
+    ``validate_args``), plus what this trainer cannot honour with them (named in each message)."""
+    torch_fsdp, megatron_fsdp = args.use_torch_fsdp2, args.use_megatron_fsdp
+    if not args.torch_fsdp2_reshard_after_forward and not torch_fsdp:
+        raise ConfigError("--torch-fsdp2-no-reshard-after-forward needs --use-torch-fsdp2")
+    if args.data_parallel_sharding_strategy != "no_shard" and not megatron_fsdp:
+        raise ConfigError(
+            f"--data-parallel-sharding-strategy {args.data_parallel_sharding_strategy} is "
+            "Megatron-FSDP's: it needs --use-megatron-fsdp (torch FSDP2 always shards "
+            "parameters, gradients and optimizer state)"
+        )
+    if not (torch_fsdp or megatron_fsdp):
+        return
+    if torch_fsdp and megatron_fsdp:
+        raise ConfigError("--use-torch-fsdp2 and --use-megatron-fsdp are exclusive; give one")
+    flag = "--use-torch-fsdp2" if torch_fsdp else "--use-megatron-fsdp"
+    if os.environ.get(placement.CUDA_CONNECTIONS) == "1":
+        raise ConfigError(
+            f"{flag}: FSDP needs {placement.CUDA_CONNECTIONS} unset or > 1 (it overlaps its "
+            f"all-gathers and reduce-scatters on several queues), got "
+            f"{placement.CUDA_CONNECTIONS}=1: export {placement.CUDA_CONNECTIONS}=8 before the "
+            "launcher (tools/launch.py, examples/slurm/common.sh and the Dockerfile set 1 only "
+            "when it is not set)"
+        )
+    if torch_fsdp:
+        _validate_torch_fsdp2(args)
+    else:
+        _validate_megatron_fsdp(args)
+
+
+def _validate_torch_fsdp2(args: argparse.Namespace) -> None:
+    rules = (
+        (
+            args.pipeline_model_parallel_size == 1,
+            "--use-torch-fsdp2 is not supported with pipeline parallelism (got "
+            f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}; need 1)",
+        ),
+        (
+            args.expert_model_parallel_size == 1,
+            "--use-torch-fsdp2 is not supported with expert parallelism (got "
+            f"--expert-model-parallel-size {args.expert_model_parallel_size}; need 1: the "
+            "experts are sharded over data parallel with the rest of their layer)",
+        ),
+        (
+            not args.use_distributed_optimizer,
+            "--use-torch-fsdp2 is not supported with Megatron-Core's distributed optimizer: "
+            "drop --use-distributed-optimizer (FSDP2 already shards the optimizer state)",
+        ),
+        (
+            not args.gradient_accumulation_fusion,
+            "--use-torch-fsdp2 is not supported with gradient accumulation fusion: add "
+            "--no-gradient-accumulation-fusion (as Megatron-LM requires)",
+        ),
+        (
+            args.untie_embeddings_and_output_weights,
+            "--use-torch-fsdp2 requires --untie-embeddings-and-output-weights (the tied "
+            "weight would live in two FSDP units)",
+        ),
+        (not args.fp16, "--use-torch-fsdp2 is not supported with --fp16; use --bf16"),
+        (
+            not args.overlap_grad_reduce,
+            "--overlap-grad-reduce is DDP's bucketed overlap; with --use-torch-fsdp2 each "
+            "layer's reduce-scatter overlaps the backward by itself: drop the flag",
+        ),
+        (
+            not args.calculate_per_token_loss,
+            "--calculate-per-token-loss with --use-torch-fsdp2: FSDP2 averages the gradients "
+            "over data parallel and Megatron-Core's TorchFullyShardedDataParallel cannot "
+            "rescale them by the global token count (its scale_gradients is a no-op); drop "
+            "the flag or use DDP",
+        ),
+    )
+    for ok, message in rules:
+        if not ok:
+            raise ConfigError(message)
+
+
+def _validate_megatron_fsdp(args: argparse.Namespace) -> None:
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "--use-megatron-fsdp needs CUDA GPUs, and none is visible: Megatron-FSDP builds "
+            "its parameter/gradient buffers and device meshes on CUDA devices. On CPUs use "
+            "--use-torch-fsdp2 (PyTorch FSDP2 runs on gloo)"
+        )
+    if importlib.util.find_spec("einops") is None:
+        raise ConfigError(
+            "--use-megatron-fsdp needs einops, which is not installed (Megatron-Core builds "
+            "Megatron-FSDP's data x tensor-parallel device mesh with it): pip install einops"
+        )
+    if not args.use_distributed_optimizer:
+        raise ConfigError(
+            "--use-megatron-fsdp needs --use-distributed-optimizer (Megatron-FSDP steps "
+            "through Megatron-Core's distributed optimizer, as Megatron-LM sets it)"
+        )
+    for flag in ("save", "load"):
+        if getattr(args, flag):
+            raise ConfigError(
+                f"--{flag} with --use-megatron-fsdp: Megatron-FSDP checkpoints are Megatron-"
+                "LM's fsdp_dtensor format (--ckpt-format fsdp_dtensor), which this trainer "
+                "does not write or read; use --use-torch-fsdp2 (torch_dist checkpoints) or "
+                "DDP with --use-distributed-optimizer to save"
+            )
 
 
 def _validate_model_shape(args: argparse.Namespace) -> None:

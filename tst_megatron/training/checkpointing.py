@@ -18,6 +18,13 @@ none of its own: a garbled shard would load silently).
 Every failure is agreed by all ranks (one all-gather) and raised everywhere as a
 `CheckpointError` with one line naming the file or directory, so no rank is left waiting.
 
+With ``--use-torch-fsdp2`` the model's and optimizer's parameters and states are DTensors
+sharded over data parallel; their sharded state dicts name each rank's local shard (Megatron-
+Core's FSDP2 support in ``make_(tp_)sharded_tensor_for_checkpoint``), so the checkpoint is an
+ordinary ``torch_dist`` one in model space, and a load writes straight into the shards (as
+Megatron-LM's ``skip_load_to_model_and_opt``): ``load_state_dict`` is skipped, the optimizer
+step restored (`optimizer.restore_steps_after_in_place_load`).
+
 The distributed optimizer is saved ``dp_reshardable`` (each rank writes its own shard) unless
 ``--ckpt-fully-reshardable``; see `checkpoint_strategies`. Model weights always reshard to any
 parallel layout; a ``dp_reshardable`` optimizer state only across data parallel.
@@ -71,7 +78,11 @@ from tst_megatron.training.checkpoint_strategies import (
     sharded_state_dict_metadata,
     shield_checkpoint_writer,
 )
-from tst_megatron.training.optimizer import init_optimizer_state, unshare_adam_steps
+from tst_megatron.training.optimizer import (
+    init_optimizer_state,
+    restore_steps_after_in_place_load,
+    unshare_adam_steps,
+)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "tst_checkpoint.json"
@@ -774,11 +785,17 @@ def load_checkpoint(
     verify_files(path, recorded_files(meta, path))
     try:
         loaded = dist_checkpointing.load(state, path, load_strategy(args, path))
+        in_place = getattr(args, "use_torch_fsdp2", False)  # see the module doc
         for i, chunk in enumerate(model_chunks):
-            _unwrap(chunk).load_state_dict(loaded[_model_key(i, len(model_chunks))], strict=True)
+            if not in_place:
+                key = _model_key(i, len(model_chunks))
+                _unwrap(chunk).load_state_dict(loaded[key], strict=True)
         if load_optim:
-            optimizer.load_state_dict(loaded["optimizer"])
-            unshare_adam_steps(optimizer)
+            if in_place:
+                restore_steps_after_in_place_load(optimizer, loaded["optimizer"])
+            else:
+                optimizer.load_state_dict(loaded["optimizer"])
+                unshare_adam_steps(optimizer)
             scheduler.load_state_dict(loaded["opt_param_scheduler"])
         if rng.KEY in loaded:
             rng.restore_rng_state(loaded[rng.KEY])

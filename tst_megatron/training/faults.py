@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from tst_megatron.training import exit_signals
+from tst_megatron.training.data_parallel import local_grad_shards
 
 
 def _max_over_ranks(number: int) -> int:
@@ -65,8 +66,9 @@ def check_step(outputs: list[dict], chunks) -> StepHealth:
     Every rank of the last pipeline stage holds a copy of its replica's loss (tensor- and
     context-parallel ranks hold the same sums), so sum and count carry the same multiplicity
     and their ratio is the data-parallel mean; other stages add zeros. The gradient check
-    reads each buffer's ``aminmax`` (a reduction: no parameter-sized temporary; NaN
-    propagates through both, an Inf shows in one).
+    reads ``aminmax`` of each gradient this rank holds (DDP's buffers, or the local shards of
+    FSDP's sharded gradients: `data_parallel.local_grad_shards`): a reduction, no
+    parameter-sized temporary; NaN propagates through both, an Inf shows in one.
     """
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     loss = torch.zeros(3, dtype=torch.float64, device=device)
@@ -75,9 +77,10 @@ def check_step(outputs: list[dict], chunks) -> StepHealth:
         if "target entropy" in out:
             loss[2:] += out["target entropy"].detach().to(device=loss.device, dtype=torch.float64)
     extremes = [
-        torch.stack(torch.aminmax(buffer.grad_data)).to(torch.float64)
+        torch.stack(torch.aminmax(grad)).to(torch.float64)
         for chunk in chunks
-        for buffer in [*chunk.buffers, *chunk.expert_parallel_buffers]
+        for grad in local_grad_shards(chunk)
+        if grad.numel()
     ]
     flags = (~torch.isfinite(torch.cat(extremes))).sum() if extremes else loss.new_zeros(())
     total = torch.cat([loss, flags.to(loss).reshape(1)])

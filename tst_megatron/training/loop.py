@@ -1,7 +1,8 @@
 """The pre-training loop: Megatron-Core schedules, DDP, optimizer, checkpoints, TST phases.
 
 Only the loop and what TST needs are written here; every parallel mechanism is mcore's:
-`get_forward_backward_func` (1F1B / interleaved pipeline), `DistributedDataParallel`,
+`get_forward_backward_func` (1F1B / interleaved pipeline), `DistributedDataParallel` (or
+FSDP, `data_parallel`),
 `get_megatron_optimizer` (ZeRO-1 with ``--use-distributed-optimizer``),
 `OptimizerParamScheduler`, the num-microbatches calculator and `dist_checkpointing`.
 """
@@ -18,11 +19,7 @@ import numpy as np
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
-from megatron.core.distributed import (
-    DistributedDataParallel,
-    DistributedDataParallelConfig,
-    finalize_model_grads,
-)
+from megatron.core.distributed import finalize_model_grads
 from megatron.core.num_microbatches_calculator import (
     get_current_global_batch_size,
     get_num_microbatches,
@@ -49,7 +46,7 @@ from tst_megatron.mcore_compat import batch_on_this_cp_rank
 from tst_megatron.planning import footprint
 from tst_megatron.targets import build_batch
 from tst_megatron.training import checkpointing as ckpt
-from tst_megatron.training import fault_injection, placement, precision
+from tst_megatron.training import data_parallel, fault_injection, placement, precision
 from tst_megatron.training.faults import BadStepGuard, ExitRequests, TrainingStopped, check_step
 from tst_megatron.training.manual_gc import ManualGarbageCollection
 from tst_megatron.training.metrics import MetricsLogger
@@ -113,8 +110,9 @@ def shutdown_distributed() -> None:
     torch.distributed.destroy_process_group()
 
 
-def build_model_chunks(args: Namespace) -> list[DistributedDataParallel]:
-    """One DDP-wrapped `TSTGPTModel` per virtual pipeline stage on this rank."""
+def build_model_chunks(args: Namespace) -> list[torch.nn.Module]:
+    """One `TSTGPTModel` per virtual pipeline stage on this rank, in its data-parallel wrapper
+    (DDP, torch FSDP2 or Megatron-FSDP: `tst_megatron.training.data_parallel`)."""
     config = transformer_config_from_args(args)
     vpp = args.virtual_pipeline_model_parallel_size
     chunks = []
@@ -127,18 +125,13 @@ def build_model_chunks(args: Namespace) -> list[DistributedDataParallel]:
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             vp_stage=stage,
         )
-        if torch.cuda.is_available():
+        # Megatron-LM: FSDP2 moves CPU-initialised parameters to the GPU shard by shard
+        if torch.cuda.is_available() and not (
+            args.use_torch_fsdp2 and args.use_cpu_initialization
+        ):
             model.cuda(torch.cuda.current_device())
         model = precision.wrap_model_chunk(model, config)
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32,
-            overlap_grad_reduce=args.overlap_grad_reduce,
-            overlap_param_gather=args.overlap_param_gather,
-            use_distributed_optimizer=args.use_distributed_optimizer,
-        )
-        chunks.append(
-            DistributedDataParallel(config, ddp_config, model, disable_bucketing=vp_stage > 0)
-        )
+        chunks.append(data_parallel.wrap_chunk(args, config, model, vp_stage))
     if args.overlap_grad_reduce:
         no_sync = [chunk.no_sync for chunk in chunks]
         config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync

@@ -153,3 +153,26 @@ def unshare_adam_steps(optimizer) -> None:
         for state in inner.state.values():
             if "step" in state:
                 state["step"] = state["step"].clone()
+
+
+def restore_steps_after_in_place_load(optimizer, state_dict: dict) -> None:
+    """Finish a torch-FSDP2 optimizer load, which (as in Megatron-LM) skips ``load_state_dict``.
+
+    `dist_checkpointing.load` wrote the moments (and, in bf16, the fp32 main parameters)
+    straight into this optimizer's own DTensor shards; ``load_state_dict`` would replace
+    them with plain tensors. What it cannot write in place is the step: Megatron-Core saves
+    it once (``common_step``, or a param group's ``step`` for fused Adams). Set it here,
+    one tensor per parameter (module doc, 2). ``state_dict`` is the loaded optimizer part.
+    """
+    inners = _inner_optimizers(optimizer)
+    states = [state_dict] if len(inners) == 1 else [state_dict[k] for k in sorted(state_dict)]
+    for megatron_optimizer, state in zip(inners, states, strict=True):
+        saved = state.get("optimizer", state)
+        inner = megatron_optimizer.optimizer
+        step = saved["state"].get("common_step")
+        if step is not None:
+            for param_state in inner.state.values():
+                param_state["step"] = torch.as_tensor(step, dtype=torch.float32).clone()
+        for group, saved_group in zip(inner.param_groups, saved["param_groups"], strict=True):
+            if "step" in saved_group:
+                group["step"] = saved_group["step"]

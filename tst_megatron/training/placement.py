@@ -35,11 +35,12 @@ def local_device_index(local_rank: int, device_count: int) -> int:
 
 
 def needs_single_connection(args: argparse.Namespace, arch_major: int | None) -> bool:
-    """Megatron-LM's rule: TP or CP > 1 on a GPU before Blackwell (capability < 10), not
-    under Megatron-FSDP."""
+    """Megatron-LM's rule: TP or CP > 1 on a GPU before Blackwell (capability < 10), unless
+    FSDP is on (FSDP needs several connections; Megatron-LM then only warns)."""
+    if getattr(args, "use_torch_fsdp2", False) or getattr(args, "use_megatron_fsdp", False):
+        return False
     parallel = args.tensor_model_parallel_size > 1 or args.context_parallel_size > 1
-    fsdp = getattr(args, "use_megatron_fsdp", False)
-    return parallel and not fsdp and arch_major is not None and arch_major < 10
+    return parallel and arch_major is not None and arch_major < 10
 
 
 def cuda_arch_major() -> int | None:

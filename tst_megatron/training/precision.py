@@ -45,5 +45,22 @@ def current_loss_scale(optimizer) -> float:
 
 
 def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DDP / ``Float16Module`` wrappers."""
-    return unwrap_model(chunk)
+    """The model inside DDP / FSDP / ``Float16Module`` wrappers (Megatron-FSDP's inner
+    `MegatronFSDP` module included, which `unwrap_model` does not know)."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        FullyShardedDataParallel,
+        TorchFullyShardedDataParallel,
+    )
+    from megatron.core.distributed.fsdp.src.megatron_fsdp import MegatronFSDP
+
+    return unwrap_model(
+        chunk,
+        (
+            DistributedDataParallel,
+            TorchFullyShardedDataParallel,
+            FullyShardedDataParallel,
+            MegatronFSDP,
+            Float16Module,
+        ),
+    )
