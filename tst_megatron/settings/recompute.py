@@ -26,7 +26,7 @@ class RecomputeConfig:
 
     def __post_init__(self) -> None:
         full = self.recompute_granularity == "full"
-        if full != (self.recompute_method is not None and self.recompute_num_layers is not None):
+        if {full} != {self.recompute_method is not None, self.recompute_num_layers is not None}:
             raise SettingsError(
                 "--recompute-granularity full needs --recompute-method and "
                 "--recompute-num-layers, and they apply to it alone; got "
