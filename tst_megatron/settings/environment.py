@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from tst_megatron.kernels import KernelAvailability
 
+TransformerImpl = Literal["local", "transformer_engine"]
+Backend = Literal["nccl", "gloo"]
 # Dense (non-sparse) BF16 tensor-core peak TFLOP/s per GPU, from NVIDIA's data sheets. Matched
 # as lowercase substrings of `torch.cuda.get_device_name()` in this order (specific first:
 # "gb200" contains "b200", "gh200" and "h200 nvl" contain "h200").
@@ -111,12 +114,12 @@ class Environment:
         return self.kernels.transformer_engine
 
     @property
-    def default_transformer_impl(self) -> str:
+    def default_transformer_impl(self) -> TransformerImpl:
         """``--transformer-impl`` when not given: Transformer Engine on a GPU that has it."""
         return "transformer_engine" if self.cuda and self.transformer_engine else "local"
 
     @property
-    def default_backend(self) -> str:
+    def default_backend(self) -> Backend:
         """``--distributed-backend`` when not given: nccl with CUDA, gloo without."""
         return "nccl" if self.cuda else "gloo"
 
@@ -128,7 +131,7 @@ class Environment:
         return cls(
             kernels=kernels,
             device_name=torch.cuda.get_device_name() if cuda else None,
-            capability=tuple(torch.cuda.get_device_capability()) if cuda else None,
+            capability=torch.cuda.get_device_capability() if cuda else None,
             fused_permute=cuda and kernels.transformer_engine and fused_permute_importable(),
             grouped_gemm=importlib.util.find_spec("grouped_gemm") is not None,
             peak_tflops=current_device_peak_tflops(),

@@ -8,10 +8,9 @@ GPU node, the local spec with fusions off on a CPU host.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Literal
 
 from tst_megatron.settings.checks import SettingsError
-from tst_megatron.settings.environment import Environment
+from tst_megatron.settings.environment import Environment, TransformerImpl
 
 TE_INSTALL_HINT = "install transformer-engine[pytorch]"
 
@@ -46,7 +45,7 @@ class KernelsConfig:
     runs it). ``tst_fused_output_loss``: the output layer and loss chunk by chunk.
     """
 
-    transformer_impl: Literal["local", "transformer_engine"]
+    transformer_impl: TransformerImpl
     use_cpu_initialization: bool
     fusions: Fusions
     moe_grouped_gemm: bool = False

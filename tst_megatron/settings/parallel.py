@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from tst_megatron.settings.checks import SettingsError, check_positive
+from tst_megatron.settings.environment import Backend
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -31,7 +31,7 @@ class ParallelConfig:
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
     overlap_p2p_comm: bool = True
-    distributed_backend: Literal["nccl", "gloo"] = "gloo"
+    distributed_backend: Backend = "gloo"
     distributed_timeout_minutes: int = 10
 
     def __post_init__(self) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import signal
-from typing import Any
+from typing import Any, cast
 
 from tst_megatron.settings import (
     BatchConfig,
@@ -37,6 +37,7 @@ from tst_megatron.settings import (
     RunConfig,
     ScheduleConfig,
 )
+from tst_megatron.settings.reliability import ExitSignal
 from tst_megatron.training.arguments import validate_args
 from tst_megatron.training.fusions import resolve_fusions
 
@@ -230,7 +231,11 @@ def _run_config(args: argparse.Namespace, given: dict[str, Any], env: Environmen
         schedule=ScheduleConfig(**_take(args, _SCHEDULE)),
         batch=BatchConfig(**_take(args, _BATCH), rampup_batch_size=_tuple(args.rampup_batch_size)),
         data=DataConfig(
-            **_take(args, _DATA), **{dest: _tuple(getattr(args, dest)) for dest in _DATA_PATHS}
+            **_take(args, _DATA),
+            data_path=_tuple(args.data_path),
+            train_data_path=_tuple(args.train_data_path),
+            valid_data_path=_tuple(args.valid_data_path),
+            test_data_path=_tuple(args.test_data_path),
         ),
         checkpoint=CheckpointConfig(**_take(args, _CHECKPOINT)),
         logging=LoggingConfig(
@@ -238,7 +243,7 @@ def _run_config(args: argparse.Namespace, given: dict[str, Any], env: Environmen
             peak_tflops=env.peak_tflops if given["peak_tflops"] is None else given["peak_tflops"],
         ),
         reliability=ReliabilityConfig(
-            **_take(args, _RELIABILITY), exit_signal=signal.Signals[_name(args.exit_signal)].name
+            **_take(args, _RELIABILITY), exit_signal=_exit_signal(args.exit_signal)
         ),
         tst=args.tst,
     )
@@ -276,5 +281,6 @@ def _scalar_or_tuple(value: Any) -> Any:
     return tuple(value) if isinstance(value, list | tuple) else value
 
 
-def _name(exit_signal: str | signal.Signals) -> str:
-    return exit_signal if isinstance(exit_signal, str) else exit_signal.name
+def _exit_signal(value: str | signal.Signals) -> ExitSignal:
+    """``--exit-signal`` as given (a name) or as `validate_args` leaves it (a signal)."""
+    return cast(ExitSignal, value if isinstance(value, str) else value.name)
