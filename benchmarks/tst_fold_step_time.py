@@ -67,8 +67,9 @@ def main() -> None:
     import torch
 
     from tst_megatron.config import STANDARD_PHASE, PhaseSpec
-    from tst_megatron.training.flops import ModelShape, phase_flops_per_step
+    from tst_megatron.training.flops import phase_flops_per_step
     from tst_megatron.training.loop import unwrap
+    from tst_megatron.training.run_config import model_config
 
     torch.set_num_threads(opts.threads)
     args, trainer = build_trainer(opts)
@@ -91,7 +92,7 @@ def main() -> None:
                 torch.cuda.synchronize()
             if rep:
                 times[name].append(time.perf_counter() - start)
-    shape = ModelShape.from_args(args)
+    shape = model_config(args)
     flops = {name: phase_flops_per_step(shape, spec, L, args.micro_batch_size)
              for name, spec in specs.items()}  # fmt: skip
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else (

@@ -16,17 +16,19 @@ METHOD = {"config", "bags", "loss", "targets", "model"}
 # What each part of tst_megatron may import from tst_megatron (docs/architecture.md).
 ALLOWED = {
     **{name: METHOD for name in METHOD},
-    "data": {"data", "config", "targets"},
+    "settings": {"settings", "config", "kernels"},
+    "data": {"data", "config", "targets", "settings"},
     "training": METHOD
-    | {"data", "training", "planning", "cpu", "mcore_fixes", "mcore_compat", "kernels", "layers"},
-    "planning": METHOD | {"planning", "training"},
-    "conversion": METHOD | {"conversion", "data", "training", "cpu", "mcore_compat"},
+    | {"data", "training", "planning", "cpu", "mcore_fixes", "mcore_compat", "kernels", "layers"}
+    | {"settings"},
+    "planning": METHOD | {"planning", "training", "settings"},
+    "conversion": METHOD | {"conversion", "data", "training", "cpu", "mcore_compat", "settings"},
     "cpu": {"cpu", "layers", "mcore_compat"},
     "mcore_fixes": {"mcore_compat"},
     "mcore_compat": set(),
     "kernels": set(),
     "layers": {"layers", "kernels", "training", "mcore_compat"},
-    "testing": METHOD | {"testing", "cpu", "training", "mcore_fixes", "mcore_compat"},
+    "testing": METHOD | {"testing", "cpu", "training", "mcore_fixes", "mcore_compat", "settings"},
 }
 # Imports allowed from one module only.
 ONLY_FROM = {

@@ -100,12 +100,13 @@ def test_bag_weighting_config():
     [
         ({"fold": "tokens"}, "TST fold must be one of sequence, batch; got 'tokens'"),
         ({"bag_weighting": "log"}, "bag weighting must be one of uniform, power-law"),
-        ({"bag_weights": (1.0, 2.0)}, "one weight per target token, 4 for bag size 4; got 2"),
+        ({"bag_weights": (1.0, 2.0)}, "--tst-bag-weights gives 2 weights; --tst-bag-size 4 needs"),
         ({"bag_weights": (1.0, -1.0, 0.0, 0.0)}, "must be finite, >= 0 and not all 0"),
         ({"bag_weights": (0.0,) * 4}, "must be finite, >= 0 and not all 0"),
         (
             {"bag_weights": (1.0,) * 4, "bag_weighting": "power-law"},
-            "give either explicit bag weights [1.0, 1.0, 1.0, 1.0] or the bag weighting",
+            "give either --tst-bag-weights or --tst-bag-weighting (got --tst-bag-weighting "
+            "power-law), not both",
         ),
         ({"bag_weighting": "first-token", "mode": "input-only"}, "input-only has one target"),
         ({"fold": "batch", "mode": "output-only"}, "use fold 'sequence'"),

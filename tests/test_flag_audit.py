@@ -6,7 +6,10 @@ How a flag passes (one test per parser action, so a failure names the flag):
    outside ``training/arguments.py``: an attribute load ``<x>args.<dest>`` (``args``,
    ``self.args``, ``train_args``...) or ``getattr(<x>args, "<dest>", ...)``, found by walking
    the AST of ``pretrain_tst.py`` and ``tst_megatron/**.py`` (``tst_megatron/testing`` is test
-   support and does not count). Assignments do not count, only reads.
+   support and does not count). Assignments do not count, only reads. A flag that reaches
+   code as a settings field (``FLAG_FIELDS`` of ``training/run_config.py``, checked flag by
+   flag in tests/test_settings_audit.py) is read when its field is: an attribute load
+   ``<x>.<field>`` outside the mapping and the settings package.
 2. **Effect through validation.** Flags that ``validate_args`` consumes itself (a YAML file,
    ``--group-query-attention`` -> ``num_query_groups``, the ``--tst-*`` flags -> ``args.tst``)
    pass when parsing the flag with a non-default value (``PROBES``, else derived from the
@@ -37,9 +40,11 @@ from pathlib import Path
 import pytest
 
 from tst_megatron.training.arguments import ConfigError, build_parser, parse_args, validate_args
+from tst_megatron.training.run_config import FLAG_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGUMENTS = ROOT / "tst_megatron" / "training" / "arguments.py"
+MAPPING = ROOT / "tst_megatron" / "training" / "run_config.py"
 BASE = (
     "--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
     "--micro-batch-size 2 --train-iters 10 --lr 1e-3 --mock-data --vocab-size 512"
@@ -93,6 +98,18 @@ def static_reads(paths: Iterable[Path]) -> set[str]:
             ):
                 reads.add(node.args[1].value)
     return reads
+
+
+def section_field_reads(paths: Iterable[Path]) -> set[str]:
+    """Flags whose settings field is read (``<x>.<field>``) outside the mapping and sections."""
+    loaded = {
+        node.attr
+        for path in paths
+        if path != MAPPING and "settings" not in path.relative_to(ROOT).parts
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path)))
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load)
+    }
+    return {dest for dest, field in FLAG_FIELDS.items() if field.rsplit(".", 1)[1] in loaded}
 
 
 def product_files() -> list[Path]:
@@ -161,7 +178,7 @@ def audit_flag(
     )
 
 
-READS = static_reads(product_files())
+READS = static_reads(product_files()) | section_field_reads(product_files())
 ACTIONS = [a for a in build_parser()._actions if a.dest != "help"]
 
 

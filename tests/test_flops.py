@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import warnings
 
 import pytest
 import torch
 
+from tst_megatron.settings import ModelConfig, MoEConfig
 from tst_megatron.training.arguments import parse_args, validate_args
 from tst_megatron.training.flops import (
-    ModelShape,
     achieved_tflops_per_gpu,
     current_device_peak_tflops,
     flops_per_step,
@@ -26,24 +27,24 @@ from tst_megatron.training.model_builder import (
     single_process_parallel_state,
     transformer_config_from_args,
 )
+from tst_megatron.training.run_config import model_config
 
-DENSE = ModelShape(
-    num_layers=2, hidden=8, ffn_hidden=32, heads=2, query_groups=2, kv_channels=4, vocab=16
-)
-MOE = ModelShape(
-    num_layers=2,
-    hidden=8,
-    ffn_hidden=32,
-    heads=4,
-    query_groups=1,
+SHAPE = {"num_layers": 2, "hidden_size": 8, "ffn_hidden_size": 32, "seq_length": 4,
+         "max_position_embeddings": 4, "padded_vocab_size": 16}  # fmt: skip
+DENSE = ModelConfig(**SHAPE, num_attention_heads=2, num_query_groups=2, kv_channels=4)
+MOE = ModelConfig(
+    **SHAPE,
+    num_attention_heads=4,
+    num_query_groups=1,
     kv_channels=2,
-    vocab=16,
     swiglu=True,
-    num_experts=4,
-    topk=2,
-    moe_ffn_hidden=16,
-    shared_expert_ffn=8,
-    moe_layer_freq=2,
+    moe=MoEConfig(
+        num_experts=4,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=16,
+        moe_shared_expert_intermediate_size=8,
+        moe_layer_freq=2,
+    ),
 )
 
 
@@ -114,7 +115,7 @@ def megatron_flops(args, batch_size: int) -> float:
 )
 def test_matches_megatron_formula_plus_router(extra):
     args = validated_args(extra)
-    shape = ModelShape.from_args(args)
+    shape = model_config(args)
     router = 6 * args.hidden_size * (args.num_experts or 0) * shape.num_moe_layers
     expected = megatron_flops(args, batch_size=4) + 4 * args.seq_length * router
     assert flops_per_step(shape, args.seq_length, 4) == pytest.approx(expected, rel=1e-12)
@@ -122,7 +123,7 @@ def test_matches_megatron_formula_plus_router(extra):
 
 def test_flops_per_token_and_tied_untied_equal():
     assert flops_per_token(DENSE, 4) == flops_per_step(DENSE, 4, 1) / 4
-    untied = ModelShape(**{**DENSE.__dict__, "untied": True})
+    untied = dataclasses.replace(DENSE, untie_embeddings_and_output_weights=True)
     assert flops_per_step(untied, 4, 2) == flops_per_step(DENSE, 4, 2)
 
 
@@ -173,7 +174,7 @@ def test_param_counts_match_meta_model(extra):
         warnings.simplefilter("ignore")
         model = build_meta_model(args)
     assert all(p.device.type == "meta" for p in model.parameters())
-    total, active = total_and_active_params(ModelShape.from_args(args))
+    total, active = total_and_active_params(model_config(args))
     assert total == count(model)
     experts = args.num_experts or 1
     inactive = routed_expert_params(model) * (experts - args.moe_router_topk) // experts
@@ -195,7 +196,7 @@ def test_param_counts_match_real_cpu_model(extra, sequence_parallel):
     with warnings.catch_warnings(), single_process_parallel_state():
         warnings.simplefilter("ignore")
         model = build_model(args, config, pre_process=True, post_process=True)
-    assert count(model) == total_and_active_params(ModelShape.from_args(args))[0]
+    assert count(model) == total_and_active_params(model_config(args))[0]
     layers = [type(layer.mlp).__name__ for layer in model.decoder.layers]
     expected = ["MoELayer", "MLP", "MoELayer"] if args.moe_layer_freq == 2 else ["MLP"] * 3
     assert layers == expected

@@ -196,13 +196,14 @@ def _timers_and_metrics_log(tmp: str) -> dict:
     from contextlib import redirect_stdout
 
     from tst_megatron.training.metrics import MetricsLogger
+    from tst_megatron.training.run_config import from_validated_args
     from tst_megatron.training.timers import StepTimers
 
     args = _args(*NO_BIAS, *MOE, "--moe-layer-freq", "2", "--timing-log-level", "1",
                  "--timing-log-option", "max",
                  "--metrics-jsonl", f"{tmp}/metrics.jsonl", "--log-interval", "2",
                  "--tst-bag-size", "2", "--tst-phase1-iters", "1")  # fmt: skip
-    timers = StepTimers(args)
+    timers = StepTimers(from_validated_args(args).logging)
 
     class Board:
         def __init__(self):
@@ -552,6 +553,7 @@ def test_per_token_loss_equals_hand_computed_token_weighted_mean(two, kind):
 
 
 def test_manual_gc_collects_at_the_configured_points():
+    from tst_megatron.settings import ReliabilityConfig
     from tst_megatron.training.manual_gc import ManualGarbageCollection
 
     collections = []
@@ -563,7 +565,7 @@ def test_manual_gc_collects_at_the_configured_points():
     gc.callbacks.append(record)
     try:
         manual = ManualGarbageCollection(
-            Namespace(manual_gc=True, manual_gc_interval=3, manual_gc_eval=True)
+            ReliabilityConfig(manual_gc=True, manual_gc_interval=3, manual_gc_eval=True)
         )
         manual.start()
         assert not gc.isenabled() and collections == [2]
@@ -574,9 +576,7 @@ def test_manual_gc_collects_at_the_configured_points():
             assert collections == [2, 2, 2, 2]
         assert collections == [2, 2, 2, 2, 0]
         assert "every 3 steps, and around each evaluation" in manual.describe()
-        off = ManualGarbageCollection(
-            Namespace(manual_gc=False, manual_gc_interval=0, manual_gc_eval=True)
-        )
+        off = ManualGarbageCollection(ReliabilityConfig(manual_gc=False))
         del collections[:]
         off.after_step(3)
         with off.evaluation():

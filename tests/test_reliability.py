@@ -27,6 +27,7 @@ import torch
 from tst_megatron.data.builders import build_train_stream, open_indexed_dataset
 from tst_megatron.data.stream import DataError
 from tst_megatron.data.tokenizer import TokenizerError
+from tst_megatron.settings import ReliabilityConfig
 from tst_megatron.testing.datasets import write_documents as write_dataset
 from tst_megatron.testing.launches import (
     DP2,
@@ -286,8 +287,8 @@ def test_exit_signal_and_duration_are_agreed_requests(tmp_path):
     previous = signal.getsignal(signal.SIGUSR1)
     try:
         flags = {"exit_duration_in_mins": None, "exit_interval": None,
-                 "exit_signal_handler": True, "exit_signal": signal.SIGUSR1}
-        requests = ExitRequests(Namespace(**flags))
+                 "exit_signal_handler": True, "exit_signal": "SIGUSR1"}
+        requests = ExitRequests(ReliabilityConfig(**flags))
         assert requests.check(1, time.time()) is None
         os.kill(os.getpid(), signal.SIGUSR1)
         assert requests.check(2, time.time()) == "received SIGUSR1"
@@ -295,7 +296,7 @@ def test_exit_signal_and_duration_are_agreed_requests(tmp_path):
         exit_signals.uninstall()
         assert signal.getsignal(signal.SIGUSR1) == previous
         flags |= {"exit_duration_in_mins": 1, "exit_signal_handler": False}
-        requests = ExitRequests(Namespace(**flags))
+        requests = ExitRequests(ReliabilityConfig(**flags))
         assert requests.check(1, time.time() - 59) is None
         assert requests.check(2, time.time() - 61) == "--exit-duration-in-mins 1 reached"
     finally:

@@ -9,10 +9,11 @@ import argparse
 import pytest
 
 from tst_megatron.config import PhaseSpec, TSTConfig
+from tst_megatron.settings import ModelConfig
 from tst_megatron.training import checkpointing as ckpt
 from tst_megatron.training import model_builder
 from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
-from tst_megatron.training.flops import ModelShape, flops_per_step, phase_flops_per_step
+from tst_megatron.training.flops import flops_per_step, phase_flops_per_step
 
 BASE = (
     "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
@@ -167,9 +168,15 @@ def test_phase1_resume_checks_fold_and_weighting():
     ckpt.check_compatible(args, {**old, "tst": {**old["tst"], "phase": 2}}, "ckpt")
 
 
+def tiny_model(vocab: int) -> ModelConfig:
+    """The FLOP-relevant shape of the tiny test models (2 layers, h 64, 4 heads, no MoE)."""
+    return ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4,
+                       num_query_groups=4, kv_channels=16, seq_length=32,
+                       max_position_embeddings=32, padded_vocab_size=vocab)  # fmt: skip
+
+
 def test_flops_follow_the_fold():
-    shape = ModelShape(num_layers=2, hidden=64, ffn_hidden=256, heads=4, query_groups=4,
-                       kv_channels=16, vocab=512)  # fmt: skip
+    shape = tiny_model(vocab=512)
     seq, batch = PhaseSpec(4, "full"), PhaseSpec(4, "full", fold="batch")
     L, b = 32, 3
     assert phase_flops_per_step(shape, seq, L, b) == flops_per_step(shape, L, b)
@@ -267,8 +274,7 @@ def test_planner_follows_the_fold_and_the_fused_output_loss(tmp_path):
         reports[name] = plan(PlanRequest(config=str(path), gpus_per_node=1))
         assert reports[name]["ok"], reports[name]["errors"]
     seq, batch = reports["sequence"], reports["batch"]
-    shape = ModelShape(num_layers=2, hidden=64, ffn_hidden=256, heads=4, query_groups=4,
-                       kv_channels=16, vocab=4096)  # fmt: skip
+    shape = tiny_model(vocab=4096)
     assert batch["tst"]["fold"] == "batch"
     assert batch["flops_per_step_phase1"] == flops_per_step(shape, 16, 32)
     assert batch["flops_per_step_phase2"] == seq["flops_per_step_phase1"]

@@ -47,6 +47,55 @@ def _check_fold_mode(fold: str, mode: str, bag_size: int) -> None:
         )
 
 
+def check_bag_weighting(
+    bag_size: int, mode: str, weighting: str, explicit: tuple[float, ...] | None
+) -> None:
+    """The bag-loss weighting checks (``--tst-bag-weighting`` / ``--tst-bag-weights``), the
+    one copy: `TSTConfig` and ``validate_args`` both call it.
+
+    Raises:
+        TSTConfigError: an unknown weighting; a weighting or weights without TST
+            (``bag_size`` 1), both at once, with mode ``input-only`` (one target per
+            position), or explicit weights that are not ``bag_size`` finite non-negative
+            numbers with a positive sum.
+    """
+    if weighting not in BAG_WEIGHTINGS:
+        raise TSTConfigError(
+            f"bag weighting must be one of {', '.join(BAG_WEIGHTINGS)}; got {weighting!r}"
+        )
+    given = [
+        flag
+        for flag, on in (
+            (f"--tst-bag-weighting {weighting}", weighting != "uniform"),
+            ("--tst-bag-weights", explicit is not None),
+        )
+        if on
+    ]
+    if not given:
+        return
+    if bag_size == 1:
+        raise TSTConfigError(f"{given[0]} needs TST on (--tst-bag-size > 1); got --tst-bag-size 1")
+    if len(given) == 2:
+        raise TSTConfigError(
+            f"give either --tst-bag-weights or --tst-bag-weighting (got {given[0]}), not both"
+        )
+    if mode == "input-only":
+        raise TSTConfigError(
+            f"{given[0]} weights the multi-hot targets of --tst-mode full or output-only; "
+            "--tst-mode input-only has one target per position"
+        )
+    if explicit is None:
+        return
+    if len(explicit) != bag_size:
+        raise TSTConfigError(
+            f"--tst-bag-weights gives {len(explicit)} weights; --tst-bag-size {bag_size} needs "
+            f"{bag_size} (one per token of the next bag)"
+        )
+    values = [float(w) for w in explicit]
+    if not all(math.isfinite(w) and w >= 0 for w in values) or sum(values) <= 0:
+        raise TSTConfigError(f"--tst-bag-weights must be finite, >= 0 and not all 0; got {values}")
+
+
 def bag_weights(
     weighting: str, bag_size: int, explicit: tuple[float, ...] | None = None
 ) -> tuple[float, ...] | None:
@@ -55,28 +104,10 @@ def bag_weights(
     ``uniform`` 1, ``power-law`` 1/i, ``exponential`` exp(-i), ``first-token`` delta(i = 1)
     (the report's Appendix D); ``explicit`` weights (``--tst-bag-weights``) take precedence.
     The loss normalises them over the unmasked targets of each position, so only their ratios
-    matter.
-
-    Raises:
-        TSTConfigError: an unknown weighting, or explicit weights that are not ``bag_size``
-            finite non-negative numbers with a positive sum.
+    matter. The settings are checked by `check_bag_weighting`.
     """
-    if weighting not in BAG_WEIGHTINGS:
-        raise TSTConfigError(
-            f"bag weighting must be one of {', '.join(BAG_WEIGHTINGS)}; got {weighting!r}"
-        )
     if explicit is not None:
-        values = tuple(float(w) for w in explicit)
-        if len(values) != bag_size:
-            raise TSTConfigError(
-                f"explicit bag weights need one weight per target token, {bag_size} for bag "
-                f"size {bag_size}; got {len(values)}: {list(values)}"
-            )
-        if not all(math.isfinite(w) and w >= 0 for w in values) or sum(values) <= 0:
-            raise TSTConfigError(
-                f"bag weights must be finite, >= 0 and not all 0; got {list(values)}"
-            )
-        return values
+        return tuple(float(w) for w in explicit)
     positions = range(1, bag_size + 1)
     if weighting == "power-law":
         return tuple(1.0 / i for i in positions)
@@ -222,17 +253,7 @@ class TSTConfig:
                 f"bag_size={self.bag_size} turns TST on: also give the phase-1 length "
                 "(phase1_fraction r in (0, 1), e.g. 0.3, or phase1_iters)"
             )
-        if self.bag_weights is not None and self.bag_weighting != "uniform":
-            raise TSTConfigError(
-                f"give either explicit bag weights {list(self.bag_weights)} or the bag "
-                f"weighting {self.bag_weighting!r}, not both"
-            )
-        weights = bag_weights(self.bag_weighting, self.bag_size, self.bag_weights)
-        if weights is not None and self.mode == "input-only":
-            raise TSTConfigError(
-                "bag-loss weighting needs the multi-hot targets of mode full or output-only; "
-                "input-only has one target per position"
-            )
+        check_bag_weighting(self.bag_size, self.mode, self.bag_weighting, self.bag_weights)
 
     @property
     def enabled(self) -> bool:

@@ -11,7 +11,8 @@ import argparse
 import warnings
 from dataclasses import dataclass, field
 
-from tst_megatron.training.flops import ModelShape, total_and_active_params
+from tst_megatron.training.flops import total_and_active_params
+from tst_megatron.training.run_config import model_config
 
 NamedParams = list[tuple[str, int, int]]  # (name, numel, ndim) of every parameter
 
@@ -49,7 +50,7 @@ def count_parameters(args: argparse.Namespace, named: NamedParams) -> ParamCount
     routed = sum(numel for name, numel, _ in named if is_routed_expert(name))
     experts = args.num_experts or 0
     inactive = routed * (experts - args.moe_router_topk) // experts if experts else 0
-    analytic_total, analytic_active = total_and_active_params(ModelShape.from_args(args))
+    analytic_total, analytic_active = total_and_active_params(model_config(args))
     return ParamCounts(total, total - inactive, routed, analytic_total, analytic_active)
 
 

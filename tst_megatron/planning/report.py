@@ -35,7 +35,8 @@ from tst_megatron.planning.params import (
     place_parameters,
 )
 from tst_megatron.planning.step_time import step_time
-from tst_megatron.training.flops import ModelShape, peak_tflops_for_device, phase_flops_per_step
+from tst_megatron.training.flops import peak_tflops_for_device, phase_flops_per_step
+from tst_megatron.training.run_config import model_config
 
 
 def plan(request: PlanRequest) -> dict[str, Any]:
@@ -70,7 +71,7 @@ def plan(request: PlanRequest) -> dict[str, Any]:
         )
     named = meta_parameters(args)
     counts = count_parameters(args, named)
-    shape = ModelShape.from_args(args)
+    shape = model_config(args)
     seq = args.seq_length
     phase1, phase2 = args.tst.phase_spec(1), args.tst.phase_spec(2)
     phase1_iters = args.tst.phase1_iterations(args.train_iters)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import os
 import signal
 import warnings
@@ -22,7 +21,14 @@ from typing import Any
 import torch
 import yaml
 
-from tst_megatron.config import BAG_WEIGHTINGS, TST_FOLDS, TST_MODES, TSTConfig
+from tst_megatron.config import (
+    BAG_WEIGHTINGS,
+    TST_FOLDS,
+    TST_MODES,
+    TSTConfig,
+    TSTConfigError,
+    check_bag_weighting,
+)
 from tst_megatron.data.tokenizer import (
     TOKENIZER_TYPES,
     TokenizerError,
@@ -2246,40 +2252,12 @@ def _validate_tst(args: argparse.Namespace) -> None:
 
 
 def _validate_tst_weighting(args: argparse.Namespace) -> None:
-    """``--tst-bag-weighting`` / ``--tst-bag-weights``: multi-hot targets, one weight each."""
-    bag, weighting, weights = args.tst_bag_size, args.tst_bag_weighting, args.tst_bag_weights
-    given = [
-        flag
-        for flag, on in (
-            (f"--tst-bag-weighting {weighting}", weighting != "uniform"),
-            ("--tst-bag-weights", weights is not None),
-        )
-        if on
-    ]
-    if not given:
-        return
-    if bag == 1:
-        raise ConfigError(f"{given[0]} needs TST on (--tst-bag-size > 1); got --tst-bag-size 1")
-    if len(given) == 2:
-        raise ConfigError(
-            f"give either --tst-bag-weights or --tst-bag-weighting (got {given[0]}), not both"
-        )
-    if args.tst_mode == "input-only":
-        raise ConfigError(
-            f"{given[0]} weights the multi-hot targets of --tst-mode full or output-only; "
-            "--tst-mode input-only has one target per position"
-        )
-    if weights is None:
-        return
-    if len(weights) != bag:
-        raise ConfigError(
-            f"--tst-bag-weights gives {len(weights)} weights; --tst-bag-size {bag} needs {bag} "
-            "(one per token of the next bag)"
-        )
-    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
-        raise ConfigError(
-            f"--tst-bag-weights must be finite, >= 0 and not all 0; got {weights}"
-        )
+    """``--tst-bag-weighting`` / ``--tst-bag-weights``: `config.check_bag_weighting`."""
+    weights = tuple(args.tst_bag_weights) if args.tst_bag_weights is not None else None
+    try:
+        check_bag_weighting(args.tst_bag_size, args.tst_mode, args.tst_bag_weighting, weights)
+    except TSTConfigError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _validate_tst_fold(args: argparse.Namespace) -> None:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 import signal
 import time
-from argparse import Namespace
 from dataclasses import dataclass
 
 import torch
 
+from tst_megatron.settings.reliability import ReliabilityConfig
 from tst_megatron.training import exit_signals
 from tst_megatron.training.data_parallel import local_grad_shards
 
@@ -133,11 +133,11 @@ class ExitRequests:
     ``pretrain_tst.py`` before any heavy work, so a signal during start-up is kept too).
     """
 
-    def __init__(self, args: Namespace) -> None:
-        self.duration_s = (args.exit_duration_in_mins or 0) * 60
-        self.interval = args.exit_interval or 0
-        if args.exit_signal_handler:
-            exit_signals.install(args.exit_signal)
+    def __init__(self, reliability: ReliabilityConfig) -> None:
+        self.duration_s = (reliability.exit_duration_in_mins or 0) * 60
+        self.interval = reliability.exit_interval or 0
+        if reliability.exit_signal_handler:
+            exit_signals.install(reliability.exit_signum)
 
     @property
     def received(self) -> int:

@@ -26,29 +26,9 @@ LayerNorm are TE's business; the values pass through as Megatron-LM passes them.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
 
 from tst_megatron.kernels import KernelAvailability
-
-
-@dataclass(frozen=True)
-class Fusions:
-    """The fusion fields of `TransformerConfig`, resolved."""
-
-    bias_activation_fusion: bool
-    bias_dropout_fusion: bool
-    masked_softmax_fusion: bool
-    persist_layer_norm: bool
-    apply_rope_fusion: bool
-    gradient_accumulation_fusion: bool
-    cross_entropy_loss_fusion: bool
-    cross_entropy_fusion_impl: str
-
-    def as_config_kwargs(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    def enabled(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) is True]
+from tst_megatron.settings.kernels import Fusions
 
 
 def requested_fusions(args: argparse.Namespace) -> Fusions:

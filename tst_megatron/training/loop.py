@@ -53,6 +53,7 @@ from tst_megatron.training.metrics import MetricsLogger
 from tst_megatron.training.model_builder import build_model, transformer_config_from_args
 from tst_megatron.training.moe_metrics import MoEStepMetrics
 from tst_megatron.training.optimizer import build_optimizer, build_scheduler, describe_kernels
+from tst_megatron.training.run_config import from_validated_args
 from tst_megatron.training.timers import StepTimers, attach_timers
 
 # Megatron-LM reports the measured memory after the second step, which includes the optimizer
@@ -265,6 +266,7 @@ class Trainer:
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.tokenizer = build_tokenizer_from_args(args)
         args.padded_vocab_size = model_vocab_size(self.tokenizer, args)
+        self.settings = from_validated_args(args)
         self.documents = DocumentMasking(
             self.tokenizer.eod, args.reset_position_ids, args.reset_attention_mask
         )
@@ -288,14 +290,14 @@ class Trainer:
         self.phase1_iters = args.tst.phase1_iterations(args.train_iters)
         self.progress = ckpt.TrainingProgress(0, 0, 1 if self.phase1_iters else 2, {})
         self.guard = BadStepGuard(args.max_bad_steps)
-        self.exits = ExitRequests(args)
+        self.exits = ExitRequests(self.settings.reliability)
         self.metrics = MetricsLogger(args, self.phase1_iters)
         self._valid = None
-        self.timers = StepTimers(args)
+        self.timers = StepTimers(self.settings.logging)
         attach_timers(self.timers, get_model_config(self.chunks[0]), self.optimizer)
         self.metrics.attach_timers(self.timers)
-        self.moe = MoEStepMetrics(args, self.chunks) if args.num_experts else None
-        self.gc = ManualGarbageCollection(args)
+        self.moe = MoEStepMetrics(self.settings.model, self.chunks) if args.num_experts else None
+        self.gc = ManualGarbageCollection(self.settings.reliability)
         if args.manual_gc:
             self.metrics.print(self.gc.describe())
         for note in args.startup_notes:

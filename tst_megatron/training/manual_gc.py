@@ -11,18 +11,19 @@ evaluation made). The collector is re-enabled when training ends.
 from __future__ import annotations
 
 import gc
-from argparse import Namespace
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from tst_megatron.settings.reliability import ReliabilityConfig
 
 
 class ManualGarbageCollection:
     """The collection points of one run (all no-ops without ``--manual-gc``)."""
 
-    def __init__(self, args: Namespace) -> None:
-        self.enabled = args.manual_gc
-        self.interval = args.manual_gc_interval
-        self.around_eval = args.manual_gc_eval
+    def __init__(self, reliability: ReliabilityConfig) -> None:
+        self.enabled = reliability.manual_gc
+        self.interval = reliability.manual_gc_interval
+        self.around_eval = reliability.manual_gc_eval
 
     def describe(self) -> str:
         every = f"every {self.interval} steps" if self.interval else "never between steps"

@@ -15,8 +15,9 @@ from datetime import datetime
 import torch
 
 from tst_megatron.config import PhaseSpec
-from tst_megatron.training.flops import ModelShape, mfu, phase_flops_per_step
+from tst_megatron.training.flops import mfu, phase_flops_per_step
 from tst_megatron.training.moe_metrics import MoEIntervalLog, moe_layer_numbers
+from tst_megatron.training.run_config import model_config
 from tst_megatron.training.timers import StepTimers
 
 
@@ -32,7 +33,7 @@ class MetricsLogger:
         self.phase1_iters = phase1_iters
         self.start_time = time.time()
         self.world = torch.distributed.get_world_size()
-        self.shape = ModelShape.from_args(args)
+        self.shape = model_config(args)
         self.peak = args.peak_tflops
         self._interval = self._empty_interval()
         self._boundary_loss: float | None = None
@@ -115,7 +116,7 @@ class MetricsLogger:
         it["skipped"] += int(not step["updated"])
         moe = step.get("moe")
         if moe is not None:
-            self._moe = self._moe or MoEIntervalLog(moe_layer_numbers(args))
+            self._moe = self._moe or MoEIntervalLog(moe_layer_numbers(self.shape))
             self._moe.add(moe)
         if progress.phase == 2 and self._boundary_loss is not None:
             self.print(

@@ -19,29 +19,32 @@
 
 from __future__ import annotations
 
-from argparse import Namespace
-
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 from megatron.core.transformer.moe.router import TopKRouter
 
-from tst_megatron.training.flops import moe_layer_pattern
+from tst_megatron.settings.model import ModelConfig, MoEConfig, moe_layer_pattern
 
 IMBALANCE = "expert_load_max_over_mean"
 """Name of the per-layer imbalance metric (``max / mean`` tokens per expert)."""
 
 
-def moe_layer_numbers(args: Namespace) -> list[int]:
+def _moe(model: ModelConfig) -> MoEConfig:
+    if model.moe is None:
+        raise ValueError("a dense model has no MoE metrics (--num-experts is not set)")
+    return model.moe
+
+
+def moe_layer_numbers(model: ModelConfig) -> list[int]:
     """Global 1-based numbers of the MoE layers (``--moe-layer-freq``): per-layer list order."""
-    pattern = moe_layer_pattern(args.num_layers, args.moe_layer_freq)
+    pattern = moe_layer_pattern(model.num_layers, _moe(model).moe_layer_freq)
     return [i + 1 for i, moe in enumerate(pattern) if moe]
 
 
-def tracked_aux_losses(args: Namespace) -> list[str]:
+def tracked_aux_losses(moe: MoEConfig) -> list[str]:
     """Names of the aux losses the routers record (Megatron-LM's list in ``training_log``)."""
-    types = args.moe_router_load_balancing_type
-    types = types if isinstance(types, list) else [types]
+    types = moe.load_balancing_types
     names = [
         name
         for kind, name in (
@@ -51,7 +54,7 @@ def tracked_aux_losses(args: Namespace) -> list[str]:
         )
         if kind in types
     ]
-    if args.moe_z_loss_coeff is not None:
+    if moe.moe_z_loss_coeff is not None:
         names.append("z_loss")
     return names
 
@@ -69,12 +72,13 @@ class _Capture:
 class MoEStepMetrics:
     """Per-step MoE figures of this rank's model chunks: ``{name: [value per MoE layer]}``."""
 
-    def __init__(self, args: Namespace, model_chunks: list) -> None:
-        self.num_layers = args.num_layers
-        self.moe_layer_freq = args.moe_layer_freq
-        self.num_experts = args.num_experts
-        self.layers = moe_layer_numbers(args)
-        self.loss_names = tracked_aux_losses(args)
+    def __init__(self, model: ModelConfig, model_chunks: list) -> None:
+        moe = _moe(model)
+        self.num_layers = model.num_layers
+        self.moe_layer_freq = moe.moe_layer_freq
+        self.num_experts = moe.num_experts
+        self.layers = moe_layer_numbers(model)
+        self.loss_names = tracked_aux_losses(moe)
         self._counts: dict[int, torch.Tensor] = {}
         for chunk in model_chunks:
             for module in chunk.modules():

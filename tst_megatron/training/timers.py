@@ -23,11 +23,12 @@ Timers by level (Megatron-LM's names):
 
 from __future__ import annotations
 
-from argparse import Namespace
 from dataclasses import dataclass
 
 import torch
 from megatron.core.timers import Timers
+
+from tst_megatron.settings.logs import LoggingConfig
 
 LEVEL_0 = ("save-checkpoint", "load-checkpoint")
 LEVEL_1 = (
@@ -83,10 +84,10 @@ class TimerReport:
 class StepTimers:
     """The run's `Timers` plus what Megatron-LM's ``training_log`` does with them."""
 
-    def __init__(self, args: Namespace) -> None:
-        self.level = args.timing_log_level
-        self.option = args.timing_log_option
-        self.barrier = args.barrier_with_L1_time
+    def __init__(self, logging: LoggingConfig) -> None:
+        self.level = logging.timing_log_level
+        self.option = logging.timing_log_option
+        self.barrier = logging.barrier_with_L1_time
         self.timers = Timers(self.level, self.option)
 
     def __call__(self, name: str, log_level: int | None = None):

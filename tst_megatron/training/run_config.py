@@ -1,0 +1,286 @@
+"""The one mapping from ``pretrain_tst.py``'s flags to `RunConfig`, resolved for an environment.
+
+`FLAG_FIELDS` names the section field every flag sets (``dest`` -> ``"section.field"``);
+flags that validation folds into another field map to that field
+(``--group-query-attention`` -> ``model.num_query_groups``). `ENTRY_POINT_ONLY` lists the flags
+the entry point consumes itself, `DERIVED_FIELDS` the fields no single flag sets.
+``tests/test_settings_audit.py`` checks both ways: every flag reaches its field, every field is
+read from a flag.
+
+`resolve` is the path of an entry point: the flags as given, `validate_args` (unchanged: its
+checks and messages), then the sections, with the machine-dependent fields (`REQUESTED`)
+resolved for the `Environment` passed in from the values given, so the same command line
+resolves for a GPU node on a CPU host. `from_validated_args` maps a namespace that
+`validate_args` already resolved on this machine (the trainer's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from typing import Any, cast
+
+from tst_megatron.settings import (
+    BatchConfig,
+    CheckpointConfig,
+    DataConfig,
+    Environment,
+    KernelsConfig,
+    LoggingConfig,
+    ModelConfig,
+    MoEConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    RecomputeConfig,
+    ReliabilityConfig,
+    RunConfig,
+    ScheduleConfig,
+)
+from tst_megatron.settings.reliability import ExitSignal
+from tst_megatron.training.arguments import validate_args
+from tst_megatron.training.fusions import resolve_fusions
+
+ENTRY_POINT_ONLY: dict[str, str] = {
+    "yaml_config": "read by parse_args: its values become the other flags' defaults",
+}
+REQUESTED = (
+    "transformer_impl",
+    "use_cpu_initialization",
+    "distributed_backend",
+    "moe_grouped_gemm",
+    "moe_permute_fusion",
+    "peak_tflops",
+)
+"""Flags whose resolved value depends on the machine: `resolve` keeps them as given."""
+DERIVED_FIELDS: dict[str, str] = {
+    "model.padded_vocab_size": "--vocab-size (or the tokenizer's) padded by "
+    "--make-vocab-size-divisible-by x TP",
+    "parallel.world_size": "the launcher's WORLD_SIZE",
+    "parallel.data_parallel_size": "world size / (TP x PP x CP)",
+    "parallel.virtual_pipeline_model_parallel_size": "layers per stage / "
+    "--num-layers-per-virtual-pipeline-stage",
+    "environment": "the machine (Environment.detect) or a described one (Environment.gpu)",
+}
+
+_MODEL = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "kv_channels", "seq_length", "max_position_embeddings", "vocab_size",
+    "make_vocab_size_divisible_by", "position_embedding_type", "rotary_base", "rotary_percent",
+    "normalization", "norm_epsilon", "apply_layernorm_1p", "swiglu",
+    "untie_embeddings_and_output_weights", "add_bias_linear", "qk_layernorm", "init_method_std",
+    "hidden_dropout", "attention_dropout",
+)  # fmt: skip
+_MOE = (
+    "num_experts", "moe_router_topk", "moe_ffn_hidden_size",
+    "moe_shared_expert_intermediate_size", "moe_token_dispatcher_type", "moe_layer_freq",
+    "moe_router_score_function", "moe_router_pre_softmax", "moe_z_loss_coeff",
+    "moe_router_topk_scaling_factor", "moe_router_num_groups", "moe_router_group_topk",
+    "moe_router_enable_expert_bias", "moe_router_bias_update_rate", "moe_router_dtype",
+    "moe_expert_capacity_factor", "moe_token_drop_policy", "moe_pad_expert_input_to_capacity",
+)  # fmt: skip
+_PARALLEL = (
+    "tensor_model_parallel_size", "pipeline_model_parallel_size",
+    "num_layers_per_virtual_pipeline_stage", "context_parallel_size",
+    "expert_model_parallel_size", "expert_tensor_parallel_size", "sequence_parallel",
+    "use_distributed_optimizer", "overlap_grad_reduce", "overlap_param_gather",
+    "overlap_p2p_comm", "distributed_timeout_minutes",
+)  # fmt: skip
+_RECOMPUTE = ("recompute_granularity", "recompute_method", "recompute_num_layers")
+_PRECISION = (
+    "fp8", "fp8_recipe", "fp8_param_gather", "attention_softmax_in_fp32",
+    "accumulate_allreduce_grads_in_fp32", "loss_scale", "initial_loss_scale", "min_loss_scale",
+    "loss_scale_window", "hysteresis",
+)  # fmt: skip
+_OPTIMIZER = (
+    "optimizer", "weight_decay", "start_weight_decay", "end_weight_decay",
+    "weight_decay_incr_style", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad",
+)  # fmt: skip
+_SCHEDULE = (
+    "train_iters", "lr", "min_lr", "lr_decay_style", "lr_decay_iters", "lr_wsd_decay_style",
+    "lr_wsd_decay_iters", "lr_warmup_iters", "lr_warmup_init", "tst_phase", "seed",
+)  # fmt: skip
+_BATCH = ("micro_batch_size", "global_batch_size", "calculate_per_token_loss")
+_DATA = (
+    "split", "data_cache_path", "mock_data", "tokenizer_type", "tokenizer_model", "vocab_file",
+    "merge_file", "eod_mask_loss", "reset_position_ids", "reset_attention_mask",
+    "create_attention_mask_in_dataloader", "num_workers",
+)  # fmt: skip
+_DATA_PATHS = ("data_path", "train_data_path", "valid_data_path", "test_data_path")
+_CHECKPOINT = (
+    "save", "load", "save_interval", "ckpt_format", "no_load_optim", "no_load_rng", "finetune",
+    "ckpt_keep_last", "allow_fresh_start", "ckpt_fully_reshardable",
+    "ckpt_fully_parallel_save", "ckpt_fully_parallel_load", "async_save", "override_save_lock",
+    "override_opt_param_scheduler", "tst_allow_schedule_change",
+)  # fmt: skip
+_LOGGING = (
+    "log_interval", "eval_interval", "eval_iters", "tensorboard_dir", "wandb_project",
+    "wandb_exp_name", "wandb_save_dir", "metrics_jsonl", "log_throughput", "timing_log_level",
+    "timing_log_option", "barrier_with_L1_time", "log_timers_to_tensorboard",
+)  # fmt: skip
+_RELIABILITY = (
+    "exit_signal_handler", "exit_duration_in_mins", "exit_interval", "max_bad_steps",
+    "collective_timeout_s", "manual_gc", "manual_gc_interval", "manual_gc_eval",
+)  # fmt: skip
+_FUSION_FIELD = {
+    "masked_softmax_fusion": "masked_softmax_fusion",
+    "bias_gelu_fusion": "bias_activation_fusion",
+    "bias_swiglu_fusion": "bias_activation_fusion",
+    "bias_dropout_fusion": "bias_dropout_fusion",
+    "apply_rope_fusion": "apply_rope_fusion",
+    "no_persist_layer_norm": "persist_layer_norm",
+    "gradient_accumulation_fusion": "gradient_accumulation_fusion",
+    "cross_entropy_loss_fusion": "cross_entropy_loss_fusion",
+    "cross_entropy_fusion_impl": "cross_entropy_fusion_impl",
+}
+
+FLAG_FIELDS: dict[str, str] = {
+    **{dest: f"model.{dest}" for dest in _MODEL},
+    "group_query_attention": "model.num_query_groups",
+    **{dest: f"model.moe.{dest}" for dest in _MOE},
+    "moe_aux_loss_coeff": "model.moe.moe_aux_loss_coeff",
+    "moe_router_load_balancing_type": "model.moe.moe_router_load_balancing_type",
+    **{dest: f"parallel.{dest}" for dest in _PARALLEL},
+    "distributed_backend": "parallel.distributed_backend",
+    **{dest: f"recompute.{dest}" for dest in _RECOMPUTE},
+    "recompute_activations": "recompute.recompute_granularity",
+    "recompute_modules": "recompute.recompute_modules",
+    "bf16": "precision.params_dtype",
+    "fp16": "precision.params_dtype",
+    **{dest: f"precision.{dest}" for dest in _PRECISION},
+    "transformer_impl": "kernels.transformer_impl",
+    "use_cpu_initialization": "kernels.use_cpu_initialization",
+    "moe_grouped_gemm": "kernels.moe_grouped_gemm",
+    "moe_permute_fusion": "kernels.moe_permute_fusion",
+    "tst_fused_output_loss": "kernels.tst_fused_output_loss",
+    **{dest: f"kernels.fusions.{field}" for dest, field in _FUSION_FIELD.items()},
+    **{dest: f"optimizer.{dest}" for dest in _OPTIMIZER},
+    **{dest: f"schedule.{dest}" for dest in _SCHEDULE},
+    "lr_warmup_fraction": "schedule.lr_warmup_iters",
+    **{dest: f"batch.{dest}" for dest in _BATCH},
+    "rampup_batch_size": "batch.rampup_batch_size",
+    **{dest: f"data.{dest}" for dest in (*_DATA_PATHS, *_DATA)},
+    **{dest: f"checkpoint.{dest}" for dest in _CHECKPOINT},
+    **{dest: f"logging.{dest}" for dest in _LOGGING},
+    "peak_tflops": "logging.peak_tflops",
+    **{dest: f"reliability.{dest}" for dest in _RELIABILITY},
+    "exit_signal": "reliability.exit_signal",
+    "tst_bag_size": "tst.bag_size",
+    "tst_mode": "tst.mode",
+    "tst_phase1_fraction": "tst.phase1_fraction",
+    "tst_phase1_iters": "tst.phase1_iters",
+    "tst_fold": "tst.fold",
+    "tst_bag_weighting": "tst.bag_weighting",
+    "tst_bag_weights": "tst.bag_weights",
+}
+
+
+def resolve(args: argparse.Namespace, world_size: int, env: Environment) -> RunConfig:
+    """Validate the flags ``args`` as given (`validate_args`, which fills ``args``) and
+    resolve them for ``env``.
+
+    Raises:
+        ConfigError: from `validate_args`.
+        SettingsError: what ``env`` cannot run (e.g. Transformer Engine where it is missing).
+    """
+    given = {dest: getattr(args, dest) for dest in REQUESTED}
+    validate_args(args, world_size)
+    return _run_config(args, given, env)
+
+
+def from_validated_args(args: argparse.Namespace, env: Environment | None = None) -> RunConfig:
+    """`RunConfig` of arguments `validate_args` resolved on this machine (``env`` defaults to
+    `Environment.detect`, the machine they were validated on)."""
+    given = {dest: getattr(args, dest) for dest in REQUESTED}
+    return _run_config(args, given, env or Environment.detect())
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    """The model section of validated ``args``."""
+    moe = None
+    if args.num_experts:
+        moe = MoEConfig(
+            **_take(args, _MOE),
+            moe_aux_loss_coeff=_scalar_or_tuple(args.moe_aux_loss_coeff),
+            moe_router_load_balancing_type=_scalar_or_tuple(args.moe_router_load_balancing_type),
+        )
+    return ModelConfig(**_take(args, _MODEL), padded_vocab_size=args.padded_vocab_size, moe=moe)
+
+
+def _run_config(args: argparse.Namespace, given: dict[str, Any], env: Environment) -> RunConfig:
+    return RunConfig(
+        environment=env,
+        model=model_config(args),
+        parallel=ParallelConfig(
+            **_take(args, _PARALLEL),
+            world_size=args.world_size,
+            data_parallel_size=args.data_parallel_size,
+            virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+            distributed_backend=given["distributed_backend"] or env.default_backend,
+        ),
+        recompute=RecomputeConfig(
+            **_take(args, _RECOMPUTE),
+            recompute_modules=_tuple(args.recompute_modules),
+        ),
+        precision=PrecisionConfig(
+            **_take(args, _PRECISION),
+            params_dtype="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        ),
+        kernels=_kernels(args, given, env),
+        optimizer=OptimizerConfig(**_take(args, _OPTIMIZER)),
+        schedule=ScheduleConfig(**_take(args, _SCHEDULE)),
+        batch=BatchConfig(**_take(args, _BATCH), rampup_batch_size=_tuple(args.rampup_batch_size)),
+        data=DataConfig(
+            **_take(args, _DATA),
+            data_path=_tuple(args.data_path),
+            train_data_path=_tuple(args.train_data_path),
+            valid_data_path=_tuple(args.valid_data_path),
+            test_data_path=_tuple(args.test_data_path),
+        ),
+        checkpoint=CheckpointConfig(**_take(args, _CHECKPOINT)),
+        logging=LoggingConfig(
+            **_take(args, _LOGGING),
+            peak_tflops=env.peak_tflops if given["peak_tflops"] is None else given["peak_tflops"],
+        ),
+        reliability=ReliabilityConfig(
+            **_take(args, _RELIABILITY), exit_signal=_exit_signal(args.exit_signal)
+        ),
+        tst=args.tst,
+    )
+
+
+def _kernels(args: argparse.Namespace, given: dict[str, Any], env: Environment) -> KernelsConfig:
+    """The implementation for ``env``, from the machine-dependent flags as given."""
+    impl = given["transformer_impl"] or env.default_transformer_impl
+    te = impl == "transformer_engine"
+    moe = bool(args.num_experts)
+    permute = given["moe_permute_fusion"]
+    if permute is None:
+        permute = moe and te and env.cuda and env.fused_permute
+    fusions, _ = resolve_fusions(argparse.Namespace(**{**vars(args), "transformer_impl": impl}),
+                                 env.kernels)  # fmt: skip
+    return KernelsConfig(
+        transformer_impl=impl,
+        use_cpu_initialization=bool(given["use_cpu_initialization"]) or not env.cuda,
+        fusions=fusions,
+        moe_grouped_gemm=moe and given["moe_grouped_gemm"] and (te or env.grouped_gemm),
+        moe_permute_fusion=bool(permute),
+        tst_fused_output_loss=args.tst_fused_output_loss,
+    )
+
+
+def _take(args: argparse.Namespace, dests: tuple[str, ...]) -> dict[str, Any]:
+    return {dest: getattr(args, dest) for dest in dests}
+
+
+def _tuple(value: Any) -> tuple | None:
+    return None if value is None else tuple(value)
+
+
+def _scalar_or_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+def _exit_signal(value: str | signal.Signals) -> ExitSignal:
+    """``--exit-signal`` as given (a name) or as `validate_args` leaves it (a signal)."""
+    return cast(ExitSignal, value if isinstance(value, str) else value.name)
