@@ -30,6 +30,7 @@ class CheckpointConfig:
     ckpt_fully_parallel_save: bool = True
     ckpt_fully_parallel_load: bool = True
     async_save: bool = False
+    use_persistent_ckpt_worker: bool = False
     override_save_lock: bool = False
     override_opt_param_scheduler: bool = False
     tst_allow_schedule_change: bool = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from tst_megatron.settings.checks import SettingsError, check_positive
 from tst_megatron.settings.environment import Backend
@@ -31,6 +32,12 @@ class ParallelConfig:
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
     overlap_p2p_comm: bool = True
+    use_torch_fsdp2: bool = False
+    torch_fsdp2_reshard_after_forward: bool = True
+    use_megatron_fsdp: bool = False
+    data_parallel_sharding_strategy: Literal[
+        "no_shard", "optim", "optim_grads", "optim_grads_params"
+    ] = "no_shard"
     distributed_backend: Backend = "gloo"
     distributed_timeout_minutes: int = 10
 

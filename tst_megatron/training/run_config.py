@@ -84,7 +84,8 @@ _PARALLEL = (
     "num_layers_per_virtual_pipeline_stage", "context_parallel_size",
     "expert_model_parallel_size", "expert_tensor_parallel_size", "sequence_parallel",
     "use_distributed_optimizer", "overlap_grad_reduce", "overlap_param_gather",
-    "overlap_p2p_comm", "distributed_timeout_minutes",
+    "overlap_p2p_comm", "distributed_timeout_minutes", "use_torch_fsdp2",
+    "torch_fsdp2_reshard_after_forward", "use_megatron_fsdp", "data_parallel_sharding_strategy",
 )  # fmt: skip
 _RECOMPUTE = ("recompute_granularity", "recompute_method", "recompute_num_layers")
 _PRECISION = (
@@ -110,7 +111,8 @@ _DATA_PATHS = ("data_path", "train_data_path", "valid_data_path", "test_data_pat
 _CHECKPOINT = (
     "save", "load", "save_interval", "ckpt_format", "no_load_optim", "no_load_rng", "finetune",
     "ckpt_keep_last", "allow_fresh_start", "ckpt_fully_reshardable",
-    "ckpt_fully_parallel_save", "ckpt_fully_parallel_load", "async_save", "override_save_lock",
+    "ckpt_fully_parallel_save", "ckpt_fully_parallel_load", "async_save",
+    "use_persistent_ckpt_worker", "override_save_lock",
     "override_opt_param_scheduler", "tst_allow_schedule_change",
 )  # fmt: skip
 _LOGGING = (
