@@ -196,7 +196,7 @@ def test_read_only_dataset_caches_in_the_data_cache_path(tmp_path, monkeypatch):
 
 
 def test_validation_datasets_are_checked_at_start_up(data):
-    from tst_megatron.data.builders import build_train_stream
+    from tst_megatron.data.builders import build_train_samples
     from tst_megatron.training.arguments import parse_args, validate_args
 
     paths = ["--train-data-path", data["good"], "--valid-data-path", data["merged"]]
@@ -204,4 +204,4 @@ def test_validation_datasets_are_checked_at_start_up(data):
     validate_args(args, 1)
     args.padded_vocab_size = VOCAB
     with pytest.raises(DataError, match=r"merged': document 150 holds token id"):
-        build_train_stream(args, None)
+        build_train_samples(args, None)

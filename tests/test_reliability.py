@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from tst_megatron.data.builders import build_train_stream, open_indexed_dataset
-from tst_megatron.data.stream import DataError
+from tst_megatron.data.builders import build_train_samples, open_indexed_dataset
+from tst_megatron.data.checks import DataError
 from tst_megatron.data.tokenizer import TokenizerError
 from tst_megatron.testing.datasets import write_documents as write_dataset
 from tst_megatron.testing.launches import (
@@ -414,7 +414,7 @@ def test_truncated_bin_is_rejected(tmp, datasets):
 def test_tokens_outside_the_vocabulary_are_rejected(datasets):
     args = validated(*null_tokenizer_data(datasets["out_of_vocab"]))
     with pytest.raises(DataError, match="document 1 holds token id 600 but the model's vocab"):
-        build_train_stream(args, None)
+        build_train_samples(args, None)
 
 
 def test_tokenizer_larger_than_the_model_vocabulary_is_rejected():
