@@ -67,7 +67,7 @@ def test_windows_are_gpt_dataset_samples_blended_as_megatron_blends(two):
 def test_a_baseline_reads_what_megatron_lm_builds_for_the_same_flags(two):
     """No TST: the samples are Megatron-LM's `BlendedDataset` of `GPTDataset`s, in order."""
     tmp, a, b = two
-    data, args, tokenizer = samples(tmp, ["0.7", a, "0.3", b], iters=10)
+    data, _, tokenizer = samples(tmp, ["0.7", a, "0.3", b], iters=10)
     n = 10 * GBS
     config = GPTDatasetConfig(
         random_seed=3, sequence_length=SEQ, blend=([a, b], [0.7, 0.3]), split="100,0,0",

@@ -378,17 +378,19 @@ def test_blend_weights_are_normalised_with_one_note(blend_run, datasets):
 
 
 @pytest.mark.slow
-def test_epoch_wrap_warning_reaches_the_log_once(blend_run, datasets):
+def test_data_budget_and_repeat_warning_reach_the_log_once(blend_run, datasets):
     for name, tokens in (("tiny_docs", None), ("small", 240)):
         prefix = datasets[name]
         lines = re.findall(
-            rf"\] warning: dataset {re.escape(prefix)}: starting epoch 2: the run has read all "
-            r"(\d+) tokens of its training split 1 time\(s\); its data repeats from here",
+            rf"\] data budget: dataset {re.escape(prefix)}: ([\d,]+) training tokens; phase 1 "
+            r"reads [\d,]+ \([\d.]+ epochs of its [\d,]+-token partition\); phase 2 reads",
             blend_run.log,
         )
         assert len(lines) == 1, blend_run.log[-3000:]  # once, with the logging rank's timestamp
         if tokens:
-            assert int(lines[0]) == tokens
+            assert int(lines[0].replace(",", "")) == tokens
+    assert blend_run.log.count("TST's gain is an equal-FLOPs gain that assumes fresh data") == 1
+    assert blend_run.log.index("data budget") < re.search(r"iteration +1/", blend_run.log).start()
 
 
 @pytest.mark.slow

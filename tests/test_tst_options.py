@@ -261,10 +261,10 @@ def test_the_data_path_reads_the_batch_fold():
     import torch
 
     from tst_megatron.data.batches import StepLayout, read_step
-    from tst_megatron.data.documents import DocumentMasking, apply_document_masking
-    from tst_megatron.data.prefetch import StepRequest
     from tst_megatron.data.budget import PhasePlan
     from tst_megatron.data.builders import mock_samples
+    from tst_megatron.data.documents import DocumentMasking, apply_document_masking
+    from tst_megatron.data.prefetch import StepRequest
     from tst_megatron.targets import build_batch
 
     s, L, b, micro, dp = 4, 16, 2, 3, 2

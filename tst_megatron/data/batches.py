@@ -49,7 +49,6 @@ def read_step(
     spec = request.spec
     rows_per_micro = spec.micro_batch_rows(layout.micro_batch_size)
     per_rank = request.num_microbatches * rows_per_micro
-    window = spec.window_length(layout.seq_length)
     rows = slice(layout.dp_rank * per_rank, (layout.dp_rank + 1) * per_rank)
     windows = torch.from_numpy(stream.next_windows(spec, per_rank * layout.dp_size, rows))
     target_mask = eod_target_mask(windows, layout.eod) if layout.eod_mask_loss else None

@@ -36,11 +36,6 @@ class PhasePlan:
     samples: int
     window: int
 
-    @property
-    def sequence_length(self) -> int:
-        """The `GPTDataset` sequence length whose ``sequence_length + 1``-token samples these are."""
-        return self.window - 1
-
 
 def global_batch_at(args: Namespace, consumed_samples: int) -> int:
     """The global batch after ``consumed_samples``: ``--rampup-batch-size`` as Megatron-Core's
