@@ -98,7 +98,10 @@ def tokens_for(samples: int, window: int) -> int:
 
 
 def partition_documents(
-    documents: np.ndarray, lengths: np.ndarray, phase1_tokens: int, min_phase2_tokens: int,
+    documents: np.ndarray,
+    lengths: np.ndarray,
+    phase1_tokens: int,
+    min_phase2_tokens: int,
     seed: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(phase-1 documents, phase-2 documents), each sorted, of one dataset's training split.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from argparse import Namespace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -106,16 +107,32 @@ def split_documents(num_documents: int, split: str, which: int) -> np.ndarray:
     return np.arange(begin, end, dtype=np.int64)
 
 
-def build_train_samples(args: Namespace, tokenizer) -> TrainingSamples:
-    """The training samples of ``--data-path`` (train split) or ``--train-data-path``.
+@dataclass
+class DataPlan:
+    """What the run reads from each dataset of its blend, before any index is built.
 
-    Every dataset file is checked first (`open_indexed_dataset`, `check_holds_one_window`),
-    then each phase's `GPTDataset`s are built over the planned document partitions
-    (collective: rank 0 builds the cached indices, the other ranks load them).
+    ``datasets[k]`` = (prefix, `IndexedDataset`, training-split document ids); per phase the
+    `BlendedDataset`-order indices and, per dataset, its partition and sample count.
     """
+
+    split: str
+    datasets: list[tuple[str, IndexedDataset, np.ndarray]]
+    plans: list[budget.PhasePlan]
+    indices: dict[int, tuple[np.ndarray, np.ndarray]]
+    partitions: list[tuple[np.ndarray, np.ndarray]]
+    budgets: list[budget.DatasetBudget]
+    notices: list[str]
+
+    def count(self, phase: int, k: int) -> int:
+        """Samples phase ``phase`` draws from dataset ``k``."""
+        return int(np.count_nonzero(self.indices[phase][0] == k))
+
+
+def plan_data(args: Namespace, vocab_size: int | None) -> DataPlan:
+    """Check every dataset (`open_indexed_dataset` with ``vocab_size``, one phase-1 window)
+    and plan the run's reads: blend order, partitions, the data budget (``--data-path`` /
+    ``--train-data-path``; the planner calls this with ``vocab_size`` None)."""
     plans = budget.phase_plans(args)
-    if args.mock_data:
-        return mock_samples(tokenizer.vocab_size, args.seed, plans)
     if args.train_data_path:
         prefixes, weights = parse_blend(args.train_data_path, "--train-data-path")
         split = "1,0,0"
@@ -126,63 +143,71 @@ def build_train_samples(args: Namespace, tokenizer) -> TrainingSamples:
     weights = [w / sum(weights) for w in weights]
     opened = []
     for prefix in prefixes:
-        dataset = open_indexed_dataset(prefix, args.padded_vocab_size, args.data_cache_path)
+        dataset = open_indexed_dataset(prefix, vocab_size, args.data_cache_path)
         docs = split_documents(len(dataset), split, TRAIN)
         if len(docs) == 0:
             raise DataError(f"dataset {prefix!r}: the train split {split!r} holds no documents")
+        check_holds_one_window(prefix, _tokens(dataset, docs), args)
+        opened.append((prefix, dataset, docs))
+    indices = {plan.phase: budget.blend_indices(weights, plan.samples) for plan in plans}
+    counts = {p: np.bincount(index[0], minlength=len(prefixes)) for p, index in indices.items()}
+    partitions, budgets = [], []
+    for k, (prefix, dataset, docs) in enumerate(opened):
+        needed = [budget.tokens_for(int(counts[p.phase][k]), p.window) for p in plans]
         lengths = np.asarray(dataset.sequence_lengths, dtype=np.int64)[docs]
-        check_holds_one_window(prefix, int(lengths.sum()), args)
-        opened.append((prefix, dataset, docs, lengths))
+        parts = budget.partition_documents(docs, lengths, needed[0], plans[1].window, args.seed)
+        partitions.append(parts)
+        held = tuple(_tokens(dataset, part) for part in parts)
+        budgets.append(budget.DatasetBudget(prefix, int(lengths.sum()), held, tuple(needed)))
+    notices += budget.budget_lines(budgets, args.tst.enabled)
+    return DataPlan(split, opened, plans, indices, partitions, budgets, notices)
+
+
+def _tokens(dataset: IndexedDataset, documents: np.ndarray) -> int:
+    return int(np.asarray(dataset.sequence_lengths, dtype=np.int64)[documents].sum())
+
+
+def build_train_samples(args: Namespace, tokenizer) -> TrainingSamples:
+    """The training samples of ``--data-path`` (train split) or ``--train-data-path``.
+
+    `plan_data` checks every file and plans first; then each phase's `GPTDataset`s are built
+    over the planned document partitions (collective: rank 0 builds the cached indices, the
+    other ranks load them).
+    """
+    if args.mock_data:
+        return mock_samples(tokenizer.vocab_size, args.seed, budget.phase_plans(args))
+    data = plan_data(args, args.padded_vocab_size)
     check_evaluation_datasets(args)
     config = {
         "random_seed": args.seed,
         "tokenizer": tokenizer,
-        "split": split,
+        "split": data.split,
         "path_to_cache": args.data_cache_path,
         "reset_position_ids": False,
         "reset_attention_mask": False,
         "eod_mask_loss": False,
         "create_attention_mask": False,
     }
-    indices = {plan.phase: budget.blend_indices(weights, plan.samples) for plan in plans}
-    counts = {
-        p: np.bincount(index[0], minlength=len(prefixes)) for p, index in indices.items()
-    }
-    phase_datasets: dict[int, list] = {1: [], 2: []}
-    budgets = []
-    for k, (prefix, dataset, docs, lengths) in enumerate(opened):
-        needed = [budget.tokens_for(int(counts[p.phase][k]), p.window) for p in plans]
-        partitions = budget.partition_documents(
-            docs, lengths, needed[0], plans[1].window, args.seed
-        )
-        held = []
-        for plan, documents in zip(plans, partitions, strict=True):
-            count = int(counts[plan.phase][k])
-            held.append(int(np.asarray(dataset.sequence_lengths, dtype=np.int64)[documents].sum()))
-            phase_datasets[plan.phase].append(
-                build_phase_dataset(
+    phases = {}
+    for i, plan in enumerate(data.plans):
+        datasets = []
+        for k, (prefix, dataset, _) in enumerate(data.datasets):
+            count, documents = data.count(plan.phase, k), data.partitions[k][i]
+            built = None
+            if count:
+                built = build_phase_dataset(
                     dataset, prefix, documents, plan.phase, count, plan.window, config
                 )
-                if count
-                else None
-            )
-        budgets.append(
-            budget.DatasetBudget(prefix, int(lengths.sum()), tuple(held), tuple(needed))
-        )
-    notices += budget.budget_lines(budgets, args.tst.enabled)
-    phases = {
-        plan.phase: PhaseBlend(plan.window, phase_datasets[plan.phase], *indices[plan.phase])
-        for plan in plans
-    }
-    return TrainingSamples(phases, notices)
+            datasets.append(built)
+        phases[plan.phase] = PhaseBlend(plan.window, datasets, *data.indices[plan.phase])
+    return TrainingSamples(phases, data.notices)
 
 
 def _normalised_note(prefixes: list[str], weights: list[float]) -> str:
     given = ", ".join(f"{w:g} ({p})" for w, p in zip(weights, prefixes, strict=True))
     total = sum(weights)
-    return (
-        f"note: blend weights {given} sum to {total:g}; normalised to "
-        + ", ".join(f"{w / total:g}" for w in weights)
+    return f"note: blend weights {given} sum to {total:g}; normalised to " + ", ".join(
+        f"{w / total:g}" for w in weights
     )
 
 

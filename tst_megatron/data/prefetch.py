@@ -131,9 +131,7 @@ class StepPrefetcher:
     # --- internals ----------------------------------------------------------------------
     def _prepare(self, request: StepRequest) -> PreparedStep:
         batches = self._produce(self._stream, request)
-        return PreparedStep(
-            request, batches, self._stream.state.copy(), self._stream.pop_notices()
-        )
+        return PreparedStep(request, batches, self._stream.state.copy(), self._stream.pop_notices())
 
     def _take(self, request: StepRequest) -> PreparedStep:
         if self._pending and self._pending[0] != request:
@@ -179,4 +177,3 @@ class StepPrefetcher:
             self._results.get()
         self._stream.load_state(self._state.as_dict())
         self._stream.pop_notices()
-
