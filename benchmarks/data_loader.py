@@ -315,8 +315,8 @@ def main() -> int:
 
     warnings.filterwarnings("ignore")
     args.dir.mkdir(parents=True, exist_ok=True)
+    index = index_build(args.index_documents)  # first: the peak RSS growth is the build's
     prefixes = write_corpus(args.dir, args.tokens)
-    index = index_build(args.index_documents)  # first: the peak memory is the build's
     loader = loader_throughput(prefixes, args.dir, args.steps)
     gpu = b200_consumption()
     wait = training_wait(write_corpus(args.dir, 5_000_000, CPU_VOCAB), args.cpu_steps)
