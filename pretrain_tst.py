@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         exit_signals.install(args.exit_signal)
 
     from tst_megatron.config import TSTConfigError
-    from tst_megatron.data.stream import DataError
+    from tst_megatron.data.checks import DataError
     from tst_megatron.data.tokenizer import TokenizerError
     from tst_megatron.training import checkpointing
     from tst_megatron.training.checkpointing import CheckpointError

@@ -7,17 +7,23 @@ mean about 1,000 tokens, each ending with the EOD):
 1. ``read_step`` (the code the prefetch thread runs) for phase 1 at s = 16, L = 4096: one
    data-parallel rank's share of the 10B-A1B global batch (1024 windows over DP 64 = 16
    windows of 16 * 4097 tokens, micro-batch 4), data tokens/s, with and without
-   ``--reset-attention-mask``, and the per-window loop it replaced (same rank, same rows);
+   ``--reset-attention-mask``; the windows alone (`TrainingSamples.next_windows`: one gather
+   per step from the ``.bin`` memory maps through Megatron-Core's `GPTDataset` indices) and
+   the same samples read one by one through `GPTDataset.__getitem__` (same rank, same rows);
 2. the ratio to what one B200 consumes in phase 1 of that config, from the planner's FLOPs
    model (`tst_megatron.planning.report.plan`, 8 nodes, EP 8, micro-batch 4, its default
    MFU);
 3. a CPU training run (in-process `Trainer`, one gloo rank, tiny model, s = 16): the fraction
    of step time the training thread waits for data with ``--num-workers 0`` and ``2``;
-4. the whole-file token range check: scan speed of the ``.bin`` and the cached lookup.
+4. the whole-file token range check: scan speed of the ``.bin`` and the cached lookup;
+5. building the shuffled indices (Megatron-Core's document, sample and shuffle indices and
+   the blend index) for a synthetic dataset of ``--index-documents`` documents (only their
+   lengths matter), time and peak memory, extrapolated linearly to a 1T-token blend.
 
 Usage::
 
     python benchmarks/data_loader.py [--tokens 200000000] [--steps 20] [--cpu-steps 12]
+        [--index-documents 20000000]
 """
 
 from __future__ import annotations
@@ -86,17 +92,26 @@ def _write_index(path: str, lengths, dtype_code: int) -> None:
         out.write(np.arange(len(lengths) + 1, dtype=np.int64).tobytes())
 
 
-def blend(prefixes: list[str]):
-    import numpy as np
+def samples(prefixes: list[str], directory: Path, steps: int):
+    """The 10B-A1B phase-1 samples of the 0.7 / 0.3 blend (s = 16, L = 4096, global batch
+    1024), planned for ``steps`` phase-1 steps (the data repeats: the indices span epochs)."""
+    from tst_megatron.data.builders import build_train_samples
+    from tst_megatron.data.tokenizer import build_tokenizer_from_args
+    from tst_megatron.training.arguments import parse_args, validate_args
 
-    from tst_megatron.data.builders import open_indexed_dataset
-    from tst_megatron.data.stream import BlendedStream, DocumentStream
-
-    streams = []
-    for prefix in prefixes:
-        dataset = open_indexed_dataset(prefix)
-        streams.append(DocumentStream(dataset, np.arange(len(dataset)), 1234, prefix))
-    return BlendedStream(streams, [0.7, 0.3])
+    args = parse_args([
+        "--num-layers", "1", "--hidden-size", "64", "--num-attention-heads", "4",
+        "--seq-length", str(SEQ), "--max-position-embeddings", str(SEQ),
+        "--micro-batch-size", str(GLOBAL_BATCH), "--global-batch-size", str(GLOBAL_BATCH),
+        "--lr", "1e-4", "--train-iters", str(steps + 1), "--tst-phase1-iters", str(steps),
+        "--tst-bag-size", str(BAG), "--tokenizer-type", "NullTokenizer",
+        "--vocab-size", str(VOCAB), "--split", "100,0,0", "--seed", "1234",
+        "--data-cache-path", str(directory / "cache"),
+        "--data-path", "0.7", prefixes[0], "0.3", prefixes[1],
+    ])  # fmt: skip
+    validate_args(args, 1)
+    args.padded_vocab_size = VOCAB
+    return build_train_samples(args, build_tokenizer_from_args(args))
 
 
 def _median_rate(tokens: int, run, steps: int) -> float:
@@ -109,43 +124,96 @@ def _median_rate(tokens: int, run, steps: int) -> float:
     return tokens / statistics.median(times)
 
 
-def loader_throughput(prefixes: list[str], steps: int) -> dict:
-    """Data tokens/s one rank gets at s = 16, L = 4096: the windows alone (vectorised and the
-    per-window loop they replaced), and the whole `read_step` with and without masks."""
+def loader_throughput(prefixes: list[str], directory: Path, steps: int) -> dict:
+    """Data tokens/s one rank gets at s = 16, L = 4096: the windows alone (vectorised, and
+    Megatron's per-sample ``GPTDataset.__getitem__``), and the whole `read_step` with and
+    without document masks."""
 
     from tst_megatron.config import PhaseSpec
     from tst_megatron.data.batches import StepLayout, read_step
     from tst_megatron.data.documents import DocumentMasking
     from tst_megatron.data.prefetch import StepRequest
-    from tst_megatron.testing.datasets import reference_next_windows
+    from tst_megatron.testing.datasets import reference_windows
 
     spec = PhaseSpec(BAG, "full")
     request = StepRequest(spec, GLOBAL_BATCH // DP // MICRO)
     per_rank = GLOBAL_BATCH // DP
-    window = spec.window_length(SEQ)
     tokens = per_rank * spec.data_tokens_per_sample(SEQ)
     rows = slice(0, per_rank)
-
-    def loop_windows(stream):  # the code `next_windows` replaced
-        return reference_next_windows(stream, GLOBAL_BATCH, window, rows)
+    plan_steps = 4 * steps + 8
 
     results = {}
-    stream = blend(prefixes)
-    results["windows: per-window loop (before)"] = _median_rate(
-        tokens, lambda: loop_windows(stream), max(3, steps // 4)
+    data = samples(prefixes, directory, plan_steps)
+    phase1 = data.phases[1]
+
+    def per_sample():  # the same rows through GPTDataset.__getitem__, one sample at a time
+        first = data.state.phase_samples[0]
+        data.state.phase_samples[0] += GLOBAL_BATCH
+        return reference_windows(phase1, first, per_rank)
+
+    results["windows: GPTDataset.__getitem__ per sample"] = _median_rate(
+        tokens, per_sample, max(3, steps // 4)
     )
-    stream = blend(prefixes)
     results["windows: vectorised next_windows"] = _median_rate(
-        tokens, lambda: stream.next_windows(GLOBAL_BATCH, window, rows), steps
+        tokens, lambda: data.next_windows(spec, GLOBAL_BATCH, rows), steps
     )
     for name, masking in (
         ("read_step (windows + layout + EOD loss mask)", DocumentMasking(EOD)),
         ("read_step + document masks", DocumentMasking(EOD, True, True)),
     ):
         layout = StepLayout(SEQ, MICRO, 0, DP, EOD, True, masking)
-        step = partial(read_step, blend(prefixes), request, layout)
+        step = partial(read_step, samples(prefixes, directory, plan_steps), request, layout)
         results[name] = _median_rate(tokens, step, steps)
     return results
+
+
+def index_build(documents: int) -> dict:
+    """Time and peak memory of building one `GPTDataset`'s indices, and a blend index, for a
+    synthetic dataset of ``documents`` documents of log-normal length (mean ~1,000 tokens),
+    L = 4096 (phase 2; phase 1's s*(L+1) samples make a sample index s times smaller), by
+    Megatron-Core's own functions (`_build_document_index`, ``helpers.build_sample_idx``,
+    `_build_shuffle_index`, ``helpers.build_blending_indices``)."""
+    import numpy as np
+    from megatron.core.datasets import helpers
+    from megatron.core.datasets.gpt_dataset import _build_document_index, _build_shuffle_index
+
+    from tst_megatron.data.budget import blend_indices
+
+    rng = np.random.RandomState(0)
+    lengths = np.maximum(rng.lognormal(6.5, 0.8, documents), 2).astype(np.int32)
+    tokens = int(lengths.sum(dtype=np.int64))
+    base = _peak_rss()
+    timings = {}
+    start = time.perf_counter()
+    state = np.random.RandomState(1234)
+    document_index = _build_document_index(np.arange(documents), 1, state, False)
+    timings["document_index_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    sample_index = helpers.build_sample_idx(lengths, document_index, SEQ, 1, tokens, True, True)
+    timings["sample_index_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    count = sample_index.shape[0] - 1
+    shuffle_index = _build_shuffle_index(count, count, state)
+    timings["shuffle_index_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    blend = blend_indices([0.7, 0.3], count)
+    timings["blend_index_s"] = time.perf_counter() - start
+    arrays = (document_index, sample_index, shuffle_index, *blend)
+    return {
+        "documents": documents,
+        "tokens": tokens,
+        "samples": count,
+        **timings,
+        "total_s": sum(timings.values()),
+        "index_bytes": sum(a.nbytes for a in arrays),
+        "peak_rss_growth_bytes": _peak_rss() - base,
+    }
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def b200_consumption() -> dict:
@@ -240,14 +308,16 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cpu-steps", type=int, default=12)
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "tst_data_bench")
+    parser.add_argument("--index-documents", type=int, default=20_000_000)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     import warnings
 
     warnings.filterwarnings("ignore")
     args.dir.mkdir(parents=True, exist_ok=True)
+    index = index_build(args.index_documents)  # first: the peak RSS growth is the build's
     prefixes = write_corpus(args.dir, args.tokens)
-    loader = loader_throughput(prefixes, args.steps)
+    loader = loader_throughput(prefixes, args.dir, args.steps)
     gpu = b200_consumption()
     wait = training_wait(write_corpus(args.dir, 5_000_000, CPU_VOCAB), args.cpu_steps)
     check = token_range_check(prefixes)
@@ -271,8 +341,17 @@ def main() -> int:
     print(f"\n4. token range check: scan {check['scan_gb_per_s']:.2f} GB/s "
           f"({check['bytes'] / 1e9:.2f} GB in {check['scan_s']:.2f} s; 100 GB: {per_100gb:.0f} s "
           f"at this speed); cached lookup {check['cached_s'] * 1e3:.2f} ms")  # fmt: skip
+    scale, ix = 1e12 / index["tokens"], index
+    print(f"\n5. shuffled indices for {ix['documents']:,} documents "
+          f"({ix['tokens'] / 1e9:.1f}B tokens, {ix['samples']:,} samples of L={SEQ}): "
+          f"document {ix['document_index_s']:.1f} s, sample {ix['sample_index_s']:.1f} s, "
+          f"shuffle {ix['shuffle_index_s']:.1f} s, blend {ix['blend_index_s']:.1f} s = "
+          f"{ix['total_s']:.1f} s; arrays {ix['index_bytes'] / 1e9:.2f} GB, peak RSS growth "
+          f"{ix['peak_rss_growth_bytes'] / 1e9:.2f} GB. Linear to 1T tokens (x{scale:.0f}): "
+          f"{ix['total_s'] * scale / 60:.0f} min, {ix['index_bytes'] * scale / 1e9:.0f} GB of "
+          f"index arrays, {ix['peak_rss_growth_bytes'] * scale / 1e9:.0f} GB peak")  # fmt: skip
     if args.json:
-        figures = {"loader": loader, "b200": gpu, "wait": wait, "check": check}
+        figures = {"loader": loader, "b200": gpu, "wait": wait, "check": check, "index": index}
         args.json.write_text(json.dumps(figures, indent=2))
     return 0
 

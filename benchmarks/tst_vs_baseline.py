@@ -1,7 +1,11 @@
 """TST vs baseline at equal optimizer steps (= equal FLOPs) on the demo model, on CPU.
 
 Runs ``pretrain_tst.py`` once per variant with the same YAML (examples/demo.yaml), seed,
-data (the shipped sample corpus), batch size, LR schedule and number of steps:
+data, batch size, LR schedule and number of steps. The data is a corpus directory holding
+``train.jsonl.gz`` and ``valid.jsonl.gz`` (``--corpus-dir``; `data/scripts/build_docs_corpus.py`
+builds one from Debian documentation packages), tokenised with the shipped tokenizer. The
+script refuses a configuration in which any variant would read its training split more than
+once: TST's claim is an equal-FLOPs gain on fresh data.
 
   baseline      no TST (``--tst-bag-size 1``: every step is plain next-token training)
   full          TST s=4 r=0.3: bag-averaged inputs + multi-hot CE (MCE) targets
@@ -23,9 +27,17 @@ equal compute. Measured per variant in this one invocation, ratios against the b
 
 The trainer sources (pretrain_tst.py, tst_megatron/) are copied into the run directory
 first, so every variant runs the same code even if the working tree changes meanwhile.
-Prints the tables and writes ``docs/results/tst_vs_baseline.{json,png}``.
 
-Usage: python benchmarks/tst_vs_baseline.py [--train-iters 400] [--modes baseline full ...]
+Stopping and resuming: each variant saves a checkpoint every ``--save-interval`` steps in
+its run directory and loads it when started again; a variant that finished keeps its
+``result.json`` and is not run again. So re-running the same command after an interruption
+loses at most ``--save-interval`` steps (the copied trainer is reused when the run directory
+already holds it, so a resumed variant runs the code it started with).
+
+Prints the tables and writes ``docs/results/tst_vs_baseline.{json,png}``; the chart is the
+validation-loss gap to the baseline against steps, and validation loss against data tokens.
+
+Usage: python benchmarks/tst_vs_baseline.py --corpus-dir data/docs [--train-iters 400] ...
 """
 
 from __future__ import annotations
@@ -49,21 +61,23 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("baseline", "full", "output-only", "input-only")
+DEFAULT_MODES = ("baseline", "full", "output-only")
 BOUNDARY_RE = re.compile(
     r"phase 2, iteration (\d+): lm loss ([0-9.eE+-]+) \(last phase-1 loss ([0-9.eE+-]+)\)"
 )
 
 
 # --- set-up ----------------------------------------------------------------------------
-def preprocess(python: str, data_dir: Path) -> dict[str, Path]:
-    """Tokenise the shipped sample corpus once (reused by later invocations)."""
+def preprocess(python: str, corpus_dir: Path, data_dir: Path) -> dict[str, Path]:
+    """Tokenise the corpus once (reused by later invocations)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     prefixes = {}
     for split in ("train", "valid"):
-        prefix = data_dir / f"sample_{split}"
+        prefix = data_dir / f"{corpus_dir.name}_{split}"
         doc_prefix = Path(f"{prefix}_text_document")
         if not Path(f"{doc_prefix}.idx").is_file():
-            cmd = [python, "tools/preprocess_data.py", "--input", f"data/sample/{split}.jsonl.gz"]
+            source = str(corpus_dir / f"{split}.jsonl.gz")
+            cmd = [python, "tools/preprocess_data.py", "--input", source]
             cmd += ["--output-prefix", str(prefix), "--tokenizer-type", "HuggingFaceTokenizer"]
             cmd += ["--tokenizer-model", "data/sample", "--append-eod", "--workers", "2"]
             subprocess.run(cmd, check=True, cwd=ROOT)
@@ -76,8 +90,13 @@ def corpus_tokens(doc_prefix: Path) -> int:
     return Path(f"{doc_prefix}.bin").stat().st_size // 2
 
 
-def snapshot_trainer(dest: Path) -> Path:
-    """Copy pretrain_tst.py and tst_megatron/ to ``dest``; return the copied script."""
+def snapshot_trainer(dest: Path, keep: bool) -> Path:
+    """Copy pretrain_tst.py and tst_megatron/ to ``dest``; return the copied script.
+
+    ``keep``: reuse an existing copy (a resumed benchmark runs the code it started with).
+    """
+    if keep and (dest / "pretrain_tst.py").is_file():
+        return dest / "pretrain_tst.py"
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
@@ -164,10 +183,16 @@ def load_average() -> list[float] | None:
 
 # --- one run ---------------------------------------------------------------------------
 def run_variant(mode: str, args, config: dict, data: dict[str, Path], script: Path) -> dict:
+    """Run (or resume, or reuse the finished result of) one variant."""
     out = args.run_dir / mode
-    if out.exists():
+    done = out / "result.json"
+    if args.resume and done.is_file():
+        result = json.loads(done.read_text())
+        print(f"\n=== {mode}: finished earlier, reusing {done}", flush=True)
+        return result
+    if out.exists() and not args.resume:
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
     cmd = [args.python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
     cmd += [str(script), "--yaml-config", str(args.yaml)]
@@ -176,6 +201,8 @@ def run_variant(mode: str, args, config: dict, data: dict[str, Path], script: Pa
     cmd += ["--data-cache-path", str(out / "cache"), "--metrics-jsonl", str(metrics_path)]
     cmd += ["--seed", str(args.seed), "--eval-iters", str(args.eval_iters)]
     cmd += ["--eval-interval", str(args.eval_interval)]
+    cmd += ["--save", str(out / "ckpt"), "--load", str(out / "ckpt"), "--allow-fresh-start"]
+    cmd += ["--save-interval", str(args.save_interval)]
     cmd += schedule_flags(config, args.train_iters)
     cmd += variant_flags(mode, args.bag_size, args.phase1_fraction)
     env = dict(os.environ, PYTHONWARNINGS="ignore")
@@ -184,7 +211,7 @@ def run_variant(mode: str, args, config: dict, data: dict[str, Path], script: Pa
     load_start = load_average()
     cpu_start = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.time()
-    with open(out / "stdout.log", "w") as log:
+    with open(out / "stdout.log", "a") as log:  # a resumed variant appends
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     wall = time.time() - start
     cpu_end = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -197,8 +224,9 @@ def run_variant(mode: str, args, config: dict, data: dict[str, Path], script: Pa
             f"full log: {out / 'stdout.log'}"
         )
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
-    train = [r for r in records if "lm_loss" in r]
-    valid = [r for r in records if "valid_lm_loss" in r]
+    # a resumed variant re-logs the steps after its last checkpoint: keep the last record
+    train = list({r["iteration"]: r for r in records if "lm_loss" in r}.values())
+    valid = list({r["iteration"]: r for r in records if "valid_lm_loss" in r}.values())
     if not train or not valid or valid[-1]["iteration"] != args.train_iters:
         raise SystemExit(f"error: {metrics_path} lacks training or final validation records")
 
@@ -231,7 +259,8 @@ def run_variant(mode: str, args, config: dict, data: dict[str, Path], script: Pa
         "wall_clock_s": wall,
         "load_average_start": load_start,
         "load_average_end": load_average(),
-        "new_epoch_notices": [ln for ln in text.splitlines() if "epoch" in ln.lower()],
+        "data_budget": [ln for ln in text.splitlines() if "data budget:" in ln][-1:],
+        "repeat_warnings": [ln for ln in text.splitlines() if "equal-FLOPs gain" in ln],
         "valid": [[r["iteration"], r["valid_lm_loss"]] for r in valid],
         "train": [[r["iteration"], r["lm_loss"], r["phase"], r["data_tokens"]] for r in train],
     }
@@ -242,6 +271,7 @@ def run_variant(mode: str, args, config: dict, data: dict[str, Path], script: Pa
             "first_phase2_train_loss": float(boundary.group(2)),
             "last_phase1_train_loss": float(boundary.group(3)),
         }
+    done.write_text(json.dumps(result) + "\n")
     print(
         f"    final valid loss {result['final_valid_loss']:.4f} | data tokens "
         f"{result['data_tokens']:,} | median {result['ms_per_step_median']:.0f} ms/step | "
@@ -395,40 +425,35 @@ def timing_table(timing: dict, args) -> str:
 
 
 def plot(results: list[dict], output: Path, title: str) -> None:
+    """Left: validation-loss gap to the baseline vs steps (equal FLOPs per step); right:
+    validation loss vs training data tokens."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_it, ax_tok) = plt.subplots(1, 2, figsize=(14, 5.2))
+    fig, (ax_gap, ax_tok) = plt.subplots(1, 2, figsize=(14, 5.2))
+    base = dict(map(tuple, results[0]["valid"]))
     for i, r in enumerate(results):
         color, p1 = f"C{i}", r["phase1_iters"]
-        # Training loss is thin; in phase 1 of full / output-only it is MCE over the s
-        # targets (a different quantity), so phase 1 is dashed. Validation loss is always
-        # standard next-token CE on the same windows: the comparable curve.
-        ph1 = [(t[0], t[1]) for t in r["train"] if t[0] <= p1]
-        ph2 = [(t[0], t[1]) for t in r["train"] if t[0] > p1]
-        if ph1:
-            ax_it.plot(*zip(*ph1, strict=True), "--", color=color, alpha=0.45, lw=1)
-        ax_it.plot(*zip(*ph2, strict=True), "-", color=color, alpha=0.45, lw=1)
-        vx, vy = zip(*r["valid"], strict=True)
-        ax_it.plot(vx, vy, "o-", color=color, ms=3.5, lw=1.6, label=f"{r['mode']} (valid)")
+        gap = [(it, loss - base[it]) for it, loss in r["valid"] if it in base]
+        ax_gap.plot(*zip(*gap, strict=True), "o-", color=color, ms=3.5, lw=1.6, label=r["mode"])
         if p1:
-            ax_it.axvline(p1, color="grey", ls=":", alpha=0.8)
+            ax_gap.axvline(p1, color=color, ls=":", alpha=0.6)
         tokens_at = {t[0]: t[3] for t in r["train"]}
         tv = [(tokens_at[it], loss) for it, loss in r["valid"] if it in tokens_at]
         if tv:
             ax_tok.plot(*zip(*tv, strict=True), "o-", color=color, ms=3.5, label=r["mode"])
-    ax_it.set_xlabel("iteration (equal FLOPs per iteration; dotted: phase boundary)")
-    ax_it.set_ylabel("loss (nats)")
-    ax_it.set_title("validation (markers) and training loss (thin; dashed = phase-1 loss)")
+    ax_gap.axhline(0, color="black", lw=0.8)
+    ax_gap.set_xlabel("step (equal FLOPs per step; dotted: phase boundary)")
+    ax_gap.set_ylabel("validation loss - baseline's (nats; below 0: TST ahead)")
+    ax_gap.set_title("validation-loss gap to the baseline")
     ax_tok.set_xlabel("training data tokens consumed")
     ax_tok.set_ylabel("validation loss (nats, next-token)")
     ax_tok.set_title("validation loss vs data tokens")
     lo = min(v[1] for r in results for v in r["valid"])
-    hi = max(v[1] for r in results for v in r["valid"][1:]) if len(results[0]["valid"]) > 1 else 9
-    for ax in (ax_it, ax_tok):
-        ax.set_ylim(lo - 0.15, min(hi, lo + 3.0) + 0.2)
+    ax_tok.set_ylim(lo - 0.15, lo + 3.0)
+    for ax in (ax_gap, ax_tok):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
@@ -449,7 +474,22 @@ def main(argv: list[str] | None = None) -> int:
         default=400,
         help="optimizer steps per run (the YAML's WSD decay window is scaled to it)",
     )
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES))
+    parser.add_argument(
+        "--corpus-dir",
+        type=Path,
+        default=Path("data/sample"),
+        help="train.jsonl.gz + valid.jsonl.gz (data/scripts/build_docs_corpus.py builds one)",
+    )
+    parser.add_argument(
+        "--save-interval", type=int, default=100, help="checkpoint every N steps per variant"
+    )
+    parser.add_argument(
+        "--fresh",
+        dest="resume",
+        action="store_false",
+        help="start every variant anew (default: resume each from its run directory)",
+    )
     parser.add_argument("--bag-size", type=int, default=4)
     parser.add_argument("--phase1-fraction", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=1234)
@@ -481,18 +521,18 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)
     args.run_dir = args.run_dir.resolve()
     config = yaml.safe_load(args.yaml.read_text())
-    data = preprocess(args.python, args.run_dir / "data")
+    data = preprocess(args.python, args.corpus_dir.resolve(), args.run_dir / "data")
     train_tokens = corpus_tokens(data["train"])
     for mode in args.modes:
         need = expected_data_tokens(mode, args, config)
         if need > train_tokens:
-            print(
-                f"warning: {mode} reads {need:,} tokens, more than the {train_tokens:,}-token "
-                "train split: it will repeat data (a second epoch)",
-                flush=True,
+            raise SystemExit(
+                f"error: {mode} would read {need:,} tokens, more than the {train_tokens:,}-token "
+                f"train split of {args.corpus_dir}: it would repeat data. Build a larger corpus "
+                "(data/scripts/build_docs_corpus.py) or lower --train-iters"
             )
     source = source_state()
-    script = snapshot_trainer(args.run_dir / "src")
+    script = snapshot_trainer(args.run_dir / "src", keep=args.resume)
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     t0 = time.time()
     results = [run_variant(m, args, config, data, script) for m in args.modes]
@@ -500,10 +540,13 @@ def main(argv: list[str] | None = None) -> int:
     total = time.time() - t0
 
     title = (
-        f"demo model (examples/demo.yaml), {args.train_iters} steps each, TST s={args.bag_size} "
-        f"r={args.phase1_fraction}, seed {args.seed}"
+        f"demo model ({args.yaml}), {args.train_iters} steps each, TST s={args.bag_size} "
+        f"r={args.phase1_fraction}, seed {args.seed}, {args.corpus_dir.name} corpus "
+        f"({train_tokens / 1e6:.1f}M training tokens, no variant repeats data)"
     )
-    print(f"\n{title} (total {total / 60:.1f} min)\n\n{main_table(results)}\n")
+    runs_s = sum(r["wall_clock_s"] for r in results)  # reused variants count their own run
+    print(f"\n{title} (variant runs {runs_s / 60:.1f} min; this invocation {total / 60:.1f} min)"
+          f"\n\n{main_table(results)}\n")  # fmt: skip
     print(boundary_table(results))
     if timing:
         print(f"\n{timing_table(timing, args)}")
@@ -518,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         "argv": argv,
         "started": started,
         "total_s": total,
+        "variant_runs_s": runs_s,
         "settings": settings,
         "model_yaml": config,
         "train_split_tokens": train_tokens,

@@ -16,10 +16,10 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from tst_megatron.config import PhaseSpec
-from tst_megatron.data.builders import open_indexed_dataset
 from tst_megatron.data.prefetch import StepPrefetcher, StepRequest
-from tst_megatron.data.stream import BlendedStream, DocumentStream, MockStream
-from tst_megatron.testing.datasets import reference_next_windows
+from tst_megatron.data.samples import TrainingSamples
+from tst_megatron.data.tokenizer import build_tokenizer_from_args, model_vocab_size
+from tst_megatron.testing.datasets import reference_windows
 from tst_megatron.testing.multirank import free_port
 
 
@@ -29,7 +29,7 @@ def write_dataset(prefix, lengths, seed, dtype=np.uint16):
     for length in lengths:
         builder.add_document(torch.from_numpy(rng.randint(0, 50_000, length)), [length])
     builder.finalize(f"{prefix}.idx")
-    return open_indexed_dataset(str(prefix))
+    return str(prefix)
 
 
 @pytest.fixture(scope="module")
@@ -38,26 +38,40 @@ def two_datasets(tmp_path_factory):
     rng = np.random.RandomState(0)
     a = write_dataset(tmp / "a", rng.randint(1, 40, 60), seed=1)
     b = write_dataset(tmp / "b", rng.randint(1, 9, 50), seed=2, dtype=np.int32)
-    return a, b
+    return tmp, a, b
 
 
-def blend(two_datasets, weights=(0.7, 0.3)) -> BlendedStream:
-    a, b = two_datasets
-    streams = [
-        DocumentStream(a, np.arange(10, len(a)), seed=3, name="a"),
-        DocumentStream(b, np.arange(len(b)), seed=4, name="b"),
-    ]
-    return BlendedStream(streams, list(weights))
+def blend(two_datasets, weights=(0.7, 0.3)) -> TrainingSamples:
+    """Training samples of the blend: s = 4, L = 8, 2 samples a step, 50 steps per phase."""
+    from tst_megatron.data.builders import build_train_samples
+    from tst_megatron.training.arguments import parse_args, validate_args
+
+    tmp, a, b = two_datasets
+    args = parse_args([
+        "--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2",
+        "--seq-length", "8", "--max-position-embeddings", "8", "--micro-batch-size", "1",
+        "--global-batch-size", "2", "--lr", "1e-3", "--train-iters", "100",
+        "--tokenizer-type", "NullTokenizer", "--vocab-size", "50000", "--split", "90,10,0",
+        "--tst-bag-size", "4", "--tst-phase1-fraction", "0.5", "--seed", "3",
+        "--data-cache-path", str(tmp / "cache"),
+        "--data-path", str(weights[0]), a, str(weights[1]), b,
+    ])  # fmt: skip
+    validate_args(args, 1)
+    tokenizer = build_tokenizer_from_args(args)
+    args.padded_vocab_size = model_vocab_size(tokenizer, args)
+    return build_train_samples(args, tokenizer)
 
 
-def test_vectorised_windows_equal_the_per_window_loop(two_datasets):
-    fast, slow = blend(two_datasets), blend(two_datasets)
-    for step in range(12):  # windows cross documents, and both datasets wrap several epochs
-        rows = slice(step % 3, 7)
-        got = fast.next_windows(9, 61, rows)
-        np.testing.assert_array_equal(got, reference_next_windows(slow, 9, 61, rows))
-        assert fast.state.as_dict() == slow.state.as_dict()
-    assert min(fast.state.cursors[k] // s.tokens_per_epoch for k, s in enumerate(fast.streams)) > 1
+def test_vectorised_windows_equal_megatrons_per_sample_reads(two_datasets):
+    samples = blend(two_datasets)
+    for phase, spec in ((1, PhaseSpec(4, "full")), (2, PhaseSpec(1, "full"))):
+        for step in range(11):  # windows cross documents; dataset b is read over epochs
+            rows = slice(step % 3, 7)
+            first = samples.state.phase_samples[phase - 1]
+            got = samples.next_windows(spec, 9, rows)
+            expected = reference_windows(samples.phases[phase], first, 9)[rows]
+            np.testing.assert_array_equal(got, expected)
+    assert samples.state.phase_samples == [99, 99]
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,8 +83,7 @@ FULL, STANDARD = StepRequest(PhaseSpec(4, "full"), 2), StepRequest(PhaseSpec(1, 
 
 def produce(stream, request):
     """One step: ``num_microbatches`` windows of the request's phase."""
-    window = request.spec.window_length(8)
-    return [torch.from_numpy(stream.next_windows(request.num_microbatches, window))]
+    return [torch.from_numpy(stream.next_windows(request.spec, request.num_microbatches))]
 
 
 def run_steps(prefetcher, requests, guesses):
@@ -143,18 +156,16 @@ def test_an_error_on_the_thread_is_raised_by_the_step_that_needs_it(two_datasets
     assert set(calls) == {"tst-data-prefetch"}
 
 
-def test_epoch_notes_reach_the_log_with_their_step(two_datasets):
+def test_notes_reach_the_log_once_whatever_is_read_ahead(two_datasets):
     prefetcher = StepPrefetcher(blend(two_datasets), produce, 3)
+    first = prefetcher.pop_notices()  # the data budget, before the first step
     notes_by_step = []
-    for _ in range(30):
+    for _ in range(20):
         prefetcher.next_step(FULL, [FULL] * 3)
         notes_by_step.append(prefetcher.pop_notices())
-    sync = StepPrefetcher(blend(two_datasets), produce, 0)
-    expected = []
-    for _ in range(30):
-        sync.next_step(FULL)
-        expected.append(sync.pop_notices())
-    assert notes_by_step == expected and any(expected)
+    prefetcher.close()
+    assert [line.split(":")[0] for line in first] == ["data budget"] * 2 + ["warning"]
+    assert notes_by_step == [[]] * 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,4 +240,4 @@ def test_negative_num_workers_is_refused():
     with pytest.raises(ConfigError, match=r"^--num-workers must be >= 0, got -1$"):
         validate_args(args, 1)
     with pytest.raises(ValueError, match="prefetch depth must be >= 0, got -1"):
-        StepPrefetcher(BlendedStream([MockStream(10, 0)], [1.0]), produce, -1)
+        StepPrefetcher(None, produce, -1)

@@ -431,3 +431,22 @@ def test_trainer_footprint_equals_the_plan(tmp_path, capsys, settings):
     assert f"peak: phase 1 {peak:.2f} MB" in line
     measured = footprint.measured_line(estimate, [123 * 2**20], 2, 1)
     assert measured.endswith(f"stage 0 123.00 MB (estimate {peak:.2f} MB)")
+
+
+def test_data_budget_is_reported_with_the_repeat_warning(tmp_path, capsys):
+    """``--data-path``: the trainer's budget lines (16 x 10 steps: 3 phase-1 steps of
+    3*(32+1)-token samples, 7 phase-2 steps of 33), and the warning only when TST repeats."""
+    from tst_megatron.data.budget import TST_REPEATS_WARNING
+    from tst_megatron.testing.datasets import write_documents
+
+    prefix = write_documents(tmp_path / "docs", [[1] * 100] * 40)  # 4,000 tokens
+    config = write_config(tmp_path, TINY_DENSE)
+    code, report = plan_json(capsys, config, "--data-path", prefix, "--split", "100,0,0")
+    assert code == 0
+    [row] = report["data_budget"]["datasets"]
+    assert row["tokens"] == 4000
+    assert row["read_tokens"] == [3 * 16 * 98 + 1, 7 * 16 * 32 + 1]  # 4,705 + 3,585 > 4,000
+    assert report["data_budget"]["lines"][-1] == TST_REPEATS_WARNING
+    code, text = run_plan(capsys, "--config", config, "--data-path", prefix, "--split", "100,0,0",
+                          "--global-batch-size", "2")  # fmt: skip
+    assert "data budget: dataset " in text and TST_REPEATS_WARNING not in text

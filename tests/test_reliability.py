@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from tst_megatron.data.builders import build_train_stream, open_indexed_dataset
-from tst_megatron.data.stream import DataError
+from tst_megatron.data.builders import build_train_samples, open_indexed_dataset
+from tst_megatron.data.checks import DataError
 from tst_megatron.data.tokenizer import TokenizerError
 from tst_megatron.settings import ReliabilityConfig
 from tst_megatron.testing.datasets import write_documents as write_dataset
@@ -379,17 +379,19 @@ def test_blend_weights_are_normalised_with_one_note(blend_run, datasets):
 
 
 @pytest.mark.slow
-def test_epoch_wrap_warning_reaches_the_log_once(blend_run, datasets):
+def test_data_budget_and_repeat_warning_reach_the_log_once(blend_run, datasets):
     for name, tokens in (("tiny_docs", None), ("small", 240)):
         prefix = datasets[name]
         lines = re.findall(
-            rf"\] warning: dataset {re.escape(prefix)}: starting epoch 2: the run has read all "
-            r"(\d+) tokens of its training split 1 time\(s\); its data repeats from here",
+            rf"\] data budget: dataset {re.escape(prefix)}: ([\d,]+) training tokens; phase 1 "
+            r"reads [\d,]+ \([\d.]+ epochs of its [\d,]+-token partition\); phase 2 reads",
             blend_run.log,
         )
         assert len(lines) == 1, blend_run.log[-3000:]  # once, with the logging rank's timestamp
         if tokens:
-            assert int(lines[0]) == tokens
+            assert int(lines[0].replace(",", "")) == tokens
+    assert blend_run.log.count("TST's gain is an equal-FLOPs gain that assumes fresh data") == 1
+    assert blend_run.log.index("data budget") < re.search(r"iteration +1/", blend_run.log).start()
 
 
 @pytest.mark.slow
@@ -415,7 +417,7 @@ def test_truncated_bin_is_rejected(tmp, datasets):
 def test_tokens_outside_the_vocabulary_are_rejected(datasets):
     args = validated(*null_tokenizer_data(datasets["out_of_vocab"]))
     with pytest.raises(DataError, match="document 1 holds token id 600 but the model's vocab"):
-        build_train_stream(args, None)
+        build_train_samples(args, None)
 
 
 def test_tokenizer_larger_than_the_model_vocabulary_is_rejected():

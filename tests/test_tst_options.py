@@ -294,9 +294,10 @@ def test_the_data_path_reads_the_batch_fold():
     import torch
 
     from tst_megatron.data.batches import StepLayout, read_step
+    from tst_megatron.data.budget import PhasePlan
+    from tst_megatron.data.builders import mock_samples
     from tst_megatron.data.documents import DocumentMasking, apply_document_masking
     from tst_megatron.data.prefetch import StepRequest
-    from tst_megatron.data.stream import BlendedStream, MockStream
     from tst_megatron.targets import build_batch
 
     s, L, b, micro, dp = 4, 16, 2, 3, 2
@@ -304,11 +305,11 @@ def test_the_data_path_reads_the_batch_fold():
     documents = DocumentMasking(eod=5, reset_position_ids=True, reset_attention_mask=True)
     layout = StepLayout(seq_length=L, micro_batch_size=b, dp_rank=1, dp_size=dp, eod=5,
                         eod_mask_loss=True, documents=documents)  # fmt: skip
-    got_stream, ref_stream = (BlendedStream([MockStream(32, 7)], [1.0]) for _ in range(2))
+    plans = [PhasePlan(1, 1000, short.window_length(L // s)), PhasePlan(2, 0, L + 1)]
+    got_stream, ref_stream = (mock_samples(32, 7, plans) for _ in range(2))
     got = read_step(got_stream, StepRequest(fold, micro), layout)
     rows = s * b
-    windows = torch.from_numpy(ref_stream.next_windows(dp * micro * rows,
-                                                       short.window_length(L // s),
+    windows = torch.from_numpy(ref_stream.next_windows(short, dp * micro * rows,
                                                        slice(micro * rows, 2 * micro * rows)))
     assert got_stream.state.as_dict() == ref_stream.state.as_dict()
     assert len(got) == micro

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from megatron.core import parallel_state
 
-    from tst_megatron.data.stream import DataError
+    from tst_megatron.data.checks import DataError
     from tst_megatron.data.tokenizer import TokenizerError
     from tst_megatron.training.checkpointing import TRACKER, CheckpointError, find_checkpoint
     from tst_megatron.training.loop import Trainer, initialize_distributed, shutdown_distributed

@@ -11,6 +11,11 @@ is checked by the trainer's own `validate_args` (same messages as ``pretrain_tst
 what only a planner can see: virtual-pipeline divisibility and memory per GPU against the
 GPU's. The layout flags (``--tp --pp --vpp --cp --ep --etp``) replace the config's own.
 
+With ``--data-path`` (a Megatron blend, ``[W1] PREFIX1 [W2 PREFIX2 ...]``, and ``--split``)
+it also prints the run's data budget, as the trainer logs it before step 1: per dataset the
+training tokens it holds, the tokens each TST phase reads and the epochs that makes, with the
+warning when a TST run would repeat data (``data_budget`` in the JSON).
+
 Exit status: 0 when the layout is accepted, 1 when it is rejected (``errors`` say why), 2 for
 unusable input (unreadable config, bad flags).
 """
@@ -26,7 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tst_megatron.planning.layout import PlanError, PlanRequest  # noqa: E402
+from tst_megatron.planning.layout import (  # noqa: E402
+    PlanError,
+    PlanRequest,
+    config_args,
+    single_gpu_layout,
+    validated,
+)
 from tst_megatron.planning.memory import GPU_MEMORY_GIB, USABLE_MEMORY_FRACTION  # noqa: E402
 from tst_megatron.planning.report import plan, render  # noqa: E402
 from tst_megatron.planning.step_time import DEFAULT_MFU  # noqa: E402
@@ -104,8 +115,41 @@ def build_parser() -> argparse.ArgumentParser:
         default=USABLE_MEMORY_FRACTION,
         help=f"Share of GPU memory training may fill (default {USABLE_MEMORY_FRACTION}).",
     )
+    parser.add_argument(
+        "--data-path",
+        nargs="+",
+        default=None,
+        help="Training data blend, as pretrain_tst.py's flag: report the data budget.",
+    )
+    parser.add_argument(
+        "--split", default=None, help="Train/valid/test split of --data-path (default: config's)."
+    )
     parser.add_argument("--json", action="store_true", help="Print one JSON object.")
     return parser
+
+
+def data_budget(request: PlanRequest, data_path: list[str], split: str | None) -> dict:
+    """The trainer's start-up data budget for ``data_path`` (no index is built)."""
+    from dataclasses import asdict
+
+    from tst_megatron.data.builders import plan_data
+    from tst_megatron.data.checks import DataError
+
+    args, _ = config_args(request)
+    batch = args.global_batch_size  # the run's, whatever the layout
+    single_gpu_layout(args)
+    error = validated(args, 1)  # the schedule and TST settings (the data needs no tokenizer)
+    if error:
+        raise PlanError(error)
+    args.global_batch_size = batch or args.global_batch_size
+    args.data_path, args.train_data_path, args.mock_data = data_path, None, False
+    if split is not None:
+        args.split = split
+    try:
+        data = plan_data(args, None)
+    except DataError as err:
+        raise PlanError(str(err)) from err
+    return {"lines": data.notices, "datasets": [asdict(b) for b in data.budgets]}
 
 
 def _positive(text: str) -> int:
@@ -126,13 +170,20 @@ def main(argv: list[str] | None = None) -> int:
     """Print the plan; 0 = accepted, 1 = rejected, 2 = unusable input."""
     options = vars(build_parser().parse_args(argv))
     as_json = options.pop("json")
+    data_path, split = options.pop("data_path"), options.pop("split")
     try:
         options["recompute_modules"] = tuple(options["recompute_modules"])
-        report = plan(PlanRequest(**options))
+        request = PlanRequest(**options)
+        report = plan(request)
+        if data_path:
+            report["data_budget"] = data_budget(request, data_path, split)
     except PlanError as err:
         print(f"plan.py: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(report, indent=2) if as_json else render(report))
+    text = render(report)
+    if data_path:
+        text += "\n" + "\n".join(report["data_budget"]["lines"])
+    print(json.dumps(report, indent=2) if as_json else text)
     return 0 if report["ok"] else 1
 
 

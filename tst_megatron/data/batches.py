@@ -1,8 +1,8 @@
 """One training step's micro-batches on the host: windows read, laid out, document-masked.
 
 This is what the prefetch thread runs (`tst_megatron.data.prefetch`); the trainer copies
-the result to its device. Every data-parallel rank advances the stream over the whole global
-batch and reads only its own rows.
+the result to its device. Every data-parallel rank advances the phase's sample count over
+the whole global batch and reads only its own rows.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from tst_megatron.config import PhaseSpec
 from tst_megatron.data.documents import DocumentMasking, apply_document_masking, eod_target_mask
 from tst_megatron.data.prefetch import StepRequest
-from tst_megatron.data.stream import BlendedStream
+from tst_megatron.data.samples import TrainingSamples
 from tst_megatron.targets import build_batch
 
 
@@ -34,7 +34,7 @@ class StepLayout:
 
 
 def read_step(
-    stream: BlendedStream,
+    stream: TrainingSamples,
     request: StepRequest,
     layout: StepLayout,
     finish: Callable[[dict, PhaseSpec], dict] | None = None,
@@ -49,9 +49,8 @@ def read_step(
     spec = request.spec
     rows_per_micro = spec.micro_batch_rows(layout.micro_batch_size)
     per_rank = request.num_microbatches * rows_per_micro
-    window = spec.window_length(layout.seq_length)
     rows = slice(layout.dp_rank * per_rank, (layout.dp_rank + 1) * per_rank)
-    windows = torch.from_numpy(stream.next_windows(per_rank * layout.dp_size, window, rows))
+    windows = torch.from_numpy(stream.next_windows(spec, per_rank * layout.dp_size, rows))
     target_mask = eod_target_mask(windows, layout.eod) if layout.eod_mask_loss else None
     batches = []
     for i in range(request.num_microbatches):

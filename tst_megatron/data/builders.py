@@ -1,10 +1,11 @@
-"""Build the training stream and the validation set from Megatron-LM style data flags."""
+"""Build the training samples and the validation set from Megatron-LM style data flags."""
 
 from __future__ import annotations
 
 import math
 import os
 from argparse import Namespace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -14,8 +15,14 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import get_blend_from_list
 
-from tst_megatron.data.checks import check_pointers, check_token_range, read_index_header
-from tst_megatron.data.stream import BlendedStream, DataError, DocumentStream, MockStream
+from tst_megatron.data import budget
+from tst_megatron.data.checks import (
+    DataError,
+    check_pointers,
+    check_token_range,
+    read_index_header,
+)
+from tst_megatron.data.samples import MockPhase, PhaseBlend, TrainingSamples, build_phase_dataset
 
 TRAIN, VALID = 0, 1
 
@@ -23,8 +30,8 @@ TRAIN, VALID = 0, 1
 def parse_blend(paths: list[str], flag: str) -> tuple[list[str], list[float]]:
     """``[PREFIX ...]`` or ``[W1, PREFIX1, W2, PREFIX2, ...]`` -> (prefixes, weights).
 
-    The weights are returned as given; `BlendedStream` normalises them (with a note in the
-    log when they do not sum to 1).
+    The weights are returned as given; `build_train_samples` normalises them (with a note in
+    the log when they do not sum to 1).
     """
     if len(paths) % 2 == 0 and len(paths) > 0:
         weights_raw = paths[0::2]
@@ -100,27 +107,119 @@ def split_documents(num_documents: int, split: str, which: int) -> np.ndarray:
     return np.arange(begin, end, dtype=np.int64)
 
 
-def build_train_stream(args: Namespace, tokenizer) -> BlendedStream:
-    """The training stream of ``--data-path`` (train split) or ``--train-data-path``."""
-    if args.mock_data:
-        return BlendedStream([MockStream(tokenizer.vocab_size, args.seed)], [1.0])
+@dataclass
+class DataPlan:
+    """What the run reads from each dataset of its blend, before any index is built.
+
+    ``datasets[k]`` = (prefix, `IndexedDataset`, training-split document ids); per phase the
+    `BlendedDataset`-order indices and, per dataset, its partition and sample count.
+    """
+
+    split: str
+    datasets: list[tuple[str, IndexedDataset, np.ndarray]]
+    plans: list[budget.PhasePlan]
+    indices: dict[int, tuple[np.ndarray, np.ndarray]]
+    partitions: list[tuple[np.ndarray, np.ndarray]]
+    budgets: list[budget.DatasetBudget]
+    notices: list[str]
+
+    def count(self, phase: int, k: int) -> int:
+        """Samples phase ``phase`` draws from dataset ``k``."""
+        return int(np.count_nonzero(self.indices[phase][0] == k))
+
+
+def plan_data(args: Namespace, vocab_size: int | None) -> DataPlan:
+    """Check every dataset (`open_indexed_dataset` with ``vocab_size``, one phase-1 window)
+    and plan the run's reads: blend order, partitions, the data budget (``--data-path`` /
+    ``--train-data-path``; the planner calls this with ``vocab_size`` None)."""
+    plans = budget.phase_plans(args)
     if args.train_data_path:
         prefixes, weights = parse_blend(args.train_data_path, "--train-data-path")
-        split, which = "1,0,0", TRAIN
+        split = "1,0,0"
     else:
         prefixes, weights = parse_blend(args.data_path, "--data-path")
-        split, which = args.split, TRAIN
-    streams = []
+        split = args.split
+    notices = [_normalised_note(prefixes, weights)] if abs(sum(weights) - 1.0) > 1e-6 else []
+    weights = [w / sum(weights) for w in weights]
+    opened = []
     for prefix in prefixes:
-        dataset = open_indexed_dataset(prefix, args.padded_vocab_size, args.data_cache_path)
-        docs = split_documents(len(dataset), split, which)
+        dataset = open_indexed_dataset(prefix, vocab_size, args.data_cache_path)
+        docs = split_documents(len(dataset), split, TRAIN)
         if len(docs) == 0:
             raise DataError(f"dataset {prefix!r}: the train split {split!r} holds no documents")
-        stream = DocumentStream(dataset, docs, args.seed, prefix)
-        check_holds_one_window(stream, args)
-        streams.append(stream)
+        check_holds_one_window(prefix, _tokens(dataset, docs), args)
+        opened.append((prefix, dataset, docs))
+    indices = {plan.phase: budget.blend_indices(weights, plan.samples) for plan in plans}
+    counts = {p: np.bincount(index[0], minlength=len(prefixes)) for p, index in indices.items()}
+    partitions, budgets = [], []
+    for k, (prefix, dataset, docs) in enumerate(opened):
+        needed = [budget.tokens_for(int(counts[p.phase][k]), p.window) for p in plans]
+        lengths = np.asarray(dataset.sequence_lengths, dtype=np.int64)[docs]
+        parts = budget.partition_documents(docs, lengths, needed[0], plans[1].window, args.seed)
+        partitions.append(parts)
+        held = tuple(_tokens(dataset, part) for part in parts)
+        budgets.append(budget.DatasetBudget(prefix, int(lengths.sum()), held, tuple(needed)))
+    notices += budget.budget_lines(budgets, args.tst.enabled)
+    return DataPlan(split, opened, plans, indices, partitions, budgets, notices)
+
+
+def _tokens(dataset: IndexedDataset, documents: np.ndarray) -> int:
+    return int(np.asarray(dataset.sequence_lengths, dtype=np.int64)[documents].sum())
+
+
+def build_train_samples(args: Namespace, tokenizer) -> TrainingSamples:
+    """The training samples of ``--data-path`` (train split) or ``--train-data-path``.
+
+    `plan_data` checks every file and plans first; then each phase's `GPTDataset`s are built
+    over the planned document partitions (collective: rank 0 builds the cached indices, the
+    other ranks load them).
+    """
+    if args.mock_data:
+        return mock_samples(tokenizer.vocab_size, args.seed, budget.phase_plans(args))
+    data = plan_data(args, args.padded_vocab_size)
     check_evaluation_datasets(args)
-    return BlendedStream(streams, weights)
+    config = {
+        "random_seed": args.seed,
+        "tokenizer": tokenizer,
+        "split": data.split,
+        "path_to_cache": args.data_cache_path,
+        "reset_position_ids": False,
+        "reset_attention_mask": False,
+        "eod_mask_loss": False,
+        "create_attention_mask": False,
+    }
+    phases = {}
+    for i, plan in enumerate(data.plans):
+        datasets = []
+        for k, (prefix, dataset, _) in enumerate(data.datasets):
+            count, documents = data.count(plan.phase, k), data.partitions[k][i]
+            built = None
+            if count:
+                built = build_phase_dataset(
+                    dataset, prefix, documents, plan.phase, count, plan.window, config
+                )
+            datasets.append(built)
+        phases[plan.phase] = PhaseBlend(plan.window, datasets, *data.indices[plan.phase])
+    return TrainingSamples(phases, data.notices)
+
+
+def _normalised_note(prefixes: list[str], weights: list[float]) -> str:
+    given = ", ".join(f"{w:g} ({p})" for w, p in zip(weights, prefixes, strict=True))
+    total = sum(weights)
+    return f"note: blend weights {given} sum to {total:g}; normalised to " + ", ".join(
+        f"{w / total:g}" for w in weights
+    )
+
+
+def mock_samples(vocab_size: int, seed: int, plans: list[budget.PhasePlan]) -> TrainingSamples:
+    """``--mock-data``: phase 2 continues the mock sequence after phase 1's planned samples."""
+    phases, start = {}, 0
+    for plan in plans:
+        zeros = np.zeros(plan.samples, dtype=np.int16)
+        mock = MockPhase(vocab_size, seed, plan.window, start)
+        phases[plan.phase] = PhaseBlend(plan.window, [mock], zeros, np.arange(plan.samples))
+        start += plan.samples * (plan.window - 1)
+    return TrainingSamples(phases)
 
 
 def check_evaluation_datasets(args: Namespace) -> None:
@@ -137,12 +236,12 @@ def check_evaluation_datasets(args: Namespace) -> None:
                 open_indexed_dataset(prefix, args.padded_vocab_size, args.data_cache_path)
 
 
-def check_holds_one_window(stream: DocumentStream, args: Namespace) -> None:
-    """Reject a training split shorter than one phase-1 sample window."""
+def check_holds_one_window(prefix: str, tokens: int, args: Namespace) -> None:
+    """Reject a training split of ``tokens`` tokens shorter than one phase-1 sample window."""
     spec = args.tst.phase_spec(1)
     s, length = spec.bag_size, args.seq_length
     window = spec.window_length(length)
-    if stream.tokens_per_epoch >= window:
+    if tokens >= window:
         return
     if spec.mode == "output-only" and s > 1:
         formula = f"L+s = {length}+{s}"
@@ -151,7 +250,7 @@ def check_holds_one_window(stream: DocumentStream, args: Namespace) -> None:
     else:
         formula = f"s*(L+1) = {s}*({length}+1)"
     raise DataError(
-        f"dataset {stream.name!r}: its training split holds {stream.tokens_per_epoch} tokens, "
+        f"dataset {prefix!r}: its training split holds {tokens} tokens, "
         f"fewer than one phase-1 sample window of {formula} = {window} tokens "
         f"(--tst-bag-size {s}, --seq-length {length}); give it more data or lower "
         "--seq-length / --tst-bag-size"
@@ -190,6 +289,5 @@ def build_valid_dataset(args: Namespace, tokenizer, num_samples: int) -> GPTData
 
 
 def mock_valid_windows(tokenizer, seed: int, count: int, window: int) -> torch.Tensor:
-    """Validation windows for ``--mock-data`` (the same synthetic sequence)."""
-    stream = BlendedStream([MockStream(tokenizer.vocab_size, seed)], [1.0])
-    return torch.from_numpy(stream.next_windows(count, window))
+    """Validation windows for ``--mock-data`` (the same synthetic sequence, from its start)."""
+    return torch.from_numpy(MockPhase(tokenizer.vocab_size, seed, window, 0).read(np.arange(count)))

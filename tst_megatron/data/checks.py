@@ -30,7 +30,10 @@ import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import DType
 
-from tst_megatron.data.stream import DataError
+
+class DataError(ValueError):
+    """The data cannot serve the requested training (too short, bad blend, bad files)."""
+
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1

@@ -2,18 +2,18 @@
 
 ``--num-workers N``: 0 prepares each step's batches on the training thread when the step
 asks for them; N >= 1 keeps up to N steps prepared ahead by one background thread while the
-current step computes (Megatron-LM's flag counts DataLoader worker processes; here the stream
-is one sequential cursor per dataset, so one thread reads it and N is the prefetch depth).
+current step computes (Megatron-LM's flag counts DataLoader worker processes; here the
+position is one sample count per phase, so one thread reads it and N is the prefetch depth).
 
-Exactness: a prepared step records the stream position *after* its windows. The position of
+Exactness: a prepared step records the samples' position *after* its windows. The position of
 the last step handed to training (`StepPrefetcher.state`) is what checkpoints save, never the
 position the thread has read ahead to, so a resume continues exactly after the last trained
-step. Notes the stream writes (a dataset starting a new epoch) travel with their step and
-reach the log when that step is trained.
+step. Notes the samples write travel with their step and reach the log when that step is
+trained.
 
 Prediction: the thread prepares the steps the trainer announces as ``upcoming``. When a step
 then asks for something else (the phase boundary, a batch-size ramp-up), the prepared steps
-are discarded, the stream goes back to the trained position and the step is prepared anew:
+are discarded, the samples go back to the trained position and the step is prepared anew:
 identical batches to a run without prefetch, only slower for that one step.
 
 An exception in the thread (an unreadable file) is re-raised on the training thread by the
@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tst_megatron.config import PhaseSpec
-from tst_megatron.data.stream import BlendedStream, StreamState
+from tst_megatron.data.samples import SampleState, TrainingSamples
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class PreparedStep:
 
     request: StepRequest
     batches: list
-    state: StreamState
+    state: SampleState
     notices: list[str]
 
 
@@ -58,7 +58,7 @@ class StepPrefetcher:
     """The training stream as a source of whole steps, optionally read ahead.
 
     Args:
-        stream: the run's `BlendedStream`; only this object (or its thread) touches it.
+        stream: the run's `TrainingSamples`; only this object (or its thread) touches it.
         produce: ``produce(stream, request) -> batches``, reads the step's windows and lays
             them out (runs on the background thread when ``depth >= 1``).
         depth: steps prepared ahead (``--num-workers``); 0 = synchronous.
@@ -66,8 +66,8 @@ class StepPrefetcher:
 
     def __init__(
         self,
-        stream: BlendedStream,
-        produce: Callable[[BlendedStream, StepRequest], list],
+        stream: TrainingSamples,
+        produce: Callable[[TrainingSamples, StepRequest], list],
         depth: int,
     ) -> None:
         if depth < 0:
@@ -75,7 +75,7 @@ class StepPrefetcher:
         self._stream = stream
         self._produce = produce
         self.depth = depth
-        self._state = _copy(stream.state)
+        self._state = stream.state.copy()
         self._notices = stream.pop_notices()
         self._pending: deque[StepRequest] = deque()
         self._requests: queue.Queue = queue.Queue()
@@ -86,7 +86,7 @@ class StepPrefetcher:
 
     # --- the stream's interface for the trainer ------------------------------------------
     @property
-    def state(self) -> StreamState:
+    def state(self) -> SampleState:
         """Position after the last step handed out (what a checkpoint must save)."""
         return self._state
 
@@ -99,10 +99,7 @@ class StepPrefetcher:
         """Continue from a checkpointed position (drops anything prepared)."""
         self._drain()
         self._stream.load_state(state)
-        self._state = _copy(self._stream.state)
-
-    def tokens_available(self) -> int:
-        return self._stream.tokens_available()
+        self._state = self._stream.state.copy()
 
     # --- steps --------------------------------------------------------------------------
     def next_step(self, request: StepRequest, upcoming: Sequence[StepRequest] = ()) -> list:
@@ -134,9 +131,7 @@ class StepPrefetcher:
     # --- internals ----------------------------------------------------------------------
     def _prepare(self, request: StepRequest) -> PreparedStep:
         batches = self._produce(self._stream, request)
-        return PreparedStep(
-            request, batches, _copy(self._stream.state), self._stream.pop_notices()
-        )
+        return PreparedStep(request, batches, self._stream.state.copy(), self._stream.pop_notices())
 
     def _take(self, request: StepRequest) -> PreparedStep:
         if self._pending and self._pending[0] != request:
@@ -182,7 +177,3 @@ class StepPrefetcher:
             self._results.get()
         self._stream.load_state(self._state.as_dict())
         self._stream.pop_notices()
-
-
-def _copy(state: StreamState) -> StreamState:
-    return StreamState(list(state.cursors), list(state.samples), state.consumed_tokens)

@@ -1,10 +1,10 @@
-"""Small Megatron datasets and the reference window reader, for tests and benchmarks.
+"""Small Megatron datasets and the reference sample reader, for tests and benchmarks.
 
 - `write_documents`: a ``.bin``/``.idx`` pair holding given documents (Megatron-Core's
   `IndexedDatasetBuilder`).
-- `reference_next_windows`: the per-window loop that the vectorised
-  `BlendedStream.next_windows` replaced (argmax blend draw, per-document reads), the reference
-  the tests compare it against and the baseline `benchmarks/data_loader.py` times.
+- `reference_windows`: a phase's samples read one by one through Megatron-Core's own
+  `GPTDataset.__getitem__`, the reference the tests compare the vectorised
+  `PhaseBlend.read` against and the baseline `benchmarks/data_loader.py` times.
 """
 
 from __future__ import annotations
@@ -25,15 +25,12 @@ def write_documents(prefix: Path, documents: list[list[int]], dtype: type = np.i
     return str(prefix)
 
 
-def reference_next_windows(stream, count: int, window: int, rows: slice) -> np.ndarray:
-    """``[len(rows), window]`` windows of a `BlendedStream` drawn one by one (advances it)."""
-    state, placements = stream.state, []
-    for _ in range(count):
-        drawn = sum(state.samples) + 1
-        errors = [w * drawn - n for w, n in zip(stream.weights, state.samples, strict=True)]
-        k = int(np.argmax(errors))
-        placements.append((k, state.cursors[k]))
-        state.cursors[k] += window - 1
-        state.samples[k] += 1
-        state.consumed_tokens += window - 1
-    return np.stack([stream.streams[k]._read_by_document(s, window) for k, s in placements[rows]])
+def reference_windows(blend, first: int, count: int) -> np.ndarray:
+    """``[count, window]`` samples ``first ..`` of a `PhaseBlend`, each from its dataset's
+    `GPTDataset.__getitem__` (tokens, then the last label), as `BlendedDataset` picks them."""
+    rows = []
+    for i in range(first, first + count):
+        dataset = blend.datasets[int(blend.dataset_index[i])]
+        item = dataset.gpt[int(blend.dataset_sample_index[i])]
+        rows.append(np.concatenate([item["tokens"].numpy(), item["labels"][-1:].numpy()]))
+    return np.stack(rows).astype(np.int64)

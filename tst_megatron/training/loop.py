@@ -31,7 +31,7 @@ from megatron.core.utils import get_model_config
 
 from tst_megatron.config import STANDARD_PHASE, PhaseSpec
 from tst_megatron.data.batches import StepLayout, read_step
-from tst_megatron.data.builders import build_train_stream, build_valid_dataset, mock_valid_windows
+from tst_megatron.data.builders import build_train_samples, build_valid_dataset, mock_valid_windows
 from tst_megatron.data.documents import (
     DocumentMasking,
     apply_document_masking,
@@ -281,7 +281,7 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
         self.stream = StepPrefetcher(
-            build_train_stream(args, self.tokenizer), self._host_microbatches, args.num_workers
+            build_train_samples(args, self.tokenizer), self._host_microbatches, args.num_workers
         )
         self.chunks = build_model_chunks(args)
         self.optimizer = build_optimizer(args, self.chunks)
@@ -392,7 +392,7 @@ class Trainer:
 
     # --- data ---------------------------------------------------------------------------
     def print_data_notices(self) -> None:
-        """Print the stream's notes (blend normalised, a dataset starting a new epoch) once."""
+        """Print the samples' notes once (blend normalised, the data budget before step 1)."""
         for notice in self.stream.pop_notices():
             self.metrics.print(notice)
 

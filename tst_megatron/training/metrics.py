@@ -225,8 +225,9 @@ class MetricsLogger:
     def phase_boundary(self, iteration: int, stream_state) -> None:
         self.print(
             f"TST phase boundary at iteration {iteration}: switching to standard next-token "
-            f"training (weights, optimizer state and LR schedule continue; data continues "
-            f"after token {stream_state.consumed_tokens} of the stream)"
+            f"training (weights, optimizer state and LR schedule continue; phase 1 read "
+            f"{stream_state.phase_samples[0]} samples, {stream_state.consumed_tokens} data "
+            "tokens; phase 2 reads its own partition of the data)"
         )
 
     def validation(self, iteration: int, loss: float | None, final: bool = False) -> None:
