@@ -4,7 +4,8 @@ Every setting that changes a run's numbers is recorded, in four sections:
 
 * ``model``: architecture, rotary base, norm epsilon, activation, dropout, MoE routing,
   precision (and ``init_method_std``, which only the first step and a conversion use);
-* ``tokenizer``: what a tool needs to rebuild the vocabulary (not compared on resume);
+* ``data``: the tokenizer and sequence length a tool needs to rebuild the vocabulary and
+  the samples (not compared on resume: the data checks cover a tokenizer that does not fit);
 * ``optimizer``: the optimizer, its betas and epsilon, clipping, the loss scaler;
 * ``schedule``: the learning-rate and weight-decay schedules and the batch size they count in.
 
@@ -14,7 +15,7 @@ the model (a new run from the weights), ``--no-load-optim`` for the optimizer (i
 restarts with this run's settings; torch restores the saved betas and epsilon otherwise),
 and Megatron-LM's ``--override-opt_param-scheduler`` (this run's schedule) or
 ``--use-checkpoint-opt_param-scheduler`` (the checkpoint's) for the schedule. The tools
-(`apply_recorded_settings`) take the model and tokenizer settings they are not given from
+(`apply_recorded_settings`) take the model and data settings they are not given from
 the record, as Megatron-LM's ``--use-checkpoint-args``, and refuse given ones that differ.
 Checkpoints without the record load with the flags as before.
 """
@@ -46,9 +47,9 @@ MODEL = (
     "init_method_std",
 )  # fmt: skip
 INITIALIZATION_ONLY = ("init_method_std",)  # no effect once weights are loaded
-TOKENIZER = (
+DATA = (
     "tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size",
-    "make_vocab_size_divisible_by",
+    "make_vocab_size_divisible_by", "seq_length",
 )  # fmt: skip
 OPTIMIZER = (
     "optimizer", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad", "loss_scale",
@@ -59,7 +60,7 @@ SCHEDULE = (
     "lr_wsd_decay_style", "lr_wsd_decay_iters", "weight_decay", "start_weight_decay",
     "end_weight_decay", "weight_decay_incr_style", "global_batch_size", "rampup_batch_size",
 )  # fmt: skip  (train_iters: `checkpointing.check_schedule`, with the TST schedule)
-SECTIONS = {"model": MODEL, "tokenizer": TOKENIZER, "optimizer": OPTIMIZER, "schedule": SCHEDULE}
+SECTIONS = {"model": MODEL, "data": DATA, "optimizer": OPTIMIZER, "schedule": SCHEDULE}
 PATHS = ("tokenizer_model", "vocab_file", "merge_file")
 FLAG_NAMES = {
     "override_opt_param_scheduler": "--override-opt_param-scheduler",
@@ -83,7 +84,7 @@ def recorded_settings(args: Namespace) -> dict[str, dict[str, Any]]:
     for section, dests in SECTIONS.items():
         values = {dest: _plain(getattr(args, dest, None)) for dest in dests}
         for dest in PATHS:
-            if section == "tokenizer" and values[dest] and os.path.exists(values[dest]):
+            if section == "data" and values[dest] and os.path.exists(values[dest]):
                 values[dest] = os.path.abspath(values[dest])
         record[section] = values
     return record
@@ -167,7 +168,7 @@ def check_resume_settings(args: Namespace, meta: dict, path: str) -> list[str]:
 def apply_recorded_settings(
     args: Namespace, explicit: set[str], meta: dict, path: str
 ) -> list[str]:
-    """For a tool: take the model and tokenizer settings not in ``explicit`` (the destinations
+    """For a tool: take the model and data settings not in ``explicit`` (the destinations
     given on the command line or in ``--yaml-config``) from checkpoint ``path``'s record.
 
     Returns the destinations taken from the record (empty for a checkpoint without one).
@@ -179,7 +180,7 @@ def apply_recorded_settings(
     record = meta.get(SETTINGS)
     if not isinstance(record, dict):
         return []
-    saved = {**record.get("tokenizer", {}), **record.get("model", {})}
+    saved = {**record.get("data", {}), **record.get("model", {})}
     diffs = [
         f"{flag(dest)}: checkpoint {saved[dest]!r}, given {_plain(getattr(args, dest))!r}"
         for dest in MODEL
