@@ -132,6 +132,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate.py: error: {err}", file=sys.stderr)
         return 2
 
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:  # no launcher: one rank
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+        for key, value in defaults.items():
+            os.environ.setdefault(key, value)
+
     import torch
     from megatron.core import parallel_state
 

@@ -865,8 +865,14 @@ def load_checkpoint(
         for i, chunk in enumerate(model_chunks):
             _unwrap(chunk).load_state_dict(loaded[_model_key(i, len(model_chunks))], strict=True)
         if load_optim:
+            this_run = [(g.get("max_lr"), g.get("min_lr")) for g in optimizer.param_groups]
             optimizer.load_state_dict(loaded["optimizer"])
             unshare_adam_steps(optimizer)
+            if getattr(args, "override_opt_param_scheduler", False):
+                # the scheduler reads each group's max_lr / min_lr, which the load restored
+                for group, (max_lr, min_lr) in zip(optimizer.param_groups, this_run, strict=True):
+                    group.update({k: v for k, v in (("max_lr", max_lr), ("min_lr", min_lr))
+                                  if v is not None})  # fmt: skip
             scheduler.load_state_dict(loaded["opt_param_scheduler"])
         if rng.KEY in loaded:
             rng.restore_rng_state(loaded[rng.KEY])
