@@ -90,10 +90,16 @@ def recorded_settings(args: Namespace) -> dict[str, dict[str, Any]]:
     return record
 
 
+def _scalar(value: Any) -> Any:
+    """A one-entry list as its entry (flags that take one value per layer or a scalar)."""
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
 def _same(saved: Any, now: Any) -> bool:
+    saved, now = _scalar(_plain(saved)), _scalar(_plain(now))
     if isinstance(saved, float) and isinstance(now, float) and math.isnan(saved):
         return math.isnan(now)
-    return saved == _plain(now)
+    return saved == now
 
 
 def _differences(args: Namespace, saved: dict, dests: tuple[str, ...]) -> list[str]:
