@@ -62,6 +62,7 @@ SCHEDULE = (
 )  # fmt: skip  (train_iters: `checkpointing.check_schedule`, with the TST schedule)
 SECTIONS = {"model": MODEL, "data": DATA, "optimizer": OPTIMIZER, "schedule": SCHEDULE}
 PATHS = ("tokenizer_model", "vocab_file", "merge_file")
+TOKENIZER = ("tokenizer_type", *PATHS)  # one tokenizer: given flags replace all of them
 FLAG_NAMES = {
     "override_opt_param_scheduler": "--override-opt_param-scheduler",
     "use_checkpoint_opt_param_scheduler": "--use-checkpoint-opt_param-scheduler",
@@ -198,7 +199,11 @@ def apply_recorded_settings(
             + "; ".join(diffs)
             + ". Leave these flags out to take the checkpoint's values"
         )
-    taken = [dest for dest in saved if dest not in explicit]
+    own_tokenizer = any(dest in explicit for dest in TOKENIZER)
+    taken = [
+        dest for dest in saved
+        if dest not in explicit and not (own_tokenizer and dest in TOKENIZER)
+    ]  # fmt: skip
     for dest in taken:
         setattr(args, dest, saved[dest])
     return taken
