@@ -20,6 +20,10 @@ warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not i
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First: a rank dies with the torchrun that started it (kill -9 of the launcher included).
+    from tst_megatron.training.parent_death import end_with_launcher
+
+    end_with_launcher()
     # Before the heavy imports: an exit signal that arrives while the job is still starting
     # is recorded (the loop then exits before its first step), not fatal.
     from tst_megatron.training import exit_signals
@@ -43,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from tst_megatron.data.tokenizer import TokenizerError
     from tst_megatron.training import checkpointing
     from tst_megatron.training.checkpointing import CheckpointError
-    from tst_megatron.training.faults import TrainingStopped
+    from tst_megatron.training.faults import TrainingStopped, describe_peer_failure
     from tst_megatron.training.loop import Trainer, initialize_distributed, shutdown_distributed
 
     if single:
@@ -60,18 +64,22 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, CheckpointError, TokenizerError, TSTConfigError, TrainingStopped) as err:
         print(f"pretrain_tst.py: error: {err}", file=sys.stderr, flush=True)
         code = 1
-    except RuntimeError as err:  # gloo: "Timed out waiting ...ms for recv operation ..."
-        if "timed out" not in str(err).lower():
-            raise
+    except RuntimeError as err:  # gloo: "Timed out ...", "Connection closed by peer", NCCL
         where = f" after iteration {trainer.progress.iteration}" if trainer else ""
+        line = describe_peer_failure(err, args.collective_timeout_s, where)
+        if line is None:
+            raise
+        print(f"pretrain_tst.py: error: {line}", file=sys.stderr, flush=True)
+        code = 1
+    except KeyboardInterrupt:  # SIGINT without --exit-signal SIGINT: stop now, say so
+        where = f" at iteration {trainer.progress.iteration}" if trainer else " while starting"
         print(
-            "pretrain_tst.py: error: a collective did not complete within "
-            f"--collective-timeout-s {args.collective_timeout_s:g}{where}: another rank is "
-            f"hung or dead ({err})",
+            f"pretrain_tst.py: interrupted (SIGINT){where}; nothing saved since the last "
+            "published checkpoint",
             file=sys.stderr,
             flush=True,
         )
-        code = 1
+        code = 130
     finally:
         checkpointing.close_save_dir()
         shutdown_distributed()
@@ -108,4 +116,8 @@ def _single_rank_environment() -> str | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # before the trainer's own handling (imports, start-up)
+        print("pretrain_tst.py: interrupted (SIGINT) while starting", file=sys.stderr)
+        sys.exit(130)

@@ -436,7 +436,7 @@ def test_publication_fsyncs_before_the_rename_and_the_tracker(tmp_path, monkeypa
         final=str(tmp_path / "iter_0000002"), digests=None, sharding_type="dp_reshardable",
     )  # fmt: skip
     monkeypatch.setattr(ckpt, "layout", lambda args: {})
-    ckpt._publish_on_rank0(pending, {})
+    ckpt._publish_on_rank0(pending, {}, [])
     final = str(tmp_path / "iter_0000002")
     names = [(kind, os.path.basename(path)) for kind, path in events]
     synced_files = {name for kind, name in names[: names.index(("fsync", staging.name))]}

@@ -170,17 +170,27 @@ def test_signal_during_start_up_exits_cleanly_before_the_first_step(tmp):
     assert not run.losses and listing(save) == (None, set())
 
 
-def test_sigusr1_to_torchrun_kills_it_and_orphans_the_workers(tmp):
-    """The route that does not work: torchrun handles no SIGUSR1 and dies of it at once; the
-    workers go on training unsupervised (killed here by the test)."""
+def wait_until_gone(running: Running, timeout: float = 20.0) -> float:
+    """Seconds until no worker of the launch is left (``inf`` if some still run)."""
+    start = time.monotonic()
+    while running.workers():
+        if time.monotonic() - start > timeout:
+            return float("inf")
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+def test_sigusr1_to_torchrun_kills_it_and_its_workers_with_it(tmp):
+    """torchrun handles no SIGUSR1 and dies of it at once; its workers die with it (their
+    parent-death signal) instead of training on unsupervised. The published checkpoint stays."""
     save = tmp / "torchrun_usr1"
-    orphans = []
+    gone = []
 
     def during(running: Running) -> None:
         running.wait_for_checkpoint(2)
         running.procs[0].send_signal(signal.SIGUSR1)
         running.procs[0].wait(timeout=30)
-        orphans.extend(running.workers())
+        gone.append(wait_until_gone(running))
 
     run = launch(
         tmp, "torchrun_usr1",
@@ -189,7 +199,76 @@ def test_sigusr1_to_torchrun_kills_it_and_orphans_the_workers(tmp):
         nproc=2, fault=SLOW, during=during,
     )
     assert run.returncode == -signal.SIGUSR1
-    assert len(orphans) == 2  # still running after their launcher died
+    assert gone[0] < 10, "the workers outlived torchrun"
+    tracker, names = listing(save)
+    assert int(tracker) >= 2 and f"iter_{int(tracker):07d}" in names
+
+
+@pytest.mark.parametrize("via", ["torchrun", "wrapper"])
+def test_kill_9_of_the_launcher_ends_every_worker(tmp, via):
+    """kill -9 of torchrun, or of tools/launch.py (whose torchrun dies with it): the ranks end
+    within seconds (``prctl(PR_SET_PDEATHSIG)``)."""
+    gone = []
+
+    def during(running: Running) -> None:
+        running.wait_for(lambda: len(running.workers()) == 2)
+        running.wait_for_checkpoint(1)
+        running.procs[0].kill()
+        running.procs[0].wait(timeout=30)
+        gone.append(wait_until_gone(running))
+        gone.append(len(running.processes()))
+
+    save = tmp / f"kill9_{via}"
+    run = launch(tmp, f"kill9_{via}", [*DP2, "--save", str(save), "--save-interval", "1"],
+                 nproc=2, fault=SLOW, via=via, during=during)  # fmt: skip
+    assert run.returncode == -signal.SIGKILL
+    assert gone[0] < 10, "the workers outlived their launcher"
+    assert gone[1] == 0, "a process of the launch outlived it (torchrun or a helper)"
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR2"])
+def test_every_catchable_signal_to_the_launch_wrapper_is_forwarded_without_a_traceback(
+    tmp, name
+):
+    """Ctrl-C, a closed terminal, ...: the wrapper forwards the signal to the workers (their
+    exit signal when they handle it: they save and exit 0) and prints no traceback itself."""
+    signum = signal.Signals[name]
+    handled = name in ("SIGINT", "SIGUSR2")  # the exit signal of this run, or not handled
+    save = tmp / f"wrapper_{name}"
+    extra = ["--exit-signal-handler", "--exit-signal", name] if handled else []
+    run = launch(
+        tmp, f"wrapper_{name}",
+        [*DP2, "--save", str(save), "--save-interval", "2", *extra],
+        nproc=2, fault=SLOW, via="wrapper",
+        during=signal_after_first_save(lambda r: r.procs[0].send_signal(signum)),
+    )
+    assert f"tools/launch.py: received {name}: forwarding it to the workers" in run.log
+    assert "KeyboardInterrupt" not in run.log
+    if handled:
+        assert run.returncode == 0, run.log[-3000:]
+        assert_clean_exit_save(run, save, name)
+    else:  # the workers die of it; torchrun reports their failure, the wrapper its status
+        assert run.returncode != 0
+        assert f"Signal {signum.value} ({name}) received by PID" in run.log or (
+            f"exitcode  : -{signum.value}" in run.log
+        ), run.log[-3000:]
+
+
+def test_launch_wrapper_refuses_an_unusable_process_count(tmp):
+    import subprocess
+    import sys
+
+    from tst_megatron.testing.launches import ROOT
+
+    for value in ("zero", "0", "-1"):
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "tools" / "launch.py"), "--nproc-per-node", value,
+             "pretrain_tst.py"], capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 2 and done.stderr.strip() == (
+            f"tools/launch.py: error: --nproc-per-node {value!r}: give a number of processes "
+            ">= 1, or one of cpu, gpu, xpu, auto"
+        ), done.stderr
 
 
 def test_sigusr1_to_torchrun_handling_it_is_forwarded_but_exits_1(tmp, reference):

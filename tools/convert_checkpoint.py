@@ -2,14 +2,16 @@
 
 Megatron -> Hugging Face (one CPU process, any saved TP/PP/EP layout)::
 
-    python tools/convert_checkpoint.py mcore-to-hf --yaml-config run.yaml [run's model flags] \
-        --load CKPT --hf-dir OUT [--tokenizer-model TOK] [--vocab-size V] \
-        [--max-shard-size 5GB] [--dtype auto|float32|bfloat16|float16] [--allow-phase1]
+    python tools/convert_checkpoint.py mcore-to-hf --load CKPT --hf-dir OUT \
+        [--tokenizer-model TOK] [--vocab-size V] [--max-shard-size 5GB] \
+        [--dtype auto|float32|bfloat16|float16] [--allow-phase1]
 
 ``--load`` is the run's save directory (the tracker picks the iteration) or one ``iter_``
-directory; the model flags (or ``--yaml-config``) are the run's and are checked against the
-checkpoint's ``tst_checkpoint.json``. The padded vocabulary is trimmed to ``--vocab-size`` or
-else the tokenizer's size. Dense models become ``LlamaForCausalLM`` (``Qwen3ForCausalLM``
+directory. The model and tokenizer settings come from the checkpoint's record
+(``tst_checkpoint.json``), as with Megatron-LM's ``--use-checkpoint-args``; model flags or a
+``--yaml-config`` given anyway are checked against it, and a checkpoint written before the
+record needs them. The padded vocabulary is trimmed to ``--vocab-size`` or else the
+tokenizer's size. Dense models become ``LlamaForCausalLM`` (``Qwen3ForCausalLM``
 with ``--qk-layernorm``), MoE models ``Qwen3MoeForCausalLM``. OUT gets ``config.json``,
 ``generation_config.json``, ``model.safetensors`` (or shards + index) and the tokenizer files.
 
@@ -29,6 +31,8 @@ on stderr says why), 2 for unusable flags.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -93,6 +97,7 @@ def mcore_to_hf(argv: list[str]) -> str:
     """Run the mcore-to-hf direction; returns the output directory."""
     from tst_megatron.conversion.hf_config import hf_config
     from tst_megatron.conversion.megatron_io import (
+        apply_checkpoint_settings,
         check_model_shape,
         find_checkpoint,
         load_model,
@@ -113,6 +118,7 @@ def mcore_to_hf(argv: list[str]) -> str:
         raise ConversionError(f"--hf-dir {out} is not empty; give a new or empty directory")
     max_shard = parse_size(run_args.max_shard_size)
     path, meta = find_checkpoint(run_args.load)
+    apply_checkpoint_settings(run_args, path, meta)
     tst = meta["tst"]
     if tst["phase"] == 1 and not run_args.allow_phase1:
         raise ConversionError(
@@ -133,15 +139,15 @@ def mcore_to_hf(argv: list[str]) -> str:
         state = load_model(args, path).state_dict()
     tensors = convert(state, spec)
     dtype_name = str(dtype).removeprefix("torch.")
-    os.makedirs(out, exist_ok=True)
-    files = save_weights(tensors, out, dtype, max_shard)
     eos = None if args.tokenizer_type == "NullTokenizer" else tokenizer.eod
-    _write_json(os.path.join(out, "config.json"), hf_config(spec, dtype_name, None, eos))
-    _write_json(
-        os.path.join(out, "generation_config.json"),
-        {"_from_model_config": True, "bos_token_id": None, "eos_token_id": eos},
-    )
-    copied = _copy_tokenizer(args, tokenizer, out, spec.max_position_embeddings)
+    with _output_dir(out):
+        files = save_weights(tensors, out, dtype, max_shard)
+        _write_json(os.path.join(out, "config.json"), hf_config(spec, dtype_name, None, eos))
+        _write_json(
+            os.path.join(out, "generation_config.json"),
+            {"_from_model_config": True, "bos_token_id": None, "eos_token_id": eos},
+        )
+        copied = _copy_tokenizer(args, tokenizer, out, spec.max_position_embeddings)
     print(
         f"converted {path} (iteration {meta['iteration']}, TST phase {tst['phase']}, saved at "
         f"{meta['layout']}) to {spec.architecture} in {out}: {len(tensors)} tensors, "
@@ -150,6 +156,30 @@ def mcore_to_hf(argv: list[str]) -> str:
         + (f"; tokenizer: {', '.join(copied)}" if copied else "; no tokenizer files")
     )
     return out
+
+
+@contextlib.contextmanager
+def _output_dir(out: str):
+    """Create ``out`` (new or empty); a failed write (full or read-only disk) removes what
+    was written and is a `ConversionError` naming the directory and the cause."""
+    created = not os.path.isdir(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+        yield
+    except OSError as err:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            for name in os.listdir(out) if os.path.isdir(out) else []:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(out, name))
+        reason = err.strerror or str(err)
+        code = f" [{errno.errorcode[err.errno]}]" if err.errno in errno.errorcode else ""
+        raise ConversionError(
+            f"cannot write --hf-dir {out}: {reason}{code}"
+            + (f" ({err.filename})" if err.filename else "")
+            + "; nothing was left there. Free space or give a writable --hf-dir"
+        ) from None
 
 
 def _copy_tokenizer(args: argparse.Namespace, tokenizer, out: str, max_length: int) -> list[str]:

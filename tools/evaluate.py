@@ -1,10 +1,12 @@
 """Validation loss and perplexity of a ``pretrain_tst.py`` checkpoint, at any parallel layout.
 
-Launch like ``pretrain_tst.py``, with the run's model flags (or ``--yaml-config``), any layout::
+Launch like ``pretrain_tst.py``, at any layout; the model settings come from the
+checkpoint's record (``tst_checkpoint.json``, as Megatron-LM's ``--use-checkpoint-args``):
+model flags or ``--yaml-config`` given anyway are checked against it, and a checkpoint
+written before the record needs them::
 
-    torchrun --nproc-per-node 2 tools/evaluate.py --yaml-config run.yaml \
-        --tensor-model-parallel-size 2 --load CKPT --valid-data-path PREFIX \
-        --eval-iters 50 --micro-batch-size 4 [--json]
+    torchrun --nproc-per-node 2 tools/evaluate.py --tensor-model-parallel-size 2 \
+        --load CKPT --valid-data-path PREFIX --eval-iters 50 --micro-batch-size 4 [--json]
 
 Data: ``--valid-data-path PREFIX`` draws the samples from that whole ``.bin/.idx`` dataset
 (it replaces a ``--data-path`` of the YAML config); ``--data-path`` from its validation split
@@ -41,7 +43,7 @@ PLACEHOLDERS = {"train_iters": 1, "lr": 0.0}
 
 
 def parse(argv: list[str] | None):
-    """The run's flags plus ``--json``, adjusted for a weights-only evaluation."""
+    """The flags plus ``--json`` (not validated: the checkpoint's record may add settings)."""
     from tst_megatron.conversion.megatron_io import parse_run_args
 
     parser = build_parser()
@@ -50,6 +52,13 @@ def parse(argv: list[str] | None):
         "--json", action="store_true", help="Also print the result as one JSON line."
     )
     args = parse_run_args(parser, argv)
+    if args.load is None:
+        raise ConfigError("give --load, the checkpoint to evaluate")
+    return args
+
+
+def adjust(args):
+    """``args`` adjusted for a weights-only evaluation, then validated."""
     for key, value in PLACEHOLDERS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -60,10 +69,10 @@ def parse(argv: list[str] | None):
         no_load_optim=True, no_load_rng=True, finetune=False, allow_fresh_start=False,
         evaluation_only=True, save=None, tensorboard_dir=None, wandb_project=None,
         metrics_jsonl=None, global_batch_size=None, rampup_batch_size=None,
+        override_opt_param_scheduler=False, use_checkpoint_opt_param_scheduler=False,
+        tst_allow_schedule_change=False,
     )  # fmt: skip
     validate_args(args, int(os.environ.get("WORLD_SIZE", "1")))
-    if args.load is None:
-        raise ConfigError("give --load, the checkpoint to evaluate")
     if args.eval_iters < 1:
         raise ConfigError(f"--eval-iters must be >= 1, got {args.eval_iters}")
     pp = args.pipeline_model_parallel_size
@@ -75,31 +84,71 @@ def parse(argv: list[str] | None):
     return args
 
 
+def checkpoint_of(args) -> str:
+    """The checkpoint ``--load`` names; its record's model settings fill the flags not given.
+
+    Raises:
+        CheckpointError: no checkpoint there, or a given model flag differs from the record.
+    """
+    from tst_megatron.training.checkpoint_settings import apply_recorded_settings
+    from tst_megatron.training.checkpointing import (
+        TRACKER,
+        CheckpointError,
+        find_checkpoint,
+        read_checkpoint_meta,
+    )
+
+    path = find_checkpoint(args.load)
+    if path is None:
+        raise CheckpointError(
+            f"--load {args.load}: no checkpoint there (no {TRACKER} and no "
+            "tst_checkpoint.json): point --load at a save directory or at one of its "
+            "iter_XXXXXXX directories"
+        )
+    apply_recorded_settings(args, args.given_settings, read_checkpoint_meta(path), path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
+    from tst_megatron.training.parent_death import end_with_launcher
+
+    end_with_launcher()
     try:
         args = parse(argv)
     except ConfigError as err:
         print(f"evaluate.py: error: {err}", file=sys.stderr)
         return 2
 
+    from tst_megatron.training.checkpointing import CheckpointError
+
+    try:  # before any expensive work
+        checkpoint_of(args)
+    except CheckpointError as err:
+        print(f"evaluate.py: error: {err}", file=sys.stderr, flush=True)
+        return 1
+    try:
+        adjust(args)
+    except ConfigError as err:
+        print(f"evaluate.py: error: {err}", file=sys.stderr)
+        return 2
+
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:  # no launcher: one rank
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+        for key, value in defaults.items():
+            os.environ.setdefault(key, value)
+
     import torch
     from megatron.core import parallel_state
 
     from tst_megatron.data.checks import DataError
     from tst_megatron.data.tokenizer import TokenizerError
-    from tst_megatron.training.checkpointing import TRACKER, CheckpointError, find_checkpoint
     from tst_megatron.training.loop import Trainer, initialize_distributed, shutdown_distributed
-
-    try:  # before any expensive work
-        if find_checkpoint(args.load) is None:
-            raise CheckpointError(
-                f"--load {args.load}: no checkpoint there (no {TRACKER} and no "
-                "tst_checkpoint.json): point --load at a save directory or at one of its "
-                "iter_XXXXXXX directories"
-            )
-    except CheckpointError as err:
-        print(f"evaluate.py: error: {err}", file=sys.stderr, flush=True)
-        return 1
     initialize_distributed(args)
     code = 0
     try:

@@ -22,6 +22,7 @@ written under temporary names and renamed into place only on success.
 from __future__ import annotations
 
 import argparse
+import errno
 import glob
 import gzip
 import io
@@ -29,8 +30,10 @@ import itertools
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -124,8 +127,8 @@ def read_errors() -> tuple[type[Exception], ...]:
     try:
         from zstandard import ZstdError
     except ImportError:
-        return (OSError, EOFError)
-    return (OSError, EOFError, ZstdError)
+        return (OSError, EOFError, zlib.error)
+    return (OSError, EOFError, zlib.error, ZstdError)
 
 
 def iter_lines(paths: list[str]) -> Iterator[tuple[str, bytes]]:
@@ -219,8 +222,15 @@ class Encoder:
 _worker_encoder: Encoder | None = None
 
 
+def _quiet_interrupt() -> None:
+    """In a worker process: ignore Ctrl-C (SIGINT to the whole process group); the main
+    process reports it once, terminates the workers and removes the partial outputs."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _start_worker(config: EncodeConfig) -> None:
     global _worker_encoder
+    _quiet_interrupt()
     _worker_encoder = Encoder(config)
 
 
@@ -365,7 +375,8 @@ def write_partitioned(
         [f"{final}.part{i}-tmp-{os.getpid()}" for final in finals] for i in range(partitions)
     ]
     stats = Stats(job.encode.keys)
-    with ProcessPoolExecutor(partitions) as executor:
+    executor = ProcessPoolExecutor(partitions, initializer=_quiet_interrupt)
+    try:
         futures = [
             executor.submit(
                 run_partition,
@@ -380,6 +391,12 @@ def write_partitioned(
         ]
         for future in futures:
             stats.add(future.result())
+    except BaseException:  # a failed partition, Ctrl-C: stop the others now, not at their end
+        for process in list(getattr(executor, "_processes", {}).values()):
+            process.terminate()
+        executor.shutdown(wait=True, cancel_futures=True)
+        raise
+    executor.shutdown()
     for k, final in enumerate(finals):
         merge_into(final, [prefixes[k] for prefixes in part_prefixes], job.encode.dtype, outputs)
     return stats
@@ -517,6 +534,19 @@ def main(argv: list[str] | None = None) -> int:
     except ToolError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # reading errors are ToolErrors: this is the output
+        name = errno.errorcode.get(exc.errno or 0, "")
+        what = exc.strerror or str(exc)
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(
+            f"error: cannot write the outputs under {args.output_prefix}: {what}{where}"
+            f"{f' [{name}]' if name else ''}; the partial outputs were removed",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted (SIGINT): the partial outputs were removed", file=sys.stderr)
+        return 130
     print_summary(stats, finals, job.encode.dtype, time.monotonic() - start)
     return 0
 

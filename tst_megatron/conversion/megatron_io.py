@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from argparse import Namespace
 from typing import Any
 
@@ -24,6 +25,11 @@ from tst_megatron.data.tokenizer import build_tokenizer_from_args, model_vocab_s
 from tst_megatron.model import TSTGPTModel
 from tst_megatron.training import checkpointing as ckpt
 from tst_megatron.training.arguments import load_yaml_defaults, validate_args
+from tst_megatron.training.checkpoint_settings import (
+    apply_recorded_settings,
+    flag,
+    given_destinations,
+)
 from tst_megatron.training.model_builder import (
     build_model,
     single_process_parallel_state,
@@ -79,13 +85,34 @@ PLACEHOLDERS = {
 
 def parse_run_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> Namespace:
     """``argv`` parsed by ``parser`` (``build_parser()`` plus a tool's own flags), with the
-    ``--yaml-config`` file's values as defaults, as ``pretrain_tst.py`` reads them."""
+    ``--yaml-config`` file's values as defaults, as ``pretrain_tst.py`` reads them.
+
+    ``args.given_settings`` holds the destinations that ``argv`` or the YAML file set (the
+    others may come from a checkpoint's record: `apply_checkpoint_settings`).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
     config = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     config.add_argument("--yaml-config", "--config", dest="yaml_config", default=None)
     yaml_path = config.parse_known_args(argv)[0].yaml_config
-    if yaml_path is not None:
-        parser.set_defaults(**load_yaml_defaults(parser, yaml_path))
-    return parser.parse_args(argv)
+    yaml_values = load_yaml_defaults(parser, yaml_path) if yaml_path is not None else {}
+    parser.set_defaults(**yaml_values)
+    args = parser.parse_args(argv)
+    args.given_settings = given_destinations(parser, argv, yaml_values)
+    return args
+
+
+def apply_checkpoint_settings(args: Namespace, path: str, meta: dict) -> list[str]:
+    """Model and tokenizer settings not given (`parse_run_args`) from checkpoint ``path``'s
+    record; given ones are checked against it. Returns the flags taken from the record.
+
+    Raises:
+        ConversionError: a given model flag differs from the record (naming both values).
+    """
+    try:
+        taken = apply_recorded_settings(args, args.given_settings, meta, path)
+    except ckpt.CheckpointError as err:
+        raise ConversionError(str(err)) from None
+    return [flag(dest) for dest in taken]
 
 
 def single_process_args(run_args: Namespace) -> tuple[Namespace, Any]:
@@ -220,7 +247,15 @@ def _build(args: Namespace) -> TSTGPTModel:
 
 def _load_strict(model: TSTGPTModel, state: dict) -> None:
     """``load_state_dict`` that tolerates only missing ``_extra_state`` entries."""
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # torch lists every size mismatch, one per line
+        mismatches = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
+        raise ConversionError(
+            "the weights do not fit the model their settings describe (a config.json or "
+            f"model flags that are not the weights'): {(mismatches or [str(err)])[0]}{more}"
+        ) from None
     missing = [key for key in result.missing_keys if not key.endswith("._extra_state")]
     if missing or result.unexpected_keys:
         raise ConversionError(

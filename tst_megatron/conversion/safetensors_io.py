@@ -52,7 +52,13 @@ def save_weights(
     weight_map = {}
     for names, file in zip(shards, files, strict=True):
         shard = {name: tensors[name].detach().to(dtype=dtype, copy=True) for name in names}
-        save_file(shard, os.path.join(directory, file), metadata={"format": "pt"})
+        path = os.path.join(directory, file)
+        try:
+            save_file(shard, path, metadata={"format": "pt"})
+        except SafetensorError as err:  # an I/O error, reported by the Rust writer in words
+            code = re.search(r"os error (\d+)", str(err))
+            number = int(code.group(1)) if code else 0
+            raise OSError(number, os.strerror(number) if code else str(err), path) from None
         weight_map |= dict.fromkeys(names, file)
     if count == 1:
         return files

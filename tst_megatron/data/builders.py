@@ -88,6 +88,15 @@ def _construct_indexed_dataset(prefix: str) -> IndexedDataset:
     ``initialize`` never set, which prints "Exception ignored in ... __del__" after our error
     (megatron/core/datasets/indexed_dataset.py); the placeholders make that a no-op.
     """
+    try:  # an empty .bin fails mmap, and the half-built reader's __del__ after it
+        empty = os.path.getsize(f"{prefix}.bin") == 0
+    except OSError:  # missing: the reader's error names it
+        empty = False
+    if empty:
+        raise DataError(
+            f"dataset {prefix!r}: {prefix}.bin is empty (0 bytes): the dataset holds no "
+            "tokens; preprocess a corpus with text in it, or drop it from the blend"
+        )
     dataset = IndexedDataset.__new__(IndexedDataset)
     try:
         dataset.initialize(prefix, False, True, None)

@@ -33,6 +33,7 @@ class CheckpointConfig:
     use_persistent_ckpt_worker: bool = False
     override_save_lock: bool = False
     override_opt_param_scheduler: bool = False
+    use_checkpoint_opt_param_scheduler: bool = False
     tst_allow_schedule_change: bool = False
 
     def __post_init__(self) -> None:

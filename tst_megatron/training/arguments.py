@@ -37,6 +37,7 @@ from tst_megatron.data.tokenizer import (
 )
 from tst_megatron.kernels import KernelAvailability
 from tst_megatron.training import fusions, placement
+from tst_megatron.training.flag_ranges import check_ranges
 from tst_megatron.training.flops import current_device_peak_tflops
 
 TE_INSTALL_HINT = "install transformer-engine[pytorch]"
@@ -948,7 +949,16 @@ def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
         dest="override_opt_param_scheduler",
         action="store_true",
         help="On resume, use this run's learning-rate / weight-decay schedule flags instead of "
-        "refusing a --train-iters that differs from the checkpoint's.",
+        "refusing ones that differ from the checkpoint's (Megatron-LM's flag).",
+    )
+    group.add_argument(
+        "--use-checkpoint-opt_param-scheduler",
+        "--use-checkpoint-opt-param-scheduler",
+        dest="use_checkpoint_opt_param_scheduler",
+        action="store_true",
+        help="On resume, continue with the checkpoint's learning-rate / weight-decay schedule "
+        "and ignore this run's schedule flags instead of refusing ones that differ "
+        "(Megatron-LM's flag).",
     )
     group.add_argument(
         "--tst-allow-schedule-change",
@@ -1292,6 +1302,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     args.world_size = world_size
     args.startup_notes = []
     _check_required(args)
+    check_ranges(args, ConfigError)
     _validate_implementation(args)
     _validate_precision(args)
     _validate_backend(args)
@@ -2179,12 +2190,20 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
             "--async-save is not supported without --use-persistent-ckpt-worker (as in "
             "Megatron-LM): disabling --async-save, checkpoints are written synchronously"
         )
-    resume_flags = ("tst_allow_schedule_change", "override_opt_param_scheduler")
+    resume_flags = (
+        "tst_allow_schedule_change", "override_opt_param_scheduler",
+        "use_checkpoint_opt_param_scheduler",
+    )  # fmt: skip
     for dest in resume_flags:
         if getattr(args, dest) and not args.load:
             raise ConfigError(
                 f"--{dest.replace('_', '-')} acts on a resume: it needs --load"
             )
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise ConfigError(
+            "give either --override-opt_param-scheduler (this run's schedule) or "
+            "--use-checkpoint-opt_param-scheduler (the checkpoint's), not both"
+        )
 
 
 def _validate_logging(args: argparse.Namespace) -> None:
@@ -2196,6 +2215,32 @@ def _validate_logging(args: argparse.Namespace) -> None:
         raise ConfigError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     if args.peak_tflops is None:
         args.peak_tflops = current_device_peak_tflops()
+    _check_logging_outputs(args)
+
+
+LOGGING_PACKAGES = {"tensorboard_dir": "tensorboard", "wandb_project": "wandb"}
+
+
+def _check_logging_outputs(args: argparse.Namespace) -> None:
+    """The logging outputs can be opened: their packages are installed, and no part of a
+    ``--metrics-jsonl`` / ``--tensorboard-dir`` path is a regular file."""
+    for dest, package in LOGGING_PACKAGES.items():
+        if getattr(args, dest, None) and importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"--{dest.replace('_', '-')} {getattr(args, dest)} needs the {package} "
+                f"package, which is not installed: pip install {package}, or drop the flag"
+            )
+    for dest in ("metrics_jsonl", "tensorboard_dir"):
+        path = getattr(args, dest, None)
+        if not path:
+            continue
+        parent = os.path.dirname(os.path.abspath(path)) if dest == "metrics_jsonl" else path
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if parent and not os.path.isdir(parent):
+            raise ConfigError(
+                f"--{dest.replace('_', '-')} {path}: {parent} is a file, not a directory"
+            )
 
 
 def _validate_tst(args: argparse.Namespace) -> None:
@@ -2215,6 +2260,20 @@ def _validate_tst(args: argparse.Namespace) -> None:
     if iters is not None and not 1 <= iters <= args.train_iters:
         raise ConfigError(
             f"--tst-phase1-iters {iters} must be between 1 and --train-iters {args.train_iters}"
+        )
+    if bag > 1 and iters == args.train_iters:
+        raise ConfigError(
+            f"--tst-phase1-iters {iters} equals --train-iters {args.train_iters}: no phase 2 "
+            "(plain next-token training) would follow, and phase 1 alone ends 1.5-3.5 nats "
+            "worse (the report's r = 1.0; a --tst-phase1-fraction of 1 is refused too). "
+            "Give fewer phase-1 iterations (the report's good range is r = 0.2-0.4 of "
+            "--train-iters)"
+        )
+    if bag > args.seq_length:
+        raise ConfigError(
+            f"--tst-bag-size {bag} exceeds --seq-length {args.seq_length}: a phase-1 sample "
+            f"would read {bag} x ({args.seq_length} + 1) tokens and the bag statistics take "
+            "micro-batch x seq-length x bag-size^2 bytes. Reported bag sizes are 3-16"
         )
     if bag > 1 and fraction is None and iters is None:
         raise ConfigError(

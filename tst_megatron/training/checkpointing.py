@@ -15,6 +15,13 @@ previous checkpoint and tracker intact (a stale ``.tmp`` is removed by the next 
 verifies every file against the recorded digests first (torch's distributed checkpoint has
 none of its own: a garbled shard would load silently).
 
+A published checkpoint is never modified: a save of the iteration the tracker names, whose
+files are all there at their recorded sizes, is skipped (`save_checkpoint` returns None). An
+``iter_XXXXXXX`` the tracker does not name (left by a publication killed before the tracker
+moved) or a damaged one is renamed aside to ``iter_XXXXXXX.replaced`` only once the new copy is
+complete, and removed only after the tracker moved; so are the checkpoints that
+``--ckpt-keep-last`` drops. A removal that fails is a note (`pop_notes`), never a failed save.
+
 Every failure is agreed by all ranks (one all-gather) and raised everywhere as a
 `CheckpointError` with one line naming the file or directory, so no rank is left waiting.
 
@@ -36,6 +43,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 from argparse import Namespace
 from dataclasses import dataclass
 from functools import partial
@@ -67,6 +75,7 @@ from tst_megatron.training.checkpoint_files import (
     write_atomically,
 )
 from tst_megatron.training.checkpoint_lock import SaveDirLock
+from tst_megatron.training.checkpoint_settings import check_resume_settings, recorded_settings
 from tst_megatron.training.checkpoint_strategies import (
     DP_RESHARDABLE,
     FULLY_RESHARDABLE,
@@ -116,9 +125,12 @@ OPTIMIZER_LAYOUT_KEYS = (
     "expert_tensor_parallel_size",
 )
 
+REPLACED = ".replaced"  # suffix of a directory moved aside by a publication, then removed
+
 _save_lock: SaveDirLock | None = None  # held by rank 0 of a training job for its life
 _async_saves: AsyncSaves | None = None
 published: list[str] = []  # async saves published by `finalize_async_saves`, for the log
+_notes: list[str] = []  # removals after a publication that failed, for the log (every rank)
 
 
 @dataclass
@@ -305,12 +317,15 @@ class _PendingSave:
 
 def save_checkpoint(
     args, model_chunks, optimizer, scheduler, progress: TrainingProgress, async_save=False
-) -> str:
+) -> str | None:
     """Write ``SAVE/iter_XXXXXXX`` and publish it (point the tracker at it).
 
     With ``async_save`` the shards are written by a background process and the checkpoint is
     published by `finalize_async_saves` once every rank is done; earlier pending saves are
     finalized first. Returns the checkpoint's path.
+
+    Returns None, saving nothing, when ``--save``'s tracker already names this iteration and
+    its checkpoint is intact (`published_intact`): a published checkpoint is never rewritten.
 
     Raises:
         CheckpointError: on every rank; the previous checkpoint and the tracker are intact.
@@ -318,6 +333,8 @@ def save_checkpoint(
     if _async_saves is not None:  # one save in flight at a time; logged by the next finalize
         _async_saves.finalize(blocking=True)
     final = iteration_dir(args.save, progress.iteration)
+    if _gather(_rank_and_world()[0] == 0 and published_intact(args.save, progress.iteration))[0]:
+        return None
     pending = _PendingSave(
         args=args,
         iteration=progress.iteration,
@@ -414,7 +431,31 @@ def _previous_checkpoint(save: str) -> str:
         return f"no checkpoint was published in {save} before (nothing is lost)"
     if not text.isdigit():
         return f"{TRACKER} is unchanged"
-    return f"the previous checkpoint {iteration_dir(save, int(text))} and {TRACKER} are intact"
+    previous = iteration_dir(save, int(text))
+    if not os.path.isfile(os.path.join(previous, META)):
+        return f"{TRACKER} is unchanged (it names {previous}, which holds no {META})"
+    return f"the previous checkpoint {previous} and {TRACKER} are unchanged"
+
+
+def published_intact(save: str, iteration: int) -> bool:
+    """Whether ``save``'s tracker names ``iteration`` and its directory holds every recorded
+    file at its recorded size (a cheap check: the load verifies the CRC32s)."""
+    try:
+        with open(os.path.join(save, TRACKER)) as f:
+            if f.read().strip() != str(iteration):
+                return False
+        path = iteration_dir(save, iteration)
+        files = recorded_files(read_checkpoint_meta(path), path)
+        return all(os.path.getsize(os.path.join(path, n)) == d[0] for n, d in files.items())
+    except (OSError, CheckpointError):
+        return False
+
+
+def pop_notes() -> list[str]:
+    """Notes of the publications since the last call (old directories that stayed)."""
+    notes = list(_notes)
+    _notes.clear()
+    return notes
 
 
 def _save_failure(pending: _PendingSave, reason: str) -> str:
@@ -433,17 +474,21 @@ def _publish(pending: _PendingSave, failure: BaseException | None) -> None:
         problem = _save_failure(pending, describe_storage_failure(failure, pending.staging))
     parts = _gather((written, problem))
     problem = next((p for _, p in parts if p), None)
+    cleanup: list[str] = []
     if problem is None:
         fault_injection.during_save(pending.iteration, pending.staging)
         files = {name: digest for part, _ in parts for name, digest in part.items()}
-        problem = _on_rank0(partial(_publish_on_rank0, pending, files))
+        problem = _on_rank0(partial(_publish_on_rank0, pending, files, cleanup))
     if problem is not None and _rank_and_world()[0] == 0:
         shutil.rmtree(pending.staging, ignore_errors=True)  # free the space it took
     _agree(problem)
+    _notes.extend(_gather(cleanup)[0])
 
 
-def _publish_on_rank0(pending: _PendingSave, files: dict[str, Digest]) -> None:
-    args, staging = pending.args, pending.staging
+def _publish_on_rank0(pending: _PendingSave, files: dict[str, Digest], notes: list) -> None:
+    """Record, move in beside the published checkpoint, move the tracker, then clean up."""
+    args, staging, final = pending.args, pending.staging, pending.final
+    aside = final + REPLACED
     try:
         present = set(os.listdir(staging))
         for name in sorted(present - set(files)):
@@ -470,35 +515,60 @@ def _publish_on_rank0(pending: _PendingSave, files: dict[str, Digest]) -> None:
             "optimizer_format": pending.sharding_type,
             "overlap_grad_reduce": bool(getattr(args, "overlap_grad_reduce", False)),
             "consumed_data_tokens": pending.consumed_tokens,
+            "settings": recorded_settings(args),
             "files": dict(sorted(files.items())),
         }
         write_atomically(os.path.join(staging, META), json.dumps(meta, indent=2))
         fsync_dir(staging)
-        if os.path.exists(pending.final):
-            shutil.rmtree(pending.final)
-        os.replace(staging, pending.final)
+        fault_injection.publishing(pending.iteration, "recorded")
+        if os.path.lexists(final):  # not the tracker's, or damaged: kept until the tracker moved
+            _remove(aside, notes)
+            os.replace(final, aside)
+            fault_injection.publishing(pending.iteration, "moved_aside")
+        os.replace(staging, final)
         fsync_dir(args.save)
+        fault_injection.publishing(pending.iteration, "renamed")
         write_atomically(os.path.join(args.save, TRACKER), str(pending.iteration))
+        fault_injection.publishing(pending.iteration, "tracked")
     except OSError as err:
         raise CheckpointError(
             _save_failure(pending, describe_storage_failure(err, staging))
         ) from None
-    _rotate(args.save, getattr(args, "ckpt_keep_last", 0) or 0, pending.iteration)
+    if os.path.lexists(aside):
+        _remove(aside, notes)
+    _rotate(args.save, getattr(args, "ckpt_keep_last", 0) or 0, pending.iteration, notes)
 
 
-def _rotate(save: str, keep_last: int, newest: int) -> None:
+def _remove(path: str, notes: list[str]) -> None:
+    """Delete a directory no tracker names; what cannot be deleted stays, with a note."""
+    if not os.path.lexists(path):
+        return
+    failures: list[str] = []
+
+    def failed(function, name: str, exc) -> None:  # exc: the exception (3.12) or exc_info
+        failures.append(f"{name}: {exc[1] if isinstance(exc, tuple) else exc}")
+
+    shutil.rmtree(path, **{"onexc" if sys.version_info >= (3, 12) else "onerror": failed})
+    if failures:
+        notes.append(
+            f"could not remove {path} after publishing ({failures[0]}); the published "
+            "checkpoint is complete: remove it by hand"
+        )
+
+
+def _rotate(save: str, keep_last: int, newest: int, notes: list[str]) -> None:
     if keep_last <= 0:
         return
     iterations = sorted(saved_iterations(save))
     for iteration in iterations[:-keep_last]:
         if iteration != newest:
-            shutil.rmtree(iteration_dir(save, iteration), ignore_errors=True)
+            _remove(iteration_dir(save, iteration), notes)
 
 
 def saved_iterations(save: str) -> list[int]:
     found = []
     for name in os.listdir(save) if os.path.isdir(save) else []:
-        if name.startswith("iter_") and not name.endswith(".tmp") and name[5:].isdigit():
+        if name.startswith("iter_") and name[5:].isdigit():
             found.append(int(name[5:]))
     return found
 
@@ -555,11 +625,38 @@ def read_checkpoint_meta(path: str) -> dict:
     missing = [key for key in REQUIRED_META if key not in meta]
     if missing:
         raise CheckpointError(f"{file} lacks {', '.join(missing)}: it is no checkpoint record")
+    problems = _record_problems(meta)
+    if problems:
+        raise CheckpointError(
+            f"{file} is damaged: {'; '.join(problems)}; load an earlier checkpoint (point "
+            "--load at its iter_XXXXXXX directory)"
+        )
     try:
         check_checkpoint_readable(meta.get("megatron_core"), path)
     except ValueError as err:
         raise CheckpointError(str(err)) from None
     return meta
+
+
+def _record_problems(meta: dict) -> list[str]:
+    """What in a checkpoint record does not have the type a load relies on."""
+    problems = []
+    iteration = meta["iteration"]
+    if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+        problems.append(f"iteration is {iteration!r}, not a count of iterations")
+    for key in ("tst", "model", "layout"):
+        if not isinstance(meta[key], dict):
+            problems.append(f"{key} is {meta[key]!r}, not a mapping")
+    tst = meta["tst"] if isinstance(meta["tst"], dict) else {}
+    if "tst" not in [p.partition(" ")[0] for p in problems]:
+        if tst.get("phase") not in (1, 2):
+            what = repr(tst["phase"]) if "phase" in tst else "missing"
+            problems.append(f"tst.phase is {what}, not 1 or 2")
+        for key, kind in (("bag_size", int), ("mode", str)):
+            if not isinstance(tst.get(key), kind):
+                what = repr(tst[key]) if key in tst else "missing"
+                problems.append(f"tst.{key} is {what}")
+    return problems
 
 
 def recorded_files(meta: dict, path: str) -> dict[str, Digest]:
@@ -631,6 +728,7 @@ def check_compatible(args: Namespace, meta: dict, path: str) -> list[str]:
             f"checkpoint {path} does not match this run (resume with its model shape and, "
             "for a phase-1 checkpoint, its TST settings): " + "; ".join(diffs)
         )
+    notes = check_resume_settings(args, meta, path)
     saved_dist_opt = meta.get("use_distributed_optimizer")
     loads_optimizer = not (args.no_load_optim or args.finetune)
     if loads_optimizer and saved_dist_opt != bool(args.use_distributed_optimizer):
@@ -642,8 +740,8 @@ def check_compatible(args: Namespace, meta: dict, path: str) -> list[str]:
     if loads_optimizer and saved_dist_opt:
         _check_optimizer_layout(args, meta, path)
     if getattr(args, "evaluation_only", False):  # tools/evaluate.py: weights only, no schedule
-        return []
-    return check_schedule(args, meta, path)
+        return notes
+    return notes + check_schedule(args, meta, path)
 
 
 def _check_optimizer_layout(args: Namespace, meta: dict, path: str) -> None:
@@ -739,18 +837,27 @@ def check_schedule(args: Namespace, meta: dict, path: str) -> list[str]:
                 f"instead of at iteration {saved_p1}"
             )
     saved_t = saved.get("train_iters")
-    if saved_t is not None and saved_t != args.train_iters:
-        if not getattr(args, "override_opt_param_scheduler", False):
+    if saved_t is not None and saved_t != args.train_iters and not args.no_load_optim:
+        if getattr(args, "use_checkpoint_opt_param_scheduler", False):
+            notes.append(
+                f"--train-iters {args.train_iters} (checkpoint: {saved_t}): the learning-rate "
+                "and weight-decay schedules continue as the checkpoint's "
+                "(--use-checkpoint-opt_param-scheduler)"
+            )
+        elif not getattr(args, "override_opt_param_scheduler", False):
             raise CheckpointError(
                 f"--train-iters {args.train_iters} differs from checkpoint {path}'s "
                 f"{saved_t}: the learning-rate and weight-decay schedules were built for "
                 f"{saved_t} iterations. Resume with --train-iters {saved_t}, or pass "
-                "--override-opt_param-scheduler to continue with this run's schedules"
+                "--override-opt_param-scheduler to continue with this run's schedules or "
+                "--use-checkpoint-opt_param-scheduler to continue with the checkpoint's"
             )
-        notes.append(
-            f"--train-iters {args.train_iters} (checkpoint: {saved_t}): the learning-rate and "
-            "weight-decay schedules follow this run's flags (--override-opt_param-scheduler)"
-        )
+        else:
+            notes.append(
+                f"--train-iters {args.train_iters} (checkpoint: {saved_t}): the learning-rate "
+                "and weight-decay schedules follow this run's flags "
+                "(--override-opt_param-scheduler)"
+            )
     return notes
 
 
@@ -791,11 +898,17 @@ def load_checkpoint(
                 key = _model_key(i, len(model_chunks))
                 _unwrap(chunk).load_state_dict(loaded[key], strict=True)
         if load_optim:
+            this_run = [(g.get("max_lr"), g.get("min_lr")) for g in optimizer.param_groups]
             if in_place:
                 restore_steps_after_in_place_load(optimizer, loaded["optimizer"])
             else:
                 optimizer.load_state_dict(loaded["optimizer"])
                 unshare_adam_steps(optimizer)
+            if getattr(args, "override_opt_param_scheduler", False):
+                # the scheduler reads each group's max_lr / min_lr, which the load restored
+                for group, (max_lr, min_lr) in zip(optimizer.param_groups, this_run, strict=True):
+                    group.update({k: v for k, v in (("max_lr", max_lr), ("min_lr", min_lr))
+                                  if v is not None})  # fmt: skip
             scheduler.load_state_dict(loaded["opt_param_scheduler"])
         if rng.KEY in loaded:
             rng.restore_rng_state(loaded[rng.KEY])

@@ -4,9 +4,14 @@
 returns at once and changes nothing, so production runs behave exactly as without this
 module. The variable holds one or more faults separated by ``;``:
 
-``kill_during_save:ITER``
-    Rank 0 kills itself with SIGKILL while saving the checkpoint of iteration ITER: after
-    every shard is written to ``iter_XXXXXXX.tmp`` and before it is published.
+``kill_during_save:ITER[:POINT]``
+    Rank 0 kills itself with SIGKILL while saving the checkpoint of iteration ITER, at POINT
+    of the publication (`PUBLISH_POINTS`, in order; default ``staged``): ``staged`` every
+    shard is written to ``iter_XXXXXXX.tmp``; ``recorded`` its ``tst_checkpoint.json`` is
+    written there; ``moved_aside`` an existing unpublished or damaged ``iter_XXXXXXX`` was
+    renamed to ``iter_XXXXXXX.replaced`` (only when one exists); ``renamed`` the staging
+    directory is ``iter_XXXXXXX``; ``tracked`` the tracker names ITER (older directories not
+    yet removed).
 ``nan_loss:ITER[,ITER...]``
     The loss of these iterations (and so every gradient) is NaN on every rank.
 ``overflow:ITER[,ITER...]``
@@ -39,6 +44,7 @@ from functools import cache
 import torch
 
 ENV = "TST_FAULT_INJECT"
+PUBLISH_POINTS = ("staged", "recorded", "moved_aside", "renamed", "tracked")
 
 
 @cache
@@ -60,7 +66,11 @@ def _parse(item: str) -> tuple:
             return (int(fields[0]), int(fields[1]))
         if kind == "signal" and len(fields) == 3 and fields[2] in signal.Signals.__members__:
             return (int(fields[0]), int(fields[1]), fields[2])
-        if kind in ("kill_during_save", "tamper_during_save") and len(fields) == 1:
+        if kind == "kill_during_save" and len(fields) in (1, 2):
+            point = fields[1] if len(fields) == 2 else PUBLISH_POINTS[0]
+            if point in PUBLISH_POINTS:
+                return (int(fields[0]), point)
+        if kind == "tamper_during_save" and len(fields) == 1:
             return (int(fields[0]),)
         if kind == "slow_steps" and len(fields) == 1:
             return (float(fields[0]),)
@@ -133,6 +143,15 @@ def during_save(iteration: int, staging: str) -> None:
         with open(shard, "r+b") as f:
             f.seek(os.path.getsize(shard) // 2)
             f.write(b"\x5a" * 64)
-    if (iteration,) in faults.get("kill_during_save", []):
-        print(f"[fault injection] rank 0 killed while saving iteration {iteration}", flush=True)
+    publishing(iteration, PUBLISH_POINTS[0])
+
+
+def publishing(iteration: int, point: str) -> None:
+    """Hook at ``point`` (one of `PUBLISH_POINTS`) of rank 0's publication of ``iteration``."""
+    faults = _faults()
+    if faults and (iteration, point) in faults.get("kill_during_save", []):
+        print(
+            f"[fault injection] rank 0 killed while saving iteration {iteration} ({point})",
+            flush=True,
+        )
         os.kill(os.getpid(), signal.SIGKILL)

@@ -163,3 +163,34 @@ class ExitRequests:
         if code == _INTERVAL:
             return f"--exit-interval {self.interval} reached"
         return f"received {signal.Signals(code).name}" if code else None
+
+
+# Lower-case marks of a collective that failed because another rank hung, died or vanished:
+# gloo's timeout and closed/reset sockets, NCCL's timeouts, aborts and remote errors.
+PEER_FAILURES = {
+    "timed out": "did not complete within --collective-timeout-s {timeout:g}",
+    "timeout": "did not complete within --collective-timeout-s {timeout:g}",
+    "connection closed by peer": "lost its connection: a peer rank died",
+    "connection reset by peer": "lost its connection: a peer rank died",
+    "broken pipe": "lost its connection: a peer rank died",
+    "ncclremoteerror": "failed: NCCL reports a remote error (a peer rank died)",
+    "remote process exited": "failed: a peer rank exited",
+    "communicator was aborted": "failed: the NCCL communicator was aborted (a peer rank failed)",
+}
+
+
+def describe_peer_failure(err: BaseException, timeout_s: float, where: str) -> str | None:
+    """One line for a collective that failed because of another rank; None for other errors.
+
+    ``where`` says when (e.g. " after iteration 3"); the backend's first line follows.
+    """
+    text = str(err)
+    lower = text.lower()
+    for mark, what in PEER_FAILURES.items():
+        if mark in lower:
+            first = text.strip().splitlines()[0][:300] if text.strip() else type(err).__name__
+            return (
+                f"a collective {what.format(timeout=timeout_s)}{where}: another rank is hung "
+                f"or dead; see its log for the cause ({first})"
+            )
+    return None

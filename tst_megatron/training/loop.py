@@ -378,17 +378,28 @@ class Trainer:
             for chunk in self.chunks:
                 chunk.enable_forward_pre_hook()
         self.timers("save-checkpoint").stop(barrier=True)
+        if path is None:
+            self.metrics.print(
+                f"checkpoint {ckpt.iteration_dir(self.args.save, self.progress.iteration)} of "
+                f"iteration {self.progress.iteration} is published and intact: not saved again "
+                "(a published checkpoint is never rewritten)"
+            )
+            return
         done = "scheduled async save of" if async_save else "saved"
         self.metrics.print(
             f"{done} checkpoint {path} at iteration {self.progress.iteration} "
             f"({time.time() - start:.1f}s)"
         )
+        for note in ckpt.pop_notes():
+            self.metrics.print(f"note: {note}")
         self.metrics.checkpoint_time(self.progress.iteration, "save-checkpoint")
 
     def finalize_saves(self, blocking: bool) -> None:
         """Publish the async saves every rank finished writing (all when ``blocking``)."""
         for path in ckpt.finalize_async_saves(blocking):
             self.metrics.print(f"saved checkpoint {path} (async save published)")
+        for note in ckpt.pop_notes():
+            self.metrics.print(f"note: {note}")
 
     # --- data ---------------------------------------------------------------------------
     def print_data_notices(self) -> None:

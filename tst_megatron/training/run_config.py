@@ -113,7 +113,8 @@ _CHECKPOINT = (
     "ckpt_keep_last", "allow_fresh_start", "ckpt_fully_reshardable",
     "ckpt_fully_parallel_save", "ckpt_fully_parallel_load", "async_save",
     "use_persistent_ckpt_worker", "override_save_lock",
-    "override_opt_param_scheduler", "tst_allow_schedule_change",
+    "override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler",
+    "tst_allow_schedule_change",
 )  # fmt: skip
 _LOGGING = (
     "log_interval", "eval_interval", "eval_iters", "tensorboard_dir", "wandb_project",
