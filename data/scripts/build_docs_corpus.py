@@ -37,10 +37,9 @@ from build_sample_corpus import (
     MIN_DOC_CHARS,
     SKIPPED_DIRS,
     SKIPPED_PAGES,
-    VALID_EVERY,
     VOID_TAGS,
     ProseExtractor,
-    write_jsonl_gz,
+    write_splits,
 )
 
 PACKAGES = (
@@ -143,15 +142,7 @@ def main() -> int:
                     kept += 1
         manifest["packages"][package] = {"version": version, "documents": kept}
         print(f"{package} {version}: {kept} documents", flush=True)
-    valid = documents[VALID_EVERY - 1 :: VALID_EVERY]
-    train = [doc for i, doc in enumerate(documents) if (i + 1) % VALID_EVERY]
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl_gz(args.output_dir / "train.jsonl.gz", train)
-    write_jsonl_gz(args.output_dir / "valid.jsonl.gz", valid)
-    for name, docs in (("train", train), ("valid", valid)):
-        size = sum(len(doc.encode("utf-8")) for doc in docs)
-        manifest[name] = {"documents": len(docs), "utf8_bytes": size}
-        print(f"{name}: {len(docs)} documents, {size / 1e6:.2f} MB of text")
+    manifest.update(write_splits(args.output_dir, documents))
     (args.output_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return 0
 

@@ -130,6 +130,21 @@ def write_jsonl_gz(path: Path, documents: list[str]) -> None:
             gz.write((json.dumps({"text": doc}, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
+def write_splits(output_dir: Path, documents: list[str]) -> dict[str, dict[str, int]]:
+    """Every `VALID_EVERY`-th document to ``valid.jsonl.gz``, the rest to ``train.jsonl.gz``;
+    prints and returns each split's document count and UTF-8 bytes."""
+    valid = documents[VALID_EVERY - 1 :: VALID_EVERY]
+    train = [doc for i, doc in enumerate(documents) if (i + 1) % VALID_EVERY]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for name, docs in (("train", train), ("valid", valid)):
+        write_jsonl_gz(output_dir / f"{name}.jsonl.gz", docs)
+        size = sum(len(doc.encode("utf-8")) for doc in docs)
+        sizes[name] = {"documents": len(docs), "utf8_bytes": size}
+        print(f"{name}: {len(docs)} documents, {size / 1e6:.2f} MB of text")
+    return sizes
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -149,14 +164,7 @@ def main() -> int:
         print(f"error: no HTML documentation at {html_dir}", file=sys.stderr)
         return 1
     documents = [doc for page in html_pages(html_dir) for doc in page_documents(page)]
-    valid = documents[VALID_EVERY - 1 :: VALID_EVERY]
-    train = [doc for i, doc in enumerate(documents) if (i + 1) % VALID_EVERY]
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl_gz(args.output_dir / "train.jsonl.gz", train)
-    write_jsonl_gz(args.output_dir / "valid.jsonl.gz", valid)
-    for name, docs in (("train", train), ("valid", valid)):
-        chars = sum(len(doc.encode("utf-8")) for doc in docs)
-        print(f"{name}: {len(docs)} documents, {chars / 1e6:.2f} MB of text")
+    write_splits(args.output_dir, documents)
     return 0
 
 
