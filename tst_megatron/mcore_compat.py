@@ -188,10 +188,13 @@ def batch_on_this_cp_rank(
 
 def build_mlp(spec: Any, config: Any) -> torch.nn.Module:
     """Build a layer spec's ``submodules.mlp`` alone, as ``TransformerLayer`` does: 0.18+ calls
-    the ``functools.partial`` with the config, 0.16 passes the ``ModuleSpec`` to
-    ``build_module``."""
+    the ``functools.partial`` with the config and ``parallel_state``'s process groups, 0.16
+    passes the ``ModuleSpec`` to ``build_module``."""
     if isinstance(spec, functools.partial):
-        return spec(config=config)
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        groups = ProcessGroupCollection.use_mpu_process_groups()
+        return spec(config=config, pg_collection=groups, is_mtp_layer=False)
     from megatron.core.transformer.spec_utils import build_module
 
     return build_module(spec, config=config)
