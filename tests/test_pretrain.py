@@ -288,12 +288,12 @@ def test_interrupt_and_resume_is_exact(runs):
 
 @pytest.mark.slow
 def test_context_parallel_trains_saves_and_resumes(runs):
-    """CP=2 over 2 ranks: the losses are the data-parallel run's (same global batch, another
-    summation order), and a job resumed from its iteration-3 checkpoint continues exactly."""
-    cp2, resumed, dp2 = (losses(runs[k][0]) for k in ("cp2", "cp2_resume", "auto"))
+    """CP=2 over 2 ranks: the losses are the TP=2 run's (same global batch, another summation
+    order), and a job resumed from its iteration-3 checkpoint continues exactly."""
+    cp2, resumed, tp2 = (losses(runs[k][0]) for k in ("cp2", "cp2_resume", "tp2"))
     assert sorted(cp2) == list(range(1, TRAIN_ITERS + 1))
     for iteration, loss in cp2.items():
-        assert loss == pytest.approx(dp2[iteration], abs=SLOW_ATOL), iteration
+        assert loss == pytest.approx(tp2[iteration], abs=SLOW_ATOL), iteration
     meta = json.loads((runs["dirs"] / "cp2" / "iter_0000003" / "tst_checkpoint.json").read_text())
     assert meta["layout"]["context_parallel_size"] == 2 and meta["tst"]["phase"] == 1
     assert sorted(resumed) == list(range(4, TRAIN_ITERS + 1))
