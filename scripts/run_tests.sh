@@ -46,7 +46,8 @@ logs="$(mktemp -d)"
 trap 'rm -rf "$logs"' EXIT
 
 describe() {  # "Python 3.12.1, megatron-core 0.19.2, torch 2.14.1" of a venv
-  "$1/bin/python" -c 'import sys, importlib.metadata as m; print(f"Python {sys.version.split()[0]}, megatron-core {m.version(\"megatron-core\")}, torch {m.version(\"torch\")}")'
+  "$1/bin/python" -c "import sys, importlib.metadata as m; print('Python %s, megatron-core %s, \
+torch %s' % (sys.version.split()[0], m.version('megatron-core'), m.version('torch')))"
 }
 
 run_suite() {  # NAME VENV PYTEST_ARGS...: pytest's exit status; its output also in $logs/NAME
