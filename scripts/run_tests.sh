@@ -5,8 +5,9 @@
 #    megatron-core 0.19 where the machine has such a Python, see scripts/setup_env.sh).
 # 2. Where that venv runs Megatron-Core 0.17+ and a Python 3.10/3.11 exists
 #    (scripts/find_python.sh second): the tests that pin down Megatron-Core behaviour
-#    ($SECOND_ENV_TESTS: parallel equivalence, checkpoint save/resume/formats, conversion, the
-#    Megatron-Core fixes and differences) in a second venv with megatron-core 0.16.1
+#    (SECOND_ENV_TESTS: parallel equivalence, checkpoint save/resume/formats, cross-version
+#    checkpoints, conversion, the Megatron-Core fixes and differences; TST_SECOND_ENV_TESTS
+#    overrides) in a second venv with megatron-core 0.16.1
 #    ($TST_SECOND_VENV, default .venv-mcore016; set up here by scripts/setup_env.sh).
 #    TST_SECOND_ENV=0 skips it, =1 runs it also when PYTEST_ARGS are given (by default a run
 #    with PYTEST_ARGS is the first environment's alone).
@@ -30,6 +31,9 @@ SECOND_ENV_TESTS=(
   tests/test_convert.py tests/test_cross_version.py tests/test_mcore_fixes.py
   tests/test_mcore_compat.py tests/test_cpu_harness.py
 )
+if [ -n "${TST_SECOND_ENV_TESTS:-}" ]; then  # a space-separated override (set-up checks)
+  read -r -a SECOND_ENV_TESTS <<<"$TST_SECOND_ENV_TESTS"
+fi
 if [ -z "${TST_SKIP_SLURM_SETUP:-}" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   if scripts/setup_slurm.sh; then
     export TST_REQUIRE_SLURM=1
@@ -50,6 +54,10 @@ describe() {  # "Python 3.12.1, megatron-core 0.19.2, torch 2.14.1" of a venv
 torch %s' % (sys.version.split()[0], m.version('megatron-core'), m.version('torch')))"
 }
 
+last_line() {  # pytest's closing line ("N passed in ...")
+  grep -v '^[[:space:]]*$' "$1" | tail -n 1
+}
+
 run_suite() {  # NAME VENV PYTEST_ARGS...: pytest's exit status; its output also in $logs/NAME
   local name="$1" env="$2"
   shift 2
@@ -65,7 +73,7 @@ summary=()
 status=0
 first_args=("$@")
 run_suite first "$venv" "${first_args[@]}" || status=$?
-summary+=("first environment ($(describe "$venv")): $(tail -n 1 "$logs/first")")
+summary+=("first environment ($(describe "$venv")): $(last_line "$logs/first")")
 
 second="${TST_SECOND_ENV:-}"
 if [ -z "$second" ]; then
@@ -79,7 +87,7 @@ if [ "$second" = 1 ] && [ "$mcore_017_plus" = 1 ]; then
       --python "$python_second"
     second_status=0
     run_suite second "$second_venv" "${SECOND_ENV_TESTS[@]}" || second_status=$?
-    summary+=("second environment ($(describe "$second_venv")): $(tail -n 1 "$logs/second")")
+    summary+=("second environment ($(describe "$second_venv")): $(last_line "$logs/second")")
     [ "$second_status" = 0 ] || status="$second_status"
   else
     summary+=("second environment: no Python 3.10/3.11 found, megatron-core 0.16.1 not tested")
