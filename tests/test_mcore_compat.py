@@ -137,7 +137,7 @@ def test_rank0_files_and_writers_are_megatron_cores(tmp_path, asynchronous):
     out = run_single(_save_and_load, args=(str(tmp_path), asynchronous))
     assert out["restored"]
     assert out["files"] == sorted(RANK0_CHECKPOINT_FILES)
-    assert ("common.pt" in RANK0_CHECKPOINT_FILES) == (MCORE_RELEASE < (0, 17))
+    assert ("common.pt" in RANK0_CHECKPOINT_FILES) == (MCORE_RELEASE < (0, 19))
     # every writer named ran once, during the save
     assert sorted(out["calls"]) == sorted(name for _, name in rank0_checkpoint_writers())
     if asynchronous:  # Megatron-Core's own request (our AsyncCallsQueue runs it), not nvrx's
@@ -147,7 +147,7 @@ def test_rank0_files_and_writers_are_megatron_cores(tmp_path, asynchronous):
 
 
 def test_a_newer_checkpoint_is_refused_with_both_versions(monkeypatch):
-    """0.16.1 refuses a 0.17+ checkpoint (its common state is in the shards); 0.19 reads both.
+    """0.16.1 refuses a 0.19 checkpoint (its common state is in the shards); 0.19 reads both.
 
     Both sides are checked on either installed release by setting what the release decides.
     """
