@@ -1,20 +1,27 @@
 # syntax=docker/dockerfile:1
-# pretrain_tst.py on NVIDIA GPUs: NGC PyTorch (CUDA, cuDNN, NCCL, PyTorch, Transformer Engine,
-# apex) plus megatron-core 0.16 and this package. Build and run: docs/docker.md.
+# pretrain_tst.py on NVIDIA GPUs: NGC PyTorch (Python 3.12, CUDA, cuDNN, NCCL, PyTorch,
+# Transformer Engine, apex) plus megatron-core 0.19 and this package: the project's primary
+# environment. Build and run: docs/docker.md.
 #
-# NGC_TAG: take the newest release whose driver requirement your cluster meets. Each NGC
+# NGC_TAG: 26.06-py3 is the image Megatron-Core 0.19 is tested on (Megatron-LM core_v0.19.0,
+# docker/.ngc_version.dev; its LTS CI image, docker/.ngc_version.lts, is 25.09-py3). Each NGC
 # PyTorch release note ("Driver Requirements", docs.nvidia.com/deeplearning/frameworks/
-# pytorch-release-notes/) names its CUDA version and minimum driver; B200/GB200 need a CUDA
-# 12.8+ release (25.01 or later). Check with `nvidia-smi` on a compute node.
-ARG NGC_TAG=25.10-py3
+# pytorch-release-notes/) names its CUDA version and minimum driver; check with `nvidia-smi` on
+# a compute node and take 25.09-py3 where the driver is too old for 26.06.
+ARG NGC_TAG=26.06-py3
 FROM nvcr.io/nvidia/pytorch:${NGC_TAG}
 
-# The image's torch, Transformer Engine and apex stay as they are: megatron-core goes in
-# without dependencies (its only heavy one is torch), then the small pure-Python ones. Some NGC
-# releases carry their own megatron-core; this project is written against 0.16.x, so it is
-# pinned here and replaces that one.
-RUN pip install --no-cache-dir --no-deps "megatron-core~=0.16.1" \
- && pip install --no-cache-dir "packaging>=24.2" psutil pyyaml tokenizers
+# NGC's pip constraint file ($PIP_CONSTRAINT, /etc/pip/constraint.txt) pins the image's torch,
+# Transformer Engine, apex and friends; it stays in force, so nothing below replaces them.
+# 1. megatron-core goes in without dependencies (its only heavy one is torch, the image's) and
+#    with the constraint file off for this one package: some NGC releases carry, and pin, their
+#    own megatron-core, which this one replaces.
+# 2. The small pure-Python dependencies (megatron-core's and ours) go in under the constraints,
+#    unversioned: where the image has one, its (pinned) version stays.
+# 3. This package without dependencies (pyproject.toml's markers pick megatron-core 0.19 on
+#    the image's Python 3.12; the version check below fails the build otherwise).
+RUN PIP_CONSTRAINT= pip install --no-cache-dir --no-deps "megatron-core>=0.19.2,<0.20" \
+ && pip install --no-cache-dir numpy packaging psutil pyyaml tokenizers
 
 ENV PYTHONUNBUFFERED=1 \
     CUDA_DEVICE_MAX_CONNECTIONS=1
@@ -27,6 +34,9 @@ COPY tools/ tools/
 COPY examples/ examples/
 # pyproject.toml names README.md as the long description; setuptools needs the file.
 RUN test -f README.md || printf '# tst-megatron\n' > README.md \
- && pip install --no-cache-dir --no-deps -e .
+ && pip install --no-cache-dir --no-deps -e . \
+ && python -c "import sys; assert sys.version_info >= (3, 12), sys.version" \
+ && python -c "from tst_megatron.mcore_compat import MCORE_VERSION as v, check_supported; \
+check_supported(); assert v.startswith('0.19.'), v; print('megatron-core', v)"
 
 CMD ["python", "pretrain_tst.py", "--help"]

@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         note = checkpointing.open_save_dir(args)  # writable, and this job's alone
         if note and torch_rank() == 0:
             print(f"pretrain_tst.py: note: {note}", flush=True)
+        checkpointing.check_load_early(args)  # e.g. written by a newer Megatron-Core
         trainer = Trainer(args)
         trainer.train()
     except (DataError, CheckpointError, TokenizerError, TSTConfigError, TrainingStopped) as err:

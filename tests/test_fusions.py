@@ -179,10 +179,10 @@ def mlp_saved_bytes() -> dict[bool, int]:
     """
     import torch.nn.functional as F
     from megatron.core.fusions import fused_bias_swiglu
-    from megatron.core.transformer.spec_utils import build_module
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from tst_megatron.layers.spec import local_layer_spec
+    from tst_megatron.mcore_compat import build_mlp
 
     for name in ("swiglu", "swiglu_back"):
         setattr(fused_bias_swiglu, name, getattr(fused_bias_swiglu, name).__wrapped__)
@@ -198,7 +198,7 @@ def mlp_saved_bytes() -> dict[bool, int]:
             bias_activation_fusion=fused, params_dtype=torch.bfloat16, bf16=True,
             use_cpu_initialization=True, gradient_accumulation_fusion=False,
         )  # fmt: skip
-        mlp = build_module(spec, config=config)
+        mlp = build_mlp(spec, config)
         x = torch.randn(TOKENS, 1, HIDDEN, dtype=torch.bfloat16, requires_grad=True)
         storages = {}
 

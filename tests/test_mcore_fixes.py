@@ -2,7 +2,8 @@
 
 The MoE router of Megatron-Core 0.16.1 references ``te_general_gemm``, which is bound only
 when Transformer Engine imports: without TE every MoE forward raises ``NameError`` on any
-device (0.19 binds it to None: there the fix is a no-op and the layer runs unfixed too). A fresh interpreter (no shim, TE absent) builds mcore's MoE layer from the local spec,
+device (0.19 binds it to None: there the fix is a no-op and the layer runs unfixed too).
+A fresh interpreter (no shim, TE absent) builds mcore's MoE layer from the local spec,
 shows the bug, applies `tst_megatron.mcore_fixes.apply_mcore_fixes` and runs forward and
 backward. The only stand-in is ``torch.cuda.current_device`` (the router moves its weight to
 "the current GPU"; a CPU-only torch has none); it is not part of the fix.

@@ -78,6 +78,7 @@ def test_local_spec_on_cuda_supports_sequence_parallel_moe(hopper):
     """TP + MoE needs SP: every norm of the local spec must accept it (mcore's torch norm
     asserts on it); the experts are mcore's."""
     from tst_megatron.layers.norm import QKNorm, TorchNorm
+    from tst_megatron.mcore_compat import spec_module
 
     block = _local_spec(
         *"--tensor-model-parallel-size 2 --sequence-parallel --num-experts 4 "
@@ -89,8 +90,8 @@ def test_local_spec_on_cuda_supports_sequence_parallel_moe(hopper):
         assert layer.submodules.pre_mlp_layernorm is TorchNorm
         assert layer.submodules.self_attention.submodules.q_layernorm is QKNorm
     assert block.layer_norm is TorchNorm
-    assert "MoELayer" in moe.submodules.mlp.module.__name__
-    assert dense.submodules.mlp.module.__name__ == "MLP"
+    assert "MoELayer" in spec_module(moe.submodules.mlp).__name__
+    assert spec_module(dense.submodules.mlp).__name__ == "MLP"
 
 
 def test_apex_layer_norm_is_kept_where_mcore_would_use_it():

@@ -244,6 +244,14 @@ def runs(tmp_path_factory, corpus):
         2,
         corpus,
     )
+    # context parallelism: CP=2 (2 ranks, DP=1) saves at iteration 3 and a second job resumes
+    cp2 = ["--context-parallel-size", "2", "--use-distributed-optimizer"]
+    out["cp2"] = run(
+        tmp, "cp2", [*TST, *cp2, "--save", str(tmp / "cp2"), "--save-interval", "3"], 2, corpus
+    )
+    out["cp2_resume"] = run(
+        tmp, "cp2_resume", [*TST, *cp2, "--load", str(tmp / "cp2" / "iter_0000003")], 2, corpus
+    )
     out["dirs"] = tmp
     return out
 
@@ -276,6 +284,20 @@ def test_interrupt_and_resume_is_exact(runs):
     assert sorted(cut) == [1, 2, 3]
     assert "--exit-interval 3 reached" in runs["tp2_cut"][1]
     assert {**cut, **resumed} == full
+
+
+@pytest.mark.slow
+def test_context_parallel_trains_saves_and_resumes(runs):
+    """CP=2 over 2 ranks: the losses are the TP=2 run's (same global batch, another summation
+    order), and a job resumed from its iteration-3 checkpoint continues exactly."""
+    cp2, resumed, tp2 = (losses(runs[k][0]) for k in ("cp2", "cp2_resume", "tp2"))
+    assert sorted(cp2) == list(range(1, TRAIN_ITERS + 1))
+    for iteration, loss in cp2.items():
+        assert loss == pytest.approx(tp2[iteration], abs=SLOW_ATOL), iteration
+    meta = json.loads((runs["dirs"] / "cp2" / "iter_0000003" / "tst_checkpoint.json").read_text())
+    assert meta["layout"]["context_parallel_size"] == 2 and meta["tst"]["phase"] == 1
+    assert sorted(resumed) == list(range(4, TRAIN_ITERS + 1))
+    assert resumed == {i: cp2[i] for i in resumed}
 
 
 @pytest.mark.slow

@@ -10,9 +10,10 @@ Differences (0.16.1 -> 0.17+ unless said otherwise):
 
 * Checkpoint common state (`RANK0_CHECKPOINT_FILES`, `rank0_checkpoint_writers`): 0.16 writes
   the non-tensor state to ``common.pt`` (``strategies/common.py``,
-  ``TorchCommonSaveStrategy.save_common``); 0.17 removed that class and 0.19 stores the common
-  state as a ``common_state`` object inside the torch_dist shards. 0.19 still reads
-  ``common.pt``, so a 0.16.1 checkpoint loads; 0.16.1 cannot read a 0.17+ checkpoint
+  ``TorchCommonSaveStrategy.save_common``); 0.17 removed that class (a deprecated
+  ``save_common`` function is left) and 0.19 stores the common state as a ``common_state``
+  object inside the torch_dist shards, writing no ``common.pt``. 0.19 still reads
+  ``common.pt``, so a 0.16.1 checkpoint loads; 0.16.1 cannot read a 0.19 checkpoint
   (`check_checkpoint_readable`).
 * Async saves (`async_save_kwargs`): ``dist_checkpointing.save(..., async_sharded_save=True)``
   defaults to ``async_strategy="nvrx"`` (nvidia-resiliency-ext's writer); we always use
@@ -27,6 +28,10 @@ Differences (0.16.1 -> 0.17+ unless said otherwise):
   leaves ``te_general_gemm`` unbound when Transformer Engine is absent (every MoE forward
   raises ``NameError``); 0.19 binds it to None. `mcore_fixes` binds it where it is missing,
   a no-op on 0.19.
+
+Not a code difference: 0.18+ imports triton at start-up where it is installed
+(``inference/communication/torch_symm_triton``, through the MoE dispatcher and tensor-parallel
+layers); PyPI's torch 2.14.1 brings it. Nothing here adapts to it.
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ def release_of(version: str) -> tuple[int, int]:
 
 
 MCORE_RELEASE: tuple[int, int] = release_of(MCORE_VERSION)
-_COMMON_STATE_IN_SHARDS = MCORE_RELEASE >= (0, 17)  # no common.pt; TorchCommonSaveStrategy gone
+_COMMON_STATE_IN_SHARDS = MCORE_RELEASE >= (0, 19)  # no common.pt (TorchCommonSaveStrategy: 0.16)
 _NVRX_ASYNC_DEFAULT = MCORE_RELEASE >= (0, 17)  # save(async_strategy="nvrx") by default
 _CP_SLICE_NEEDS_GROUP = MCORE_RELEASE >= (0, 18)  # is_hybrid_cp required, None = WORLD
 # Without Transformer Engine, moe_utils.te_general_gemm is unbound (a NameError in the router).
@@ -144,17 +149,17 @@ def check_checkpoint_readable(saved_version: str | None, path: str) -> None:
 
     ``saved_version`` is the Megatron-Core version recorded in the checkpoint's
     ``tst_checkpoint.json``; ``None`` (a record written before versions were recorded) means
-    0.16.1. A 0.16.1 checkpoint loads under 0.19 (its ``common.pt`` is read); a 0.17+
+    0.16.1. A 0.16.1 checkpoint loads under 0.19 (its ``common.pt`` is read); a 0.19
     checkpoint keeps its common state inside the shards, which 0.16.1 cannot read.
 
     Raises:
         ValueError: one line naming the checkpoint, both versions and what to do.
     """
     saved = saved_version or "0.16.1"
-    if release_of(saved) >= (0, 17) and not _COMMON_STATE_IN_SHARDS:
+    if release_of(saved) >= (0, 19) and not _COMMON_STATE_IN_SHARDS:
         raise ValueError(
             f"checkpoint {path} was written by megatron-core {saved}, which this "
-            f"megatron-core {MCORE_VERSION} cannot read (0.17+ keeps the common state inside "
+            f"megatron-core {MCORE_VERSION} cannot read (0.19 keeps the common state inside "
             "the shards, 0.16 reads common.pt): resume it with megatron-core >= 0.19 "
             "(Python >= 3.12, see README)"
         )
@@ -188,10 +193,13 @@ def batch_on_this_cp_rank(
 
 def build_mlp(spec: Any, config: Any) -> torch.nn.Module:
     """Build a layer spec's ``submodules.mlp`` alone, as ``TransformerLayer`` does: 0.18+ calls
-    the ``functools.partial`` with the config, 0.16 passes the ``ModuleSpec`` to
-    ``build_module``."""
+    the ``functools.partial`` with the config and ``parallel_state``'s process groups, 0.16
+    passes the ``ModuleSpec`` to ``build_module``."""
     if isinstance(spec, functools.partial):
-        return spec(config=config)
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        groups = ProcessGroupCollection.use_mpu_process_groups()
+        return spec(config=config, pg_collection=groups, is_mtp_layer=False)
     from megatron.core.transformer.spec_utils import build_module
 
     return build_module(spec, config=config)

@@ -741,12 +741,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _environment() -> str:
     import torch
-    from megatron.core import package_info
+
+    from tst_megatron.mcore_compat import MCORE_VERSION
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return (
         f"gpu_check {time.strftime('%Y-%m-%d %H:%M')}: {gpu}; torch {torch.__version__} "
-        f"(CUDA {torch.version.cuda}); megatron-core {package_info.__version__}; python "
+        f"(CUDA {torch.version.cuda}); megatron-core {MCORE_VERSION}; python "
         f"{sys.version.split()[0]}"
     )
 

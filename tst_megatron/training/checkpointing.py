@@ -659,6 +659,18 @@ def _record_problems(meta: dict) -> list[str]:
     return problems
 
 
+def check_load_early(args: Namespace) -> None:
+    """Before the model is built: the record of ``--load``'s checkpoint (if there is one) is
+    readable and was written by a Megatron-Core this one can read (`read_checkpoint_meta`).
+
+    Raises:
+        CheckpointError: as `find_checkpoint` and `read_checkpoint_meta` do.
+    """
+    path = find_checkpoint(args.load) if getattr(args, "load", None) else None
+    if path is not None:
+        read_checkpoint_meta(path)
+
+
 def recorded_files(meta: dict, path: str) -> dict[str, Digest]:
     """The file digests a checkpoint's record holds; a load never goes on without them.
 
