@@ -58,8 +58,11 @@ def test_transformer_engine_absent_is_a_clear_error():
 
 @pytest.fixture
 def hopper(monkeypatch):
-    """Pretend one H100 is visible (nothing reaches a driver)."""
+    """Pretend one H100 is visible (nothing reaches a driver), launched as Megatron-LM requires
+    (``CUDA_DEVICE_MAX_CONNECTIONS=1`` for TP/CP before Blackwell)."""
     import torch
+
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import signal
 import warnings
@@ -1863,10 +1864,10 @@ def _validate_moe_capacity(args: argparse.Namespace) -> None:
                 "--moe-expert-capacity-factor (without it no token is dropped)"
             )
         return
-    if factor <= 0:
+    if not math.isfinite(factor) or factor <= 0:
         raise ConfigError(
-            f"--moe-expert-capacity-factor must be > 0, got {factor} (leave it out for "
-            "dropless routing)"
+            f"--moe-expert-capacity-factor must be a finite number > 0, got {factor} (leave it "
+            "out for dropless routing)"
         )
     if args.moe_router_load_balancing_type == "sinkhorn":
         raise ConfigError(

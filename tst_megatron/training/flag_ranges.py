@@ -74,7 +74,8 @@ RANGES: dict[str, Range] = {
     "moe_aux_loss_coeff": NON_NEGATIVE,
     "moe_z_loss_coeff": NON_NEGATIVE,
     "moe_router_topk_scaling_factor": POSITIVE,
-    "moe_expert_capacity_factor": POSITIVE,
+    # --moe-expert-capacity-factor: `arguments._validate_moe_capacity` (a non-finite or
+    # non-positive factor is refused there, naming dropless routing as the alternative)
     "moe_router_bias_update_rate": NON_NEGATIVE,
     "collective_timeout_s": POSITIVE,
     "distributed_timeout_minutes": POSITIVE,
