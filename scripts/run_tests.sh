@@ -6,7 +6,7 @@
 # 2. Where that venv runs Megatron-Core 0.17+ and a Python 3.10/3.11 exists
 #    (scripts/find_python.sh second): the tests that pin down Megatron-Core behaviour
 #    (SECOND_ENV_TESTS: parallel equivalence, checkpoint save/resume/formats, cross-version
-#    checkpoints, conversion, the Megatron-Core fixes and differences; TST_SECOND_ENV_TESTS
+#    checkpoints, conversion, the Megatron-Core fixes and differences, FSDP; TST_SECOND_ENV_TESTS
 #    overrides) in a second venv with megatron-core 0.16.1
 #    ($TST_SECOND_VENV, default .venv-mcore016; set up here by scripts/setup_env.sh).
 #    TST_SECOND_ENV=0 skips it, =1 runs it also when PYTEST_ARGS are given (by default a run
@@ -29,7 +29,7 @@ shift || true
 SECOND_ENV_TESTS=(
   tests/test_tst_parallel.py tests/test_pretrain.py tests/test_checkpoint_formats.py
   tests/test_convert.py tests/test_cross_version.py tests/test_mcore_fixes.py
-  tests/test_mcore_compat.py tests/test_cpu_harness.py
+  tests/test_mcore_compat.py tests/test_cpu_harness.py tests/test_fsdp.py
 )
 if [ -n "${TST_SECOND_ENV_TESTS:-}" ]; then  # a space-separated override (set-up checks)
   read -r -a SECOND_ENV_TESTS <<<"$TST_SECOND_ENV_TESTS"
