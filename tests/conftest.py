@@ -25,6 +25,7 @@ LAUNCH_HEAVY_FILES = {
     "test_precision_runs.py": 100,
     "test_checkpoint_formats.py": 79,
     "test_convert.py": 51,
+    "test_overlap_param_gather.py": 62,
     "test_rng_state.py": 47,
     "test_moe_pretrain.py": 44,
     "test_data_prefetch.py": 28,

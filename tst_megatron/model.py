@@ -26,7 +26,9 @@ embeddings, the output weight). They run as methods of those modules
 (``embedding.tst_embed_bags``, ``output_layer.tst_fused_output_loss``, listed by
 `TSTGPTModel.fsdp_forward_methods`), so a fully sharded wrapper can register them as forward
 methods: torch FSDP2 then all-gathers the unit's parameters before them and reduce-scatters
-their gradients as for ``forward``.
+their gradients as for ``forward``. Before reading a module's weight they also run that
+module's plain forward pre-hooks (`run_forward_pre_hooks`), where Megatron-Core's DDP waits for
+the weight's all-gather under ``--overlap-param-gather``.
 """
 
 from __future__ import annotations
@@ -219,6 +221,30 @@ class TSTGPTModel(GPTModel):
         )
 
 
+def run_forward_pre_hooks(module: torch.nn.Module, *args: torch.Tensor) -> None:
+    """Run ``module``'s own plain forward pre-hooks on ``args``, as ``module(*args)`` would.
+
+    For code that reads ``module``'s parameters without calling it. Megatron-Core's DDP with
+    ``overlap_param_gather`` registers such a hook on every module
+    (``DistributedDataParallel._make_forward_pre_hook``): it waits for the all-gather of the
+    module's own parameters (``finish_param_sync``) and dispatches the next bucket group's;
+    until then the weight holds stale shards of the other data-parallel ranks. Running the
+    hooks keeps this a property of the module (any hook there runs, whatever registered it)
+    instead of a call into DDP's buckets. Hooks registered ``with_kwargs`` are left out: torch
+    FSDP2 registers its pre-forward that way, and runs it for these methods itself through
+    ``register_fsdp_forward_method``. Global hooks are not run (as for a module with
+    none). A hook may not replace the inputs: nothing here would feed them on.
+    """
+    for hook_id, hook in module._forward_pre_hooks.items():
+        if hook_id in module._forward_pre_hooks_with_kwargs:
+            continue
+        if hook(module, args) is not None:
+            raise RuntimeError(
+                f"a forward pre-hook of {type(module).__name__} ({hook!r}) returned new inputs; "
+                "TST reads this module's weight outside its forward and cannot pass them on"
+            )
+
+
 def _vocab_shard_lookup(words, input_ids: torch.Tensor) -> torch.Tensor:
     """``[b, n, h]`` this rank's partial lookups: `VocabParallelEmbedding.forward` without
     the tensor-parallel reduction (ids outside the shard give zeros)."""
@@ -244,6 +270,8 @@ def _embed_bags(
     `LanguageModelEmbedding` (``[b, s*L]`` ids -> ``[L, b, h]``, see there)."""
     config = embedding.config
     words = embedding.word_embeddings
+    run_forward_pre_hooks(embedding)  # GPTModel calls it with keyword arguments only
+    run_forward_pre_hooks(words, input_ids)
     partial = average_bags_batch_first(
         _vocab_shard_lookup(words, input_ids), bag_size, token_mask
     )
@@ -279,7 +307,10 @@ def _fused_output_loss(
     weights: torch.Tensor | None,
 ) -> torch.Tensor:
     """``output_layer.tst_fused_output_loss``: the output layer (its own weight, or the tied
-    embedding weight ``shared_weight``) and the loss without logits; ``[b, L]`` per position."""
+    embedding weight ``shared_weight``) and the loss without logits; ``[b, L]`` per position.
+    A tied ``shared_weight`` belongs to the word embedding, whose hooks ran earlier in this
+    forward on the same stage (as for `GPTModel`, whose output layer owns no weight then)."""
+    run_forward_pre_hooks(output_layer, hidden_states)
     return fused_output_multi_hot_cross_entropy(
         hidden_states,
         output_layer.weight if shared_weight is None else shared_weight,
