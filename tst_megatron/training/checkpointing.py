@@ -873,6 +873,26 @@ def check_schedule(args: Namespace, meta: dict, path: str) -> list[str]:
     return notes
 
 
+def _match_saved_learning_rates(args, optimizer, meta: dict) -> None:
+    """Give this run's param groups the recorded ``--lr`` / ``--min-lr`` before a load.
+
+    Megatron-Core 0.19 pairs saved and current param groups by a key that includes
+    ``max_lr`` and ``min_lr`` (``param_group_identifier_keys``), so a resume whose schedule
+    flags differ (allowed by ``--override-opt_param-scheduler`` or
+    ``--use-checkpoint-opt_param-scheduler``) would find no group; 0.16 pairs them by position
+    and restores the saved values anyway. The load then restores the checkpoint's values, and
+    ``--override-opt_param-scheduler`` puts this run's back (`load_checkpoint`).
+    """
+    saved = (meta.get("settings") or {}).get("schedule") or {}
+    for key, dest in (("max_lr", "lr"), ("min_lr", "min_lr")):
+        now, then = getattr(args, dest, None), saved.get(dest)
+        if then is None or now is None or then == now:
+            continue
+        for group in optimizer.param_groups:
+            if group.get(key) == now:
+                group[key] = then
+
+
 def load_checkpoint(
     args, model_chunks, optimizer, scheduler, path: str, load_rng: bool = True
 ) -> TrainingProgress:
@@ -911,6 +931,7 @@ def load_checkpoint(
                 _unwrap(chunk).load_state_dict(loaded[key], strict=True)
         if load_optim:
             this_run = [(g.get("max_lr"), g.get("min_lr")) for g in optimizer.param_groups]
+            _match_saved_learning_rates(args, optimizer, meta)
             if in_place:
                 restore_steps_after_in_place_load(optimizer, loaded["optimizer"])
             else:
