@@ -164,7 +164,10 @@ def two_phase(slurm, tmp) -> dict:
     completed.
     """
     ckpt_root = tmp / "two_phase"
-    env = job_env(ckpt_root, PHASE1=f"{SMOKE} 1", PHASE2=f"{SMOKE} 2")
+    # a step takes ~10 ms on an idle machine: slowed so the warning, which passes through
+    # slurmd, the batch shell and srun, lands before phase 1 ends (losses are unchanged)
+    env = job_env(ckpt_root, PHASE1=f"{SMOKE} 1", PHASE2=f"{SMOKE} 2",
+                  TST_FAULT_INJECT="slow_steps:0.25")  # fmt: skip
     submitted = slurm.run(
         "examples/slurm/submit_two_phase.sh", f"--output={tmp}/%x-%j.out", env=env, cwd=ROOT
     ).stdout
