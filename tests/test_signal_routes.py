@@ -236,10 +236,13 @@ def test_every_catchable_signal_to_the_launch_wrapper_is_forwarded_without_a_tra
     handled = name in ("SIGINT", "SIGUSR2")  # the exit signal of this run, or not handled
     save = tmp / f"wrapper_{name}"
     extra = ["--exit-signal-handler", "--exit-signal", name] if handled else []
+    # a signal the workers do not catch reaches them only once they are UNCAUGHT_GRACE_S old
+    # (before that they may still be importing): slower steps keep the run going past that
+    fault = SLOW if handled else "slow_steps:1.5"
     run = launch(
         tmp, f"wrapper_{name}",
         [*DP2, "--save", str(save), "--save-interval", "2", *extra],
-        nproc=2, fault=SLOW, via="wrapper",
+        nproc=2, fault=fault, via="wrapper",
         during=signal_after_first_save(lambda r: r.procs[0].send_signal(signum)),
     )
     assert f"tools/launch.py: received {name}: forwarding it to the workers" in run.log
