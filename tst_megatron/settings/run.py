@@ -60,6 +60,13 @@ class RunConfig:
         per_step = self.batch.micro_batch_size * self.parallel.data_parallel_size
         return self.batch.global_batch_size // per_step
 
+    def with_padded_vocab_size(self, padded_vocab_size: int) -> RunConfig:
+        """This configuration with the model's vocabulary padded as the tokenizer decided
+        (``--vocab-size`` or the tokenizer's, padded to a multiple of
+        ``--make-vocab-size-divisible-by`` x TP)."""
+        model = dataclasses.replace(self.model, padded_vocab_size=padded_vocab_size)
+        return dataclasses.replace(self, model=model)
+
     def to_dict(self) -> dict[str, Any]:
         """Every field, nested per section, JSON-ready (tuples become lists in JSON)."""
         return dataclasses.asdict(self)

@@ -38,7 +38,7 @@ from tst_megatron.settings import (
     ScheduleConfig,
 )
 from tst_megatron.settings.reliability import ExitSignal
-from tst_megatron.training.arguments import validate_args
+from tst_megatron.training.arguments import parse_args, validate_args
 from tst_megatron.training.fusions import resolve_fusions
 
 ENTRY_POINT_ONLY: dict[str, str] = {
@@ -189,6 +189,14 @@ def resolve(args: argparse.Namespace, world_size: int, env: Environment) -> RunC
     given = {dest: getattr(args, dest) for dest in REQUESTED}
     validate_args(args, world_size)
     return _run_config(args, given, env)
+
+
+def settings_from_flags(
+    argv: list[str], world_size: int = 1, env: Environment | None = None
+) -> RunConfig:
+    """`RunConfig` of a command line (``pretrain_tst.py``'s flags, ``--yaml-config`` included)
+    for ``world_size`` ranks on ``env`` (default: this machine, `Environment.detect`)."""
+    return resolve(parse_args(argv), world_size, env or Environment.detect())
 
 
 def from_validated_args(args: argparse.Namespace, env: Environment | None = None) -> RunConfig:
