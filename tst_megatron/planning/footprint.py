@@ -9,14 +9,14 @@ parameter, optimizer sharding, activations, logits and TST bag inputs come from
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state
 
-from tst_megatron.planning.memory import StageMemory, one_stage_memory
-from tst_megatron.planning.params import StageParams, is_routed_expert, layer_stage
+from tst_megatron.planning.memory import MemorySettings, StageMemory, one_stage_memory
+from tst_megatron.planning.params import StageParams, is_routed_expert
+from tst_megatron.settings import ModelConfig, ParallelConfig, ScheduleConfig
 
 MB = 1024**2  # Megatron-LM's memory reports say MB for MiB
 
@@ -35,12 +35,22 @@ class Footprint:
     recompute: bool
 
 
-def held_parameters(args: argparse.Namespace, models: list[torch.nn.Module]) -> StageParams:
+def stage_layers(model: ModelConfig, parallel: ParallelConfig, stage: int) -> list[int]:
+    """The layers pipeline rank ``stage`` holds (interleaved: chunk ``c`` sits on rank
+    ``c % PP``), as `params.layer_stage` places them."""
+    pp = parallel.pipeline_model_parallel_size
+    per_chunk = model.num_layers // (pp * (parallel.virtual_pipeline_model_parallel_size or 1))
+    return [i for i in range(model.num_layers) if (i // per_chunk) % pp == stage]
+
+
+def held_parameters(
+    model: ModelConfig, parallel: ParallelConfig, models: list[torch.nn.Module]
+) -> StageParams:
     """What this GPU holds: the parameters of its model chunks, routed experts apart."""
     stage = parallel_state.get_pipeline_model_parallel_rank()
-    held = StageParams(layers=[i for i in range(args.num_layers) if layer_stage(i, args) == stage])
-    for model in models:
-        for name, param in model.named_parameters():
+    held = StageParams(layers=stage_layers(model, parallel, stage))
+    for chunk in models:
+        for name, param in chunk.named_parameters():
             if is_routed_expert(name):
                 held.experts += param.numel()
             else:
@@ -49,21 +59,21 @@ def held_parameters(args: argparse.Namespace, models: list[torch.nn.Module]) -> 
 
 
 def pipeline_held_parameters(
-    args: argparse.Namespace, models: list[torch.nn.Module]
+    model: ModelConfig, parallel: ParallelConfig, models: list[torch.nn.Module]
 ) -> list[StageParams]:
     """`held_parameters` of this GPU's peer in every pipeline stage (a collective over the
     pipeline-parallel group: every rank calls it)."""
-    mine = held_parameters(args, models)
+    mine = held_parameters(model, parallel, models)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
     local = torch.tensor([mine.dense, mine.experts], dtype=torch.float64, device=device)
-    gathered = [torch.zeros_like(local) for _ in range(args.pipeline_model_parallel_size)]
+    gathered = [torch.zeros_like(local) for _ in range(parallel.pipeline_model_parallel_size)]
     torch.distributed.all_gather(
         gathered, local, group=parallel_state.get_pipeline_model_parallel_group()
     )
     return [
         StageParams(
-            layers=[i for i in range(args.num_layers) if layer_stage(i, args) == p],
+            layers=stage_layers(model, parallel, p),
             dense=float(counts[0]),
             experts=float(counts[1]),
         )
@@ -72,20 +82,26 @@ def pipeline_held_parameters(
 
 
 def run_footprint(
-    args: argparse.Namespace, models: list[torch.nn.Module], num_microbatches: int
+    settings: MemorySettings,
+    schedule: ScheduleConfig,
+    models: list[torch.nn.Module],
+    num_microbatches: int,
 ) -> Footprint:
     """The estimate for this run (a collective: every rank calls it)."""
-    stages = pipeline_held_parameters(args, models)
-    phase1 = args.tst.phase1_iterations(args.train_iters) > 0
+    stages = pipeline_held_parameters(settings.model, settings.parallel, models)
+    phase1 = settings.tst.phase1_iterations(schedule.train_iters) > 0
     return Footprint(
-        in_flight=[one_stage_memory(args, p, s, num_microbatches) for p, s in enumerate(stages)],
-        per_microbatch=[one_stage_memory(args, p, s, 1) for p, s in enumerate(stages)],
+        in_flight=[
+            one_stage_memory(settings, p, s, num_microbatches) for p, s in enumerate(stages)
+        ],
+        per_microbatch=[one_stage_memory(settings, p, s, 1) for p, s in enumerate(stages)],
         phases=(1, 2) if phase1 else (2,),
-        recompute=args.recompute_granularity == "full",
+        recompute=settings.recompute.recompute_granularity == "full",
     )
 
 
 def peak_bytes(memory: StageMemory, phase: int) -> int:
+    """The total bytes of ``memory`` in TST phase ``phase``."""
     return getattr(memory, f"total_phase{phase}_bytes")
 
 
@@ -119,10 +135,11 @@ def estimate_lines(footprint: Footprint) -> list[str]:
     return lines
 
 
-def measured_peaks(args: argparse.Namespace) -> list[int]:
+def measured_peaks(parallel: ParallelConfig) -> list[int]:
     """The largest ``torch.cuda.max_memory_allocated`` of the GPUs of every pipeline stage (a
     collective over all ranks)."""
-    peaks = torch.zeros(args.pipeline_model_parallel_size, dtype=torch.int64, device="cuda")
+    pp = parallel.pipeline_model_parallel_size
+    peaks = torch.zeros(pp, dtype=torch.int64, device="cuda")
     peaks[parallel_state.get_pipeline_model_parallel_rank()] = torch.cuda.max_memory_allocated()
     torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
     return peaks.tolist()

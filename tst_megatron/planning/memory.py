@@ -49,22 +49,28 @@
   ``s L b h e + L b h 4`` (`TSTGPTModel.embed_bags`) - transient, but counted on top (an upper
   bound).
 
-Every function takes validated ``pretrain_tst.py`` arguments (`validate_args` fills the
-derived sizes: ``data_parallel_size``, ``world_size``, ``padded_vocab_size``...).
+Every function takes the run's settings sections (`MemorySettings`): the planner's resolved
+for the planned GPU node, the trainer's for its own run.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
 
-import torch
-
+from tst_megatron.config import TSTConfig
 from tst_megatron.loss import default_chunk_tokens
 from tst_megatron.planning.params import StageParams
-from tst_megatron.training.flops import moe_layer_pattern
-from tst_megatron.training.fusions import gpu_fusions
+from tst_megatron.settings import (
+    BatchConfig,
+    KernelsConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    RecomputeConfig,
+)
+from tst_megatron.settings.model import moe_layer_pattern
 
 GIB = 1024**3
 # Data-sheet memory per GPU (nvidia-smi shows about this many GiB).
@@ -72,6 +78,24 @@ GPU_MEMORY_GIB: dict[str, int] = {"a100": 80, "h100": 80, "h200": 141, "b200": 1
 # Share of it a training process can fill: the CUDA context, NCCL buffers and allocator
 # fragmentation take the rest.
 USABLE_MEMORY_FRACTION = 0.93
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MemorySettings:
+    """The sections of a run the memory model reads.
+
+    ``kernels``: the fusions the GPU runs (the fused SwiGLU keeps less) and
+    ``tst_fused_output_loss``; ``tst``: the phase-1 input bag size.
+    """
+
+    model: ModelConfig
+    parallel: ParallelConfig
+    recompute: RecomputeConfig
+    precision: PrecisionConfig
+    optimizer: OptimizerConfig
+    batch: BatchConfig
+    kernels: KernelsConfig
+    tst: TSTConfig
 
 
 @dataclass
@@ -93,67 +117,76 @@ class StageMemory:
     total_phase2_bytes: int
 
 
-def recompute_setting(args: argparse.Namespace) -> str:
+def recompute_setting(recompute: RecomputeConfig) -> str:
     """The recomputation the trainer's flags ask for, in words (``off`` when none)."""
-    if args.recompute_granularity == "full":
-        layers = f"{args.recompute_num_layers} layer{'s' * (args.recompute_num_layers > 1)}"
-        return f"full ({args.recompute_method}, {layers})"
-    if args.recompute_granularity == "selective":
-        return f"selective ({', '.join(selective_modules(args))})"
+    if recompute.recompute_granularity == "full":
+        num = recompute.recompute_num_layers or 0
+        return f"full ({recompute.recompute_method}, {num} layer{'s' * (num > 1)})"
+    if recompute.recompute_granularity == "selective":
+        return f"selective ({', '.join(selective_modules(recompute))})"
     return "off"
 
 
-def selective_modules(args: argparse.Namespace) -> list[str]:
+def selective_modules(recompute: RecomputeConfig) -> list[str]:
     """Modules of selective recomputation (Megatron-Core's default ``core_attn``), else []."""
-    if args.recompute_granularity != "selective":
+    if recompute.recompute_granularity != "selective":
         return []
-    return list(args.recompute_modules or ["core_attn"])
+    return list(recompute.recompute_modules or ["core_attn"])
 
 
-def layer_activation_bytes(args: argparse.Namespace, moe: bool, tokens: int) -> float:
+def layer_activation_bytes(settings: MemorySettings, moe: bool, tokens: int) -> float:
     """Bytes one layer keeps for backward for ``tokens`` positions (see the module doc),
     less what selective recomputation rebuilds."""
-    h = args.hidden_size
-    q = args.kv_channels * args.num_attention_heads
-    kv = args.kv_channels * args.num_query_groups
-    tp = args.tensor_model_parallel_size
-    glu = (6 if gpu_fusions(args).bias_activation_fusion else 10) if args.swiglu else 4
-    masks = 2 if args.hidden_dropout > 0 else 0
-    recomputed = set(selective_modules(args))
+    model = settings.model
+    h = model.hidden_size
+    q = model.kv_channels * model.num_attention_heads
+    kv = model.kv_channels * model.num_query_groups
+    tp = settings.parallel.tensor_model_parallel_size
+    fused = settings.kernels.fusions.bias_activation_fusion
+    glu = (6 if fused else 10) if model.swiglu else 4
+    masks = 2 if model.hidden_dropout > 0 else 0
+    recomputed = set(selective_modules(settings.recompute))
     norms = 4 if "layernorm" in recomputed else 8
     unsplit = tokens * h * (norms + masks)
     attention = tokens * 4 * (q + kv)
-    if moe:
-        shared = args.moe_shared_expert_intermediate_size or 0
-        topk, expert_ffn = args.moe_router_topk, args.moe_ffn_hidden_size
+    mlp: float
+    if moe and model.moe is not None:
+        shared = model.moe.moe_shared_expert_intermediate_size or 0
+        topk, expert_ffn = model.moe.moe_router_topk, model.moe.moe_ffn_hidden_size
         activation = 2 * expert_ffn if "moe_act" in recomputed else 0
         routed = topk * (2 * h + glu * expert_ffn - activation)
         if "shared_experts" in recomputed:
             shared = 0
         mlp = 0 if "moe" in recomputed else tokens * (routed + glu * shared)
     else:
-        mlp = 0 if "mlp" in recomputed else tokens * glu * args.ffn_hidden_size
-    return unsplit / sequence_split(args) + (attention + mlp) / tp
+        mlp = 0 if "mlp" in recomputed else tokens * glu * model.ffn_hidden_size
+    return unsplit / sequence_split(settings.parallel) + (attention + mlp) / tp
 
 
-def output_loss_bytes(args: argparse.Namespace, tokens: int) -> float:
+def output_loss_bytes(settings: MemorySettings, tokens: int) -> float:
     """Bytes the output layer's loss keeps for ``tokens`` positions (see the module doc)."""
-    vocab = args.padded_vocab_size / args.tensor_model_parallel_size
-    if not args.tst_fused_output_loss:
+    h = settings.model.hidden_size
+    vocab = settings.model.vocab / settings.parallel.tensor_model_parallel_size
+    if not settings.kernels.tst_fused_output_loss:
         return 4 * tokens * vocab
-    chunk = min(tokens, default_chunk_tokens(args.hidden_size))
-    return 4 * chunk * vocab + 4 * vocab * args.hidden_size + 4 * tokens * args.hidden_size
+    chunk = min(tokens, default_chunk_tokens(h))
+    return 4 * chunk * vocab + 4 * vocab * h + 4 * tokens * h
 
 
 def full_recompute_bytes(
-    args: argparse.Namespace, per_layer: list[float], units: int, layers_per_unit: int, tokens: int
+    settings: MemorySettings,
+    per_layer: list[float],
+    units: int,
+    layers_per_unit: int,
+    tokens: int,
 ) -> float:
     """Activations kept with full recomputation (``--recompute-method``/``-num-layers``;
     uniform 1 when the run asks for none, the planner's ``activ(rc)`` column)."""
-    full = args.recompute_granularity == "full"
-    method = args.recompute_method if full else "uniform"
-    num = args.recompute_num_layers if full else 1
-    layer_input = 2 * tokens * args.hidden_size / sequence_split(args)
+    recompute = settings.recompute
+    full = recompute.recompute_granularity == "full"
+    method = recompute.recompute_method if full else "uniform"
+    num = (recompute.recompute_num_layers or 1) if full else 1
+    layer_input = 2 * tokens * settings.model.hidden_size / sequence_split(settings.parallel)
     num = min(num, layers_per_unit)
     if method == "block":
         # the micro-batch in backward has freed its other layers when it recomputes a block one
@@ -164,100 +197,107 @@ def full_recompute_bytes(
     return units * chunks * layer_input + max(per_layer) * num
 
 
-def recomputed_forward_fraction(args: argparse.Namespace) -> float:
+def recomputed_forward_fraction(
+    model: ModelConfig, parallel: ParallelConfig, recompute: RecomputeConfig
+) -> float:
     """Share of the forward pass that full recomputation runs again (selective: not modelled)."""
-    if args.recompute_granularity != "full":
+    if recompute.recompute_granularity != "full":
         return 0.0
-    if args.recompute_method == "uniform":
+    if recompute.recompute_method == "uniform":
         return 1.0
-    pp = args.pipeline_model_parallel_size
-    per_chunk = args.num_layers_per_virtual_pipeline_stage or args.num_layers // pp
-    return min(args.recompute_num_layers, per_chunk) / per_chunk
+    pp = parallel.pipeline_model_parallel_size
+    per_chunk = parallel.num_layers_per_virtual_pipeline_stage or model.num_layers // pp
+    return min(recompute.recompute_num_layers or 1, per_chunk) / per_chunk
 
 
-def fsdp_sharding(args: argparse.Namespace) -> tuple[str, ...]:
+def fsdp_sharding(parallel: ParallelConfig) -> tuple[str, ...]:
     """What FSDP shards over DP x CP: () without FSDP; torch FSDP2 shards all three."""
-    if getattr(args, "use_torch_fsdp2", False):
+    if parallel.use_torch_fsdp2:
         return ("optim", "grads", "params")
-    if getattr(args, "use_megatron_fsdp", False):
-        strategy = args.data_parallel_sharding_strategy
+    if parallel.use_megatron_fsdp:
+        strategy = parallel.data_parallel_sharding_strategy
         return tuple(part for part in ("optim", "grads", "params") if part in strategy)
     return ()
 
 
-def sequence_split(args: argparse.Namespace) -> int:
+def sequence_split(parallel: ParallelConfig) -> int:
     """How far the tensors outside the TP-split GEMMs are split (SP: by TP)."""
-    return args.tensor_model_parallel_size if args.sequence_parallel else 1
+    return parallel.tensor_model_parallel_size if parallel.sequence_parallel else 1
 
 
 def stage_memory(
-    args: argparse.Namespace, stages: list[StageParams], num_microbatches: int
+    settings: MemorySettings, stages: list[StageParams], num_microbatches: int
 ) -> list[StageMemory]:
     """Memory of every pipeline stage (see the module doc for the model)."""
-    return [one_stage_memory(args, p, held, num_microbatches) for p, held in enumerate(stages)]
+    return [one_stage_memory(settings, p, held, num_microbatches) for p, held in enumerate(stages)]
 
 
 def one_stage_memory(
-    args: argparse.Namespace, p: int, held: StageParams, num_microbatches: int
+    settings: MemorySettings, p: int, held: StageParams, num_microbatches: int
 ) -> StageMemory:
     """Memory of one GPU of pipeline stage ``p`` holding ``held`` (see the module doc).
 
     With ``num_microbatches=1`` the activations are those of one micro-batch.
     """
-    pp = args.pipeline_model_parallel_size
-    vpp = args.virtual_pipeline_model_parallel_size or 1
-    h = args.hidden_size
-    tokens = args.seq_length // args.context_parallel_size * args.micro_batch_size
-    low_precision = args.params_dtype != torch.float32
+    model, parallel = settings.model, settings.parallel
+    pp = parallel.pipeline_model_parallel_size
+    vpp = parallel.virtual_pipeline_model_parallel_size or 1
+    cp = parallel.context_parallel_size
+    h = model.hidden_size
+    tokens = model.seq_length // cp * settings.batch.micro_batch_size
+    low_precision = settings.precision.params_dtype != "fp32"
     weight_bytes = 2 if low_precision else 4
-    grad_bytes = 4 if args.accumulate_allreduce_grads_in_fp32 else weight_bytes
-    optim_bytes = (8 if args.optimizer == "adam" else 4) + (4 if low_precision else 0)
+    grad_bytes = 4 if settings.precision.accumulate_allreduce_grads_in_fp32 else weight_bytes
+    adam = settings.optimizer.optimizer == "adam"
+    optim_bytes = (8 if adam else 4) + (4 if low_precision else 0)
     dense_shard = expert_shard = 1
-    if args.use_distributed_optimizer:
-        dense_shard = args.data_parallel_size * args.context_parallel_size
-        expert_shard = args.world_size // (
-            args.expert_model_parallel_size * args.expert_tensor_parallel_size * pp
+    if parallel.use_distributed_optimizer:
+        dense_shard = parallel.data_parallel_size * cp
+        expert_shard = parallel.world_size // (
+            parallel.expert_model_parallel_size * parallel.expert_tensor_parallel_size * pp
         )
-    pattern = moe_layer_pattern(args.num_layers, args.moe_layer_freq)
-    bag = args.tst.phase_spec(1).input_bag_size
+    freq = model.moe.moe_layer_freq if model.moe is not None else 1
+    pattern = moe_layer_pattern(model.num_layers, freq)
+    bag = settings.tst.phase_spec(1).input_bag_size
     per_layer = [
-        layer_activation_bytes(args, bool(args.num_experts and pattern[i]), tokens)
+        layer_activation_bytes(settings, bool(model.num_experts and pattern[i]), tokens)
         for i in held.layers
     ]
     if vpp > 1:
         units = min(num_microbatches * vpp, 2 * (pp - p - 1) + (vpp - 1) * pp + 1)
-        layers_per_unit = args.num_layers // (pp * vpp)
+        layers_per_unit = model.num_layers // (pp * vpp)
     else:
         units = min(num_microbatches, pp - p)
         layers_per_unit = len(held.layers)
     mean_layer = sum(per_layer) / len(per_layer)
     activations = units * layers_per_unit * mean_layer
-    recompute = full_recompute_bytes(args, per_layer, units, layers_per_unit, tokens)
+    recompute = full_recompute_bytes(settings, per_layer, units, layers_per_unit, tokens)
     logits = 0.0
     if p == pp - 1:
-        lm_head_inputs = 4 * tokens * h / sequence_split(args)
-        logits = output_loss_bytes(args, tokens) + lm_head_inputs
+        lm_head_inputs = 4 * tokens * h / sequence_split(parallel)
+        logits = output_loss_bytes(settings, tokens) + lm_head_inputs
     bags = tokens * h * (weight_bytes * bag + 4) if p == 0 and bag > 1 else 0.0
     params = held.dense + held.experts
     weights = params * weight_bytes
     grads = params * grad_bytes
     optimizer = optim_bytes * (held.dense / dense_shard + held.experts / expert_shard)
     gathered = 0.0
-    sharding = fsdp_sharding(args)
+    sharding = fsdp_sharding(parallel)
     if sharding:
-        shard = args.data_parallel_size * args.context_parallel_size
-        unit_grad_bytes = weight_bytes if args.use_torch_fsdp2 else grad_bytes
+        shard = parallel.data_parallel_size * cp
+        unit_grad_bytes = weight_bytes if parallel.use_torch_fsdp2 else grad_bytes
         optimizer = optim_bytes * params / shard
         if "grads" in sharding:
             grad_bytes = unit_grad_bytes
             grads = params * grad_bytes / shard
         if "params" in sharding:
             weights = params * weight_bytes / shard
-            if getattr(args, "torch_fsdp2_reshard_after_forward", True):
+            if parallel.torch_fsdp2_reshard_after_forward:
                 gathered = held.largest_unit * (2 * weight_bytes + grad_bytes)
             else:
                 gathered = params * weight_bytes + held.largest_unit * grad_bytes
-    kept = recompute if args.recompute_granularity == "full" else activations
+    full = settings.recompute.recompute_granularity == "full"
+    kept = recompute if full else activations
     phase2 = weights + grads + optimizer + gathered + kept + logits
     return StageMemory(
         stage=p,

@@ -1,83 +1,64 @@
 """The whole plan of a layout as one JSON-ready dict (``tools/plan.py --json``), and its table.
 
-`plan` checks the layout with the trainer's `validate_args` plus what only a planner can see
-(virtual-pipeline divisibility, memory per GPU against the GPU's), and reports parameters,
-FLOPs and data tokens per step in each TST phase, memory per pipeline stage, step time and run
-totals. ``report["ok"]`` says if the layout is accepted; ``report["errors"]`` say why not.
+`plan_report` reports, for settings the trainer's own validation accepted (or the one-GPU view
+of a rejected layout), parameters, FLOPs and data tokens per step in each TST phase, memory per
+pipeline stage against the GPU's, step time and run totals. ``report["ok"]`` says if the layout
+is accepted; ``report["errors"]`` say why not.
 """
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict
 from typing import Any
 
-from tst_megatron.planning.layout import (
-    PlanError,
-    PlanRequest,
-    apply_layout,
-    config_args,
-    single_gpu_layout,
-    validated,
-)
+from tst_megatron.planning.layout import PlanRequest
 from tst_megatron.planning.memory import (
     GIB,
     GPU_MEMORY_GIB,
+    MemorySettings,
     peak_stage_and_phase,
     recompute_setting,
     recomputed_forward_fraction,
     stage_memory,
 )
-from tst_megatron.planning.params import (
-    NamedParams,
-    count_parameters,
-    meta_parameters,
-    place_parameters,
-)
+from tst_megatron.planning.params import ParamCounts, StageParams
 from tst_megatron.planning.step_time import step_time
+from tst_megatron.settings import ScheduleConfig
 from tst_megatron.training.flops import peak_tflops_for_device, phase_flops_per_step
-from tst_megatron.training.run_config import model_config
 
 
-def plan(request: PlanRequest) -> dict[str, Any]:
+def rejected_report(request: PlanRequest, errors: list[str]) -> dict[str, Any]:
+    """The report of a config that describes no model the trainer accepts."""
+    return {"config": request.config, "gpu": request.gpu, "ok": False, "errors": errors}
+
+
+def plan_report(
+    request: PlanRequest,
+    settings: MemorySettings,
+    schedule: ScheduleConfig,
+    counts: ParamCounts,
+    stages: list[StageParams] | None,
+    errors: list[str],
+    notes: list[str],
+) -> dict[str, Any]:
     """The report for ``request``; ``report["ok"]`` says if it is accepted.
 
-    Raises:
-        PlanError: the config cannot be read or describes no model.
+    ``settings`` / ``schedule``: the requested layout's, or, when it is rejected
+    (``stages`` None), those of the one-GPU view with the requested global batch.
+    ``stages``: what one GPU of every pipeline stage holds (`params.place_parameters`).
+    ``notes``: what the planner changed beyond the request's layout.
     """
-    world = request.world_size
-    args, fp8 = config_args(request)
-    requested_batch = args.global_batch_size
-    errors = apply_layout(args, request)
-    layout_error = validated(args, world)
-    if layout_error:
-        errors.append(layout_error)
-    layout_ok = not errors
-    if layout_ok:
-        batch = args.global_batch_size
-    else:  # the layout-free numbers still come from a one-GPU view
-        args, _ = config_args(request)
-        single_gpu_layout(args)
-        shape_error = validated(args, world_size=1)
-        if shape_error:
-            if shape_error != layout_error:
-                errors.append(shape_error)
-            return {"config": request.config, "gpu": request.gpu, "ok": False, "errors": errors}
-        batch = requested_batch or args.global_batch_size
-    if args.padded_vocab_size is None:
-        raise PlanError(
-            f"{request.config} gives no vocab-size: the planner needs the vocabulary size "
-            "(add vocab-size: N, the tokenizer's size)"
-        )
-    named = meta_parameters(args)
-    counts = count_parameters(args, named)
-    shape = model_config(args)
-    seq = args.seq_length
-    phase1, phase2 = args.tst.phase_spec(1), args.tst.phase_spec(2)
-    phase1_iters = args.tst.phase1_iterations(args.train_iters)
+    model, parallel, tst = settings.model, settings.parallel, settings.tst
+    layout_ok = stages is not None
+    batch = settings.batch.global_batch_size
+    seq = model.seq_length
+    phase1, phase2 = tst.phase_spec(1), tst.phase_spec(2)
+    train_iters = schedule.train_iters
+    phase1_iters = tst.phase1_iterations(train_iters)
+    fp8 = settings.precision.fp8 is not None
     # the batch fold runs phase 1 as s*b samples of L/s positions: s times cheaper attention
-    phase1_flops = phase_flops_per_step(shape, phase1, seq, batch)
-    phase2_flops = phase_flops_per_step(shape, phase2, seq, batch)
+    phase1_flops = phase_flops_per_step(model, phase1, seq, batch)
+    phase2_flops = phase_flops_per_step(model, phase2, seq, batch)
     report: dict[str, Any] = {
         "config": request.config,
         "gpu": request.gpu,
@@ -87,28 +68,28 @@ def plan(request: PlanRequest) -> dict[str, Any]:
         "layout": {
             "nodes": request.nodes,
             "gpus_per_node": request.gpus_per_node,
-            "world_size": world,
+            "world_size": request.world_size,
             "tp": request.tp,
             "pp": request.pp,
             "vpp": request.vpp,
             "cp": request.cp,
             "ep": request.ep,
             "etp": request.etp or request.tp,
-            "dp": args.data_parallel_size if layout_ok else None,
-            "sequence_parallel": bool(args.sequence_parallel),
-            "distributed_optimizer": bool(args.use_distributed_optimizer),
-            "recompute": recompute_setting(args),
-            "micro_batch_size": args.micro_batch_size,
+            "dp": parallel.data_parallel_size if layout_ok else None,
+            "sequence_parallel": parallel.sequence_parallel,
+            "distributed_optimizer": parallel.use_distributed_optimizer,
+            "recompute": recompute_setting(settings.recompute),
+            "micro_batch_size": settings.batch.micro_batch_size,
             "global_batch_size": batch,
             "seq_length": seq,
         },
         "tst": {
-            "bag_size": args.tst.bag_size,
-            "mode": args.tst.mode,
-            "fold": args.tst.fold,
-            "train_iters": args.train_iters,
+            "bag_size": tst.bag_size,
+            "mode": tst.mode,
+            "fold": tst.fold,
+            "train_iters": train_iters,
             "phase1_iters": phase1_iters,
-            "phase2_iters": args.train_iters - phase1_iters,
+            "phase2_iters": train_iters - phase1_iters,
         },
         "total_params": counts.total,
         "active_params": counts.active,
@@ -129,28 +110,27 @@ def plan(request: PlanRequest) -> dict[str, Any]:
         )
     if fp8:
         report["notes"].append("FP8: time at FP8 peak FLOPs; memory assumes bf16 weights")
-    if getattr(args, "fsdp_untied", False):
-        report["notes"].append(
-            "FSDP2 needs untied embeddings: planned with a separate LM head (the config ties)"
-        )
-    if layout_ok:
-        _add_layout_estimates(report, args, request, named, fp8)
+    report["notes"] += notes
+    if stages is not None:
+        _add_layout_estimates(report, settings, request, stages, fp8)
     report["ok"] = not report["errors"]
     return report
 
 
 def _add_layout_estimates(
     report: dict[str, Any],
-    args: argparse.Namespace,
+    settings: MemorySettings,
     request: PlanRequest,
-    named: NamedParams,
+    placed: list[StageParams],
     fp8: bool,
 ) -> None:
     """Memory per GPU, its check against the GPU, and the time estimates."""
     layout = report["layout"]
-    num_micro = layout["global_batch_size"] // (args.micro_batch_size * args.data_parallel_size)
+    parallel = settings.parallel
+    per_step = settings.batch.micro_batch_size * parallel.data_parallel_size
+    num_micro = layout["global_batch_size"] // per_step
     layout["num_microbatches"] = num_micro
-    stages = stage_memory(args, place_parameters(args, named), num_micro)
+    stages = stage_memory(settings, placed, num_micro)
     peak_stage, peak_phase = peak_stage_and_phase(stages, bool(report["tst"]["phase1_iters"]))
     peak = getattr(peak_stage, f"total_phase{peak_phase}_bytes")
     capacity = GPU_MEMORY_GIB[request.gpu] * GIB
@@ -169,17 +149,20 @@ def _add_layout_estimates(
             f"estimated peak memory {peak / GIB:.1f} GiB per GPU (pipeline stage "
             f"{peak_stage.stage}, phase {peak_phase}) exceeds the usable "
             f"{budget / GIB:.1f} GiB of one {request.gpu} ({GPU_MEMORY_GIB[request.gpu]} GiB x "
-            f"{request.usable_memory_fraction:g}); try {_memory_remedies(args, request)}"
+            f"{request.usable_memory_fraction:g}); try {_memory_remedies(settings)}"
         )
     peak_tflops = peak_tflops_for_device(request.gpu, fp8=fp8)
+    if peak_tflops is None:
+        raise ValueError(f"no peak TFLOP/s known for GPU {request.gpu!r}")
     world = layout["world_size"]
+    recomputed = recomputed_forward_fraction(settings.model, parallel, settings.recompute)
     step_seconds = {
         phase: step_time(
             report[f"flops_per_step_phase{phase}"],
             world,
             peak_tflops,
             request.mfu,
-            recomputed_fraction=recomputed_forward_fraction(args),
+            recomputed_fraction=recomputed,
             pp=request.pp,
             vpp=request.vpp,
             num_microbatches=num_micro,
@@ -205,14 +188,15 @@ def _add_layout_estimates(
     )
 
 
-def _memory_remedies(args: argparse.Namespace, request: PlanRequest) -> str:
-    remedies = ["more TP/PP" + ("/EP" if args.num_experts else "")]
-    if args.recompute_granularity != "full":
+def _memory_remedies(settings: MemorySettings) -> str:
+    remedies = ["more TP/PP" + ("/EP" if settings.model.num_experts else "")]
+    if settings.recompute.recompute_granularity != "full":
         remedies.append("--recompute")
-    if not args.use_distributed_optimizer:
+    if not settings.parallel.use_distributed_optimizer:
         remedies.append("use-distributed-optimizer in the config")
-    if args.micro_batch_size > 1:
-        remedies.append(f"a --micro-batch-size below {args.micro_batch_size}")
+    micro = settings.batch.micro_batch_size
+    if micro > 1:
+        remedies.append(f"a --micro-batch-size below {micro}")
     return ", ".join(remedies)
 
 

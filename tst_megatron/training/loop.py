@@ -9,6 +9,7 @@ FSDP, `data_parallel`),
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from argparse import Namespace
@@ -44,10 +45,12 @@ from tst_megatron.data.tokenizer import build_tokenizer_from_args, model_vocab_s
 from tst_megatron.loss import positions_with_targets, target_entropy
 from tst_megatron.mcore_compat import batch_on_this_cp_rank
 from tst_megatron.planning import footprint
+from tst_megatron.planning.memory import MemorySettings
 from tst_megatron.targets import build_batch
 from tst_megatron.training import checkpointing as ckpt
 from tst_megatron.training import data_parallel, fault_injection, placement, precision
 from tst_megatron.training.faults import BadStepGuard, ExitRequests, TrainingStopped, check_step
+from tst_megatron.training.fusions import gpu_fusions
 from tst_megatron.training.manual_gc import ManualGarbageCollection
 from tst_megatron.training.metrics import MetricsLogger
 from tst_megatron.training.model_builder import build_model, transformer_config_from_args
@@ -575,10 +578,15 @@ class Trainer:
     def log_memory_estimate(self) -> None:
         """Log the planner's memory estimate per GPU of every pipeline stage for this run
         (Megatron-LM's "theoretical memory footprints"; a collective: every rank calls it)."""
-        args = self.args
-        micro = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+        run = self.settings
+        # the GPU's fusions (the fused SwiGLU keeps less), also where this host runs none
+        kernels = dataclasses.replace(run.kernels, fusions=gpu_fusions(self.args))
+        memory = MemorySettings(model=run.model, parallel=run.parallel, recompute=run.recompute,
+                                precision=run.precision, optimizer=run.optimizer,
+                                batch=run.batch, kernels=kernels, tst=run.tst)  # fmt: skip
         models = [unwrap(chunk) for chunk in self.chunks]
-        self.footprint = footprint.run_footprint(args, models, micro)
+        self.footprint = footprint.run_footprint(memory, run.schedule, models,
+                                                 run.num_microbatches)  # fmt: skip
         for line in footprint.estimate_lines(self.footprint):
             self.metrics.print(line)
 
@@ -587,7 +595,7 @@ class Trainer:
         (a collective: every rank calls it)."""
         if self.device.type != "cuda":
             return
-        measured = footprint.measured_peaks(self.args)
+        measured = footprint.measured_peaks(self.settings.parallel)
         self.metrics.print(
             footprint.measured_line(
                 self.footprint, measured, self.progress.iteration, self.progress.phase
