@@ -218,22 +218,18 @@ def _peak_rss() -> int:
 
 def b200_consumption() -> dict:
     """Phase-1 data tokens/s one B200 consumes in tst-10b-a1b (planner: FLOPs, MFU)."""
-    from tst_megatron.planning.layout import PlanRequest
-    from tst_megatron.planning.report import plan
+    import subprocess
 
-    request = PlanRequest(
-        config=str(REPO / "examples/configs/tst-10b-a1b.yaml"),
-        nodes=8,
-        gpus_per_node=8,
-        gpu="b200",
-        ep=8,
-        micro_batch_size=MICRO,
-    )
-    report = plan(request)
+    planner = [sys.executable, str(REPO / "tools" / "plan.py"), "--json",
+               "--config", str(REPO / "examples/configs/tst-10b-a1b.yaml"), "--nodes", "8",
+               "--gpus-per-node", "8", "--gpu", "b200", "--ep", "8",
+               "--micro-batch-size", str(MICRO)]  # fmt: skip
+    report = json.loads(subprocess.run(planner, capture_output=True, text=True).stdout)
     return {
         "step_s": report["step_time_s"],
-        "mfu": request.mfu,
-        "data_tokens_per_s_per_gpu": report["data_tokens_per_s_phase1"] / request.world_size,
+        "mfu": report["mfu"],
+        "data_tokens_per_s_per_gpu": report["data_tokens_per_s_phase1"]
+        / report["layout"]["world_size"],
     }
 
 

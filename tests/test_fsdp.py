@@ -193,8 +193,10 @@ def test_fsdp2_checks_its_sharded_gradients_for_inf(runs):
 
 
 def test_planner_shards_every_model_state_over_data_parallel_with_fsdp():
+    from tests.tool_import import import_tool
     from tst_megatron.planning.layout import PlanRequest
-    from tst_megatron.planning.report import plan
+
+    plan = import_tool("plan").plan
 
     config = "examples/configs/tst-10b-a1b.yaml"  # untied embeddings, bf16, EP 1 here
     ddp = plan(PlanRequest(config, gpu="h100"))["memory_stages"][0]

@@ -216,18 +216,20 @@ def mlp_saved_bytes() -> dict[bool, int]:
 
 def test_planner_activation_memory_follows_the_swiglu_fusion(tmp_path):
     """The planner's per-layer MLP bytes move by exactly what mcore's unfused SwiGLU keeps."""
+    from tests.tool_import import import_tool
     from tst_megatron.planning.memory import layer_activation_bytes
+    from tst_megatron.settings import Environment
     from tst_megatron.testing.multirank import run_single
+    from tst_megatron.training.run_config import settings_from_flags
 
     measured = run_single(mlp_saved_bytes, timeout_s=240)
     extra = measured[False] - measured[True]
     assert extra > 0 and extra % (TOKENS * FFN * 2) == 0  # whole bf16 [tokens, ffn] tensors
 
     def planned(*flags: str) -> float:
-        args = parse_args(
-            [*BASE, "--hidden-size", str(HIDDEN), "--ffn-hidden-size", str(FFN), *flags]
-        )
-        validate_args(args, world_size=1)
-        return layer_activation_bytes(args, moe=False, tokens=TOKENS)
+        argv = [*BASE, "--hidden-size", str(HIDDEN), "--ffn-hidden-size", str(FFN), *flags]
+        settings = settings_from_flags(argv, 1, Environment.gpu("h100"))
+        memory = import_tool("plan").memory_settings(settings)
+        return layer_activation_bytes(memory, moe=False, tokens=TOKENS)
 
     assert planned("--no-bias-swiglu-fusion") - planned() == extra

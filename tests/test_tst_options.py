@@ -258,8 +258,10 @@ def test_target_entropy_rides_with_the_loss_report_into_one_reduction(per_token)
 def test_planner_follows_the_fold_and_the_fused_output_loss(tmp_path):
     import yaml
 
+    from tests.tool_import import import_tool
     from tst_megatron.planning.layout import PlanRequest
-    from tst_megatron.planning.report import plan
+
+    plan = import_tool("plan").plan
 
     config = {
         "num-layers": 2, "hidden-size": 64, "num-attention-heads": 4, "seq-length": 64,
