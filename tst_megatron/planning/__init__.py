@@ -2,7 +2,8 @@
 
 One concern per module:
 
-- `layout`: the trainer's arguments for a requested layout, checked by its own `validate_args`;
+- `layout`: the trainer's flag values for a requested layout (``tools/plan.py`` resolves them
+  with `run_config.resolve`, the trainer's own validation, for the planned GPU);
 - `params`: exact parameter counts from the meta-device model, and what each pipeline stage
   holds;
 - `memory`: bytes per GPU of every pipeline stage in each TST phase (weights, gradients,
@@ -10,6 +11,6 @@ One concern per module:
 - `step_time`: step time from the model FLOPs, an assumed MFU and the pipeline bubble;
 - `report`: the whole plan as one JSON-ready dict, and its human-readable rendering.
 
-``tools/plan.py`` is the command line over `report.plan`; the trainer logs `memory` for its own
-layout at start-up.
+``tools/plan.py`` is the command line over `report.plan_report`; the trainer logs `memory` for
+its own layout at start-up (`footprint`).
 """
