@@ -134,6 +134,7 @@ def data_budget(request: PlanRequest, data_path: list[str], split: str | None) -
 
     from tst_megatron.data.builders import plan_data
     from tst_megatron.data.checks import DataError
+    from tst_megatron.training.run_config import from_validated_args
 
     args, _ = config_args(request)
     batch = args.global_batch_size  # the run's, whatever the layout
@@ -145,8 +146,16 @@ def data_budget(request: PlanRequest, data_path: list[str], split: str | None) -
     args.data_path, args.train_data_path, args.mock_data = data_path, None, False
     if split is not None:
         args.split = split
+    settings = from_validated_args(args)
     try:
-        data = plan_data(args, None)
+        data = plan_data(
+            settings.data,
+            settings.schedule,
+            settings.batch,
+            settings.tst,
+            settings.model.seq_length,
+            None,
+        )
     except DataError as err:
         raise PlanError(str(err)) from err
     return {"lines": data.notices, "datasets": [asdict(b) for b in data.budgets]}
