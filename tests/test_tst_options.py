@@ -210,9 +210,8 @@ def test_kl_form_reaches_the_log_line_the_jsonl_and_tensorboard(tmp_path, capsys
     flags = [*BASE, *f"{TST} --tst-fold batch --log-interval 1 --metrics-jsonl {jsonl}".split()]
     settings = settings_from_flags(flags)
     with model_builder.single_process_parallel_state():
-        logger = MetricsLogger(
-            settings.logging, settings.model, settings.schedule, settings.precision, 3
-        )
+        sections = (settings.logging, settings.model, settings.schedule, settings.precision)
+        logger = MetricsLogger(*sections, phase1_iters=3)
         board = Board()
         logger._writers.append(("tb", board))
         stream = SimpleNamespace(consumed_tokens=0)
