@@ -96,10 +96,10 @@ def samples(prefixes: list[str], directory: Path, steps: int):
     """The 10B-A1B phase-1 samples of the 0.7 / 0.3 blend (s = 16, L = 4096, global batch
     1024), planned for ``steps`` phase-1 steps (the data repeats: the indices span epochs)."""
     from tst_megatron.data.builders import build_train_samples
-    from tst_megatron.data.tokenizer import build_tokenizer_from_args
-    from tst_megatron.training.arguments import parse_args, validate_args
+    from tst_megatron.data.tokenizer import TokenizerSpec, build_training_tokenizer
+    from tst_megatron.training.run_config import settings_from_flags
 
-    args = parse_args([
+    settings = settings_from_flags([
         "--num-layers", "1", "--hidden-size", "64", "--num-attention-heads", "4",
         "--seq-length", str(SEQ), "--max-position-embeddings", str(SEQ),
         "--micro-batch-size", str(GLOBAL_BATCH), "--global-batch-size", str(GLOBAL_BATCH),
@@ -109,9 +109,10 @@ def samples(prefixes: list[str], directory: Path, steps: int):
         "--data-cache-path", str(directory / "cache"),
         "--data-path", "0.7", prefixes[0], "0.3", prefixes[1],
     ])  # fmt: skip
-    validate_args(args, 1)
-    args.padded_vocab_size = VOCAB
-    return build_train_samples(args, build_tokenizer_from_args(args))
+    tokenizer = build_training_tokenizer(TokenizerSpec.from_settings(settings.data, VOCAB))
+    return build_train_samples(
+        settings.data, settings.schedule, settings.batch, settings.tst, settings.model, tokenizer
+    )
 
 
 def _median_rate(tokens: int, run, steps: int) -> float:

@@ -195,11 +195,10 @@ def test_read_only_dataset_caches_in_the_data_cache_path(tmp_path, monkeypatch):
 
 def test_validation_datasets_are_checked_at_start_up(data):
     from tst_megatron.data.builders import build_train_samples
-    from tst_megatron.training.arguments import parse_args, validate_args
+    from tst_megatron.training.run_config import settings_from_flags
 
     paths = ["--train-data-path", data["good"], "--valid-data-path", data["merged"]]
-    args = parse_args([*LAUNCH[:-4], "--vocab-size", str(VOCAB), *paths])
-    validate_args(args, 1)
-    args.padded_vocab_size = VOCAB
+    settings = settings_from_flags([*LAUNCH[:-4], "--vocab-size", str(VOCAB), *paths])
+    sections = (settings.data, settings.schedule, settings.batch, settings.tst, settings.model)
     with pytest.raises(DataError, match=r"merged': document 150 holds token id"):
-        build_train_samples(args, None)
+        build_train_samples(*sections, None)  # fails in the checks, before the tokenizer

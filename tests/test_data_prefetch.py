@@ -18,7 +18,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from tst_megatron.config import PhaseSpec
 from tst_megatron.data.prefetch import StepPrefetcher, StepRequest
 from tst_megatron.data.samples import TrainingSamples
-from tst_megatron.data.tokenizer import build_tokenizer_from_args, model_vocab_size
+from tst_megatron.data.tokenizer import TokenizerSpec, build_training_tokenizer
 from tst_megatron.testing.datasets import reference_windows
 from tst_megatron.testing.multirank import free_port
 
@@ -44,10 +44,10 @@ def two_datasets(tmp_path_factory):
 def blend(two_datasets, weights=(0.7, 0.3)) -> TrainingSamples:
     """Training samples of the blend: s = 4, L = 8, 2 samples a step, 50 steps per phase."""
     from tst_megatron.data.builders import build_train_samples
-    from tst_megatron.training.arguments import parse_args, validate_args
+    from tst_megatron.training.run_config import settings_from_flags
 
     tmp, a, b = two_datasets
-    args = parse_args([
+    settings = settings_from_flags([
         "--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2",
         "--seq-length", "8", "--max-position-embeddings", "8", "--micro-batch-size", "1",
         "--global-batch-size", "2", "--lr", "1e-3", "--train-iters", "100",
@@ -56,10 +56,10 @@ def blend(two_datasets, weights=(0.7, 0.3)) -> TrainingSamples:
         "--data-cache-path", str(tmp / "cache"),
         "--data-path", str(weights[0]), a, str(weights[1]), b,
     ])  # fmt: skip
-    validate_args(args, 1)
-    tokenizer = build_tokenizer_from_args(args)
-    args.padded_vocab_size = model_vocab_size(tokenizer, args)
-    return build_train_samples(args, tokenizer)
+    tokenizer = build_training_tokenizer(TokenizerSpec.from_settings(settings.data, 50000))
+    return build_train_samples(
+        settings.data, settings.schedule, settings.batch, settings.tst, settings.model, tokenizer
+    )
 
 
 def test_vectorised_windows_equal_megatrons_per_sample_reads(two_datasets):

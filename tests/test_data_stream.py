@@ -3,6 +3,8 @@ partition, blends, epochs, resumption and the data budget (issue 22)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -12,9 +14,9 @@ from tst_megatron.config import STANDARD_PHASE, PhaseSpec
 from tst_megatron.data import budget
 from tst_megatron.data.builders import build_train_samples
 from tst_megatron.data.checks import DataError
-from tst_megatron.data.tokenizer import build_tokenizer_from_args, model_vocab_size
+from tst_megatron.data.tokenizer import TokenizerSpec, build_training_tokenizer
 from tst_megatron.testing.datasets import reference_windows, write_documents
-from tst_megatron.training.arguments import parse_args, validate_args
+from tst_megatron.training.run_config import settings_from_flags
 
 VOCAB = 100_000  # token ids are positions: every token of a corpus is distinct
 SEQ, GBS = 16, 4
@@ -36,11 +38,12 @@ def samples(tmp_path, data_path, *extra, iters=20):
         "--vocab-size", str(VOCAB), "--split", "100,0,0", "--seed", "3",
         "--data-cache-path", str(tmp_path / "cache"), "--data-path", *data_path, *extra,
     ]  # fmt: skip
-    args = parse_args(argv)
-    validate_args(args, 1)
-    tokenizer = build_tokenizer_from_args(args)
-    args.padded_vocab_size = model_vocab_size(tokenizer, args)
-    return build_train_samples(args, tokenizer), args, tokenizer
+    settings = settings_from_flags(argv)
+    tokenizer = build_training_tokenizer(TokenizerSpec.from_settings(settings.data, VOCAB))
+    data = build_train_samples(
+        settings.data, settings.schedule, settings.batch, settings.tst, settings.model, tokenizer
+    )
+    return data, settings, tokenizer
 
 
 TST = ("--tst-bag-size", "4", "--tst-phase1-fraction", "0.5")
@@ -163,13 +166,14 @@ def test_blend_weights_are_normalised_with_a_note(two):
 
 def test_phase_plans_follow_the_schedule_the_fold_and_the_ramp_up(two):
     tmp, a, _ = two
-    _, args, _ = samples(tmp, [a], "--tst-bag-size", "4", "--tst-phase1-iters", "3",
-                         "--tst-fold", "batch", iters=8)  # fmt: skip
-    plan1, plan2 = budget.phase_plans(args)
+    _, settings, _ = samples(tmp, [a], "--tst-bag-size", "4", "--tst-phase1-iters", "3",
+                             "--tst-fold", "batch", iters=8)  # fmt: skip
+    tst, schedule, batch = settings.tst, settings.schedule, settings.batch
+    plan1, plan2 = budget.phase_plans(tst, schedule, batch, SEQ)
     assert (plan1.samples, plan1.window) == (3 * GBS * 4, 4 * (SEQ // 4 + 1))
     assert (plan2.samples, plan2.window) == (5 * GBS, SEQ + 1)
-    args.rampup_batch_size = [2, 1, 6]  # 2, 2, 2, 3, 3 (ramp over 6 samples), then 4
-    plan1, plan2 = budget.phase_plans(args)
-    sizes = [budget.global_batch_at(args, c) for c in (0, 2, 4, 6, 9)]
+    batch = replace(batch, rampup_batch_size=(2, 1, 6))  # 2, 2, 2, 3, 3 (over 6), then 4
+    plan1, plan2 = budget.phase_plans(tst, schedule, batch, SEQ)
+    sizes = [budget.global_batch_at(batch, c) for c in (0, 2, 4, 6, 9)]
     assert sizes == [2, 2, 3, 4, 4] and plan1.samples == (2 + 2 + 3) * 4
     assert plan2.samples == 5 * 4

@@ -196,14 +196,15 @@ def _timers_and_metrics_log(tmp: str) -> dict:
     from contextlib import redirect_stdout
 
     from tst_megatron.training.metrics import MetricsLogger
-    from tst_megatron.training.run_config import from_validated_args
+    from tst_megatron.training.run_config import settings_from_flags
     from tst_megatron.training.timers import StepTimers
 
-    args = _args(*NO_BIAS, *MOE, "--moe-layer-freq", "2", "--timing-log-level", "1",
-                 "--timing-log-option", "max",
-                 "--metrics-jsonl", f"{tmp}/metrics.jsonl", "--log-interval", "2",
-                 "--tst-bag-size", "2", "--tst-phase1-iters", "1")  # fmt: skip
-    timers = StepTimers(from_validated_args(args).logging)
+    settings = settings_from_flags([
+        *FLAGS, *NO_BIAS, *MOE, "--moe-layer-freq", "2", "--timing-log-level", "1",
+        "--timing-log-option", "max", "--metrics-jsonl", f"{tmp}/metrics.jsonl",
+        "--log-interval", "2", "--tst-bag-size", "2", "--tst-phase1-iters", "1",
+    ])  # fmt: skip
+    timers = StepTimers(settings.logging)
 
     class Board:
         def __init__(self):
@@ -215,7 +216,9 @@ def _timers_and_metrics_log(tmp: str) -> dict:
         def flush(self):
             pass
 
-    logger = MetricsLogger(args, phase1_iters=1)
+    logger = MetricsLogger(
+        settings.logging, settings.model, settings.schedule, settings.precision, phase1_iters=1
+    )
     board = Board()
     logger._writers.append(("tb", board))
     logger.attach_timers(timers)

@@ -44,6 +44,7 @@ from tst_megatron.testing.launches import (
 from tst_megatron.training import exit_signals, fault_injection
 from tst_megatron.training.arguments import parse_args, validate_args
 from tst_megatron.training.faults import ExitRequests
+from tst_megatron.training.run_config import settings_from_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -415,9 +416,11 @@ def test_truncated_bin_is_rejected(tmp, datasets):
 
 
 def test_tokens_outside_the_vocabulary_are_rejected(datasets):
-    args = validated(*null_tokenizer_data(datasets["out_of_vocab"]))
+    data = null_tokenizer_data(datasets["out_of_vocab"])
+    settings = settings_from_flags([*MODEL, *TRAIN, *TST, *data])
+    sections = (settings.data, settings.schedule, settings.batch, settings.tst, settings.model)
     with pytest.raises(DataError, match="document 1 holds token id 600 but the model's vocab"):
-        build_train_samples(args, None)
+        build_train_samples(*sections, None)  # fails in the checks, before the tokenizer
 
 
 def test_tokenizer_larger_than_the_model_vocabulary_is_rejected():

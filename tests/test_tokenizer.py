@@ -27,10 +27,12 @@ from tst_megatron.data.tokenizer import (
     TokenizerError,
     TokenizerSpec,
     build_tokenizer,
-    build_tokenizer_from_args,
+    build_training_tokenizer,
     model_vocab_size,
 )
+from tst_megatron.settings import RunConfig
 from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
+from tst_megatron.training.run_config import settings_from_flags
 
 preprocess_data = import_tool("preprocess_data")
 
@@ -86,10 +88,21 @@ def tokenizer_flags(tmp_path_factory) -> dict[str, tuple[str, ...]]:
     return flags
 
 
-def trainer_args(flags: tuple[str, ...]):
-    args = parse_args([*MODEL, *flags])
-    validate_args(args, world_size=1)
-    return args
+def trainer_settings(flags: tuple[str, ...], world_size: int = 1) -> RunConfig:
+    return settings_from_flags([*MODEL, *flags], world_size)
+
+
+def trainer_tokenizer(settings: RunConfig):
+    """The tokenizer `Trainer.__init__` builds."""
+    spec = TokenizerSpec.from_settings(settings.data, settings.model.vocab_size)
+    return build_training_tokenizer(spec)
+
+
+def padded_vocab(settings: RunConfig) -> int:
+    """The model's vocabulary `Trainer.__init__` gives `RunConfig.with_padded_vocab_size`."""
+    model, tp = settings.model, settings.parallel.tensor_model_parallel_size
+    tokenizer = trainer_tokenizer(settings)
+    return model_vocab_size(tokenizer, model.vocab_size, model.make_vocab_size_divisible_by, tp)
 
 
 KINDS = ["hf", "hf-bos", "gpt2", "sentencepiece", "gpt-sentencepiece", "null"]
@@ -117,9 +130,8 @@ def test_preprocessing_and_training_give_the_same_ids(kind, tokenizer_flags, tmp
     argv = ["--input", str(corpus), "--output-prefix", str(prefix), *flags, "--append-eod"]
     assert preprocess_data.main(argv) == 0, capsys.readouterr().err
 
-    args = trainer_args(flags)
-    tokenizer = build_tokenizer_from_args(args)  # what Trainer.__init__ builds
-    args.padded_vocab_size = model_vocab_size(tokenizer, args)
+    settings = trainer_settings(flags)
+    tokenizer = trainer_tokenizer(settings)
     dataset = IndexedDataset(str(prefix) + "_text_document")
     written = [dataset[i].tolist() for i in range(len(dataset))]
     through_trainer = [[*tokenizer.tokenize(text), tokenizer.eod] for text in texts]
@@ -131,23 +143,25 @@ def test_preprocessing_and_training_give_the_same_ids(kind, tokenizer_flags, tmp
     assert tokenizer.eod_token == EXPECTED_EOD[kind]
     assert tokenizer.eod == (999 if kind == "null" else written[0][-1])
     assert dataset.index.dtype == preprocess_data.token_dtype(tokenizer.vocab_size) == np.uint16
-    open_indexed_dataset(str(prefix) + "_text_document", args.padded_vocab_size)  # ids fit
+    open_indexed_dataset(str(prefix) + "_text_document", padded_vocab(settings))  # ids fit
 
 
 def test_vocabulary_and_padding_rules(tokenizer_flags):
     """Padded to a multiple of 128 x TP; --vocab-size fixes it; a larger tokenizer is refused."""
-    args = trainer_args(tokenizer_flags["hf-bos"])
-    tokenizer = build_tokenizer_from_args(args)
+    settings = trainer_settings(tokenizer_flags["hf-bos"])
+    tokenizer = trainer_tokenizer(settings)
     assert tokenizer.vocab_size == 8194  # 8192 + <s> + </s>
-    assert model_vocab_size(tokenizer, args) == 8320  # 65 x 128
-    args = trainer_args((*tokenizer_flags["hf"], "--tensor-model-parallel-size", "1",
-                         "--make-vocab-size-divisible-by", "100"))  # fmt: skip
-    assert model_vocab_size(build_tokenizer_from_args(args), args) == 8200
-    args = trainer_args((*tokenizer_flags["hf"], "--vocab-size", "9000"))
-    assert model_vocab_size(build_tokenizer_from_args(args), args) == 9088
-    args = trainer_args((*tokenizer_flags["hf"], "--vocab-size", "100"))
+    assert padded_vocab(settings) == 8320  # 65 x 128
+    tp2 = trainer_settings((*tokenizer_flags["hf-bos"], "--tensor-model-parallel-size", "2"), 2)
+    assert padded_vocab(tp2) == 8448  # 33 x (128 x 2)
+    settings = trainer_settings((*tokenizer_flags["hf"], "--tensor-model-parallel-size", "1",
+                                 "--make-vocab-size-divisible-by", "100"))  # fmt: skip
+    assert padded_vocab(settings) == 8200
+    settings = trainer_settings((*tokenizer_flags["hf"], "--vocab-size", "9000"))
+    assert padded_vocab(settings) == 9088
+    settings = trainer_settings((*tokenizer_flags["hf"], "--vocab-size", "100"))
     with pytest.raises(TokenizerError, match=r"has 8192 tokens but .*--vocab-size 100\) has 128"):
-        model_vocab_size(build_tokenizer_from_args(args), args)
+        padded_vocab(settings)
 
 
 @pytest.mark.parametrize(
@@ -196,4 +210,4 @@ def test_bad_tokenizer_inputs_are_named(tmp_path, capsys):
 def test_a_tokenizer_without_eod_cannot_train(tmp_path):
     flags = gpt2_files(tmp_path, drop="<|endoftext|>")
     with pytest.raises(TokenizerError, match=r"training: tokenizer .*vocab.json has no end-of-doc"):
-        build_tokenizer_from_args(trainer_args(flags))
+        trainer_tokenizer(trainer_settings(flags))

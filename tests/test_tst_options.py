@@ -194,6 +194,7 @@ def test_kl_form_reaches_the_log_line_the_jsonl_and_tensorboard(tmp_path, capsys
 
     from tst_megatron.config import STANDARD_PHASE
     from tst_megatron.training.metrics import MetricsLogger
+    from tst_megatron.training.run_config import settings_from_flags
 
     class Board:  # the SummaryWriter calls the logger makes
         def __init__(self):
@@ -206,13 +207,15 @@ def test_kl_form_reaches_the_log_line_the_jsonl_and_tensorboard(tmp_path, capsys
             pass
 
     jsonl = tmp_path / "metrics.jsonl"
-    args = validated(TST, "--tst-fold batch --log-interval 1", f"--metrics-jsonl {jsonl}")
+    flags = [*BASE, *f"{TST} --tst-fold batch --log-interval 1 --metrics-jsonl {jsonl}".split()]
+    settings = settings_from_flags(flags)
     with model_builder.single_process_parallel_state():
-        logger = MetricsLogger(args, phase1_iters=3)
+        sections = (settings.logging, settings.model, settings.schedule, settings.precision)
+        logger = MetricsLogger(*sections, phase1_iters=3)
         board = Board()
         logger._writers.append(("tb", board))
         stream = SimpleNamespace(consumed_tokens=0)
-        for iteration, phase, spec, kl in ((3, 1, args.tst.phase_spec(1), 2.5),
+        for iteration, phase, spec, kl in ((3, 1, settings.tst.phase_spec(1), 2.5),
                                             (4, 2, STANDARD_PHASE, 4.0)):  # fmt: skip
             progress = SimpleNamespace(iteration=iteration, consumed_samples=0, phase=phase)
             step = {"loss": 4.0, "loss_kl": kl, "grad_norm": 1.0, "updated": True,

@@ -229,8 +229,16 @@ def data_budget(request: PlanRequest, data_path: list[str], split: str | None) -
     run = resolved(dataclasses.replace(one_gpu, values=values), Environment.gpu(request.gpu))
     if isinstance(run, str):
         raise PlanError(run)
+    settings = run[0]
     try:
-        data = plan_data(run[1], None)
+        data = plan_data(
+            settings.data,
+            settings.schedule,
+            settings.batch,
+            settings.tst,
+            settings.model.seq_length,
+            None,
+        )
     except DataError as err:
         raise PlanError(str(err)) from err
     return {"lines": data.notices, "datasets": [asdict(b) for b in data.budgets]}

@@ -21,7 +21,7 @@ from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
 from tst_megatron.conversion import ConversionError
-from tst_megatron.data.tokenizer import build_tokenizer_from_args, model_vocab_size
+from tst_megatron.data.tokenizer import TokenizerSpec, build_training_tokenizer, model_vocab_size
 from tst_megatron.model import TSTGPTModel
 from tst_megatron.training import checkpointing as ckpt
 from tst_megatron.training.arguments import load_yaml_defaults, validate_args
@@ -138,8 +138,13 @@ def single_process_args(run_args: Namespace) -> tuple[Namespace, Any]:
     if args.seq_length is None:  # the sequence length is no part of the weights
         args.seq_length = args.max_position_embeddings
     validate_args(args, 1)
-    tokenizer = build_tokenizer_from_args(args)
-    args.padded_vocab_size = model_vocab_size(tokenizer, padding)
+    tokenizer = build_training_tokenizer(TokenizerSpec.from_args(args))
+    args.padded_vocab_size = model_vocab_size(
+        tokenizer,
+        padding.vocab_size,
+        padding.make_vocab_size_divisible_by,
+        padding.tensor_model_parallel_size,
+    )
     return args, tokenizer
 
 

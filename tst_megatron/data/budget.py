@@ -14,10 +14,13 @@ data remains. `budget_lines` states, before step 1, what that means per dataset.
 
 from __future__ import annotations
 
-from argparse import Namespace
 from dataclasses import dataclass
 
 import numpy as np
+
+from tst_megatron.config import TSTConfig
+from tst_megatron.settings.batch import BatchConfig
+from tst_megatron.settings.schedule import ScheduleConfig
 
 TST_REPEATS_WARNING = (
     "warning: this TST run reads some of its data more than once (see the data budget above): "
@@ -37,36 +40,38 @@ class PhasePlan:
     window: int
 
 
-def global_batch_at(args: Namespace, consumed_samples: int) -> int:
+def global_batch_at(batch: BatchConfig, consumed_samples: int) -> int:
     """The global batch after ``consumed_samples``: ``--rampup-batch-size`` as Megatron-Core's
     `RampupBatchsizeNumMicroBatchesCalculator` ramps it (0.16), else ``--global-batch-size``."""
-    if not args.rampup_batch_size:
-        return args.global_batch_size
-    start, increment, ramp_samples = (int(v) for v in args.rampup_batch_size)
+    if not batch.rampup_batch_size:
+        return batch.global_batch_size
+    start, increment, ramp_samples = (int(v) for v in batch.rampup_batch_size)
     if consumed_samples > ramp_samples:
-        return args.global_batch_size
-    per_increment = ramp_samples / ((args.global_batch_size - start) // increment)
+        return batch.global_batch_size
+    per_increment = ramp_samples / ((batch.global_batch_size - start) // increment)
     return start + int(consumed_samples / per_increment) * increment
 
 
-def phase_plans(args: Namespace) -> list[PhasePlan]:
-    """The planned reads of phase 1 and phase 2 (``samples`` 0 for a phase the run lacks)."""
-    phase1_iters = args.tst.phase1_iterations(args.train_iters)
+def phase_plans(
+    tst: TSTConfig, schedule: ScheduleConfig, batch: BatchConfig, seq_length: int
+) -> list[PhasePlan]:
+    """The planned reads of phase 1 and phase 2 (``samples`` 0 for a phase the run lacks) of
+    ``schedule.train_iters`` steps at context ``seq_length``."""
+    train_iters = schedule.train_iters
+    phase1_iters = tst.phase1_iterations(train_iters)
     configured, consumed = [0, 0], 0
-    for iteration in range(args.train_iters):
-        gbs = global_batch_at(args, consumed)
-        if gbs == args.global_batch_size:  # ramp-up over: the rest in closed form
+    for iteration in range(train_iters):
+        gbs = global_batch_at(batch, consumed)
+        if gbs == batch.global_batch_size:  # ramp-up over: the rest in closed form
             configured[0] += max(phase1_iters - iteration, 0) * gbs
-            configured[1] += (args.train_iters - max(iteration, phase1_iters)) * gbs
+            configured[1] += (train_iters - max(iteration, phase1_iters)) * gbs
             break
         configured[0 if iteration < phase1_iters else 1] += gbs
         consumed += gbs
     plans = []
     for phase, count in zip((1, 2), configured, strict=True):
-        spec = args.tst.phase_spec(phase)
-        plans.append(
-            PhasePlan(phase, count * spec.fold_factor, spec.window_length(args.seq_length))
-        )
+        spec = tst.phase_spec(phase)
+        plans.append(PhasePlan(phase, count * spec.fold_factor, spec.window_length(seq_length)))
     return plans
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-from argparse import Namespace
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import get_blend_from_list
 
+from tst_megatron.config import TSTConfig
 from tst_megatron.data import budget
 from tst_megatron.data.checks import (
     DataError,
@@ -23,11 +24,16 @@ from tst_megatron.data.checks import (
     read_index_header,
 )
 from tst_megatron.data.samples import MockPhase, PhaseBlend, TrainingSamples, build_phase_dataset
+from tst_megatron.data.tokenizer import Tokenizer
+from tst_megatron.settings.batch import BatchConfig
+from tst_megatron.settings.data import DataConfig
+from tst_megatron.settings.model import ModelConfig
+from tst_megatron.settings.schedule import ScheduleConfig
 
 TRAIN, VALID = 0, 1
 
 
-def parse_blend(paths: list[str], flag: str) -> tuple[list[str], list[float]]:
+def parse_blend(paths: list[str] | tuple[str, ...], flag: str) -> tuple[list[str], list[float]]:
     """``[PREFIX ...]`` or ``[W1, PREFIX1, W2, PREFIX2, ...]`` -> (prefixes, weights).
 
     The weights are returned as given; `build_train_samples` normalises them (with a note in
@@ -137,38 +143,45 @@ class DataPlan:
         return int(np.count_nonzero(self.indices[phase][0] == k))
 
 
-def plan_data(args: Namespace, vocab_size: int | None) -> DataPlan:
+def plan_data(
+    data: DataConfig,
+    schedule: ScheduleConfig,
+    batch: BatchConfig,
+    tst: TSTConfig,
+    seq_length: int,
+    vocab_size: int | None,
+) -> DataPlan:
     """Check every dataset (`open_indexed_dataset` with ``vocab_size``, one phase-1 window)
     and plan the run's reads: blend order, partitions, the data budget (``--data-path`` /
     ``--train-data-path``; the planner calls this with ``vocab_size`` None)."""
-    plans = budget.phase_plans(args)
-    if args.train_data_path:
-        prefixes, weights = parse_blend(args.train_data_path, "--train-data-path")
+    plans = budget.phase_plans(tst, schedule, batch, seq_length)
+    if data.train_data_path:
+        prefixes, weights = parse_blend(data.train_data_path, "--train-data-path")
         split = "1,0,0"
     else:
-        prefixes, weights = parse_blend(args.data_path, "--data-path")
-        split = args.split
+        prefixes, weights = parse_blend(data.data_path or (), "--data-path")
+        split = data.split
     notices = [_normalised_note(prefixes, weights)] if abs(sum(weights) - 1.0) > 1e-6 else []
     weights = [w / sum(weights) for w in weights]
     opened = []
     for prefix in prefixes:
-        dataset = open_indexed_dataset(prefix, vocab_size, args.data_cache_path)
+        dataset = open_indexed_dataset(prefix, vocab_size, data.data_cache_path)
         docs = split_documents(len(dataset), split, TRAIN)
         if len(docs) == 0:
             raise DataError(f"dataset {prefix!r}: the train split {split!r} holds no documents")
-        check_holds_one_window(prefix, _tokens(dataset, docs), args)
+        check_holds_one_window(prefix, _tokens(dataset, docs), tst, seq_length)
         opened.append((prefix, dataset, docs))
     indices = {plan.phase: budget.blend_indices(weights, plan.samples) for plan in plans}
     counts = {p: np.bincount(index[0], minlength=len(prefixes)) for p, index in indices.items()}
     partitions, budgets = [], []
     for k, (prefix, dataset, docs) in enumerate(opened):
-        needed = [budget.tokens_for(int(counts[p.phase][k]), p.window) for p in plans]
+        phase1, phase2 = (budget.tokens_for(int(counts[p.phase][k]), p.window) for p in plans)
         lengths = np.asarray(dataset.sequence_lengths, dtype=np.int64)[docs]
-        parts = budget.partition_documents(docs, lengths, needed[0], plans[1].window, args.seed)
+        parts = budget.partition_documents(docs, lengths, phase1, plans[1].window, schedule.seed)
         partitions.append(parts)
-        held = tuple(_tokens(dataset, part) for part in parts)
-        budgets.append(budget.DatasetBudget(prefix, int(lengths.sum()), held, tuple(needed)))
-    notices += budget.budget_lines(budgets, args.tst.enabled)
+        held = (_tokens(dataset, parts[0]), _tokens(dataset, parts[1]))
+        budgets.append(budget.DatasetBudget(prefix, int(lengths.sum()), held, (phase1, phase2)))
+    notices += budget.budget_lines(budgets, tst.enabled)
     return DataPlan(split, opened, plans, indices, partitions, budgets, notices)
 
 
@@ -176,40 +189,48 @@ def _tokens(dataset: IndexedDataset, documents: np.ndarray) -> int:
     return int(np.asarray(dataset.sequence_lengths, dtype=np.int64)[documents].sum())
 
 
-def build_train_samples(args: Namespace, tokenizer) -> TrainingSamples:
+def build_train_samples(
+    data: DataConfig,
+    schedule: ScheduleConfig,
+    batch: BatchConfig,
+    tst: TSTConfig,
+    model: ModelConfig,
+    tokenizer: Tokenizer,
+) -> TrainingSamples:
     """The training samples of ``--data-path`` (train split) or ``--train-data-path``.
 
-    `plan_data` checks every file and plans first; then each phase's `GPTDataset`s are built
-    over the planned document partitions (collective: rank 0 builds the cached indices, the
-    other ranks load them).
+    `plan_data` checks every file against ``model.padded_vocab_size`` and plans first; then
+    each phase's `GPTDataset`s of ``model.seq_length`` are built over the planned document
+    partitions (collective: rank 0 builds the cached indices, the other ranks load them).
     """
-    if args.mock_data:
-        return mock_samples(tokenizer.vocab_size, args.seed, budget.phase_plans(args))
-    data = plan_data(args, args.padded_vocab_size)
-    check_evaluation_datasets(args)
-    config = {
-        "random_seed": args.seed,
+    if data.mock_data:
+        plans = budget.phase_plans(tst, schedule, batch, model.seq_length)
+        return mock_samples(tokenizer.vocab_size, schedule.seed, plans)
+    planned = plan_data(data, schedule, batch, tst, model.seq_length, model.padded_vocab_size)
+    check_evaluation_datasets(data, model.padded_vocab_size)
+    config: dict[str, Any] = {
+        "random_seed": schedule.seed,
         "tokenizer": tokenizer,
-        "split": data.split,
-        "path_to_cache": args.data_cache_path,
+        "split": planned.split,
+        "path_to_cache": data.data_cache_path,
         "reset_position_ids": False,
         "reset_attention_mask": False,
         "eod_mask_loss": False,
         "create_attention_mask": False,
     }
     phases = {}
-    for i, plan in enumerate(data.plans):
+    for i, plan in enumerate(planned.plans):
         datasets = []
-        for k, (prefix, dataset, _) in enumerate(data.datasets):
-            count, documents = data.count(plan.phase, k), data.partitions[k][i]
+        for k, (prefix, dataset, _) in enumerate(planned.datasets):
+            count, documents = planned.count(plan.phase, k), planned.partitions[k][i]
             built = None
             if count:
                 built = build_phase_dataset(
                     dataset, prefix, documents, plan.phase, count, plan.window, config
                 )
             datasets.append(built)
-        phases[plan.phase] = PhaseBlend(plan.window, datasets, *data.indices[plan.phase])
-    return TrainingSamples(phases, data.notices)
+        phases[plan.phase] = PhaseBlend(plan.window, datasets, *planned.indices[plan.phase])
+    return TrainingSamples(phases, planned.notices)
 
 
 def _normalised_note(prefixes: list[str], weights: list[float]) -> str:
@@ -231,24 +252,24 @@ def mock_samples(vocab_size: int, seed: int, plans: list[budget.PhasePlan]) -> T
     return TrainingSamples(phases)
 
 
-def check_evaluation_datasets(args: Namespace) -> None:
+def check_evaluation_datasets(data: DataConfig, vocab_size: int | None) -> None:
     """Run the file checks on ``--valid-data-path`` / ``--test-data-path`` at start-up too.
 
     Megatron-Core's `GPTDataset` reads them later, at the first evaluation, and checks nothing.
     """
     for flag, paths in (
-        ("--valid-data-path", args.valid_data_path),
-        ("--test-data-path", args.test_data_path),
+        ("--valid-data-path", data.valid_data_path),
+        ("--test-data-path", data.test_data_path),
     ):
         if paths:
             for prefix in parse_blend(paths, flag)[0]:
-                open_indexed_dataset(prefix, args.padded_vocab_size, args.data_cache_path)
+                open_indexed_dataset(prefix, vocab_size, data.data_cache_path)
 
 
-def check_holds_one_window(prefix: str, tokens: int, args: Namespace) -> None:
+def check_holds_one_window(prefix: str, tokens: int, tst: TSTConfig, seq_length: int) -> None:
     """Reject a training split of ``tokens`` tokens shorter than one phase-1 sample window."""
-    spec = args.tst.phase_spec(1)
-    s, length = spec.bag_size, args.seq_length
+    spec = tst.phase_spec(1)
+    s, length = spec.bag_size, seq_length
     window = spec.window_length(length)
     if tokens >= window:
         return
@@ -266,30 +287,34 @@ def check_holds_one_window(prefix: str, tokens: int, args: Namespace) -> None:
     )
 
 
-def build_valid_dataset(args: Namespace, tokenizer, num_samples: int) -> GPTDataset | None:
-    """Megatron-Core `GPTDataset` of ``L+1``-token samples for standard next-token eval."""
-    if args.mock_data:
+def build_valid_dataset(
+    data: DataConfig, seed: int, seq_length: int, tokenizer: Tokenizer, num_samples: int
+) -> GPTDataset | None:
+    """Megatron-Core `GPTDataset` of ``L+1``-token samples (``L`` = ``seq_length``) for
+    standard next-token eval, in the order of ``--seed`` (``seed``)."""
+    if data.mock_data:
         return None
-    if args.valid_data_path:
-        blend_per_split = [None, get_blend_from_list(args.valid_data_path), None]
+    if data.valid_data_path:
+        blend_per_split = [None, get_blend_from_list(list(data.valid_data_path)), None]
         blend, split = None, None
-    elif args.train_data_path:
+    elif data.train_data_path:
         return None
     else:
-        blend, split, blend_per_split = get_blend_from_list(args.data_path), args.split, None
-        if parse_and_normalize_split(args.split)[VALID] == 0:
+        blend, split = get_blend_from_list(list(data.data_path or ())), data.split
+        blend_per_split = None
+        if parse_and_normalize_split(data.split)[VALID] == 0:
             return None
     config = GPTDatasetConfig(
-        random_seed=args.seed,
-        sequence_length=args.seq_length,
+        random_seed=seed,
+        sequence_length=seq_length,
         blend=blend,
         blend_per_split=blend_per_split,
         split=split,
-        path_to_cache=args.data_cache_path,
+        path_to_cache=data.data_cache_path,
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
-        eod_mask_loss=args.eod_mask_loss,
+        eod_mask_loss=data.eod_mask_loss,
         create_attention_mask=False,
     )
     sizes = [0, num_samples, 0]
@@ -297,6 +322,6 @@ def build_valid_dataset(args: Namespace, tokenizer, num_samples: int) -> GPTData
     return datasets[VALID]
 
 
-def mock_valid_windows(tokenizer, seed: int, count: int, window: int) -> torch.Tensor:
+def mock_valid_windows(tokenizer: Tokenizer, seed: int, count: int, window: int) -> torch.Tensor:
     """Validation windows for ``--mock-data`` (the same synthetic sequence, from its start)."""
     return torch.from_numpy(MockPhase(tokenizer.vocab_size, seed, window, 0).read(np.arange(count)))

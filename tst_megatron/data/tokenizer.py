@@ -18,7 +18,7 @@ build their tokenizer here, so a corpus is tokenized and trained with the same r
 ``vocab_size`` is every id the tokenizer can produce (added tokens included; ``--vocab-size V``
 for ``NullTokenizer``). The model's vocabulary is `model_vocab_size`: ``--vocab-size`` if given,
 else the tokenizer's size, rounded up to a multiple of ``--make-vocab-size-divisible-by x TP``
-(Megatron-LM's padding).
+(Megatron-LM's padding, `pad_vocab_size`).
 
 Differences from Megatron-LM, on purpose: ``SentencePieceTokenizer`` is the plain model, like
 ``GPTSentencePieceTokenizer`` (Megatron-LM's adds BERT/T5 ``<CLS> <SEP> <EOD> <MASK>`` tokens;
@@ -38,7 +38,9 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
+
+from tst_megatron.settings.data import DataConfig
 
 HUGGING_FACE = "HuggingFaceTokenizer"
 GPT2_BPE = "GPT2BPETokenizer"
@@ -90,6 +92,13 @@ class TokenizerSpec:
             args.vocab_size,
         )
 
+    @classmethod
+    def from_settings(cls, data: DataConfig, vocab_size: int | None) -> TokenizerSpec:
+        """The spec of a run's data section and ``--vocab-size`` (``vocab_size``)."""
+        return cls(
+            data.tokenizer_type, data.tokenizer_model, data.vocab_file, data.merge_file, vocab_size
+        )
+
     @property
     def source(self) -> str:
         """The file or number the tokenizer comes from, for messages."""
@@ -99,14 +108,15 @@ class TokenizerSpec:
 
     def missing_flags(self) -> list[str]:
         """The flags this tokenizer type needs that are not given."""
-        needed = {
-            HUGGING_FACE: ("--tokenizer-model", self.tokenizer_model),
-            GPT2_BPE: ("--vocab-file", self.vocab_file, "--merge-file", self.merge_file),
-            SENTENCE_PIECE: ("--tokenizer-model", self.tokenizer_model),
-            GPT_SENTENCE_PIECE: ("--tokenizer-model", self.tokenizer_model),
-            NULL: ("--vocab-size", self.vocab_size),
-        }.get(self.tokenizer_type, ())
-        return [flag for flag, value in zip(needed[::2], needed[1::2], strict=True) if not value]
+        model = ("--tokenizer-model", self.tokenizer_model)
+        needed: dict[str, tuple[tuple[str, str | int | None], ...]] = {
+            HUGGING_FACE: (model,),
+            GPT2_BPE: (("--vocab-file", self.vocab_file), ("--merge-file", self.merge_file)),
+            SENTENCE_PIECE: (model,),
+            GPT_SENTENCE_PIECE: (model,),
+            NULL: (("--vocab-size", self.vocab_size),),
+        }
+        return [flag for flag, value in needed.get(self.tokenizer_type, ()) if not value]
 
     def check(self) -> None:
         """Raise `TokenizerError` for an unknown type or a missing flag (no file is read)."""
@@ -128,19 +138,22 @@ def build_tokenizer(spec: TokenizerSpec) -> Tokenizer:
     Raises:
         TokenizerError: unknown type, missing flag, or unreadable files (the message names it).
     """
-    spec.check()
+    spec.check()  # the flags the type needs are given: the casts below hold
     if spec.tokenizer_type == HUGGING_FACE:
-        return HFTokenizer(spec.tokenizer_model)
+        return HFTokenizer(cast(str, spec.tokenizer_model))
     if spec.tokenizer_type == GPT2_BPE:
-        return GPT2BPETokenizer(spec.vocab_file, spec.merge_file)
+        return GPT2BPETokenizer(cast(str, spec.vocab_file), cast(str, spec.merge_file))
     if spec.tokenizer_type in (SENTENCE_PIECE, GPT_SENTENCE_PIECE):
-        return SentencePieceTokenizer(spec.tokenizer_model)
-    return NullTokenizer(spec.vocab_size)
+        return SentencePieceTokenizer(cast(str, spec.tokenizer_model))
+    return NullTokenizer(cast(int, spec.vocab_size))
 
 
-def build_tokenizer_from_args(args: argparse.Namespace) -> Tokenizer:
-    """The tokenizer of ``pretrain_tst.py``-style args, which must have an EOD token."""
-    spec = TokenizerSpec.from_args(args)
+def build_training_tokenizer(spec: TokenizerSpec) -> Tokenizer:
+    """The tokenizer ``spec`` names, which must have an EOD token (training needs one).
+
+    Raises:
+        TokenizerError: as `build_tokenizer`, or the tokenizer has no EOD token.
+    """
     tokenizer = build_tokenizer(spec)
     require_eod(tokenizer, spec, "training")
     return tokenizer
@@ -159,24 +172,33 @@ def require_eod(tokenizer: Tokenizer, spec: TokenizerSpec, purpose: str) -> int:
 # ---------------------------------------------------------------------------- vocabulary
 
 
-def vocab_size_with_padding(vocab_size: int, args: argparse.Namespace) -> int:
-    """Megatron's padding: round up to a multiple of make-vocab-size-divisible-by * TP."""
-    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
+def pad_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:
+    """Megatron's padding: round up to a multiple of ``--make-vocab-size-divisible-by`` x TP."""
+    multiple = divisible_by * tensor_parallel_size
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
-def model_vocab_size(tokenizer: Tokenizer, args: argparse.Namespace) -> int:
-    """The model's (padded) vocabulary: ``args.vocab_size`` (``--vocab-size``), else the
-    tokenizer's size, padded by `vocab_size_with_padding`; it must hold every tokenizer id.
+def vocab_size_with_padding(vocab_size: int, args: argparse.Namespace) -> int:
+    """`pad_vocab_size` with the parser's flags (``validate_args``'s ``--vocab-size``)."""
+    return pad_vocab_size(
+        vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
+    )
+
+
+def model_vocab_size(
+    tokenizer: Tokenizer, vocab_size: int | None, divisible_by: int, tensor_parallel_size: int
+) -> int:
+    """The model's (padded) vocabulary: ``vocab_size`` (``--vocab-size``), else the
+    tokenizer's size, padded by `pad_vocab_size`; it must hold every tokenizer id.
 
     Raises:
         TokenizerError: the tokenizer has more ids than the model's vocabulary.
     """
-    padded = vocab_size_with_padding(args.vocab_size or tokenizer.vocab_size, args)
+    padded = pad_vocab_size(vocab_size or tokenizer.vocab_size, divisible_by, tensor_parallel_size)
     if tokenizer.vocab_size > padded:
         raise TokenizerError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model's padded "
-            f"vocabulary (--vocab-size {args.vocab_size}) has {padded}"
+            f"vocabulary (--vocab-size {vocab_size}) has {padded}"
         )
     return padded
 
@@ -301,8 +323,8 @@ class NullTokenizer:
                 f"--tokenizer-type NullTokenizer needs --vocab-size >= 2, got {vocab_size}"
             )
         self.vocab_size = vocab_size
-        self.eod = vocab_size - 1
-        self.eod_token = None
+        self.eod: int | None = vocab_size - 1
+        self.eod_token: str | None = None
         self.unique_identifiers = OrderedDict(
             [("class", type(self).__name__), ("vocab_size", vocab_size)]
         )

@@ -41,7 +41,7 @@ from tst_megatron.data.documents import (
 )
 from tst_megatron.data.masks import attention_mask_from_documents
 from tst_megatron.data.prefetch import StepPrefetcher, StepRequest
-from tst_megatron.data.tokenizer import build_tokenizer_from_args, model_vocab_size
+from tst_megatron.data.tokenizer import TokenizerSpec, build_training_tokenizer, model_vocab_size
 from tst_megatron.loss import positions_with_targets, target_entropy
 from tst_megatron.mcore_compat import batch_on_this_cp_rank
 from tst_megatron.planning import footprint
@@ -267,9 +267,19 @@ class Trainer:
     def __init__(self, args: Namespace) -> None:
         self.args = args
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        self.tokenizer = build_tokenizer_from_args(args)
-        args.padded_vocab_size = model_vocab_size(self.tokenizer, args)
         self.settings = from_validated_args(args)
+        model = self.settings.model
+        self.tokenizer = build_training_tokenizer(
+            TokenizerSpec.from_settings(self.settings.data, model.vocab_size)
+        )
+        padded_vocab_size = model_vocab_size(
+            self.tokenizer,
+            model.vocab_size,
+            model.make_vocab_size_divisible_by,
+            self.settings.parallel.tensor_model_parallel_size,
+        )
+        self.settings = self.settings.with_padded_vocab_size(padded_vocab_size)
+        args.padded_vocab_size = padded_vocab_size  # the modules still on `args` read it there
         self.documents = DocumentMasking(
             self.tokenizer.eod, args.reset_position_ids, args.reset_attention_mask
         )
@@ -284,7 +294,16 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
         self.stream = StepPrefetcher(
-            build_train_samples(args, self.tokenizer), self._host_microbatches, args.num_workers
+            build_train_samples(
+                self.settings.data,
+                self.settings.schedule,
+                self.settings.batch,
+                self.settings.tst,
+                self.settings.model,
+                self.tokenizer,
+            ),
+            self._host_microbatches,
+            args.num_workers,
         )
         self.chunks = build_model_chunks(args)
         self.optimizer = build_optimizer(args, self.chunks)
@@ -294,7 +313,14 @@ class Trainer:
         self.progress = ckpt.TrainingProgress(0, 0, 1 if self.phase1_iters else 2, {})
         self.guard = BadStepGuard(args.max_bad_steps)
         self.exits = ExitRequests(self.settings.reliability)
-        self.metrics = MetricsLogger(args, self.phase1_iters)
+        self.metrics = MetricsLogger(
+            self.settings.logging,
+            self.settings.model,
+            self.settings.schedule,
+            self.settings.precision,
+            self.phase1_iters,
+            wandb_config=vars(args) | {"tst": str(args.tst)},
+        )
         self._valid = None
         self.timers = StepTimers(self.settings.logging)
         attach_timers(self.timers, get_model_config(self.chunks[0]), self.optimizer)
@@ -549,7 +575,14 @@ class Trainer:
                 for i in range(per_rank)
             ]
         else:
-            dataset = build_valid_dataset(args, self.tokenizer, total)
+            settings = self.settings
+            dataset = build_valid_dataset(
+                settings.data,
+                settings.schedule.seed,
+                settings.model.seq_length,
+                self.tokenizer,
+                total,
+            )
             if dataset is None:
                 self._valid = []
                 return self._valid

@@ -9,16 +9,24 @@ import json
 import math
 import os
 import time
-from argparse import Namespace
+from collections.abc import Mapping
 from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tst_megatron.config import PhaseSpec
+from tst_megatron.settings.logs import LoggingConfig
+from tst_megatron.settings.model import ModelConfig
+from tst_megatron.settings.precision import PrecisionConfig
+from tst_megatron.settings.schedule import ScheduleConfig
 from tst_megatron.training.flops import mfu, phase_flops_per_step
 from tst_megatron.training.moe_metrics import MoEIntervalLog, moe_layer_numbers
-from tst_megatron.training.run_config import model_config
 from tst_megatron.training.timers import StepTimers
+
+if TYPE_CHECKING:
+    from tst_megatron.data.samples import SampleState
+    from tst_megatron.training.checkpointing import TrainingProgress
 
 
 def _is_logging_rank() -> bool:
@@ -26,18 +34,33 @@ def _is_logging_rank() -> bool:
 
 
 class MetricsLogger:
-    """Accumulates per-interval figures and writes them every ``--log-interval``."""
+    """Accumulates per-interval figures and writes them every ``--log-interval``.
 
-    def __init__(self, args: Namespace, phase1_iters: int) -> None:
-        self.args = args
+    ``model`` gives the FLOPs per step and the context length, ``schedule`` the run's length,
+    ``precision`` whether fp16 loss scales are logged; ``wandb_config`` is the run's
+    configuration W&B records (with ``--wandb-project``).
+    """
+
+    def __init__(
+        self,
+        logging: LoggingConfig,
+        model: ModelConfig,
+        schedule: ScheduleConfig,
+        precision: PrecisionConfig,
+        phase1_iters: int,
+        wandb_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.logging = logging
+        self.shape = model
+        self.train_iters = schedule.train_iters
+        self.fp16 = precision.params_dtype == "fp16"
         self.phase1_iters = phase1_iters
         self.start_time = time.time()
         self.world = torch.distributed.get_world_size()
-        self.shape = model_config(args)
-        self.peak = args.peak_tflops
+        self.peak = logging.peak_tflops
         self._interval = self._empty_interval()
         self._boundary_loss: float | None = None
-        self._writers = self._open_writers() if _is_logging_rank() else []
+        self._writers = self._open_writers(wandb_config) if _is_logging_rank() else []
         self._timers: StepTimers | None = None
         self._moe: MoEIntervalLog | None = None
         self._boundary_moe: dict | None = None
@@ -56,25 +79,26 @@ class MetricsLogger:
             "skipped": 0,
         }
 
-    def _open_writers(self) -> list:
-        writers = []
-        if self.args.tensorboard_dir:
+    def _open_writers(self, wandb_config: Mapping[str, Any] | None) -> list[tuple[str, Any]]:
+        logging = self.logging
+        writers: list[tuple[str, Any]] = []
+        if logging.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter  # needs `tensorboard` installed
 
-            writers.append(("tb", SummaryWriter(log_dir=self.args.tensorboard_dir)))
-        if self.args.wandb_project:
+            writers.append(("tb", SummaryWriter(log_dir=logging.tensorboard_dir)))
+        if logging.wandb_project:
             import wandb
 
             run = wandb.init(
-                project=self.args.wandb_project,
-                name=self.args.wandb_exp_name,
-                dir=self.args.wandb_save_dir,
-                config=vars(self.args) | {"tst": str(self.args.tst)},
+                project=logging.wandb_project,
+                name=logging.wandb_exp_name,
+                dir=logging.wandb_save_dir,
+                config=dict(wandb_config or {}),
             )
             writers.append(("wandb", run))
-        if self.args.metrics_jsonl:
-            os.makedirs(os.path.dirname(os.path.abspath(self.args.metrics_jsonl)), exist_ok=True)
-            writers.append(("jsonl", open(self.args.metrics_jsonl, "a")))  # noqa: SIM115 (run-long)
+        if logging.metrics_jsonl:
+            os.makedirs(os.path.dirname(os.path.abspath(logging.metrics_jsonl)), exist_ok=True)
+            writers.append(("jsonl", open(logging.metrics_jsonl, "a")))  # noqa: SIM115 (run-long)
         return writers
 
     def print(self, message: str) -> None:
@@ -101,17 +125,25 @@ class MetricsLogger:
                 writer.flush()
 
     def step(
-        self, progress, spec: PhaseSpec, step: dict, seconds: float, stream_state, stop_at: int
+        self,
+        progress: TrainingProgress,
+        spec: PhaseSpec,
+        step: dict[str, Any],
+        seconds: float,
+        stream_state: SampleState,
+        stop_at: int,
     ) -> None:
-        args, it = self.args, self._interval
+        """Add one step (``step``: the trainer's step record) and, every ``--log-interval``
+        and at ``stop_at``, print the log line and write the scalars."""
+        it, seq_length = self._interval, self.shape.seq_length
         gbs = step["global_batch_size"]
         it["steps"] += 1
         it["time"] += seconds
         it["loss"] += step["loss"] if step["updated"] else 0.0
         it["loss_kl"] += step.get("loss_kl", step["loss"]) if step["updated"] else 0.0
-        it["model_tokens"] += gbs * args.seq_length
-        it["data_tokens"] += gbs * spec.data_tokens_per_sample(args.seq_length)
-        it["flops"] += phase_flops_per_step(self.shape, spec, args.seq_length, gbs)
+        it["model_tokens"] += gbs * seq_length
+        it["data_tokens"] += gbs * spec.data_tokens_per_sample(seq_length)
+        it["flops"] += phase_flops_per_step(self.shape, spec, seq_length, gbs)
         it["nan"] += int(step["nan"])
         it["skipped"] += int(not step["updated"])
         moe = step.get("moe")
@@ -128,7 +160,7 @@ class MetricsLogger:
         if progress.phase == 1 and progress.iteration == self.phase1_iters:
             self._boundary_loss = step["loss"]
             self._boundary_moe = moe
-        if progress.iteration % args.log_interval and progress.iteration != stop_at:
+        if progress.iteration % self.logging.log_interval and progress.iteration != stop_at:
             return
         good = it["steps"] - it["skipped"]
         loss = it["loss"] / good if good else None  # every step of the interval was skipped
@@ -146,13 +178,13 @@ class MetricsLogger:
             else "baseline"
         )
         fields = [
-            f"iteration {progress.iteration:8d}/{args.train_iters:8d}",
+            f"iteration {progress.iteration:8d}/{self.train_iters:8d}",
             f"phase: {phase}",
             f"consumed samples: {progress.consumed_samples:12d}",
             f"consumed data tokens: {stream_state.consumed_tokens:14d}",
             f"elapsed time per iteration (ms): {per_iter * 1e3:.1f}",
         ]
-        if args.log_throughput:
+        if self.logging.log_throughput:
             fields.append(f"throughput per GPU (TFLOP/s/GPU): {tflops:.3f}")
             if self.peak:
                 fields.append(f"MFU: {100 * mfu(tflops, self.peak):.1f}%")
@@ -163,7 +195,7 @@ class MetricsLogger:
             f"global batch size: {gbs:5d}",
             f"lm loss: {'n/a' if loss is None else f'{loss:.6E}'}",
             *_kl_field(spec, loss_kl),
-            *([f"loss scale: {step['loss_scale']:.1f}"] if args.fp16 else []),
+            *([f"loss scale: {step['loss_scale']:.1f}"] if self.fp16 else []),
             f"grad norm: {_fmt(step['grad_norm'])}",
             f"number of skipped iterations: {it['skipped']:3d}",
             f"number of nan iterations: {it['nan']:3d}",
@@ -185,7 +217,7 @@ class MetricsLogger:
             "skipped_iterations": it["skipped"],
             "nan_iterations": it["nan"],
         }
-        if args.fp16:
+        if self.fp16:
             record["loss_scale"] = step["loss_scale"]
         if self.peak:
             record["mfu"] = mfu(tflops, self.peak)
@@ -213,7 +245,7 @@ class MetricsLogger:
         """Timers go to the JSONL record; to TensorBoard / W&B with --log-timers-to-tensorboard."""
         full = {**record, **timers}
         self._write(iteration, full, kinds=("jsonl",))
-        shown = full if self.args.log_timers_to_tensorboard else record
+        shown = full if self.logging.log_timers_to_tensorboard else record
         self._write(iteration, shown, kinds=("tb", "wandb"))
 
     def checkpoint_time(self, iteration: int, name: str) -> None:
@@ -222,7 +254,7 @@ class MetricsLogger:
         if _is_logging_rank() and timers:
             self._write_with_timers(iteration, {}, timers)
 
-    def phase_boundary(self, iteration: int, stream_state) -> None:
+    def phase_boundary(self, iteration: int, stream_state: SampleState) -> None:
         self.print(
             f"TST phase boundary at iteration {iteration}: switching to standard next-token "
             f"training (weights, optimizer state and LR schedule continue; phase 1 read "
