@@ -17,6 +17,7 @@ from megatron.core import parallel_state
 
 from tst_megatron.planning.memory import StageMemory, one_stage_memory
 from tst_megatron.planning.params import StageParams, is_routed_expert, layer_stage
+from tst_megatron.training.run_config import parallel_config
 
 MB = 1024**2  # Megatron-LM's memory reports say MB for MiB
 
@@ -38,7 +39,12 @@ class Footprint:
 def held_parameters(args: argparse.Namespace, models: list[torch.nn.Module]) -> StageParams:
     """What this GPU holds: the parameters of its model chunks, routed experts apart."""
     stage = parallel_state.get_pipeline_model_parallel_rank()
-    held = StageParams(layers=[i for i in range(args.num_layers) if layer_stage(i, args) == stage])
+    parallel = parallel_config(args)
+    held = StageParams(
+        layers=[
+            i for i in range(args.num_layers) if layer_stage(i, args.num_layers, parallel) == stage
+        ]
+    )
     for model in models:
         for name, param in model.named_parameters():
             if is_routed_expert(name):
@@ -61,9 +67,12 @@ def pipeline_held_parameters(
     torch.distributed.all_gather(
         gathered, local, group=parallel_state.get_pipeline_model_parallel_group()
     )
+    parallel = parallel_config(args)
     return [
         StageParams(
-            layers=[i for i in range(args.num_layers) if layer_stage(i, args) == p],
+            layers=[
+                i for i in range(args.num_layers) if layer_stage(i, args.num_layers, parallel) == p
+            ],
             dense=float(counts[0]),
             experts=float(counts[1]),
         )

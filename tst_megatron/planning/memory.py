@@ -63,8 +63,8 @@ import torch
 
 from tst_megatron.loss import default_chunk_tokens
 from tst_megatron.planning.params import StageParams
+from tst_megatron.training.arguments import requested_fusions
 from tst_megatron.training.flops import moe_layer_pattern
-from tst_megatron.training.fusions import gpu_fusions
 
 GIB = 1024**3
 # Data-sheet memory per GPU (nvidia-smi shows about this many GiB).
@@ -117,7 +117,8 @@ def layer_activation_bytes(args: argparse.Namespace, moe: bool, tokens: int) -> 
     q = args.kv_channels * args.num_attention_heads
     kv = args.kv_channels * args.num_query_groups
     tp = args.tensor_model_parallel_size
-    glu = (6 if gpu_fusions(args).bias_activation_fusion else 10) if args.swiglu else 4
+    # the bias-activation fusion needs only CUDA: a GPU runs it as the flags ask
+    glu = (6 if requested_fusions(args).bias_activation_fusion else 10) if args.swiglu else 4
     masks = 2 if args.hidden_dropout > 0 else 0
     recomputed = set(selective_modules(args))
     norms = 4 if "layernorm" in recomputed else 8

@@ -36,7 +36,7 @@ from tst_megatron.planning.params import (
 )
 from tst_megatron.planning.step_time import step_time
 from tst_megatron.training.flops import peak_tflops_for_device, phase_flops_per_step
-from tst_megatron.training.run_config import model_config
+from tst_megatron.training.run_config import model_config, parallel_config
 
 
 def plan(request: PlanRequest) -> dict[str, Any]:
@@ -69,9 +69,9 @@ def plan(request: PlanRequest) -> dict[str, Any]:
             f"{request.config} gives no vocab-size: the planner needs the vocabulary size "
             "(add vocab-size: N, the tokenizer's size)"
         )
-    named = meta_parameters(args)
-    counts = count_parameters(args, named)
     shape = model_config(args)
+    named = meta_parameters(shape)
+    counts = count_parameters(shape, named)
     seq = args.seq_length
     phase1, phase2 = args.tst.phase_spec(1), args.tst.phase_spec(2)
     phase1_iters = args.tst.phase1_iterations(args.train_iters)
@@ -150,7 +150,8 @@ def _add_layout_estimates(
     layout = report["layout"]
     num_micro = layout["global_batch_size"] // (args.micro_batch_size * args.data_parallel_size)
     layout["num_microbatches"] = num_micro
-    stages = stage_memory(args, place_parameters(args, named), num_micro)
+    placed = place_parameters(model_config(args), parallel_config(args), named)
+    stages = stage_memory(args, placed, num_micro)
     peak_stage, peak_phase = peak_stage_and_phase(stages, bool(report["tst"]["phase1_iters"]))
     peak = getattr(peak_stage, f"total_phase{peak_phase}_bytes")
     capacity = GPU_MEMORY_GIB[request.gpu] * GIB
