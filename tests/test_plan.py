@@ -22,13 +22,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.model_settings import config_of, model_of
 from tests.tool_import import import_tool
 from tst_megatron.training.arguments import parse_args, validate_args
-from tst_megatron.training.model_builder import (
-    build_model,
-    single_process_parallel_state,
-    transformer_config_from_args,
-)
+from tst_megatron.training.model_builder import single_process_parallel_state
+from tst_megatron.training.run_config import from_validated_args
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "tools"
@@ -103,10 +101,11 @@ def real_model_counts(config: str) -> tuple[int, int, int]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         validate_args(args, world_size=1)
-        model_config = transformer_config_from_args(args)
+        settings = from_validated_args(args)
+        model_config = config_of(settings)
         model_config.perform_initialization = False
         with single_process_parallel_state():
-            model = build_model(args, model_config, pre_process=True, post_process=True)
+            model = model_of(settings, model_config)
     assert all(p.device.type == "cpu" for p in model.parameters())
     total = sum(p.numel() for p in model.parameters())
     routed = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
@@ -419,10 +418,11 @@ def test_trainer_footprint_equals_the_plan(tmp_path, capsys, settings):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         validate_args(args, world_size=1)
-        model_config = transformer_config_from_args(args)
+        settings = from_validated_args(args)
+        model_config = config_of(settings)
         model_config.perform_initialization = False
         with single_process_parallel_state():
-            model = build_model(args, model_config, pre_process=True, post_process=True)
+            model = model_of(settings, model_config)
             estimate = footprint.run_footprint(args, [model], report["layout"]["num_microbatches"])
     assert [asdict(m) for m in estimate.in_flight] == report["memory_stages"]
     assert estimate.phases == (1, 2)
