@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import warnings
 
 import pytest
 import torch
 
+from tests.model_settings import config_of
 from tst_megatron.config import TSTConfig
+from tst_megatron.settings import RunConfig
 from tst_megatron.training import arguments
 from tst_megatron.training.arguments import (
     ConfigError,
@@ -16,7 +19,7 @@ from tst_megatron.training.arguments import (
     validate_args,
     vocab_size_with_padding,
 )
-from tst_megatron.training.model_builder import transformer_config_from_args
+from tst_megatron.training.run_config import from_validated_args
 
 BASE = [
     "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
@@ -544,7 +547,7 @@ def test_transformer_config_mapping():
         "--moe-layer-freq 2 --moe-aux-loss-coeff 0.01 "
         "--moe-token-dispatcher-type alltoall --distributed-backend gloo"
     )
-    config = transformer_config_from_args(args)
+    config = config_of(from_validated_args(args))
     assert config.gated_linear_unit and config.activation_func is torch.nn.functional.silu
     assert config.normalization == "RMSNorm" and config.layernorm_epsilon == 1e-6
     assert not config.add_bias_linear and config.qk_layernorm
@@ -561,18 +564,22 @@ def test_transformer_config_mapping():
     assert config.transformer_impl == "local"
 
 
+def on_nccl(args) -> RunConfig:
+    settings = from_validated_args(args)
+    parallel = dataclasses.replace(settings.parallel, distributed_backend="nccl")
+    return dataclasses.replace(settings, parallel=parallel)
+
+
 def test_batched_p2p_only_where_it_is_safe():
     one_f_one_b = validated("--pipeline-model-parallel-size 2", world_size=2)
-    one_f_one_b.distributed_backend = "nccl"  # as on a GPU job (no CUDA here)
-    nccl = transformer_config_from_args(one_f_one_b)
+    nccl = config_of(on_nccl(one_f_one_b))  # as on a GPU job (no CUDA here)
     assert nccl.batch_p2p_comm is True and nccl.overlap_p2p_comm is False
     interleaved = validated(
         "--num-layers 8 --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 2 "
         "--global-batch-size 4",
         world_size=2,
     )
-    interleaved.distributed_backend = "nccl"
-    config = transformer_config_from_args(interleaved)
+    config = config_of(on_nccl(interleaved))
     assert config.virtual_pipeline_model_parallel_size == 2
     # Megatron-LM's interleaved default: overlapped, unbatched (PP=2 batching swaps tensors)
     assert config.batch_p2p_comm is False and config.overlap_p2p_comm is True

@@ -172,20 +172,17 @@ MODEL = [
 
 
 def _model(tp: int, masks: bool, bf16: bool = False):
-    from tst_megatron.training.arguments import parse_args, validate_args
-    from tst_megatron.training.model_builder import build_model, transformer_config_from_args
+    from tests.model_settings import model_of
+    from tst_megatron.training.run_config import settings_from_flags
 
     extra = ["--reset-attention-mask", "--reset-position-ids"] if masks else []
     if tp > 1:
         extra += ["--tensor-model-parallel-size", str(tp), "--sequence-parallel"]
     if bf16:  # rope: learned positions in bf16 need issue 11's Float16Module wrapping
         extra += ["--bf16", "--position-embedding-type", "rope"]
-    args = parse_args([*MODEL, *extra])
-    validate_args(args, 2)
-    args.padded_vocab_size = 256
+    settings = settings_from_flags([*MODEL, *extra], 2).with_padded_vocab_size(256)
     torch.manual_seed(11)
-    config = transformer_config_from_args(args)
-    return build_model(args, config, pre_process=True, post_process=True)
+    return model_of(settings)
 
 
 def _losses(model, spec: PhaseSpec, windows: torch.Tensor, masks: bool) -> torch.Tensor:

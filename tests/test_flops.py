@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 
+from tests.model_settings import config_of, model_of
 from tst_megatron.settings import ModelConfig, MoEConfig
 from tst_megatron.training.arguments import parse_args, validate_args
 from tst_megatron.training.flops import (
@@ -21,13 +22,8 @@ from tst_megatron.training.flops import (
     peak_tflops_for_device,
     total_and_active_params,
 )
-from tst_megatron.training.model_builder import (
-    build_meta_model,
-    build_model,
-    single_process_parallel_state,
-    transformer_config_from_args,
-)
-from tst_megatron.training.run_config import model_config
+from tst_megatron.training.model_builder import build_meta_model, single_process_parallel_state
+from tst_megatron.training.run_config import model_config, settings_from_flags
 
 SHAPE = {"num_layers": 2, "hidden_size": 8, "ffn_hidden_size": 32, "seq_length": 4,
          "max_position_embeddings": 4, "padded_vocab_size": 16}  # fmt: skip
@@ -169,16 +165,18 @@ def routed_expert_params(model: torch.nn.Module) -> int:
 
 @pytest.mark.parametrize("extra", PARAM_CASES)
 def test_param_counts_match_meta_model(extra):
-    args = validated_args(extra)
+    shape = settings_from_flags(f"{BASE} {extra}".split()).model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = build_meta_model(args)
+        model = build_meta_model(shape)
     assert all(p.device.type == "meta" for p in model.parameters())
-    total, active = total_and_active_params(model_config(args))
+    total, active = total_and_active_params(shape)
     assert total == count(model)
-    experts = args.num_experts or 1
-    inactive = routed_expert_params(model) * (experts - args.moe_router_topk) // experts
-    assert active == total - (inactive if args.num_experts else 0)
+    inactive = 0
+    if shape.moe is not None:
+        experts, topk = shape.moe.num_experts, shape.moe.moe_router_topk
+        inactive = routed_expert_params(model) * (experts - topk) // experts
+    assert active == total - inactive
 
 
 CPU_SPEC = importlib.util.find_spec("tst_megatron.cpu.layer_spec") is not None
@@ -189,16 +187,17 @@ CPU_SPEC = importlib.util.find_spec("tst_megatron.cpu.layer_spec") is not None
 @pytest.mark.parametrize("sequence_parallel", [False, True])
 def test_param_counts_match_real_cpu_model(extra, sequence_parallel):
     """The model `build_model` makes on CPU (construction needs no CPU shim)."""
-    args = validated_args(extra)
-    config = transformer_config_from_args(args)
+    settings = settings_from_flags(f"{BASE} {extra}".split())
+    config = config_of(settings)
     if sequence_parallel:  # the SP final norm, built at TP=1 (forward needs TP > 1)
-        config.sequence_parallel = args.sequence_parallel = True
+        config.sequence_parallel = True
     with warnings.catch_warnings(), single_process_parallel_state():
         warnings.simplefilter("ignore")
-        model = build_model(args, config, pre_process=True, post_process=True)
-    assert count(model) == total_and_active_params(model_config(args))[0]
+        model = model_of(settings, config)
+    assert count(model) == total_and_active_params(settings.model)[0]
     layers = [type(layer.mlp).__name__ for layer in model.decoder.layers]
-    expected = ["MoELayer", "MLP", "MoELayer"] if args.moe_layer_freq == 2 else ["MLP"] * 3
+    moe = settings.model.moe
+    expected = ["MoELayer", "MLP", "MoELayer"] if moe and moe.moe_layer_freq == 2 else ["MLP"] * 3
     assert layers == expected
 
 

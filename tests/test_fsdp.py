@@ -13,6 +13,7 @@ import pytest
 from tst_megatron.testing.launches import MODEL, TRAIN, TST, launch
 from tst_megatron.training import placement
 from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
+from tst_megatron.training.run_config import settings_from_flags
 
 FSDP2 = ["--use-torch-fsdp2", "--no-gradient-accumulation-fusion"]
 # untied (FSDP2 requires it), SwiGLU with biases: the fused [W; V] fc1 and its bias take the
@@ -79,11 +80,14 @@ def test_fsdp2_refuses_a_single_cuda_connection(monkeypatch):
 
 
 def test_fsdp_never_asks_for_a_single_cuda_connection():
-    args = parse_args([*ARGS, *FSDP.split(), "--tensor-model-parallel-size", "2"])
-    validate_args(args, world_size=4)
-    assert not placement.needs_single_connection(args, arch_major=9)
-    args.use_torch_fsdp2 = False
-    assert placement.needs_single_connection(args, arch_major=9)
+    parallel = settings_from_flags(
+        [*ARGS, *FSDP.split(), "--tensor-model-parallel-size", "2"], world_size=4
+    ).parallel
+    fsdp = parallel.use_torch_fsdp2 or parallel.use_megatron_fsdp
+    tp, cp = parallel.tensor_model_parallel_size, parallel.context_parallel_size
+    needs = placement.needs_single_connection
+    assert not needs(tensor_parallel=tp, context_parallel=cp, fsdp=fsdp, arch_major=9)
+    assert needs(tensor_parallel=tp, context_parallel=cp, fsdp=False, arch_major=9)
 
 
 def test_fsdp2_flags_validate():

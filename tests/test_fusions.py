@@ -1,8 +1,8 @@
 """Fusion flags: Megatron-LM's defaults and ``--no-...`` flags reach `TransformerConfig`.
 
-`resolve_fusions` is a pure function of the arguments and the kernels present, so the GPU
-cases run here with a stated `KernelAvailability` (what a CUDA node with apex and TE offers,
-or a plain PyTorch CUDA install). The CPU case is this machine.
+`resolve_fusions` is a pure function of the requested fusions and the kernels present, so the
+GPU cases run here with settings resolved for a stated `KernelAvailability` (what a CUDA node
+with apex and TE offers, or a plain PyTorch CUDA install). The CPU case is this machine.
 """
 
 from __future__ import annotations
@@ -11,9 +11,16 @@ import pytest
 import torch
 
 from tst_megatron.kernels import KernelAvailability
-from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
+from tst_megatron.settings import Environment, RunConfig
+from tst_megatron.training.arguments import (
+    ConfigError,
+    parse_args,
+    requested_fusions,
+    validate_args,
+)
 from tst_megatron.training.fusions import resolve_fusions
-from tst_megatron.training.model_builder import transformer_config_from_args
+from tst_megatron.training.model_builder import transformer_config
+from tst_megatron.training.run_config import settings_from_flags
 
 BASE = (
     "--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
@@ -55,11 +62,23 @@ def te_rope(monkeypatch):
     monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", object(), raising=False)
 
 
+def config_of(settings: RunConfig):
+    return transformer_config(
+        settings.model, settings.parallel, settings.precision, settings.kernels, settings.recompute
+    )
+
+
 def config_on(kernels: KernelAvailability, *flags: str):
-    args = parse_args([*BASE, "--transformer-impl", "local", *flags])
-    validate_args(args, world_size=1)
-    args.fusions, notes = resolve_fusions(args, kernels)
-    return transformer_config_from_args(args), notes
+    """The config of settings resolved for ``kernels``, and the notes of what they lack."""
+    argv = [*BASE, "--transformer-impl", "local", *flags]
+    settings = settings_from_flags(argv, 1, Environment(kernels=kernels))
+    _, notes = resolve_fusions(
+        requested_fusions(parse_args(argv)),
+        kernels,
+        transformer_impl="local",
+        normalization=settings.model.normalization,
+    )
+    return config_of(settings), notes
 
 
 def test_every_default_on_fusion_reaches_the_config_where_the_kernels_exist():
@@ -100,7 +119,7 @@ def test_plain_cuda_keeps_the_jit_fusions_and_says_what_is_missing():
 def test_cpu_resolves_every_fusion_off_with_one_line():
     args = parse_args([*BASE, "--cross-entropy-loss-fusion"])
     validate_args(args, world_size=1)
-    config = transformer_config_from_args(args)
+    config = config_of(settings_from_flags([*BASE, "--cross-entropy-loss-fusion"]))
     for name in (*DEFAULT_ON, "cross_entropy_loss_fusion"):
         assert getattr(config, name) is False, name
     lines = [note for note in args.startup_notes if "fusions off" in note]
@@ -110,7 +129,9 @@ def test_cpu_resolves_every_fusion_off_with_one_line():
 def test_gelu_without_bias_has_no_bias_activation_fusion():
     args = parse_args([*BASE[:-3], "--disable-bias-linear", "--transformer-impl", "local"])
     validate_args(args, world_size=1)
-    fused, _ = resolve_fusions(args, ALL_KERNELS)
+    fused, _ = resolve_fusions(
+        requested_fusions(args), ALL_KERNELS, transformer_impl="local", normalization="LayerNorm"
+    )
     assert fused.bias_activation_fusion is False  # Megatron-LM's rule (gelu needs the bias)
 
 
@@ -140,9 +161,8 @@ def hopper(monkeypatch):
 
 
 def p2p(*flags: str, world_size: int):
-    args = parse_args([*BASE, "--transformer-impl", "local", *" ".join(flags).split()])
-    validate_args(args, world_size=world_size)
-    config = transformer_config_from_args(args)
+    argv = [*BASE, "--transformer-impl", "local", *" ".join(flags).split()]
+    config = config_of(settings_from_flags(argv, world_size))
     return config.overlap_p2p_comm, config.batch_p2p_comm
 
 

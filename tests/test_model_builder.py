@@ -1,10 +1,14 @@
 """The local and Transformer Engine specs share one TST model class and code path."""
 
+import dataclasses
+
 import pytest
 
 from tst_megatron.model import TSTGPTModel
+from tst_megatron.settings import Environment, KernelsConfig, RunConfig
 from tst_megatron.training import arguments, model_builder
-from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
+from tst_megatron.training.arguments import ConfigError
+from tst_megatron.training.run_config import settings_from_flags
 
 TINY = (
     "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --num-query-groups 2 "
@@ -14,41 +18,54 @@ TINY = (
 ).split()
 
 
-def _build(*extra: str):
-    args = parse_args([*TINY, *extra])
-    validate_args(args, world_size=1)
-    args.padded_vocab_size = args.padded_vocab_size or 512
-    config = model_builder.transformer_config_from_args(args)
+def _config(settings: RunConfig, kernels: KernelsConfig | None = None):
+    kernels = kernels or settings.kernels
+    return model_builder.transformer_config(
+        settings.model, settings.parallel, settings.precision, kernels, settings.recompute
+    )
+
+
+def _build(settings: RunConfig, kernels: KernelsConfig | None = None):
+    kernels = kernels or settings.kernels
+    config = _config(settings, kernels)
     with model_builder.single_process_parallel_state():
-        return model_builder.build_model(args, config, pre_process=True, post_process=True)
+        return model_builder.build_model(
+            settings.model, kernels, config, pre_process=True, post_process=True
+        )
+
+
+def _with_te(settings: RunConfig) -> KernelsConfig:
+    """``settings``' kernels with the Transformer Engine spec (this host's fusions: off)."""
+    return dataclasses.replace(settings.kernels, transformer_impl="transformer_engine")
 
 
 def test_local_spec_builds_the_tst_model():
-    model = _build("--transformer-impl", "local")
+    model = _build(settings_from_flags([*TINY, "--transformer-impl", "local"]))
     assert type(model) is TSTGPTModel
 
 
 def test_transformer_engine_spec_builds_the_same_tst_model(monkeypatch):
     """TE is not installed here: stand its spec in with the CPU one and check the wiring."""
     calls = []
-    cpu_spec = model_builder.layer_spec_from_args
+    cpu_spec = model_builder.layer_spec
+    local = settings_from_flags([*TINY, "--transformer-impl", "local"])
 
     def te_spec(**kwargs):
         calls.append(kwargs)
-        args = parse_args([*TINY, "--transformer-impl", "local"])
-        validate_args(args, world_size=1)
-        return cpu_spec(args, model_builder.transformer_config_from_args(args))
+        return cpu_spec(local.model, local.kernels, _config(local))
 
     monkeypatch.setattr(arguments, "transformer_engine_installed", lambda: True)
     monkeypatch.setattr(model_builder, "get_gpt_layer_with_transformer_engine_spec", te_spec)
-    model = _build("--transformer-impl", "transformer_engine")
+    model = _build(local, _with_te(local))
     assert type(model) is TSTGPTModel  # same class: same embed_bags / multi-hot CE hooks
     assert calls == [{"num_experts": None, "moe_grouped_gemm": False, "qk_layernorm": True}]
 
 
 def test_transformer_engine_absent_is_a_clear_error():
+    """Settings asking for Transformer Engine, built where it is missing."""
+    local = settings_from_flags([*TINY, "--transformer-impl", "local"])
     with pytest.raises(ConfigError) as err:
-        _build("--transformer-impl", "transformer_engine")
+        _build(local, _with_te(local))
     assert "needs Transformer Engine, which is not installed" in str(err.value)
     assert "--transformer-impl local" in str(err.value)
 
@@ -70,11 +87,12 @@ def hopper(monkeypatch):
 
 
 def _local_spec(*extra: str, world_size: int = 2):
-    args = parse_args([*TINY, "--transformer-impl", "local", *extra])
-    validate_args(args, world_size=world_size)
-    config = model_builder.transformer_config_from_args(args)
+    settings = settings_from_flags(
+        [*TINY, "--transformer-impl", "local", *extra], world_size, Environment.detect()
+    )
+    config = _config(settings)
     with model_builder.single_process_parallel_state():  # layer offsets of pipeline stage 0
-        return model_builder.layer_spec_from_args(args, config)
+        return model_builder.layer_spec(settings.model, settings.kernels, config)
 
 
 def test_local_spec_on_cuda_supports_sequence_parallel_moe(hopper):

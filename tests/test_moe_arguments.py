@@ -7,9 +7,10 @@ import warnings
 
 import pytest
 
+from tests import model_settings
 from tst_megatron.training import arguments
 from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
-from tst_megatron.training.model_builder import transformer_config_from_args
+from tst_megatron.training.run_config import settings_from_flags
 
 BASE = [
     "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
@@ -25,8 +26,9 @@ def validated(*extra: str, world_size: int = 1, moe: bool = True):
     return args
 
 
-def config_of(*extra: str, **kwargs):
-    return transformer_config_from_args(validated(*extra, **kwargs))
+def config_of(*extra: str, world_size: int = 1, moe: bool = True):
+    argv = [*BASE, *(MOE if moe else []), *" ".join(extra).split()]
+    return model_settings.config_of(settings_from_flags(argv, world_size))
 
 
 def test_routing_and_capacity_flags_reach_transformer_config():

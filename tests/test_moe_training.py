@@ -94,10 +94,10 @@ def _args(*extra: str, world_size: int = 1) -> Namespace:
 
 
 def _model(args: Namespace):
-    from tst_megatron.training.model_builder import build_model, transformer_config_from_args
+    from tests.model_settings import model_of
+    from tst_megatron.training.run_config import from_validated_args
 
-    config = transformer_config_from_args(args)
-    return build_model(args, config, pre_process=True, post_process=True)
+    return model_of(from_validated_args(args))
 
 
 def _with_weights(args: Namespace, state: dict):

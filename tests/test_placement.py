@@ -8,7 +8,6 @@ defaults to gloo, with a log line.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
@@ -22,10 +21,6 @@ BASE = (
     "--micro-batch-size 2 --train-iters 10 --lr 1e-3 --mock-data --vocab-size 512"
 ).split()
 VAR = placement.CUDA_CONNECTIONS
-
-
-def layout(tp: int = 1, cp: int = 1) -> argparse.Namespace:
-    return argparse.Namespace(tensor_model_parallel_size=tp, context_parallel_size=cp)
 
 
 @pytest.mark.parametrize(
@@ -64,7 +59,9 @@ def test_set_cuda_device_with_one_gpu_per_task(monkeypatch):
 def test_cuda_device_max_connections_must_come_from_the_environment(tp, cp, arch, environ,
                                                                      found):  # fmt: skip
     before = dict(environ)
-    message = placement.cuda_connections_error(layout(tp, cp), arch, environ)
+    message = placement.cuda_connections_error(
+        tensor_parallel=tp, context_parallel=cp, fsdp=False, arch_major=arch, environ=environ
+    )
     assert environ == before  # never set in-process: CUDA reads it when it starts
     if found is None:
         assert message is None
@@ -79,9 +76,12 @@ def test_cuda_device_max_connections_must_come_from_the_environment(tp, cp, arch
 
 
 def test_megatron_fsdp_does_not_need_one_connection():
-    args = layout(tp=2)
-    args.use_megatron_fsdp = True
-    assert placement.cuda_connections_error(args, 9, {}) is None
+    assert (
+        placement.cuda_connections_error(
+            tensor_parallel=2, context_parallel=1, fsdp=True, arch_major=9, environ={}
+        )
+        is None
+    )
 
 
 def test_the_launchers_put_it_in_the_environment():

@@ -22,18 +22,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.model_settings import config_of, model_of
 from tests.tool_import import import_tool
 from tst_megatron.settings import Environment
 from tst_megatron.training.arguments import (
-    parse_args,
     transformer_engine_installed,
-    validate_args,
 )
-from tst_megatron.training.model_builder import (
-    build_model,
-    single_process_parallel_state,
-    transformer_config_from_args,
-)
+from tst_megatron.training.model_builder import single_process_parallel_state
 from tst_megatron.training.run_config import settings_from_flags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,18 +100,17 @@ def plan_json(capsys, config: str, *argv: str) -> tuple[int, dict]:
 
 def real_model_counts(config: str) -> tuple[int, int, int]:
     """(total, routed-expert params, num experts) of the model `build_model` makes on CPU."""
-    args = parse_args(["--yaml-config", config])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        validate_args(args, world_size=1)
-        model_config = transformer_config_from_args(args)
+        settings = settings_from_flags(["--yaml-config", config], 1)
+        model_config = config_of(settings)
         model_config.perform_initialization = False
         with single_process_parallel_state():
-            model = build_model(args, model_config, pre_process=True, post_process=True)
+            model = model_of(settings, model_config)
     assert all(p.device.type == "cpu" for p in model.parameters())
     total = sum(p.numel() for p in model.parameters())
     routed = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
-    return total, routed, args.num_experts or 0
+    return total, routed, settings.model.moe.num_experts if settings.model.moe else 0
 
 
 # ------------------------------------------------------------------ parameter counts --------
@@ -448,14 +442,13 @@ def test_trainer_footprint_equals_the_plan(tmp_path, capsys, settings):
     code, report = plan_json(capsys, config, "--gpus-per-node", "1")
     assert code == 0, report["errors"]
     run = settings_from_flags(["--yaml-config", config], 1, Environment.gpu("b200"))
-    args = parse_args(["--yaml-config", config])  # the model builder's flags
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        validate_args(args, world_size=1)
-        model_config = transformer_config_from_args(args)
+        here = settings_from_flags(["--yaml-config", config], 1)  # the model this host builds
+        model_config = config_of(here)
         model_config.perform_initialization = False
         with single_process_parallel_state():
-            model = build_model(args, model_config, pre_process=True, post_process=True)
+            model = model_of(here, model_config)
             estimate = footprint.run_footprint(
                 plan.memory_settings(run), run.schedule, [model],
                 report["layout"]["num_microbatches"],

@@ -44,8 +44,8 @@ def precision_matrix() -> dict:
     from tst_megatron.config import STANDARD_PHASE, PhaseSpec
     from tst_megatron.targets import build_batch
     from tst_megatron.training import precision as prec
-    from tst_megatron.training.arguments import parse_args, validate_args
-    from tst_megatron.training.model_builder import build_model, transformer_config_from_args
+    from tst_megatron.training.model_builder import build_model, transformer_config
+    from tst_megatron.training.run_config import settings_from_flags
 
     generator = torch.Generator().manual_seed(0)
     windows = torch.randint(0, 512, (2, BAG * (SEQ + 1)), generator=generator)
@@ -54,10 +54,9 @@ def precision_matrix() -> dict:
         reference_weights = None
         for name in PRECISIONS:
             flag = [] if name == "fp32" else [f"--{name}"]
-            args = parse_args([*TINY, *flag, "--position-embedding-type", position])
-            validate_args(args, world_size=1)
-            config = transformer_config_from_args(args)
-            model = build_model(args, config, pre_process=True, post_process=True)
+            s = settings_from_flags([*TINY, *flag, "--position-embedding-type", position])
+            config = transformer_config(s.model, s.parallel, s.precision, s.kernels, s.recompute)
+            model = build_model(s.model, s.kernels, config, pre_process=True, post_process=True)
             if reference_weights is None:
                 reference_weights = {k: v.detach().clone() for k, v in model.named_parameters()}
             with torch.no_grad():  # the fp32 weights, rounded to this precision
@@ -117,7 +116,9 @@ def moe_grad_norms() -> dict:
     from tst_megatron.training import precision as prec
     from tst_megatron.training.arguments import parse_args, validate_args
     from tst_megatron.training.loop import build_model_chunks, forward_step
+    from tst_megatron.training.model_builder import transformer_config
     from tst_megatron.training.optimizer import build_optimizer
+    from tst_megatron.training.run_config import from_validated_args
 
     windows = torch.randint(0, 512, (2, SEQ + 1), generator=torch.Generator().manual_seed(1))
     batch = build_batch(windows, STANDARD_PHASE, SEQ).as_dict()
@@ -126,7 +127,17 @@ def moe_grad_norms() -> dict:
         args = parse_args([*MOE, *flags])
         validate_args(args, world_size=1)
         args.padded_vocab_size = 512
-        chunks = build_model_chunks(args)
+        s = from_validated_args(args)
+        config = transformer_config(s.model, s.parallel, s.precision, s.kernels, s.recompute)
+        chunks = build_model_chunks(
+            config,
+            s.model,
+            s.parallel,
+            s.precision,
+            s.kernels,
+            document_attention=False,
+            checkpointed=False,
+        )
         params = dict(prec.unwrap(chunks[0]).named_parameters())
         if reference is None:
             reference = {k: v.detach().clone() for k, v in params.items()}

@@ -335,23 +335,23 @@ def test_phase2_checkpoint_is_a_stock_gpt_model(runs):
     from megatron.core import dist_checkpointing
     from megatron.core.models.gpt import GPTModel
 
+    from tests.model_settings import config_of
     from tst_megatron.training import model_builder
-    from tst_megatron.training.arguments import parse_args, validate_args
+    from tst_megatron.training.run_config import settings_from_flags
 
     path = runs["dirs"] / "auto" / "iter_0000008"
     meta = json.loads((path / "tst_checkpoint.json").read_text())
     assert meta["tst"]["phase"] == 2
-    args = parse_args(
+    settings = settings_from_flags(
         [*TINY_MODEL, *OPTIM, "--train-iters", "8", "--mock-data", "--vocab-size", "8192"]
     )
-    validate_args(args, world_size=1)
-    config = model_builder.transformer_config_from_args(args)
+    config = config_of(settings)
     with model_builder.single_process_parallel_state():
         stock = GPTModel(
             config,
-            model_builder.layer_spec_from_args(args, config),
-            vocab_size=args.padded_vocab_size,
-            max_sequence_length=args.max_position_embeddings,
+            model_builder.layer_spec(settings.model, settings.kernels, config),
+            vocab_size=settings.model.vocab,
+            max_sequence_length=settings.model.max_position_embeddings,
             position_embedding_type="rope",
             share_embeddings_and_output_weights=False,
         )
@@ -375,14 +375,13 @@ def test_startup_memory_estimate_is_logged(runs):
     position (fp32 here) and their fp32 mean before the reduction, ``tokens h (4 s + 4)``.
     """
     from tst_megatron.planning.params import count_parameters, meta_parameters
-    from tst_megatron.training.arguments import parse_args, validate_args
+    from tst_megatron.training.run_config import settings_from_flags
 
-    args = parse_args([*TINY_MODEL, *OPTIM, "--train-iters", "8", "--mock-data",
-                       "--vocab-size", "8192"])  # fmt: skip
-    validate_args(args, world_size=1)
-    params = count_parameters(args, meta_parameters(args)).total  # meta model, not the run's
+    shape = settings_from_flags([*TINY_MODEL, *OPTIM, "--train-iters", "8", "--mock-data",
+                                 "--vocab-size", "8192"]).model  # fmt: skip
+    params = count_parameters(shape, meta_parameters(shape)).total  # meta model, not the run's
     mb = 1024**2
-    h, f, tokens = 64, args.ffn_hidden_size, 2 * 32
+    h, f, tokens = 64, shape.ffn_hidden_size, 2 * 32
     q, kv = 4 * 16, 2 * 16
     per_micro = 2 * tokens * (8 * h + 4 * (q + kv) + 6 * f)
     bags = tokens * h * (4 * 4 + 4)

@@ -8,12 +8,14 @@ import argparse
 
 import pytest
 
+from tests.model_settings import model_of
 from tst_megatron.config import PhaseSpec, TSTConfig
 from tst_megatron.settings import ModelConfig
 from tst_megatron.training import checkpointing as ckpt
 from tst_megatron.training import model_builder
 from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
 from tst_megatron.training.flops import flops_per_step, phase_flops_per_step
+from tst_megatron.training.run_config import settings_from_flags
 
 BASE = (
     "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
@@ -132,11 +134,9 @@ def test_fp8_token_multiple_is_per_recipe(monkeypatch, recipe):
 
 
 def test_fused_output_loss_flag_reaches_the_model():
-    args = validated("--tst-fused-output-loss")
-    args.padded_vocab_size = 512
-    config = model_builder.transformer_config_from_args(args)
+    settings = settings_from_flags([*BASE, "--tst-fused-output-loss"]).with_padded_vocab_size(512)
     with model_builder.single_process_parallel_state():
-        model = model_builder.build_model(args, config, pre_process=True, post_process=True)
+        model = model_of(settings)
     assert model.fused_output_loss
     assert not validated().tst_fused_output_loss
 

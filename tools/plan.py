@@ -143,16 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolved(planned: PlannedFlags, env: Environment) -> tuple[RunConfig, argparse.Namespace] | str:
-    """The settings of ``planned`` for ``env`` and the flags `validate_args` filled (for the
-    meta model), or the trainer's error message."""
+def resolved(planned: PlannedFlags, env: Environment) -> RunConfig | str:
+    """The settings of ``planned`` for ``env``, or the trainer's error message."""
     parser = arguments.build_parser()
     parser.set_defaults(**planned.values)
     args = parser.parse_args([])
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return resolve(args, planned.world_size, env), args
+            return resolve(args, planned.world_size, env)
     except (arguments.ConfigError, SettingsError) as err:
         return str(err)
 
@@ -181,7 +180,7 @@ def plan(request: PlanRequest) -> dict[str, Any]:
     if layout_error:
         errors.append(layout_error)
     if not errors and not isinstance(run, str):
-        settings, args = run
+        settings = run
         batch = settings.batch
     else:  # the layout-free numbers still come from a one-GPU view
         one_gpu = resolved(single_gpu_flags(request), env)
@@ -189,7 +188,7 @@ def plan(request: PlanRequest) -> dict[str, Any]:
             if one_gpu != layout_error:
                 errors.append(one_gpu)
             return rejected_report(request, errors)
-        settings, args = one_gpu
+        settings = one_gpu
         batch = dataclasses.replace(
             settings.batch,
             global_batch_size=planned.global_batch_size or settings.batch.global_batch_size,
@@ -199,13 +198,13 @@ def plan(request: PlanRequest) -> dict[str, Any]:
             f"{request.config} gives no vocab-size: the planner needs the vocabulary size "
             "(add vocab-size: N, the tokenizer's size)"
         )
-    named = meta_parameters(args)
-    stages = None if errors else place_parameters(args, named)
+    named = meta_parameters(settings.model)
+    stages = None if errors else place_parameters(settings.model, settings.parallel, named)
     return plan_report(
         request,
         dataclasses.replace(memory_settings(settings), batch=batch),
         settings.schedule,
-        count_parameters(args, named),
+        count_parameters(settings.model, named),
         stages,
         errors,
         planned.notes,
@@ -229,7 +228,7 @@ def data_budget(request: PlanRequest, data_path: list[str], split: str | None) -
     run = resolved(dataclasses.replace(one_gpu, values=values), Environment.gpu(request.gpu))
     if isinstance(run, str):
         raise PlanError(run)
-    settings = run[0]
+    settings = run
     try:
         data = plan_data(
             settings.data,

@@ -33,8 +33,9 @@ from tst_megatron.training.checkpoint_settings import (
 from tst_megatron.training.model_builder import (
     build_model,
     single_process_parallel_state,
-    transformer_config_from_args,
+    transformer_config,
 )
+from tst_megatron.training.run_config import from_validated_args
 
 # The model as one process builds it, whatever layout and implementation the run used.
 SINGLE_PROCESS = {
@@ -245,9 +246,25 @@ def save_model_checkpoint(args: Namespace, state: dict[str, torch.Tensor], save:
 
 
 def _build(args: Namespace) -> TSTGPTModel:
-    config = transformer_config_from_args(args)
+    settings = from_validated_args(args)
+    config = transformer_config(
+        settings.model,
+        settings.parallel,
+        settings.precision,
+        settings.kernels,
+        settings.recompute,
+        calculate_per_token_loss=settings.batch.calculate_per_token_loss,
+        barrier_with_L1_time=settings.logging.barrier_with_L1_time,
+    )
     config.perform_initialization = False  # every weight is loaded
-    return build_model(args, config, pre_process=True, post_process=True)
+    return build_model(
+        settings.model,
+        settings.kernels,
+        config,
+        document_attention=settings.data.reset_attention_mask,
+        pre_process=True,
+        post_process=True,
+    )
 
 
 def _load_strict(model: TSTGPTModel, state: dict) -> None:

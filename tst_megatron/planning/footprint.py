@@ -15,7 +15,7 @@ import torch
 from megatron.core import parallel_state
 
 from tst_megatron.planning.memory import MemorySettings, StageMemory, one_stage_memory
-from tst_megatron.planning.params import StageParams, is_routed_expert
+from tst_megatron.planning.params import StageParams, is_routed_expert, layer_stage
 from tst_megatron.settings import ModelConfig, ParallelConfig, ScheduleConfig
 
 MB = 1024**2  # Megatron-LM's memory reports say MB for MiB
@@ -36,11 +36,10 @@ class Footprint:
 
 
 def stage_layers(model: ModelConfig, parallel: ParallelConfig, stage: int) -> list[int]:
-    """The layers pipeline rank ``stage`` holds (interleaved: chunk ``c`` sits on rank
-    ``c % PP``), as `params.layer_stage` places them."""
-    pp = parallel.pipeline_model_parallel_size
-    per_chunk = model.num_layers // (pp * (parallel.virtual_pipeline_model_parallel_size or 1))
-    return [i for i in range(model.num_layers) if (i // per_chunk) % pp == stage]
+    """The layers pipeline rank ``stage`` holds (`params.layer_stage`)."""
+    return [
+        i for i in range(model.num_layers) if layer_stage(i, model.num_layers, parallel) == stage
+    ]
 
 
 def held_parameters(

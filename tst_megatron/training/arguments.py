@@ -37,6 +37,7 @@ from tst_megatron.data.tokenizer import (
     vocab_size_with_padding,
 )
 from tst_megatron.kernels import KernelAvailability
+from tst_megatron.settings.kernels import Fusions
 from tst_megatron.training import fusions, placement
 from tst_megatron.training.flag_ranges import check_ranges
 from tst_megatron.training.flops import current_device_peak_tflops
@@ -671,6 +672,23 @@ def _add_fusion_args(parser: argparse.ArgumentParser) -> None:
         choices=["native", "te"],
         help="Implementation of --cross-entropy-loss-fusion: Megatron-Core's or Transformer "
         "Engine's.",
+    )
+
+
+def requested_fusions(args: argparse.Namespace) -> Fusions:
+    """What the fusion flags ask for, before the device decides (Megatron-LM's own rules)."""
+    activation = args.bias_swiglu_fusion if args.swiglu else args.bias_gelu_fusion
+    return Fusions(
+        # Megatron-LM: "Disable bias gelu fusion if we are disabling bias altogether"
+        bias_activation_fusion=activation and (args.swiglu or args.add_bias_linear),
+        bias_dropout_fusion=args.bias_dropout_fusion,
+        masked_softmax_fusion=args.masked_softmax_fusion,
+        persist_layer_norm=not args.no_persist_layer_norm,
+        # Megatron-LM: "if args.position_embedding_type != 'rope': args.apply_rope_fusion = False"
+        apply_rope_fusion=args.apply_rope_fusion and args.position_embedding_type == "rope",
+        gradient_accumulation_fusion=args.gradient_accumulation_fusion,
+        cross_entropy_loss_fusion=args.cross_entropy_loss_fusion,
+        cross_entropy_fusion_impl=args.cross_entropy_fusion_impl,
     )
 
 
@@ -1418,7 +1436,13 @@ def _validate_backend(args: argparse.Namespace) -> None:
             f"{torch.__version__}, CUDA available: no): use --distributed-backend gloo to run "
             "on CPUs"
         )
-    error = placement.cuda_connections_error(args, placement.cuda_arch_major(), os.environ)
+    error = placement.cuda_connections_error(
+        tensor_parallel=args.tensor_model_parallel_size,
+        context_parallel=args.context_parallel_size,
+        fsdp=args.use_torch_fsdp2 or args.use_megatron_fsdp,
+        arch_major=placement.cuda_arch_major(),
+        environ=os.environ,
+    )
     if error:
         raise ConfigError(error)
 
@@ -2397,7 +2421,12 @@ def _validate_fusions(args: argparse.Namespace) -> None:
             f"(got {pp}: the previous and next stage are the same rank and batched messages "
             "would cross, as Megatron-LM asserts); drop --no-overlap-p2p-communication"
         )
-    args.fusions, notes = fusions.resolve_fusions(args, KernelAvailability.detect())
+    args.fusions, notes = fusions.resolve_fusions(
+        requested_fusions(args),
+        KernelAvailability.detect(),
+        transformer_impl=args.transformer_impl,
+        normalization=args.normalization,
+    )
     args.startup_notes.extend(notes)
 
 

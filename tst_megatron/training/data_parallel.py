@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-from argparse import Namespace
+from typing import cast
 
 import torch
 from megatron.core.distributed import (
@@ -32,47 +32,58 @@ from megatron.core.utils import to_local_if_dtensor, unwrap_model
 from torch.distributed.fsdp import register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
+from tst_megatron.settings import ParallelConfig, PrecisionConfig
 from tst_megatron.training.checkpoint_files import CheckpointError
 
 __all__ = ["check_even_shards", "fsdp_kind", "local_grad_shards", "wrap_chunk"]
 
 
-def fsdp_kind(args: Namespace) -> str | None:
-    """Which FSDP validated args ask for: "torch_fsdp2", "megatron_fsdp", or None (DDP)."""
-    if getattr(args, "use_torch_fsdp2", False):
+def fsdp_kind(parallel: ParallelConfig) -> str | None:
+    """Which FSDP the layout asks for: "torch_fsdp2", "megatron_fsdp", or None (DDP)."""
+    if parallel.use_torch_fsdp2:
         return "torch_fsdp2"
-    if getattr(args, "use_megatron_fsdp", False):
+    if parallel.use_megatron_fsdp:
         return "megatron_fsdp"
     return None
 
 
 def wrap_chunk(
-    args: Namespace, config: TransformerConfig, model: torch.nn.Module, index: int
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+    config: TransformerConfig,
+    model: torch.nn.Module,
+    index: int,
+    *,
+    checkpointed: bool,
 ) -> torch.nn.Module:
     """Model chunk ``index`` (a `TSTGPTModel`, ``Float16Module``-wrapped in bf16) in its
-    data-parallel wrapper; chunks after the first do not bucket (Megatron-LM's rule)."""
-    kind = fsdp_kind(args)
+    data-parallel wrapper; chunks after the first do not bucket (Megatron-LM's rule).
+
+    ``checkpointed`` (``--save`` or ``--load``): FSDP2 shards must suit torch_dist
+    (`check_even_shards`).
+    """
+    kind = fsdp_kind(parallel)
     if kind == "torch_fsdp2":
         chunk = TorchFullyShardedDataParallel(
             config,
             TorchFullyShardedDataParallelConfig(
-                reshard_after_forward=args.torch_fsdp2_reshard_after_forward
+                reshard_after_forward=parallel.torch_fsdp2_reshard_after_forward
             ),
             model,
             disable_bucketing=index > 0,
         )
         for module, method in unwrap_model(chunk).fsdp_forward_methods():
             register_fsdp_forward_method(module, method)
-        if args.save or args.load:
-            check_even_shards(chunk, swiglu=args.swiglu)
+        if checkpointed:
+            check_even_shards(chunk, swiglu=config.gated_linear_unit)
         return chunk
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32,
-        overlap_grad_reduce=args.overlap_grad_reduce,
-        overlap_param_gather=args.overlap_param_gather,
-        use_distributed_optimizer=args.use_distributed_optimizer,
+        grad_reduce_in_fp32=precision.accumulate_allreduce_grads_in_fp32,
+        overlap_grad_reduce=parallel.overlap_grad_reduce,
+        overlap_param_gather=parallel.overlap_param_gather,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
         use_megatron_fsdp=kind == "megatron_fsdp",
-        data_parallel_sharding_strategy=args.data_parallel_sharding_strategy,
+        data_parallel_sharding_strategy=parallel.data_parallel_sharding_strategy,
     )
     wrapper = FullyShardedDataParallel if kind == "megatron_fsdp" else DistributedDataParallel
     return wrapper(config, ddp_config, model, disable_bucketing=index > 0)
@@ -108,7 +119,8 @@ def local_grad_shards(chunk: torch.nn.Module) -> list[torch.Tensor]:
     shard of its sharded gradient (``main_grad`` where the wrapper keeps one, else ``grad``).
     """
     if hasattr(chunk, "expert_parallel_buffers"):  # DDP's buffers
-        return [buffer.grad_data for buffer in [*chunk.buffers, *chunk.expert_parallel_buffers]]
+        ddp = cast(DistributedDataParallel, chunk)
+        return [buffer.grad_data for buffer in [*ddp.buffers, *ddp.expert_parallel_buffers]]
     shards = []
     for param in chunk.parameters():
         grad = getattr(param, "main_grad", None)

@@ -2,9 +2,10 @@
 
 Megatron-LM turns every fusion on by default and offers a ``--no-...`` flag for each
 (``megatron/training/arguments.py``); ``--cross-entropy-loss-fusion`` is the one it leaves
-off. Here the same flags exist with the same defaults, and `resolve_fusions` decides what
-actually reaches `TransformerConfig`, so a fusion that would fail at the first step (a missing
-kernel) or crawl (Megatron-Core's jit fusions are ``torch.compile``, which on CPU compiles with
+off. Here the same flags exist with the same defaults (`arguments.requested_fusions` applies
+Megatron-LM's rules to them), and `resolve_fusions` decides what actually reaches
+`TransformerConfig`, so a fusion that would fail at the first step (a missing kernel) or crawl
+(Megatron-Core's jit fusions are ``torch.compile``, which on CPU compiles with
 inductor) is turned off up front, with one log line saying which and why:
 
 - ``--no-bias-swiglu-fusion`` / ``--no-bias-gelu-fusion`` (``bias_activation_fusion``):
@@ -25,37 +26,25 @@ LayerNorm are TE's business; the values pass through as Megatron-LM passes them.
 
 from __future__ import annotations
 
-import argparse
-
 from tst_megatron.kernels import KernelAvailability
+from tst_megatron.settings import ParallelConfig
+from tst_megatron.settings.environment import TransformerImpl
 from tst_megatron.settings.kernels import Fusions
-
-
-def requested_fusions(args: argparse.Namespace) -> Fusions:
-    """What the flags ask for, before the device decides (Megatron-LM's own rules applied)."""
-    activation = args.bias_swiglu_fusion if args.swiglu else args.bias_gelu_fusion
-    return Fusions(
-        # Megatron-LM: "Disable bias gelu fusion if we are disabling bias altogether"
-        bias_activation_fusion=activation and (args.swiglu or args.add_bias_linear),
-        bias_dropout_fusion=args.bias_dropout_fusion,
-        masked_softmax_fusion=args.masked_softmax_fusion,
-        persist_layer_norm=not args.no_persist_layer_norm,
-        # Megatron-LM: "if args.position_embedding_type != 'rope': args.apply_rope_fusion = False"
-        apply_rope_fusion=args.apply_rope_fusion and args.position_embedding_type == "rope",
-        gradient_accumulation_fusion=args.gradient_accumulation_fusion,
-        cross_entropy_loss_fusion=args.cross_entropy_loss_fusion,
-        cross_entropy_fusion_impl=args.cross_entropy_fusion_impl,
-    )
+from tst_megatron.settings.model import Normalization
 
 
 def resolve_fusions(
-    args: argparse.Namespace, kernels: KernelAvailability
+    wanted: Fusions,
+    kernels: KernelAvailability,
+    *,
+    transformer_impl: TransformerImpl,
+    normalization: Normalization,
 ) -> tuple[Fusions, list[str]]:
-    """The fusions this device runs, and a note for each requested one turned off.
+    """The fusions this device runs of ``wanted``, and a note for each one turned off.
 
-    ``args`` are validated ``pretrain_tst.py`` arguments (``transformer_impl`` resolved).
+    ``wanted`` is what the flags ask for (`arguments.requested_fusions`, Megatron-LM's own
+    rules applied); ``transformer_impl`` is resolved, ``normalization`` is ``--normalization``.
     """
-    wanted = requested_fusions(args)
     on = dict(wanted.as_config_kwargs())
     if not kernels.cuda:
         off = wanted.enabled()
@@ -71,11 +60,11 @@ def resolve_fusions(
             else []
         )
         return Fusions(**on), notes
-    local = args.transformer_impl == "local"
+    local = transformer_impl == "local"
     missing = {
         "masked_softmax_fusion": local and not kernels.masked_softmax,
         "persist_layer_norm": local
-        and not (kernels.apex_persistent_layer_norm and args.normalization == "LayerNorm"),
+        and not (kernels.apex_persistent_layer_norm and normalization == "LayerNorm"),
         "apply_rope_fusion": not kernels.transformer_engine,
         "gradient_accumulation_fusion": not kernels.fused_wgrad,
     }
@@ -93,16 +82,7 @@ def resolve_fusions(
     return Fusions(**on), notes
 
 
-def gpu_fusions(args: argparse.Namespace) -> Fusions:
-    """The fusions of a CUDA device without optional kernels (the planner's assumption).
-
-    The bias-activation and bias-dropout fusions need only CUDA (``torch.compile``), so a GPU
-    run has them exactly as the flags ask; the others depend on apex/TE being installed.
-    """
-    return resolve_fusions(args, KernelAvailability(cuda=True))[0]
-
-
-def p2p_settings(args: argparse.Namespace) -> dict[str, bool]:
+def p2p_settings(parallel: ParallelConfig) -> dict[str, bool]:
     """Pipeline p2p flags for `TransformerConfig`: Megatron-LM's, except on gloo.
 
     Megatron-LM: ``overlap_p2p_comm`` (on unless ``--no-overlap-p2p-communication``) only
@@ -121,7 +101,7 @@ def p2p_settings(args: argparse.Namespace) -> dict[str, bool]:
     ``tests/test_pretrain.py``: loss 7e-4 away from the single-rank run, against 1e-6 waiting
     on each exchange). Gloo gains nothing from either (it issues operations one by one).
     """
-    gloo = args.distributed_backend == "gloo"
-    interleaved = args.virtual_pipeline_model_parallel_size is not None
-    overlap = args.overlap_p2p_comm and interleaved and not gloo
+    gloo = parallel.distributed_backend == "gloo"
+    interleaved = parallel.virtual_pipeline_model_parallel_size is not None
+    overlap = parallel.overlap_p2p_comm and interleaved and not gloo
     return {"overlap_p2p_comm": overlap, "batch_p2p_comm": not overlap and not gloo}

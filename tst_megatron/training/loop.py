@@ -28,6 +28,7 @@ from megatron.core.num_microbatches_calculator import (
     update_num_microbatches,
 )
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer import TransformerConfig
 from megatron.core.utils import get_model_config
 
 from tst_megatron.config import STANDARD_PHASE, PhaseSpec
@@ -46,14 +47,15 @@ from tst_megatron.loss import positions_with_targets, target_entropy
 from tst_megatron.mcore_compat import batch_on_this_cp_rank
 from tst_megatron.planning import footprint
 from tst_megatron.planning.memory import MemorySettings
+from tst_megatron.settings import KernelsConfig, ModelConfig, ParallelConfig, PrecisionConfig
 from tst_megatron.targets import build_batch
 from tst_megatron.training import checkpointing as ckpt
 from tst_megatron.training import data_parallel, fault_injection, placement, precision
+from tst_megatron.training.arguments import requested_fusions
 from tst_megatron.training.faults import BadStepGuard, ExitRequests, TrainingStopped, check_step
-from tst_megatron.training.fusions import gpu_fusions
 from tst_megatron.training.manual_gc import ManualGarbageCollection
 from tst_megatron.training.metrics import MetricsLogger
-from tst_megatron.training.model_builder import build_model, transformer_config_from_args
+from tst_megatron.training.model_builder import build_model, transformer_config
 from tst_megatron.training.moe_metrics import MoEStepMetrics
 from tst_megatron.training.optimizer import build_optimizer, build_scheduler, describe_kernels
 from tst_megatron.training.run_config import from_validated_args
@@ -114,29 +116,48 @@ def shutdown_distributed() -> None:
     torch.distributed.destroy_process_group()
 
 
-def build_model_chunks(args: Namespace) -> list[torch.nn.Module]:
+def build_model_chunks(
+    config: TransformerConfig,
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    precision_config: PrecisionConfig,
+    kernels: KernelsConfig,
+    *,
+    document_attention: bool,
+    checkpointed: bool,
+) -> list[torch.nn.Module]:
     """One `TSTGPTModel` per virtual pipeline stage on this rank, in its data-parallel wrapper
-    (DDP, torch FSDP2 or Megatron-FSDP: `tst_megatron.training.data_parallel`)."""
-    config = transformer_config_from_args(args)
-    vpp = args.virtual_pipeline_model_parallel_size
+    (DDP, torch FSDP2 or Megatron-FSDP: `tst_megatron.training.data_parallel`).
+
+    ``config`` is `model_builder.transformer_config` of the same sections; it gets the
+    gradient hooks. ``document_attention``: ``--reset-attention-mask``; ``checkpointed``:
+    ``--save`` or ``--load``.
+    """
+    vpp = parallel.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
-        model = build_model(
-            args,
+        chunk = build_model(
+            model,
+            kernels,
             config,
+            document_attention=document_attention,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             vp_stage=stage,
         )
         # Megatron-LM: FSDP2 moves CPU-initialised parameters to the GPU shard by shard
         if torch.cuda.is_available() and not (
-            args.use_torch_fsdp2 and args.use_cpu_initialization
+            parallel.use_torch_fsdp2 and kernels.use_cpu_initialization
         ):
-            model.cuda(torch.cuda.current_device())
-        model = precision.wrap_model_chunk(model, config)
-        chunks.append(data_parallel.wrap_chunk(args, config, model, vp_stage))
-    if args.overlap_grad_reduce:
+            chunk.cuda(torch.cuda.current_device())
+        wrapped = precision.wrap_model_chunk(chunk, config)
+        chunks.append(
+            data_parallel.wrap_chunk(
+                parallel, precision_config, config, wrapped, vp_stage, checkpointed=checkpointed
+            )
+        )
+    if parallel.overlap_grad_reduce:
         no_sync = [chunk.no_sync for chunk in chunks]
         config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
     config.finalize_model_grads_func = finalize_model_grads
@@ -305,7 +326,25 @@ class Trainer:
             self._host_microbatches,
             args.num_workers,
         )
-        self.chunks = build_model_chunks(args)
+        settings = self.settings
+        config = transformer_config(
+            settings.model,
+            settings.parallel,
+            settings.precision,
+            settings.kernels,
+            settings.recompute,
+            calculate_per_token_loss=settings.batch.calculate_per_token_loss,
+            barrier_with_L1_time=settings.logging.barrier_with_L1_time,
+        )
+        self.chunks = build_model_chunks(
+            config,
+            settings.model,
+            settings.parallel,
+            settings.precision,
+            settings.kernels,
+            document_attention=settings.data.reset_attention_mask,
+            checkpointed=bool(settings.checkpoint.save or settings.checkpoint.load),
+        )
         self.optimizer = build_optimizer(args, self.chunks)
         precision.attach_loss_scale(self.chunks, self.optimizer)
         self.scheduler = build_scheduler(args, self.optimizer)
@@ -613,7 +652,7 @@ class Trainer:
         (Megatron-LM's "theoretical memory footprints"; a collective: every rank calls it)."""
         run = self.settings
         # the GPU's fusions (the fused SwiGLU keeps less), also where this host runs none
-        kernels = dataclasses.replace(run.kernels, fusions=gpu_fusions(self.args))
+        kernels = dataclasses.replace(run.kernels, fusions=requested_fusions(self.args))
         memory = MemorySettings(model=run.model, parallel=run.parallel, recompute=run.recompute,
                                 precision=run.precision, optimizer=run.optimizer,
                                 batch=run.batch, kernels=kernels, tst=run.tst)  # fmt: skip

@@ -1,15 +1,17 @@
-"""Build a `TSTGPTModel` from validated ``pretrain_tst.py`` arguments.
+"""Build a `TSTGPTModel` from the settings sections.
 
 Mirrors Megatron-LM's `core_transformer_config_from_args` and `pretrain_gpt.model_provider`
-for the flags this project exposes. Building a model needs `megatron.core.parallel_state`
-initialised; `single_process_parallel_state` provides a 1-rank state for offline use.
+for the flags this project exposes: the `TransformerConfig` comes from the model section (the
+one home of the model's shape) and the parallel, precision, kernels and recompute sections.
+Building a model needs `megatron.core.parallel_state` initialised;
+`single_process_parallel_state` provides a 1-rank state for offline use.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, TypeAlias
 
 import torch
 import torch.distributed as dist
@@ -27,113 +29,134 @@ from tst_megatron.data.masks import with_document_attention
 from tst_megatron.layers.spec import local_block_spec
 from tst_megatron.mcore_fixes import apply_mcore_fixes
 from tst_megatron.model import TSTGPTModel
+from tst_megatron.settings import (
+    KernelsConfig,
+    ModelConfig,
+    MoEConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    RecomputeConfig,
+)
+from tst_megatron.settings.kernels import Fusions
 from tst_megatron.training import arguments
 from tst_megatron.training.arguments import ConfigError
 from tst_megatron.training.fusions import p2p_settings
 
-LayerSpec = ModuleSpec | TransformerBlockSubmodules
+LayerSpec: TypeAlias = ModuleSpec | TransformerBlockSubmodules
 
 
-def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
-    """The `TransformerConfig` of validated args (see `arguments.validate_args`).
+def transformer_config(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+    kernels: KernelsConfig,
+    recompute: RecomputeConfig,
+    *,
+    calculate_per_token_loss: bool = False,
+    barrier_with_L1_time: bool = True,
+) -> TransformerConfig:
+    """The `TransformerConfig` of a run's sections.
 
-    Fusions are ``args.fusions`` (Megatron-LM's defaults resolved for this device, see
+    Fusions are ``kernels.fusions`` (Megatron-LM's defaults resolved for the environment, see
     `tst_megatron.training.fusions`); pipeline p2p follows `fusions.p2p_settings`.
+    ``calculate_per_token_loss`` (``--calculate-per-token-loss``) and ``barrier_with_L1_time``
+    (``--barrier-with-L1-time``) come from the batch and logging sections.
     """
-    kwargs = dict(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups,
-        kv_channels=args.kv_channels,
-        normalization=args.normalization,
-        layernorm_epsilon=args.norm_epsilon,
-        layernorm_zero_centered_gamma=args.apply_layernorm_1p,
-        gated_linear_unit=args.swiglu,
-        activation_func=F.silu if args.swiglu else F.gelu,
-        add_bias_linear=args.add_bias_linear,
-        qk_layernorm=args.qk_layernorm,
-        hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout,
-        init_method_std=args.init_method_std,
-        attention_softmax_in_fp32=args.attention_softmax_in_fp32,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
-        context_parallel_size=args.context_parallel_size,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
-        sequence_parallel=args.sequence_parallel,
-        fp16=args.fp16,
-        bf16=args.bf16,
-        params_dtype=args.params_dtype,
-        pipeline_dtype=args.params_dtype,
-        use_cpu_initialization=args.use_cpu_initialization,
+    kwargs: dict[str, Any] = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        normalization=model.normalization,
+        layernorm_epsilon=model.norm_epsilon,
+        layernorm_zero_centered_gamma=model.apply_layernorm_1p,
+        gated_linear_unit=model.swiglu,
+        activation_func=F.silu if model.swiglu else F.gelu,
+        add_bias_linear=model.add_bias_linear,
+        qk_layernorm=model.qk_layernorm,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_method_std,
+        attention_softmax_in_fp32=precision.attention_softmax_in_fp32,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        fp16=precision.params_dtype == "fp16",
+        bf16=precision.params_dtype == "bf16",
+        params_dtype=precision.torch_dtype,
+        pipeline_dtype=precision.torch_dtype,
+        use_cpu_initialization=kernels.use_cpu_initialization,
         perform_initialization=True,
         variable_seq_lengths=False,
         deallocate_pipeline_outputs=True,
-        **p2p_settings(args),
-        **args.fusions.as_config_kwargs(),
-        transformer_impl=args.transformer_impl,
+        **p2p_settings(parallel),
+        **kernels.fusions.as_config_kwargs(),
+        transformer_impl=kernels.transformer_impl,
+        recompute_granularity=recompute.recompute_granularity,
+        recompute_method=recompute.recompute_method,
+        recompute_num_layers=recompute.recompute_num_layers,
+        recompute_modules=_list(recompute.recompute_modules),
+        calculate_per_token_loss=calculate_per_token_loss,
+        barrier_with_L1_time=barrier_with_L1_time,
     )
-    if args.num_experts is not None:
+    if model.moe is not None:
+        kwargs.update(_moe_kwargs(model.moe, kernels))
+    if precision.fp8 is not None:
         kwargs.update(
-            num_moe_experts=args.num_experts,
-            moe_router_topk=args.moe_router_topk,
-            moe_ffn_hidden_size=args.moe_ffn_hidden_size,
-            moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
-            moe_aux_loss_coeff=args.moe_aux_loss_coeff,
-            moe_router_load_balancing_type=args.moe_router_load_balancing_type,
-            moe_token_dispatcher_type=args.moe_token_dispatcher_type,
-            moe_grouped_gemm=args.moe_grouped_gemm,
-            moe_router_score_function=args.moe_router_score_function,
-            moe_router_pre_softmax=args.moe_router_pre_softmax,
-            moe_z_loss_coeff=args.moe_z_loss_coeff,
-            moe_layer_freq=args.moe_layer_freq,
+            fp8=precision.fp8, fp8_recipe=precision.fp8_recipe, fp8_param=precision.fp8_param_gather
         )
-        kwargs.update(_moe_routing_kwargs(args))
-    kwargs.update(_recompute_and_loss_kwargs(args))
-    if args.fp8 is not None:
-        kwargs.update(fp8=args.fp8, fp8_recipe=args.fp8_recipe, fp8_param=args.fp8_param_gather)
     return TransformerConfig(**kwargs)
 
 
-def _moe_routing_kwargs(args: argparse.Namespace) -> dict:
-    """Router, capacity and dispatch settings (Megatron-LM's ``--moe-*`` flags)."""
-    return dict(
-        moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
-        moe_router_num_groups=args.moe_router_num_groups,
-        moe_router_group_topk=args.moe_router_group_topk,
-        moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
-        moe_router_bias_update_rate=args.moe_router_bias_update_rate,
-        moe_router_dtype=args.moe_router_dtype,
-        moe_permute_fusion=args.moe_permute_fusion,
-        moe_expert_capacity_factor=args.moe_expert_capacity_factor,
-        moe_token_drop_policy=args.moe_token_drop_policy,
-        moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
-    )
+def _moe_kwargs(moe: MoEConfig, kernels: KernelsConfig) -> dict[str, Any]:
+    """The experts, router, capacity and dispatch settings (Megatron-LM's ``--moe-*`` flags).
 
-
-def _recompute_and_loss_kwargs(args: argparse.Namespace) -> dict:
-    """Activation recomputation (``--recompute-*``), per-token loss and level-1 timer barriers.
-
-    ``recompute_modules`` None lets Megatron-Core pick its default (``["core_attn"]``).
+    Several aux losses are lists, as Megatron-Core checks them.
     """
     return dict(
-        recompute_granularity=args.recompute_granularity,
-        recompute_method=args.recompute_method,
-        recompute_num_layers=args.recompute_num_layers,
-        recompute_modules=args.recompute_modules,
-        calculate_per_token_loss=args.calculate_per_token_loss,
-        barrier_with_L1_time=args.barrier_with_L1_time,
+        num_moe_experts=moe.num_experts,
+        moe_router_topk=moe.moe_router_topk,
+        moe_ffn_hidden_size=moe.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=moe.moe_shared_expert_intermediate_size,
+        moe_aux_loss_coeff=_list(moe.moe_aux_loss_coeff),
+        moe_router_load_balancing_type=_list(moe.moe_router_load_balancing_type),
+        moe_token_dispatcher_type=moe.moe_token_dispatcher_type,
+        moe_grouped_gemm=kernels.moe_grouped_gemm,
+        moe_router_score_function=moe.moe_router_score_function,
+        moe_router_pre_softmax=moe.moe_router_pre_softmax,
+        moe_z_loss_coeff=moe.moe_z_loss_coeff,
+        moe_layer_freq=moe.moe_layer_freq,
+        moe_router_topk_scaling_factor=moe.moe_router_topk_scaling_factor,
+        moe_router_num_groups=moe.moe_router_num_groups,
+        moe_router_group_topk=moe.moe_router_group_topk,
+        moe_router_enable_expert_bias=moe.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=moe.moe_router_bias_update_rate,
+        moe_router_dtype=moe.moe_router_dtype,
+        moe_permute_fusion=kernels.moe_permute_fusion,
+        moe_expert_capacity_factor=moe.moe_expert_capacity_factor,
+        moe_token_drop_policy=moe.moe_token_drop_policy,
+        moe_pad_expert_input_to_capacity=moe.moe_pad_expert_input_to_capacity,
     )
 
 
-def layer_spec_from_args(
-    args: argparse.Namespace, config: TransformerConfig, vp_stage: int | None = None
+def _list(value: Any) -> Any:
+    """A section's tuple as the list Megatron-Core expects; anything else as it is."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def layer_spec(
+    model: ModelConfig,
+    kernels: KernelsConfig,
+    config: TransformerConfig,
+    vp_stage: int | None = None,
 ) -> LayerSpec:
-    """The decoder spec for ``--transformer-impl``.
+    """The decoder spec for ``kernels.transformer_impl`` (``--transformer-impl``).
 
     - ``transformer_engine``: Megatron-Core's TE spec (checks TE is installed first).
     - ``local``: the local spec of `tst_megatron.layers.spec` on any device (mcore's local
@@ -144,17 +167,17 @@ def layer_spec_from_args(
     With MoE every ``--moe-layer-freq``-th layer is MoE and the others dense: a block spec for
     this pipeline stage (``vp_stage`` chunk), like Megatron-Core's `get_gpt_decoder_block_spec`.
     """
-    if args.transformer_impl == "transformer_engine":
+    if kernels.transformer_impl == "transformer_engine":
         if not arguments.transformer_engine_installed():
             raise ConfigError(arguments.TE_IMPL_MISSING)
-        if args.num_experts is not None and args.moe_layer_freq != 1:
+        if model.moe is not None and model.moe.moe_layer_freq != 1:
             return get_gpt_decoder_block_spec(
                 config, use_transformer_engine=True, vp_stage=vp_stage
             )
         return get_gpt_layer_with_transformer_engine_spec(
-            num_experts=args.num_experts,
-            moe_grouped_gemm=args.moe_grouped_gemm,
-            qk_layernorm=args.qk_layernorm,
+            num_experts=model.moe.num_experts if model.moe is not None else None,
+            moe_grouped_gemm=kernels.moe_grouped_gemm,
+            qk_layernorm=model.qk_layernorm,
         )
     if torch.cuda.is_available():
         return local_block_spec(config, vp_stage=vp_stage)
@@ -164,20 +187,27 @@ def layer_spec_from_args(
 
 
 def build_model(
-    args: argparse.Namespace,
+    model: ModelConfig,
+    kernels: KernelsConfig,
     config: TransformerConfig,
     *,
+    document_attention: bool = False,
     pre_process: bool,
     post_process: bool,
     vp_stage: int | None = None,
 ) -> TSTGPTModel:
-    """One pipeline stage (or virtual chunk ``vp_stage``) of the model."""
+    """One pipeline stage (or virtual chunk ``vp_stage``) of the model.
+
+    ``document_attention`` (``--reset-attention-mask``): the document mask reaches the
+    attention kernels.
+    """
     apply_mcore_fixes()
-    spec = layer_spec_from_args(args, config, vp_stage)
-    if args.reset_attention_mask:  # the document mask must reach the attention kernels
+    spec = layer_spec(model, kernels, config, vp_stage)
+    if document_attention:
         spec = with_document_attention(spec)
     return _build(
-        args,
+        model,
+        kernels,
         config,
         spec,
         pre_process=pre_process,
@@ -187,7 +217,8 @@ def build_model(
 
 
 def _build(
-    args: argparse.Namespace,
+    model: ModelConfig,
+    kernels: KernelsConfig,
     config: TransformerConfig,
     spec: LayerSpec,
     *,
@@ -195,79 +226,61 @@ def _build(
     post_process: bool,
     vp_stage: int | None,
 ) -> TSTGPTModel:
-    if args.padded_vocab_size is None:
-        raise ConfigError("args.padded_vocab_size is not set (set it from the tokenizer)")
+    if model.padded_vocab_size is None:
+        raise ConfigError("the padded vocabulary size is not set (set it from the tokenizer)")
     apply_mcore_fixes()
     return TSTGPTModel(
         config=config,
         transformer_layer_spec=spec,
-        vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
+        vocab_size=model.padded_vocab_size,
+        max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
         parallel_output=True,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type,
-        rotary_percent=args.rotary_percent,
-        rotary_base=args.rotary_base,
+        share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
+        position_embedding_type=model.position_embedding_type,
+        rotary_percent=model.rotary_percent,
+        rotary_base=model.rotary_base,
         vp_stage=vp_stage,
-        fused_output_loss=args.tst_fused_output_loss,
+        fused_output_loss=kernels.tst_fused_output_loss,
     )
 
 
-class ModelProvider:
-    """``provider(pre_process, post_process, vp_stage=None) -> TSTGPTModel``.
-
-    All stages and virtual chunks share one `TransformerConfig`, ``provider.config``.
-    """
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.config = transformer_config_from_args(args)
-
-    def __call__(
-        self, pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None
-    ) -> TSTGPTModel:
-        return build_model(
-            self.args,
-            self.config,
-            pre_process=pre_process,
-            post_process=post_process,
-            vp_stage=vp_stage,
-        )
-
-
-def model_provider_from_args(args: argparse.Namespace) -> ModelProvider:
-    """The model provider for mcore-style ``get_model`` loops (see `ModelProvider`)."""
-    return ModelProvider(args)
-
-
-def build_meta_model(args: argparse.Namespace) -> TSTGPTModel:
+def build_meta_model(model: ModelConfig) -> TSTGPTModel:
     """The whole model (TP=PP=CP=EP=1 view) on the meta device: shapes, no memory.
 
-    For parameter counting of any size. It always uses the local spec (torch norms), which
-    needs neither Transformer Engine nor a GPU and has the same parameter shapes as the TE
-    spec (TE fuses the pre-attention/pre-MLP norms into the following linear layer, so only
-    the parameter names differ); grouped-GEMM experts become per-expert MLPs (same counts).
-    Runs inside `single_process_parallel_state`.
+    For parameter counting of any size. It always uses the local spec (torch norms, no
+    fusions, fp32), which needs neither Transformer Engine nor a GPU and has the same
+    parameter shapes as the TE spec (TE fuses the pre-attention/pre-MLP norms into the
+    following linear layer, so only the parameter names differ); grouped-GEMM experts become
+    per-expert MLPs (same counts). Runs inside `single_process_parallel_state`.
     """
-    view = argparse.Namespace(**vars(args))
-    view.tensor_model_parallel_size = 1
-    view.pipeline_model_parallel_size = 1
-    view.virtual_pipeline_model_parallel_size = None
-    view.context_parallel_size = 1
-    view.expert_model_parallel_size = 1
-    view.expert_tensor_parallel_size = 1
-    view.sequence_parallel = False
-    view.moe_grouped_gemm = False
-    view.transformer_impl = "local"
-    view.use_cpu_initialization = True
-    view.fp8 = None
-    config = transformer_config_from_args(view)
+    kernels = KernelsConfig(
+        transformer_impl="local",
+        use_cpu_initialization=True,
+        fusions=Fusions(
+            bias_activation_fusion=False,
+            bias_dropout_fusion=False,
+            masked_softmax_fusion=False,
+            persist_layer_norm=False,
+            apply_rope_fusion=False,
+            gradient_accumulation_fusion=False,
+            cross_entropy_loss_fusion=False,
+            cross_entropy_fusion_impl="native",
+        ),
+    )
+    config = transformer_config(
+        model,
+        ParallelConfig(world_size=1, data_parallel_size=1),
+        PrecisionConfig(),
+        kernels,
+        RecomputeConfig(),
+    )
     config.perform_initialization = False
     with single_process_parallel_state(), torch.device("meta"):
         spec = local_block_spec(config, apex=False)
-        return _build(view, config, spec, pre_process=True, post_process=True, vp_stage=None)
+        return _build(model, kernels, config, spec, pre_process=True, post_process=True,
+                      vp_stage=None)  # fmt: skip
 
 
 @contextmanager

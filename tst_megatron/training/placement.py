@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Mapping, MutableMapping
 
@@ -34,12 +33,15 @@ def local_device_index(local_rank: int, device_count: int) -> int:
     return local_rank % device_count
 
 
-def needs_single_connection(args: argparse.Namespace, arch_major: int | None) -> bool:
+def needs_single_connection(
+    *, tensor_parallel: int, context_parallel: int, fsdp: bool, arch_major: int | None
+) -> bool:
     """Megatron-LM's rule: TP or CP > 1 on a GPU before Blackwell (capability < 10), unless
-    FSDP is on (FSDP needs several connections; Megatron-LM then only warns)."""
-    if getattr(args, "use_torch_fsdp2", False) or getattr(args, "use_megatron_fsdp", False):
+    FSDP (``--use-torch-fsdp2`` / ``--use-megatron-fsdp``) is on (FSDP needs several
+    connections; Megatron-LM then only warns)."""
+    if fsdp:
         return False
-    parallel = args.tensor_model_parallel_size > 1 or args.context_parallel_size > 1
+    parallel = tensor_parallel > 1 or context_parallel > 1
     return parallel and arch_major is not None and arch_major < 10
 
 
@@ -51,17 +53,32 @@ def cuda_arch_major() -> int | None:
 
 
 def cuda_connections_error(
-    args: argparse.Namespace, arch_major: int | None, environ: Mapping[str, str]
+    *,
+    tensor_parallel: int,
+    context_parallel: int,
+    fsdp: bool,
+    arch_major: int | None,
+    environ: Mapping[str, str],
 ) -> str | None:
-    """Why this environment cannot run ``args`` (the variable unset or not 1), else None."""
+    """Why ``environ`` cannot run this layout (the variable unset or not 1), else None.
+
+    ``tensor_parallel`` / ``context_parallel``: ``--tensor-model-parallel-size`` /
+    ``--context-parallel-size``; ``fsdp``: either FSDP flag.
+    """
     value = environ.get(CUDA_CONNECTIONS)
-    if not needs_single_connection(args, arch_major) or value == "1":
+    needed = needs_single_connection(
+        tensor_parallel=tensor_parallel,
+        context_parallel=context_parallel,
+        fsdp=fsdp,
+        arch_major=arch_major,
+    )
+    if not needed or value == "1":
         return None
     found = "is not set" if value is None else f"is {value}"
     return (
         f"{CUDA_CONNECTIONS} {found}, but --tensor-model-parallel-size "
-        f"{args.tensor_model_parallel_size} / --context-parallel-size "
-        f"{args.context_parallel_size} on this GPU (compute capability {arch_major}.x, before "
+        f"{tensor_parallel} / --context-parallel-size "
+        f"{context_parallel} on this GPU (compute capability {arch_major}.x, before "
         f"Blackwell) needs {CUDA_CONNECTIONS}=1 in the environment before CUDA starts, as "
         f"Megatron-LM requires (communication then overlaps with compute): export "
         f"{CUDA_CONNECTIONS}=1 in the launch script (examples/slurm/common.sh, tools/launch.py "

@@ -37,8 +37,9 @@ from tst_megatron.settings import (
     RunConfig,
     ScheduleConfig,
 )
+from tst_megatron.settings.environment import Backend
 from tst_megatron.settings.reliability import ExitSignal
-from tst_megatron.training.arguments import parse_args, validate_args
+from tst_megatron.training.arguments import parse_args, requested_fusions, validate_args
 from tst_megatron.training.fusions import resolve_fusions
 
 ENTRY_POINT_ONLY: dict[str, str] = {
@@ -218,17 +219,23 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     return ModelConfig(**_take(args, _MODEL), padded_vocab_size=args.padded_vocab_size, moe=moe)
 
 
+def parallel_config(args: argparse.Namespace, backend: Backend | None = None) -> ParallelConfig:
+    """The parallel section of validated ``args``; ``backend`` replaces the validated
+    ``--distributed-backend`` (resolved for another environment)."""
+    return ParallelConfig(
+        **_take(args, _PARALLEL),
+        world_size=args.world_size,
+        data_parallel_size=args.data_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        distributed_backend=backend or args.distributed_backend,
+    )
+
+
 def _run_config(args: argparse.Namespace, given: dict[str, Any], env: Environment) -> RunConfig:
     return RunConfig(
         environment=env,
         model=model_config(args),
-        parallel=ParallelConfig(
-            **_take(args, _PARALLEL),
-            world_size=args.world_size,
-            data_parallel_size=args.data_parallel_size,
-            virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
-            distributed_backend=given["distributed_backend"] or env.default_backend,
-        ),
+        parallel=parallel_config(args, given["distributed_backend"] or env.default_backend),
         recompute=RecomputeConfig(
             **_take(args, _RECOMPUTE),
             recompute_modules=_tuple(args.recompute_modules),
@@ -268,8 +275,12 @@ def _kernels(args: argparse.Namespace, given: dict[str, Any], env: Environment) 
     permute = given["moe_permute_fusion"]
     if permute is None:
         permute = moe and te and env.cuda and env.fused_permute
-    fusions, _ = resolve_fusions(argparse.Namespace(**{**vars(args), "transformer_impl": impl}),
-                                 env.kernels)  # fmt: skip
+    fusions, _ = resolve_fusions(
+        requested_fusions(args),
+        env.kernels,
+        transformer_impl=impl,
+        normalization=args.normalization,
+    )
     return KernelsConfig(
         transformer_impl=impl,
         use_cpu_initialization=bool(given["use_cpu_initialization"]) or not env.cuda,
