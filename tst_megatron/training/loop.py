@@ -258,6 +258,114 @@ def split_for_context_parallel(batch: dict, bag_size: int) -> dict:
     return local
 
 
+def run_schedule(
+    chunks: list[torch.nn.Module],
+    batches: list[dict],
+    forward_only: bool,
+    seq_length: int,
+    micro_batch_size: int,
+    context_parallel_size: int,
+    step_func=forward_step,
+    spec: PhaseSpec = STANDARD_PHASE,
+) -> list[dict]:
+    """The pipeline schedule over ``batches``; its p2p shapes follow the phase's fold
+    (``L/s`` latent positions and ``s*b`` samples per micro-batch with the batch fold)."""
+    iterators = [iter(batches) for _ in chunks]
+    return get_forward_backward_func()(
+        forward_step_func=step_func,
+        data_iterator=iterators if len(iterators) > 1 else iterators[0],
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(batches),
+        seq_length=spec.latent_length(seq_length) // context_parallel_size,
+        micro_batch_size=spec.micro_batch_rows(micro_batch_size),
+        forward_only=forward_only,
+    )
+
+
+def validation_loss(
+    chunks: list[torch.nn.Module],
+    batches: list[dict],
+    seq_length: int,
+    micro_batch_size: int,
+    context_parallel_size: int,
+) -> float:
+    """Global mean next-token loss of the validation ``batches`` (`validation_microbatches`):
+    the chunks in the standard (phase-2) view and eval mode, forward only; the chunks are left
+    in train mode and the standard view (the caller restores its phase)."""
+    for chunk in chunks:
+        unwrap(chunk).set_phase(STANDARD_PHASE)
+        chunk.eval()
+    with torch.no_grad():
+        outputs = run_schedule(
+            chunks, batches, True, seq_length, micro_batch_size, context_parallel_size
+        )
+    for chunk in chunks:
+        chunk.train()
+    return _reduce_lm_loss(outputs)
+
+
+def validation_microbatches(
+    args: Namespace, tokenizer, documents: DocumentMasking, device: torch.device
+) -> list[dict]:
+    """This data-parallel rank's ``--eval-iters`` validation micro-batches on ``device``
+    (``[mbs, L]`` tensors, split for context parallelism): ``--mock-data`` windows or the
+    validation `GPTDataset`; empty when there is no validation data."""
+    mbs, dp_size = args.micro_batch_size, ps.get_data_parallel_world_size()
+    per_rank = args.eval_iters * mbs
+    total = per_rank * dp_size
+    first = ps.get_data_parallel_rank() * per_rank
+    if args.mock_data:
+        windows = mock_valid_windows(tokenizer, args.seed, total, args.seq_length + 1)
+        eod = tokenizer.eod
+        target_mask = eod_target_mask(windows, eod) if args.eod_mask_loss else None
+        samples = [
+            apply_document_masking(
+                build_batch(
+                    windows[first + i : first + i + 1],
+                    STANDARD_PHASE,
+                    args.seq_length,
+                    None if target_mask is None else target_mask[first + i : first + i + 1],
+                ).as_dict(),
+                windows[first + i : first + i + 1],
+                STANDARD_PHASE,
+                documents,
+            )
+            for i in range(per_rank)
+        ]
+    else:
+        dataset = build_valid_dataset(args, tokenizer, total)
+        if dataset is None:
+            return []
+        samples = []
+        for i in range(per_rank):
+            item = dataset[first + i]
+            samples.append(
+                {
+                    "tokens": torch.as_tensor(item["tokens"]).long().unsqueeze(0),
+                    "position_ids": torch.as_tensor(item["position_ids"]).long().unsqueeze(0),
+                    "labels": torch.as_tensor(item["labels"]).long().unsqueeze(0),
+                    "loss_mask": torch.as_tensor(item["loss_mask"]).float().unsqueeze(0),
+                }
+            )
+            samples[-1].update(standard_document_fields(samples[-1]["tokens"], documents))
+    batches = []
+    for start in range(0, per_rank, mbs):
+        group = samples[start : start + mbs]
+        batch = {k: torch.cat([g[k] for g in group]) for k in group[0]}
+        batch = split_for_context_parallel(batch, 1)
+        batches.append({k: v.to(device) for k, v in batch.items()})
+    return batches
+
+
+def loaded_line(path: str, progress: ckpt.TrainingProgress, same_layout: bool, extra: str) -> str:
+    """The log line of a loaded checkpoint (``extra``: what else was loaded, e.g. the
+    optimizer state's format)."""
+    return (
+        f"loaded checkpoint {path} at iteration {progress.iteration} (phase {progress.phase}, "
+        f"layout {'unchanged' if same_layout else 'changed: resharded'}{extra})"
+    )
+
+
 class Trainer:
     """State of one run: model chunks, optimizer, data stream, counters."""
 
@@ -354,11 +462,7 @@ class Trainer:
         optimizer = ""
         if args.use_distributed_optimizer and not (args.no_load_optim or args.finetune):
             optimizer = f", optimizer state {meta.get('optimizer_format', 'fully_reshardable')}"
-        self.metrics.print(
-            f"loaded checkpoint {path} at iteration {self.progress.iteration} "
-            f"(phase {self.progress.phase}, layout "
-            f"{'unchanged' if same_layout else 'changed: resharded'}{optimizer})"
-        )
+        self.metrics.print(loaded_line(path, self.progress, same_layout, optimizer))
 
     def save(self, async_save: bool = False) -> None:
         """Save now (``async_save``: write in the background, publish in `finalize_saves`)."""
@@ -437,27 +541,6 @@ class Trainer:
         )
 
     # --- steps --------------------------------------------------------------------------
-    def _run_schedule(
-        self,
-        batches: list[dict],
-        forward_only: bool,
-        step_func=forward_step,
-        spec: PhaseSpec = STANDARD_PHASE,
-    ) -> list[dict]:
-        """The pipeline schedule over ``batches``; its p2p shapes follow the phase's fold
-        (``L/s`` latent positions and ``s*b`` samples per micro-batch with the batch fold)."""
-        args = self.args
-        iterators = [iter(batches) for _ in self.chunks]
-        return get_forward_backward_func()(
-            forward_step_func=step_func,
-            data_iterator=iterators if len(iterators) > 1 else iterators[0],
-            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
-            num_microbatches=len(batches),
-            seq_length=spec.latent_length(args.seq_length) // args.context_parallel_size,
-            micro_batch_size=spec.micro_batch_rows(args.micro_batch_size),
-            forward_only=forward_only,
-        )
-
     def train_step(self, spec: PhaseSpec) -> dict:
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
@@ -467,7 +550,11 @@ class Trainer:
         self.timers("batch-generator", log_level=1).start()
         batches = self._microbatches(spec)
         self.timers("batch-generator").stop()
-        outputs = self._run_schedule(batches, False, step_func, spec)
+        args = self.args
+        outputs = run_schedule(
+            self.chunks, batches, False, args.seq_length, args.micro_batch_size,
+            args.context_parallel_size, step_func, spec,
+        )  # fmt: skip
         health = check_step(outputs, self.chunks)
         fp16 = self.args.fp16
         scale = precision.current_loss_scale(self.optimizer) if fp16 else None
@@ -502,74 +589,20 @@ class Trainer:
         args = self.args
         if not args.eval_iters:
             return None
-        samples = self._validation_microbatches()
-        if not samples:
+        if self._valid is None:
+            self._valid = validation_microbatches(args, self.tokenizer, self.documents, self.device)
+        if not self._valid:
             return None
-        phase = self.progress.phase
-        self.set_phase(2)
-        for chunk in self.chunks:
-            chunk.eval()
         config = get_model_config(self.chunks[0])
         config.timers = None  # like Megatron-LM: evaluation stays out of the step timers
-        with self.gc.evaluation(), torch.no_grad():
-            outputs = self._run_schedule(samples, forward_only=True)
+        with self.gc.evaluation():
+            loss = validation_loss(
+                self.chunks, self._valid, args.seq_length, args.micro_batch_size,
+                args.context_parallel_size,
+            )  # fmt: skip
         config.timers = self.timers.timers
-        for chunk in self.chunks:
-            chunk.train()
-        self.set_phase(phase)
-        return _reduce_lm_loss(outputs)
-
-    def _validation_microbatches(self) -> list[dict]:
-        if self._valid is not None:
-            return self._valid
-        args = self.args
-        mbs, dp_size = args.micro_batch_size, ps.get_data_parallel_world_size()
-        per_rank = args.eval_iters * mbs
-        total = per_rank * dp_size
-        first = ps.get_data_parallel_rank() * per_rank
-        if args.mock_data:
-            windows = mock_valid_windows(self.tokenizer, args.seed, total, args.seq_length + 1)
-            eod = self.tokenizer.eod
-            target_mask = eod_target_mask(windows, eod) if args.eod_mask_loss else None
-            samples = [
-                apply_document_masking(
-                    build_batch(
-                        windows[first + i : first + i + 1],
-                        STANDARD_PHASE,
-                        args.seq_length,
-                        None if target_mask is None else target_mask[first + i : first + i + 1],
-                    ).as_dict(),
-                    windows[first + i : first + i + 1],
-                    STANDARD_PHASE,
-                    self.documents,
-                )
-                for i in range(per_rank)
-            ]
-        else:
-            dataset = build_valid_dataset(args, self.tokenizer, total)
-            if dataset is None:
-                self._valid = []
-                return self._valid
-            samples = []
-            for i in range(per_rank):
-                item = dataset[first + i]
-                samples.append(
-                    {
-                        "tokens": torch.as_tensor(item["tokens"]).long().unsqueeze(0),
-                        "position_ids": torch.as_tensor(item["position_ids"]).long().unsqueeze(0),
-                        "labels": torch.as_tensor(item["labels"]).long().unsqueeze(0),
-                        "loss_mask": torch.as_tensor(item["loss_mask"]).float().unsqueeze(0),
-                    }
-                )
-                samples[-1].update(standard_document_fields(samples[-1]["tokens"], self.documents))
-        batches = []
-        for start in range(0, per_rank, mbs):
-            group = samples[start : start + mbs]
-            batch = {k: torch.cat([g[k] for g in group]) for k in group[0]}
-            batch = split_for_context_parallel(batch, 1)
-            batches.append({k: v.to(self.device) for k, v in batch.items()})
-        self._valid = batches
-        return batches
+        self.set_phase(self.progress.phase)
+        return loss
 
     # --- memory footprint ---------------------------------------------------------------
     def log_memory_estimate(self) -> None:
