@@ -229,9 +229,7 @@ def load_model(args: Namespace, path: str) -> TSTGPTModel:
     return model
 
 
-def save_model_checkpoint(
-    args: Namespace, state: dict[str, torch.Tensor], save: str
-) -> str | None:
+def save_model_checkpoint(args: Namespace, state: dict[str, torch.Tensor], save: str) -> str | None:
     """Write Megatron ``state`` as ``save/iter_0000000`` (phase 2) with tracker and metadata.
 
     ``pretrain_tst.py --load save --finetune`` (any layout) continues from it. Without CUDA
