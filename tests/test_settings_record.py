@@ -1,13 +1,14 @@
 """The checkpoint records every setting that changes the run's numbers (issue 26, item 2).
 
-A tiny RoPE model is trained with ``--rotary-base 50000`` by a real launch; then, from
-outside the process: resumes with another rotary base, norm epsilon, Adam beta or learning
-rate are refused with one line naming the flag, both values and the flag that allows it;
-the allowing flags work (``--use-checkpoint-opt_param-scheduler`` continues bit for bit);
-``tools/convert_checkpoint.py mcore-to-hf --load DIR --hf-dir OUT`` alone writes the
-recorded ``rope_theta``; ``tools/evaluate.py`` needs no model flags and gives the same loss as
-with them; given flags that differ are refused; a checkpoint without the record still needs
-(and takes) the flags. The conversion's storage and config errors are one line too.
+A tiny RoPE model is trained with ``--rotary-base 50000 --norm-epsilon 1e-6`` by a real
+launch; then, from outside the process: resumes with another rotary base, norm epsilon, Adam
+beta or learning rate are refused with one line naming the flag, both values and the flag that
+allows it; the allowing flags work (``--use-checkpoint-opt_param-scheduler`` continues bit for
+bit); ``tools/convert_checkpoint.py mcore-to-hf --load DIR --hf-dir OUT`` alone writes the
+recorded ``rope_theta`` and ``rms_norm_eps``; ``tools/evaluate.py`` needs no model flags and
+gives the same loss as with them; given flags that differ are refused; a checkpoint without
+the record still needs (and takes) the flags. The conversion's storage and config errors are
+one line too.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ LLAMA = [
     "--seq-length", "32", "--transformer-impl", "local", "--distributed-backend", "gloo",
     "--seed", "5", "--position-embedding-type", "rope", "--normalization", "RMSNorm",
     "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
-    "--rotary-base", "50000",
+    "--rotary-base", "50000", "--norm-epsilon", "1e-6",
 ]  # fmt: skip
 TRAIN = [
     "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "3e-3", "--min-lr", "3e-4",
@@ -79,7 +80,7 @@ def test_the_record_holds_model_optimizer_and_schedule_settings(trained, tmp):
     meta = ckpt.read_checkpoint_meta(str(tmp / "run" / "iter_0000004"))
     record = meta["settings"]
     assert set(record) == {"model", "data", "optimizer", "schedule"}
-    assert record["model"]["rotary_base"] == 50000 and record["model"]["norm_epsilon"] == 1e-5
+    assert record["model"]["rotary_base"] == 50000 and record["model"]["norm_epsilon"] == 1e-6
     assert record["model"]["swiglu"] is True and record["model"]["normalization"] == "RMSNorm"
     assert record["optimizer"]["adam_beta1"] == 0.9 and record["optimizer"]["clip_grad"] == 1.0
     assert record["schedule"]["lr"] == 3e-3 and record["schedule"]["lr_warmup_iters"] == 1
@@ -99,7 +100,7 @@ def test_the_record_holds_model_optimizer_and_schedule_settings(trained, tmp):
          "other model settings than this run's: --rotary-base: checkpoint 50000, this run "
          "500000. Resume with the checkpoint's values, or pass --finetune"),
         ("epsilon", ["--norm-epsilon", "1e-2"],
-         "--norm-epsilon: checkpoint 1e-05, this run 0.01"),
+         "--norm-epsilon: checkpoint 1e-06, this run 0.01"),
         ("beta", ["--adam-beta1", "0.8"],
          "other optimizer settings than this run's: --adam-beta1: checkpoint 0.9, this run "
          "0.8. Resume with the checkpoint's values, or pass --no-load-optim"),
@@ -167,15 +168,16 @@ def test_convert_needs_no_model_flags_and_checks_given_ones(trained, tmp):
                     "--hf-dir", str(out), cwd=tmp)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())
-    assert config["rope_theta"] == 50000 and config["rms_norm_eps"] == 1e-5
+    assert config["rope_theta"] == 50000 and config["rms_norm_eps"] == 1e-6
     assert config["num_hidden_layers"] == 2 and config["vocab_size"] == 512
     refused = run_tool("convert_checkpoint.py", "mcore-to-hf", "--load", str(tmp / "run"),
-                       "--hf-dir", str(tmp / "hf_refused"), "--rotary-base", "10000", cwd=tmp)
+                       "--hf-dir", str(tmp / "hf_refused"), "--rotary-base", "10000",
+                       "--norm-epsilon", "1e-5", cwd=tmp)  # fmt: skip
     assert refused.returncode == 1
     assert error_lines(refused.stderr, "error:") == [
         f"error: the model flags given differ from checkpoint {tmp / 'run' / 'iter_0000004'}'s "
-        "record: --rotary-base: checkpoint 50000, given 10000. Leave these flags out to take "
-        "the checkpoint's values"
+        "record: --rotary-base: checkpoint 50000, given 10000; --norm-epsilon: checkpoint "
+        "1e-06, given 1e-05. Leave these flags out to take the checkpoint's values"
     ]
     assert not (tmp / "hf_refused").exists()
 
@@ -197,7 +199,8 @@ def test_a_checkpoint_without_the_record_converts_with_the_flags_as_before(train
     done = run_tool("convert_checkpoint.py", "mcore-to-hf", "--load", str(old),
                     "--hf-dir", str(tmp / "hf_old"), *LLAMA, *DATA, cwd=tmp)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((tmp / "hf_old" / "config.json").read_text())["rope_theta"] == 50000
+    config = json.loads((tmp / "hf_old" / "config.json").read_text())
+    assert config["rope_theta"] == 50000 and config["rms_norm_eps"] == 1e-6
 
 
 @pytest.mark.slow
@@ -216,7 +219,7 @@ def test_evaluate_needs_no_model_flags_and_checks_given_ones(trained, tmp):
     refused = run_tool("evaluate.py", *common, "--norm-epsilon", "1e-2", cwd=tmp)
     assert refused.returncode == 1
     lines = error_lines(refused.stderr, "evaluate.py: error:")
-    assert len(lines) == 1 and "--norm-epsilon: checkpoint 1e-05, given 0.01" in lines[0]
+    assert len(lines) == 1 and "--norm-epsilon: checkpoint 1e-06, given 0.01" in lines[0]
 
 
 # --------------------------------------------------------------------------------------------

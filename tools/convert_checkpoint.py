@@ -49,7 +49,8 @@ import yaml  # noqa: E402
 
 from tst_megatron.conversion import ConversionError  # noqa: E402
 from tst_megatron.data.tokenizer import TokenizerError  # noqa: E402
-from tst_megatron.training.arguments import ConfigError, build_parser, parse_args  # noqa: E402
+from tst_megatron.settings import DataConfig  # noqa: E402
+from tst_megatron.training.arguments import ConfigError, build_parser  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -106,9 +107,11 @@ def mcore_to_hf(argv: list[str]) -> str:
         stored_dtype,
     )
     from tst_megatron.conversion.safetensors_io import parse_size, save_weights
-    from tst_megatron.conversion.spec import spec_from_args
+    from tst_megatron.conversion.spec import architecture, convertible_model
     from tst_megatron.conversion.weights import mcore_to_hf as convert
+    from tst_megatron.settings import Environment
     from tst_megatron.training.model_builder import single_process_parallel_state
+    from tst_megatron.training.run_config import from_validated_args
 
     run_args = parse_run_args(mcore_to_hf_parser(), argv)
     if run_args.load is None:
@@ -131,27 +134,28 @@ def mcore_to_hf(argv: list[str]) -> str:
     if run_args.tokenizer_model and run_args.tokenizer_type is None:
         run_args.tokenizer_type = "HuggingFaceTokenizer"
     args, tokenizer = single_process_args(run_args)
-    check_model_shape(args, meta, path)
     args.padded_vocab_size = meta["model"]["padded_vocab_size"]
-    spec = spec_from_args(args, args.vocab_size or tokenizer.vocab_size)
+    settings = from_validated_args(args, Environment.cpu())
+    check_model_shape(settings.model, meta, path)
+    model = convertible_model(settings.model, settings.model.vocab_size or tokenizer.vocab_size)
     dtype = stored_dtype(path) if run_args.dtype == "auto" else DTYPES[run_args.dtype]
     with single_process_parallel_state():
         state = load_model(args, path).state_dict()
-    tensors = convert(state, spec)
+    tensors = convert(state, model)
     dtype_name = str(dtype).removeprefix("torch.")
-    eos = None if args.tokenizer_type == "NullTokenizer" else tokenizer.eod
+    eos = None if settings.data.tokenizer_type == "NullTokenizer" else tokenizer.eod
     with _output_dir(out):
         files = save_weights(tensors, out, dtype, max_shard)
-        _write_json(os.path.join(out, "config.json"), hf_config(spec, dtype_name, None, eos))
+        _write_json(os.path.join(out, "config.json"), hf_config(model, dtype_name, None, eos))
         _write_json(
             os.path.join(out, "generation_config.json"),
             {"_from_model_config": True, "bos_token_id": None, "eos_token_id": eos},
         )
-        copied = _copy_tokenizer(args, tokenizer, out, spec.max_position_embeddings)
+        copied = _copy_tokenizer(settings.data, tokenizer, out, model.max_position_embeddings)
     print(
         f"converted {path} (iteration {meta['iteration']}, TST phase {tst['phase']}, saved at "
-        f"{meta['layout']}) to {spec.architecture} in {out}: {len(tensors)} tensors, "
-        f"{dtype_name}, vocabulary {spec.vocab_size} (padded {args.padded_vocab_size}), "
+        f"{meta['layout']}) to {architecture(model)} in {out}: {len(tensors)} tensors, "
+        f"{dtype_name}, vocabulary {model.vocab_size} (padded {model.padded_vocab_size}), "
         f"{', '.join(files)}"
         + (f"; tokenizer: {', '.join(copied)}" if copied else "; no tokenizer files")
     )
@@ -182,27 +186,28 @@ def _output_dir(out: str):
         ) from None
 
 
-def _copy_tokenizer(args: argparse.Namespace, tokenizer, out: str, max_length: int) -> list[str]:
+def _copy_tokenizer(data: DataConfig, tokenizer, out: str, max_length: int) -> list[str]:
     """Copy the run's tokenizer files into ``out``; add a ``tokenizer_config.json`` if none."""
     extra: dict = {}
-    if args.tokenizer_type == "HuggingFaceTokenizer":
-        model = args.tokenizer_model
+    files: list[tuple[str | None, str]]
+    if data.tokenizer_type == "HuggingFaceTokenizer":
+        model = str(data.tokenizer_model)
         files = [(os.path.join(model, name), name) for name in TOKENIZER_FILES]
         if not os.path.isdir(model):
             files = [(tokenizer.path, "tokenizer.json")]
         tokenizer_class = "PreTrainedTokenizerFast"
-    elif args.tokenizer_type == "GPT2BPETokenizer":
-        files = [(args.vocab_file, "vocab.json"), (args.merge_file, "merges.txt")]
+    elif data.tokenizer_type == "GPT2BPETokenizer":
+        files = [(data.vocab_file, "vocab.json"), (data.merge_file, "merges.txt")]
         tokenizer_class = "GPT2TokenizerFast"
-    elif args.tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
-        files = [(args.tokenizer_model, "tokenizer.model")]
+    elif data.tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
+        files = [(data.tokenizer_model, "tokenizer.model")]
         tokenizer_class = "LlamaTokenizer"  # the plain SentencePiece model, as trained
         extra = {"add_bos_token": False, "add_eos_token": False, "legacy": True}
     else:  # NullTokenizer: token ids are the text, there is nothing to copy
         return []
     copied = []
     for source, name in files:
-        if os.path.isfile(source):
+        if source is not None and os.path.isfile(source):
             shutil.copyfile(source, os.path.join(out, name))
             copied.append(name)
     if "tokenizer_config.json" not in copied:
@@ -251,10 +256,10 @@ def hf_to_mcore_parser() -> argparse.ArgumentParser:
 
 def hf_to_mcore(argv: list[str]) -> str:
     """Run the hf-to-mcore direction; returns the iteration directory written."""
-    from tst_megatron.conversion.hf_config import spec_from_hf_config
+    from tst_megatron.conversion.hf_config import model_from_hf_config
     from tst_megatron.conversion.megatron_io import save_model_checkpoint, single_process_args
     from tst_megatron.conversion.safetensors_io import load_weights
-    from tst_megatron.conversion.spec import model_flags
+    from tst_megatron.conversion.spec import architecture, model_settings
     from tst_megatron.conversion.weights import hf_to_mcore as convert
     from tst_megatron.training.checkpointing import TRACKER
 
@@ -267,44 +272,38 @@ def hf_to_mcore(argv: list[str]) -> str:
             config = json.load(f)
     except (OSError, ValueError) as err:
         raise ConversionError(f"cannot read {config_path}: {err}") from None
-    spec = spec_from_hf_config(config)
+    model = model_from_hf_config(config)
     dtype = options.dtype
     if dtype == "auto":
         dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
     precision = {"bfloat16": ["--bf16"], "float16": ["--fp16"]}.get(dtype, [])
-    flags = model_flags(spec)
-    run_args = parse_args(
+    settings = model_settings(model)
+    parser = build_parser()
+    parser.set_defaults(**settings)  # as --yaml-config SAVE/model.yaml gives them
+    run_args = parser.parse_args(
         [
-            *flags, *precision,
-            "--seq-length", str(spec.max_position_embeddings),
+            *precision,
+            "--seq-length", str(model.seq_length),
             "--tensor-model-parallel-size", str(options.tensor_model_parallel_size),
             "--make-vocab-size-divisible-by", str(options.make_vocab_size_divisible_by),
         ]
-    )
+    )  # fmt: skip
     args, _ = single_process_args(run_args)
-    state = convert(load_weights(options.hf_dir), spec, args.padded_vocab_size)
+    state = convert(load_weights(options.hf_dir), model, args.padded_vocab_size)
     path = save_model_checkpoint(args, state, options.save)
-    with open(os.path.join(options.save, "model.yaml"), "w") as f:
-        f.write(f"# model flags of {spec.architecture} {options.hf_dir}\n")
-        yaml.safe_dump(_flags_to_mapping(flags), f, sort_keys=False)
+    model_yaml = os.path.join(options.save, "model.yaml")
+    with open(model_yaml, "w") as f:
+        f.write(f"# model settings of {architecture(model)} {options.hf_dir}\n")
+        yaml.safe_dump(settings, f, sort_keys=False)
     print(
-        f"converted {options.hf_dir} ({spec.architecture}) to {path} (phase 2, vocabulary "
-        f"{spec.vocab_size} padded to {args.padded_vocab_size} for TP "
+        f"converted {options.hf_dir} ({architecture(model)}) to {path} (phase 2, vocabulary "
+        f"{model.vocab_size} padded to {args.padded_vocab_size} for TP "
         f"{options.tensor_model_parallel_size}); continue with: pretrain_tst.py "
-        f"--yaml-config {os.path.join(options.save, 'model.yaml')} --load {options.save} "
-        "--finetune ...   (model flags: " + " ".join(flags) + ")"
+        f"--yaml-config {model_yaml} --load {options.save} --finetune ...   (model settings: "
+        + ", ".join(f"{key}: {value}" for key, value in settings.items())
+        + ")"
     )
     return path
-
-
-def _flags_to_mapping(flags: list[str]) -> dict:
-    """``["--a", "1", "--b"]`` -> ``{"a": 1, "b": True}`` (a ``--yaml-config`` file)."""
-    mapping: dict = {}
-    for i, flag in enumerate(flags):
-        if flag.startswith("--"):
-            value = flags[i + 1] if i + 1 < len(flags) else "--"
-            mapping[flag[2:]] = True if value.startswith("--") else yaml.safe_load(value)
-    return mapping
 
 
 def _write_json(path: str, data: dict) -> None:

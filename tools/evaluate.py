@@ -19,7 +19,8 @@ view, whatever phase the checkpoint is from). The last rank prints a Megatron-st
     validation loss at iteration 1000 | lm loss value: 3.2E+00 | lm loss PPL: 2.5E+01 |
 
 and, with ``--json``, one JSON line ``{"iteration", "lm_loss", "ppl", "samples", "tokens",
-"checkpoint"}``. Only the weights are loaded (no optimizer state, no RNG state).
+"checkpoint"}``. Only the model and the validation samples are built, and only the weights
+loaded (`tst_megatron.training.evaluator.Evaluator`: no optimizer, no training samples).
 
 Exit status: 0 on success, 1 for an unusable checkpoint or dataset, 2 for bad flags.
 """
@@ -64,7 +65,7 @@ def adjust(args):
             setattr(args, key, value)
     if args.valid_data_path:  # it replaces the run's --data-path / --mock-data (e.g. from YAML)
         args.data_path, args.mock_data = None, False
-        args.train_data_path = args.train_data_path or args.valid_data_path  # (unused) stream
+        args.train_data_path = args.train_data_path or args.valid_data_path  # validation wants one
     vars(args).update(
         no_load_optim=True, no_load_rng=True, finetune=False, allow_fresh_start=False,
         evaluation_only=True, save=None, tensorboard_dir=None, wandb_project=None,
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     from tst_megatron.training.checkpointing import CheckpointError
 
     try:  # before any expensive work
-        checkpoint_of(args)
+        path = checkpoint_of(args)
     except CheckpointError as err:
         print(f"evaluate.py: error: {err}", file=sys.stderr, flush=True)
         return 1
@@ -148,20 +149,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from tst_megatron.data.checks import DataError
     from tst_megatron.data.tokenizer import TokenizerError
-    from tst_megatron.training.loop import Trainer, initialize_distributed, shutdown_distributed
+    from tst_megatron.training.evaluator import Evaluator
+    from tst_megatron.training.loop import initialize_distributed, shutdown_distributed
+
     initialize_distributed(args)
     code = 0
     try:
-        trainer = Trainer(args)
-        trainer.maybe_load()
-        loss = trainer.evaluate()
+        evaluator = Evaluator(args)
+        iteration = evaluator.load(path)
+        loss = evaluator.evaluate()
         if loss is None:
             raise DataError(
                 "no validation samples: give --valid-data-path, or a --data-path whose --split "
                 "has a validation share"
             )
-        iteration = trainer.progress.iteration
-        trainer.metrics.validation(iteration, loss)
+        evaluator.metrics.validation(iteration, loss)
         last = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
         if args.json and last:
             dp_size = parallel_state.get_data_parallel_world_size()

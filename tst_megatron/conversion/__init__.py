@@ -3,9 +3,9 @@
 One concern per module:
 
 * `fused`: Megatron's fused QKV (interleaved per key/value group) and SwiGLU ``[gate; up]``.
-* `spec`: `ModelSpec`, the architecture-neutral model description, from ``pretrain_tst.py``
-  arguments (refusing what no target class can express) and back to model flags.
-* `hf_config`: `ModelSpec` <-> ``config.json`` of LlamaForCausalLM, Qwen3ForCausalLM,
+* `spec`: what the target classes can express of the model section (`settings.ModelConfig`,
+  the one model description), the class it becomes, and its settings back (``model.yaml``).
+* `hf_config`: `ModelConfig` <-> ``config.json`` of LlamaForCausalLM, Qwen3ForCausalLM,
   Qwen3MoeForCausalLM.
 * `hf_llama`: parameter names and layouts of the Llama family (embeddings, norms, attention
   with optional QK-norm, dense SwiGLU MLP).

@@ -18,25 +18,25 @@ spec unchanged. On import, transformers 5.x's fused layout (``mlp.experts.gate_u
 from __future__ import annotations
 
 from tst_megatron.conversion.hf_llama import Tensors, hf_layer, mcore_layer, mlp_from_hf, mlp_to_hf
-from tst_megatron.conversion.spec import ModelSpec
+from tst_megatron.settings import ModelConfig
 
 
-def moe_to_hf(state: Tensors, spec: ModelSpec, i: int) -> Tensors:
+def moe_to_hf(state: Tensors, model: ModelConfig, i: int) -> Tensors:
     """Layer ``i``'s router and experts."""
     m, h = mcore_layer(i) + "mlp.", hf_layer(i) + "mlp."
     out = {f"{h}gate.weight": state.pop(f"{m}router.weight")}
-    for e in range(spec.num_experts):
-        out |= mlp_to_hf(state, spec, f"{m}experts.local_experts.{e}.", f"{h}experts.{e}.")
+    for e in range(model.num_experts):
+        out |= mlp_to_hf(state, model, f"{m}experts.local_experts.{e}.", f"{h}experts.{e}.")
     return out
 
 
-def moe_from_hf(hf: Tensors, spec: ModelSpec, i: int) -> Tensors:
+def moe_from_hf(hf: Tensors, model: ModelConfig, i: int) -> Tensors:
     """Inverse of `moe_to_hf` (either HF expert layout)."""
     m, h = mcore_layer(i) + "mlp.", hf_layer(i) + "mlp."
     _unfuse_experts(hf, h + "experts.")
     out = {f"{m}router.weight": hf.pop(f"{h}gate.weight")}
-    for e in range(spec.num_experts):
-        out |= mlp_from_hf(hf, spec, f"{m}experts.local_experts.{e}.", f"{h}experts.{e}.")
+    for e in range(model.num_experts):
+        out |= mlp_from_hf(hf, model, f"{m}experts.local_experts.{e}.", f"{h}experts.{e}.")
     return out
 
 

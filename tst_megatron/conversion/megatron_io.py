@@ -11,6 +11,7 @@ the weights stay in host memory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from argparse import Namespace
@@ -23,6 +24,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from tst_megatron.conversion import ConversionError
 from tst_megatron.data.tokenizer import TokenizerSpec, build_training_tokenizer, model_vocab_size
 from tst_megatron.model import TSTGPTModel
+from tst_megatron.settings import ModelConfig, MoEConfig
 from tst_megatron.training import checkpointing as ckpt
 from tst_megatron.training.arguments import load_yaml_defaults, validate_args
 from tst_megatron.training.checkpoint_settings import (
@@ -173,18 +175,25 @@ def find_checkpoint(load: str) -> tuple[str, dict]:
         raise ConversionError(str(err)) from None
 
 
-def check_model_shape(args: Namespace, meta: dict, path: str) -> None:
-    """The flags must describe the checkpoint's model (``tst_checkpoint.json``'s ``model``).
+def check_model_shape(model: ModelConfig, meta: dict, path: str) -> None:
+    """``model`` must be the checkpoint's (``tst_checkpoint.json``'s ``model`` shape).
 
     The padded vocabulary is not compared (it depends on the run's TP size, which the flags
-    need not repeat): the caller takes the checkpoint's.
+    need not repeat): the caller takes the checkpoint's. The routing keys of a dense model
+    are not compared (it has no router).
     """
-    saved, flags = meta["model"], ckpt.model_shape(args)
-    diffs = [
-        f"{key}: checkpoint {saved[key]!r}, flags {flags[key]!r}"
-        for key in ckpt.MODEL_SHAPE_KEYS
-        if key in saved and key != "padded_vocab_size" and saved[key] != flags[key]
-    ]
+    saved = meta["model"]
+    moe_fields = {field.name for field in dataclasses.fields(MoEConfig)}
+    diffs = []
+    for key in ckpt.MODEL_SHAPE_KEYS:
+        if key not in saved or key == "padded_vocab_size":
+            continue
+        if key in moe_fields and model.moe is None and saved.get("num_experts") is None:
+            continue
+        section = model.moe if key in moe_fields else model
+        now = None if section is None else getattr(section, key)
+        if saved[key] != now:
+            diffs.append(f"{key}: checkpoint {saved[key]!r}, flags {now!r}")
     if diffs:
         raise ConversionError(
             f"the model flags describe another model than checkpoint {path} ("
@@ -226,7 +235,7 @@ def load_model(args: Namespace, path: str) -> TSTGPTModel:
     return model
 
 
-def save_model_checkpoint(args: Namespace, state: dict[str, torch.Tensor], save: str) -> str:
+def save_model_checkpoint(args: Namespace, state: dict[str, torch.Tensor], save: str) -> str | None:
     """Write Megatron ``state`` as ``save/iter_0000000`` (phase 2) with tracker and metadata.
 
     ``pretrain_tst.py --load save --finetune`` (any layout) continues from it. Without CUDA

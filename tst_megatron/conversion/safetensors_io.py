@@ -49,7 +49,7 @@ def save_weights(
         if count == 1
         else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
     )
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for names, file in zip(shards, files, strict=True):
         shard = {name: tensors[name].detach().to(dtype=dtype, copy=True) for name in names}
         path = os.path.join(directory, file)

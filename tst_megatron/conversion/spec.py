@@ -1,9 +1,10 @@
-"""`ModelSpec`: the model both sides describe, and what the Hugging Face classes can express.
+"""What the Hugging Face classes can express of the model section, and its settings back.
 
-A `ModelSpec` is built from validated ``pretrain_tst.py`` arguments (`spec_from_args`, which
-refuses configurations the target classes cannot express) or from an HF ``config.json``
-(`hf_config.spec_from_hf_config`), and turns back into ``pretrain_tst.py`` model flags
-(`model_flags`). The target class follows from it:
+The converter describes the model by the run's model section, `ModelConfig` (its
+``vocab_size`` is the vocabulary to export, before padding): from a checkpoint's run
+(`convertible_model`, which refuses what the target classes cannot express) or from an HF
+``config.json`` (`hf_config.model_from_hf_config`); `model_settings` turns it back into
+``pretrain_tst.py`` settings. The target class follows from it (`architecture`):
 
 * dense, no QK-norm -> ``LlamaForCausalLM`` (biases in all linear layers allowed:
   ``attention_bias`` + ``mlp_bias``);
@@ -13,169 +14,117 @@ refuses configurations the target classes cannot express) or from an HF ``config
 
 from __future__ import annotations
 
-from argparse import Namespace
-from dataclasses import dataclass
+import dataclasses
+from typing import Any
 
 from tst_megatron.conversion import ConversionError
+from tst_megatron.settings import ModelConfig, MoEConfig
 
 LLAMA, QWEN3, QWEN3_MOE = "LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"
+NOT_OF_THE_WEIGHTS = (
+    "seq_length", "padded_vocab_size", "make_vocab_size_divisible_by", "hidden_dropout",
+    "attention_dropout",
+)  # fmt: skip
+"""Model fields the weights do not fix (the run that continues from them chooses)."""
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """A pre-norm RMSNorm / RoPE / SwiGLU decoder (dense or MoE) with an unpadded vocabulary."""
-
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    kv_channels: int
-    vocab_size: int
-    max_position_embeddings: int
-    rotary_base: int
-    norm_epsilon: float
-    untie_embeddings: bool
-    add_bias_linear: bool
-    qk_layernorm: bool
-    init_method_std: float = 0.02
-    attention_dropout: float = 0.0
-    num_experts: int | None = None
-    moe_ffn_hidden_size: int | None = None
-    moe_router_topk: int | None = None
-    moe_router_pre_softmax: bool = False
-    moe_aux_loss_coeff: float = 0.0
-
-    @property
-    def architecture(self) -> str:
-        if self.num_experts:
-            return QWEN3_MOE
-        return QWEN3 if self.qk_layernorm else LLAMA
+def architecture(model: ModelConfig) -> str:
+    """The Hugging Face class of ``model``."""
+    if model.moe is not None:
+        return QWEN3_MOE
+    return QWEN3 if model.qk_layernorm else LLAMA
 
 
-def spec_from_args(args: Namespace, vocab_size: int) -> ModelSpec:
-    """The `ModelSpec` of validated run arguments, the vocabulary trimmed to ``vocab_size``.
+def convertible_model(model: ModelConfig, vocab_size: int) -> ModelConfig:
+    """``model`` (its vocabulary padded to ``model.padded_vocab_size``) with the vocabulary
+    to export trimmed to ``vocab_size``.
 
     Raises:
         ConversionError: listing every setting the target class cannot express.
     """
-    problems = unsupported_settings(args)
-    if vocab_size > args.padded_vocab_size:
+    problems = unsupported_settings(model)
+    if vocab_size > model.vocab:
         problems.append(
             f"the vocabulary to export has {vocab_size} entries but the model only "
-            f"{args.padded_vocab_size} rows"
+            f"{model.vocab} rows"
         )
     if problems:
-        target = QWEN3_MOE if args.num_experts else (QWEN3 if args.qk_layernorm else LLAMA)
-        raise ConversionError(f"{target} cannot express this model: " + "; ".join(problems))
-    moe = args.num_experts is not None
-    return ModelSpec(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups,
-        kv_channels=args.kv_channels,
-        vocab_size=vocab_size,
-        max_position_embeddings=args.max_position_embeddings,
-        rotary_base=args.rotary_base,
-        norm_epsilon=args.norm_epsilon,
-        untie_embeddings=args.untie_embeddings_and_output_weights,
-        add_bias_linear=args.add_bias_linear,
-        qk_layernorm=args.qk_layernorm,
-        init_method_std=args.init_method_std,
-        attention_dropout=args.attention_dropout,
-        num_experts=args.num_experts,
-        moe_ffn_hidden_size=args.moe_ffn_hidden_size if moe else None,
-        moe_router_topk=args.moe_router_topk if moe else None,
-        moe_router_pre_softmax=moe and args.moe_router_pre_softmax,
-        moe_aux_loss_coeff=args.moe_aux_loss_coeff if moe else 0.0,
-    )
+        raise ConversionError(
+            f"{architecture(model)} cannot express this model: " + "; ".join(problems)
+        )
+    return dataclasses.replace(model, vocab_size=vocab_size)
 
 
-def unsupported_settings(args: Namespace) -> list[str]:
-    """What in validated run arguments the Llama / Qwen3 / Qwen3-MoE classes cannot express."""
+def unsupported_settings(model: ModelConfig) -> list[str]:
+    """What of ``model`` the Llama / Qwen3 / Qwen3-MoE classes cannot express."""
     problems = []
-    if args.position_embedding_type != "rope":
+    if model.position_embedding_type != "rope":
         problems.append(
-            f"--position-embedding-type {args.position_embedding_type} (these classes only "
+            f"--position-embedding-type {model.position_embedding_type} (these classes only "
             "have rotary position embeddings: train with --position-embedding-type rope)"
         )
-    if args.normalization != "RMSNorm":
-        problems.append(f"--normalization {args.normalization} (they only have RMSNorm)")
-    if args.apply_layernorm_1p:
+    if model.normalization != "RMSNorm":
+        problems.append(f"--normalization {model.normalization} (they only have RMSNorm)")
+    if model.apply_layernorm_1p:
         problems.append("--apply-layernorm-1p (zero-centred norm weights)")
-    if not args.swiglu:
+    if not model.swiglu:
         problems.append("no --swiglu (their MLPs are gated SiLU: train with --swiglu)")
-    if args.rotary_percent != 1.0:
+    if model.rotary_percent != 1.0:
         problems.append(
-            f"--rotary-percent {args.rotary_percent} (RoPE rotates whole heads in these classes)"
+            f"--rotary-percent {model.rotary_percent} (RoPE rotates whole heads in these classes)"
         )
-    if args.add_bias_linear and (args.qk_layernorm or args.num_experts is not None):
+    if model.add_bias_linear and (model.qk_layernorm or model.moe is not None):
         problems.append(
             "biases in the linear layers (only LlamaForCausalLM has MLP biases; Qwen3 and "
             "Qwen3-MoE MLPs have none: train with --disable-bias-linear)"
         )
-    if args.num_experts is not None:
-        problems.extend(_unsupported_moe_settings(args))
+    if model.moe is not None:
+        problems.extend(_unsupported_moe_settings(model.moe, model.qk_layernorm))
     return problems
 
 
-def _unsupported_moe_settings(args: Namespace) -> list[str]:
+def _unsupported_moe_settings(moe: MoEConfig, qk_layernorm: bool) -> list[str]:
     problems = []
-    if args.moe_layer_freq != 1:
+    if moe.moe_layer_freq != 1:
         problems.append(
-            f"--moe-layer-freq {args.moe_layer_freq} (the converter exports MoE models whose "
+            f"--moe-layer-freq {moe.moe_layer_freq} (the converter exports MoE models whose "
             "every layer is MoE)"
         )
-    if args.moe_shared_expert_intermediate_size:
+    if moe.moe_shared_expert_intermediate_size:
         problems.append(
-            f"--moe-shared-expert-intermediate-size {args.moe_shared_expert_intermediate_size} "
+            f"--moe-shared-expert-intermediate-size {moe.moe_shared_expert_intermediate_size} "
             "(Qwen3-MoE has no shared experts)"
         )
-    if args.moe_router_score_function != "softmax":
+    if moe.moe_router_score_function != "softmax":
         problems.append(
-            f"--moe-router-score-function {args.moe_router_score_function} (Qwen3-MoE's router "
+            f"--moe-router-score-function {moe.moe_router_score_function} (Qwen3-MoE's router "
             "is a softmax)"
         )
-    if args.moe_router_load_balancing_type == "sinkhorn":
+    if "sinkhorn" in moe.load_balancing_types:
         problems.append("--moe-router-load-balancing-type sinkhorn (routes differently)")
-    if not args.qk_layernorm:
+    if not qk_layernorm:
         problems.append("MoE without --qk-layernorm (Qwen3-MoE always normalises q and k)")
     return problems
 
 
-def model_flags(spec: ModelSpec) -> list[str]:
-    """``pretrain_tst.py`` flags that build this model (vocabulary before padding)."""
-    flags = [
-        "--num-layers", str(spec.num_layers),
-        "--hidden-size", str(spec.hidden_size),
-        "--ffn-hidden-size", str(spec.ffn_hidden_size),
-        "--num-attention-heads", str(spec.num_attention_heads),
-        "--num-query-groups", str(spec.num_query_groups),
-        "--kv-channels", str(spec.kv_channels),
-        "--max-position-embeddings", str(spec.max_position_embeddings),
-        "--position-embedding-type", "rope",
-        "--rotary-base", str(spec.rotary_base),
-        "--normalization", "RMSNorm",
-        "--norm-epsilon", repr(spec.norm_epsilon),
-        "--swiglu",
-        "--vocab-size", str(spec.vocab_size),
-        "--init-method-std", repr(spec.init_method_std),
-    ]  # fmt: skip
-    if not spec.add_bias_linear:
-        flags.append("--disable-bias-linear")
-    if spec.untie_embeddings:
-        flags.append("--untie-embeddings-and-output-weights")
-    if spec.qk_layernorm:
-        flags.append("--qk-layernorm")
-    if spec.num_experts:
-        flags += [
-            "--num-experts", str(spec.num_experts),
-            "--moe-ffn-hidden-size", str(spec.moe_ffn_hidden_size),
-            "--moe-router-topk", str(spec.moe_router_topk),
-            "--moe-aux-loss-coeff", repr(spec.moe_aux_loss_coeff),
-        ]  # fmt: skip
-        if spec.moe_router_pre_softmax:
-            flags.append("--moe-router-pre-softmax")
-    return flags
+def model_settings(model: ModelConfig) -> dict[str, Any]:
+    """``pretrain_tst.py`` settings that build ``model``: ``{dest: value}``, the keys of a
+    ``--yaml-config`` file (field names are the flags' destinations).
+
+    Every field of the model and MoE sections that differs from its default (the flag's
+    default) is set, but those the weights do not fix (`NOT_OF_THE_WEIGHTS`). Tuples become
+    lists (YAML).
+    """
+    settings = _changed(model, skip=(*NOT_OF_THE_WEIGHTS, "moe"))
+    if model.moe is not None:
+        settings |= _changed(model.moe, skip=())
+    return settings
+
+
+def _changed(section: ModelConfig | MoEConfig, skip: tuple[str, ...]) -> dict[str, Any]:
+    changed = {}
+    for field in dataclasses.fields(section):
+        value = getattr(section, field.name)
+        if field.name not in skip and value != field.default:
+            changed[field.name] = list(value) if isinstance(value, tuple) else value
+    return changed

@@ -42,12 +42,24 @@ from tst_megatron.data.documents import (
 )
 from tst_megatron.data.masks import attention_mask_from_documents
 from tst_megatron.data.prefetch import StepPrefetcher, StepRequest
-from tst_megatron.data.tokenizer import TokenizerSpec, build_training_tokenizer, model_vocab_size
+from tst_megatron.data.tokenizer import (
+    Tokenizer,
+    TokenizerSpec,
+    build_training_tokenizer,
+    model_vocab_size,
+)
 from tst_megatron.loss import positions_with_targets, target_entropy
 from tst_megatron.mcore_compat import batch_on_this_cp_rank
 from tst_megatron.planning import footprint
 from tst_megatron.planning.memory import MemorySettings
-from tst_megatron.settings import KernelsConfig, ModelConfig, ParallelConfig, PrecisionConfig
+from tst_megatron.settings import (
+    DataConfig,
+    KernelsConfig,
+    ModelConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    RunConfig,
+)
 from tst_megatron.targets import build_batch
 from tst_megatron.training import checkpointing as ckpt
 from tst_megatron.training import data_parallel, fault_injection, placement, precision
@@ -282,25 +294,165 @@ def split_for_context_parallel(batch: dict, bag_size: int) -> dict:
     return local
 
 
+def run_schedule(
+    chunks: list[torch.nn.Module],
+    batches: list[dict],
+    forward_only: bool,
+    seq_length: int,
+    micro_batch_size: int,
+    context_parallel_size: int,
+    step_func=forward_step,
+    spec: PhaseSpec = STANDARD_PHASE,
+) -> list[dict]:
+    """The pipeline schedule over ``batches``; its p2p shapes follow the phase's fold
+    (``L/s`` latent positions and ``s*b`` samples per micro-batch with the batch fold)."""
+    iterators = [iter(batches) for _ in chunks]
+    return get_forward_backward_func()(
+        forward_step_func=step_func,
+        data_iterator=iterators if len(iterators) > 1 else iterators[0],
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(batches),
+        seq_length=spec.latent_length(seq_length) // context_parallel_size,
+        micro_batch_size=spec.micro_batch_rows(micro_batch_size),
+        forward_only=forward_only,
+    )
+
+
+def validation_loss(
+    chunks: list[torch.nn.Module],
+    batches: list[dict],
+    seq_length: int,
+    micro_batch_size: int,
+    context_parallel_size: int,
+) -> float:
+    """Global mean next-token loss of the validation ``batches`` (`validation_microbatches`):
+    the chunks in the standard (phase-2) view and eval mode, forward only; the chunks are left
+    in train mode and the standard view (the caller restores its phase)."""
+    for chunk in chunks:
+        unwrap(chunk).set_phase(STANDARD_PHASE)
+        chunk.eval()
+    with torch.no_grad():
+        outputs = run_schedule(
+            chunks, batches, True, seq_length, micro_batch_size, context_parallel_size
+        )
+    for chunk in chunks:
+        chunk.train()
+    return _reduce_lm_loss(outputs)
+
+
+def validation_microbatches(
+    data: DataConfig,
+    seed: int,
+    seq_length: int,
+    micro_batch_size: int,
+    eval_iters: int,
+    tokenizer: Tokenizer,
+    documents: DocumentMasking,
+    device: torch.device,
+) -> list[dict]:
+    """This data-parallel rank's ``eval_iters`` validation micro-batches on ``device``
+    (``[mbs, L]`` tensors, split for context parallelism): ``--mock-data`` windows or the
+    validation `GPTDataset`; empty when there is no validation data."""
+    mbs, dp_size = micro_batch_size, ps.get_data_parallel_world_size()
+    per_rank = eval_iters * mbs
+    total = per_rank * dp_size
+    first = ps.get_data_parallel_rank() * per_rank
+    if data.mock_data:
+        windows = mock_valid_windows(tokenizer, seed, total, seq_length + 1)
+        eod = tokenizer.eod
+        target_mask = eod_target_mask(windows, eod) if data.eod_mask_loss else None
+        samples = [
+            apply_document_masking(
+                build_batch(
+                    windows[first + i : first + i + 1],
+                    STANDARD_PHASE,
+                    seq_length,
+                    None if target_mask is None else target_mask[first + i : first + i + 1],
+                ).as_dict(),
+                windows[first + i : first + i + 1],
+                STANDARD_PHASE,
+                documents,
+            )
+            for i in range(per_rank)
+        ]
+    else:
+        dataset = build_valid_dataset(data, seed, seq_length, tokenizer, total)
+        if dataset is None:
+            return []
+        samples = []
+        for i in range(per_rank):
+            item = dataset[first + i]
+            samples.append(
+                {
+                    "tokens": torch.as_tensor(item["tokens"]).long().unsqueeze(0),
+                    "position_ids": torch.as_tensor(item["position_ids"]).long().unsqueeze(0),
+                    "labels": torch.as_tensor(item["labels"]).long().unsqueeze(0),
+                    "loss_mask": torch.as_tensor(item["loss_mask"]).float().unsqueeze(0),
+                }
+            )
+            samples[-1].update(standard_document_fields(samples[-1]["tokens"], documents))
+    batches = []
+    for start in range(0, per_rank, mbs):
+        group = samples[start : start + mbs]
+        batch = {k: torch.cat([g[k] for g in group]) for k in group[0]}
+        batch = split_for_context_parallel(batch, 1)
+        batches.append({k: v.to(device) for k, v in batch.items()})
+    return batches
+
+
+def loaded_line(path: str, progress: ckpt.TrainingProgress, same_layout: bool, extra: str) -> str:
+    """The log line of a loaded checkpoint (``extra``: what else was loaded, e.g. the
+    optimizer state's format)."""
+    return (
+        f"loaded checkpoint {path} at iteration {progress.iteration} (phase {progress.phase}, "
+        f"layout {'unchanged' if same_layout else 'changed: resharded'}{extra})"
+    )
+
+
+def training_tokenizer(run: RunConfig) -> tuple[Tokenizer, RunConfig]:
+    """The run's tokenizer and ``run`` with the model's vocabulary padded for it (the
+    tokenizer's or ``--vocab-size``, to a multiple of ``--make-vocab-size-divisible-by`` x TP)."""
+    model = run.model
+    tokenizer = build_training_tokenizer(TokenizerSpec.from_settings(run.data, model.vocab_size))
+    padded = model_vocab_size(
+        tokenizer,
+        model.vocab_size,
+        model.make_vocab_size_divisible_by,
+        run.parallel.tensor_model_parallel_size,
+    )
+    return tokenizer, run.with_padded_vocab_size(padded)
+
+
+def model_chunks(run: RunConfig) -> list[torch.nn.Module]:
+    """`build_model_chunks` of ``run`` (its padded vocabulary set: `training_tokenizer`)."""
+    config = transformer_config(
+        run.model,
+        run.parallel,
+        run.precision,
+        run.kernels,
+        run.recompute,
+        calculate_per_token_loss=run.batch.calculate_per_token_loss,
+        barrier_with_L1_time=run.logging.barrier_with_L1_time,
+    )
+    return build_model_chunks(
+        config,
+        run.model,
+        run.parallel,
+        run.precision,
+        run.kernels,
+        document_attention=run.data.reset_attention_mask,
+        checkpointed=bool(run.checkpoint.save or run.checkpoint.load),
+    )
+
+
 class Trainer:
     """State of one run: model chunks, optimizer, data stream, counters."""
 
     def __init__(self, args: Namespace) -> None:
         self.args = args
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        self.settings = from_validated_args(args)
-        model = self.settings.model
-        self.tokenizer = build_training_tokenizer(
-            TokenizerSpec.from_settings(self.settings.data, model.vocab_size)
-        )
-        padded_vocab_size = model_vocab_size(
-            self.tokenizer,
-            model.vocab_size,
-            model.make_vocab_size_divisible_by,
-            self.settings.parallel.tensor_model_parallel_size,
-        )
-        self.settings = self.settings.with_padded_vocab_size(padded_vocab_size)
-        args.padded_vocab_size = padded_vocab_size  # the modules still on `args` read it there
+        self.tokenizer, self.settings = training_tokenizer(from_validated_args(args))
+        args.padded_vocab_size = self.settings.model.padded_vocab_size  # read by modules on args
         self.documents = DocumentMasking(
             self.tokenizer.eod, args.reset_position_ids, args.reset_attention_mask
         )
@@ -326,25 +478,7 @@ class Trainer:
             self._host_microbatches,
             args.num_workers,
         )
-        settings = self.settings
-        config = transformer_config(
-            settings.model,
-            settings.parallel,
-            settings.precision,
-            settings.kernels,
-            settings.recompute,
-            calculate_per_token_loss=settings.batch.calculate_per_token_loss,
-            barrier_with_L1_time=settings.logging.barrier_with_L1_time,
-        )
-        self.chunks = build_model_chunks(
-            config,
-            settings.model,
-            settings.parallel,
-            settings.precision,
-            settings.kernels,
-            document_attention=settings.data.reset_attention_mask,
-            checkpointed=bool(settings.checkpoint.save or settings.checkpoint.load),
-        )
+        self.chunks = model_chunks(self.settings)
         self.optimizer = build_optimizer(args, self.chunks)
         precision.attach_loss_scale(self.chunks, self.optimizer)
         self.scheduler = build_scheduler(args, self.optimizer)
@@ -422,11 +556,7 @@ class Trainer:
         optimizer = ""
         if args.use_distributed_optimizer and not (args.no_load_optim or args.finetune):
             optimizer = f", optimizer state {meta.get('optimizer_format', 'fully_reshardable')}"
-        self.metrics.print(
-            f"loaded checkpoint {path} at iteration {self.progress.iteration} "
-            f"(phase {self.progress.phase}, layout "
-            f"{'unchanged' if same_layout else 'changed: resharded'}{optimizer})"
-        )
+        self.metrics.print(loaded_line(path, self.progress, same_layout, optimizer))
 
     def save(self, async_save: bool = False) -> None:
         """Save now (``async_save``: write in the background, publish in `finalize_saves`)."""
@@ -505,27 +635,6 @@ class Trainer:
         )
 
     # --- steps --------------------------------------------------------------------------
-    def _run_schedule(
-        self,
-        batches: list[dict],
-        forward_only: bool,
-        step_func=forward_step,
-        spec: PhaseSpec = STANDARD_PHASE,
-    ) -> list[dict]:
-        """The pipeline schedule over ``batches``; its p2p shapes follow the phase's fold
-        (``L/s`` latent positions and ``s*b`` samples per micro-batch with the batch fold)."""
-        args = self.args
-        iterators = [iter(batches) for _ in self.chunks]
-        return get_forward_backward_func()(
-            forward_step_func=step_func,
-            data_iterator=iterators if len(iterators) > 1 else iterators[0],
-            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
-            num_microbatches=len(batches),
-            seq_length=spec.latent_length(args.seq_length) // args.context_parallel_size,
-            micro_batch_size=spec.micro_batch_rows(args.micro_batch_size),
-            forward_only=forward_only,
-        )
-
     def train_step(self, spec: PhaseSpec) -> dict:
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
@@ -535,7 +644,11 @@ class Trainer:
         self.timers("batch-generator", log_level=1).start()
         batches = self._microbatches(spec)
         self.timers("batch-generator").stop()
-        outputs = self._run_schedule(batches, False, step_func, spec)
+        args = self.args
+        outputs = run_schedule(
+            self.chunks, batches, False, args.seq_length, args.micro_batch_size,
+            args.context_parallel_size, step_func, spec,
+        )  # fmt: skip
         health = check_step(outputs, self.chunks)
         fp16 = self.args.fp16
         scale = precision.current_loss_scale(self.optimizer) if fp16 else None
@@ -570,81 +683,24 @@ class Trainer:
         args = self.args
         if not args.eval_iters:
             return None
-        samples = self._validation_microbatches()
-        if not samples:
+        if self._valid is None:
+            run = self.settings
+            self._valid = validation_microbatches(
+                run.data, run.schedule.seed, run.model.seq_length, run.batch.micro_batch_size,
+                run.logging.eval_iters, self.tokenizer, self.documents, self.device,
+            )  # fmt: skip
+        if not self._valid:
             return None
-        phase = self.progress.phase
-        self.set_phase(2)
-        for chunk in self.chunks:
-            chunk.eval()
         config = get_model_config(self.chunks[0])
         config.timers = None  # like Megatron-LM: evaluation stays out of the step timers
-        with self.gc.evaluation(), torch.no_grad():
-            outputs = self._run_schedule(samples, forward_only=True)
+        with self.gc.evaluation():
+            loss = validation_loss(
+                self.chunks, self._valid, args.seq_length, args.micro_batch_size,
+                args.context_parallel_size,
+            )  # fmt: skip
         config.timers = self.timers.timers
-        for chunk in self.chunks:
-            chunk.train()
-        self.set_phase(phase)
-        return _reduce_lm_loss(outputs)
-
-    def _validation_microbatches(self) -> list[dict]:
-        if self._valid is not None:
-            return self._valid
-        args = self.args
-        mbs, dp_size = args.micro_batch_size, ps.get_data_parallel_world_size()
-        per_rank = args.eval_iters * mbs
-        total = per_rank * dp_size
-        first = ps.get_data_parallel_rank() * per_rank
-        if args.mock_data:
-            windows = mock_valid_windows(self.tokenizer, args.seed, total, args.seq_length + 1)
-            eod = self.tokenizer.eod
-            target_mask = eod_target_mask(windows, eod) if args.eod_mask_loss else None
-            samples = [
-                apply_document_masking(
-                    build_batch(
-                        windows[first + i : first + i + 1],
-                        STANDARD_PHASE,
-                        args.seq_length,
-                        None if target_mask is None else target_mask[first + i : first + i + 1],
-                    ).as_dict(),
-                    windows[first + i : first + i + 1],
-                    STANDARD_PHASE,
-                    self.documents,
-                )
-                for i in range(per_rank)
-            ]
-        else:
-            settings = self.settings
-            dataset = build_valid_dataset(
-                settings.data,
-                settings.schedule.seed,
-                settings.model.seq_length,
-                self.tokenizer,
-                total,
-            )
-            if dataset is None:
-                self._valid = []
-                return self._valid
-            samples = []
-            for i in range(per_rank):
-                item = dataset[first + i]
-                samples.append(
-                    {
-                        "tokens": torch.as_tensor(item["tokens"]).long().unsqueeze(0),
-                        "position_ids": torch.as_tensor(item["position_ids"]).long().unsqueeze(0),
-                        "labels": torch.as_tensor(item["labels"]).long().unsqueeze(0),
-                        "loss_mask": torch.as_tensor(item["loss_mask"]).float().unsqueeze(0),
-                    }
-                )
-                samples[-1].update(standard_document_fields(samples[-1]["tokens"], self.documents))
-        batches = []
-        for start in range(0, per_rank, mbs):
-            group = samples[start : start + mbs]
-            batch = {k: torch.cat([g[k] for g in group]) for k in group[0]}
-            batch = split_for_context_parallel(batch, 1)
-            batches.append({k: v.to(self.device) for k, v in batch.items()})
-        self._valid = batches
-        return batches
+        self.set_phase(self.progress.phase)
+        return loss
 
     # --- memory footprint ---------------------------------------------------------------
     def log_memory_estimate(self) -> None:
