@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tst_megatron.kernels import KernelAvailability
+from tst_megatron.settings import Environment
 from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
 from tst_megatron.training.fusions import resolve_fusions
 from tst_megatron.training.model_builder import transformer_config_from_args
@@ -132,31 +133,29 @@ def test_te_cross_entropy_needs_te():
 INTERLEAVED = "--num-layers 8 --num-layers-per-virtual-pipeline-stage 1 --global-batch-size 8"
 
 
-@pytest.fixture
-def hopper(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+# One H100 without Transformer Engine or apex (nccl is its default backend).
+HOPPER = Environment(kernels=KernelAvailability(cuda=True), device_name="h100", capability=(9, 0))
 
 
-def p2p(*flags: str, world_size: int):
+def p2p(*flags: str, world_size: int, env: Environment | None = None):
     args = parse_args([*BASE, "--transformer-impl", "local", *" ".join(flags).split()])
-    validate_args(args, world_size=world_size)
+    validate_args(args, world_size=world_size, env=env)
     config = transformer_config_from_args(args)
     return config.overlap_p2p_comm, config.batch_p2p_comm
 
 
-def test_interleaved_p2p_is_megatron_lms_on_nccl(hopper):
-    assert p2p("--pipeline-model-parallel-size 2", INTERLEAVED, world_size=2) == (True, False)
-    assert p2p("--pipeline-model-parallel-size 2", world_size=2) == (False, True)  # 1F1B
+def test_interleaved_p2p_is_megatron_lms_on_nccl():
+    pp2 = "--pipeline-model-parallel-size 2"
+    assert p2p(pp2, INTERLEAVED, world_size=2, env=HOPPER) == (True, False)
+    assert p2p(pp2, world_size=2, env=HOPPER) == (False, True)  # 1F1B
     no_overlap = ("--pipeline-model-parallel-size 4", INTERLEAVED, "--no-overlap-p2p-communication")
-    assert p2p(*no_overlap, world_size=4) == (False, True)
+    assert p2p(*no_overlap, world_size=4, env=HOPPER) == (False, True)
 
 
-def test_unbatched_interleaving_at_pp2_is_refused_on_nccl(hopper):
+def test_unbatched_interleaving_at_pp2_is_refused_on_nccl():
     flags = ("--pipeline-model-parallel-size 2", INTERLEAVED, "--no-overlap-p2p-communication")
     with pytest.raises(ConfigError, match="--pipeline-model-parallel-size > 2"):
-        p2p(*flags, world_size=2)
+        p2p(*flags, world_size=2, env=HOPPER)
 
 
 def test_gloo_neither_batches_nor_overlaps():

@@ -2,7 +2,9 @@
 
 import pytest
 
+from tst_megatron.kernels import KernelAvailability
 from tst_megatron.model import TSTGPTModel
+from tst_megatron.settings import Environment
 from tst_megatron.training import arguments, model_builder
 from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
 
@@ -14,9 +16,9 @@ TINY = (
 ).split()
 
 
-def _build(*extra: str):
+def _build(*extra: str, env: Environment | None = None):
     args = parse_args([*TINY, *extra])
-    validate_args(args, world_size=1)
+    validate_args(args, world_size=1, env=env)
     args.padded_vocab_size = args.padded_vocab_size or 512
     config = model_builder.transformer_config_from_args(args)
     with model_builder.single_process_parallel_state():
@@ -39,9 +41,10 @@ def test_transformer_engine_spec_builds_the_same_tst_model(monkeypatch):
         validate_args(args, world_size=1)
         return cpu_spec(args, model_builder.transformer_config_from_args(args))
 
-    monkeypatch.setattr(arguments, "transformer_engine_installed", lambda: True)
+    cpu_with_te = Environment(kernels=KernelAvailability(cuda=False, transformer_engine=True))
+    monkeypatch.setattr(arguments, "transformer_engine_installed", lambda: True)  # the builder's
     monkeypatch.setattr(model_builder, "get_gpt_layer_with_transformer_engine_spec", te_spec)
-    model = _build("--transformer-impl", "transformer_engine")
+    model = _build("--transformer-impl", "transformer_engine", env=cpu_with_te)
     assert type(model) is TSTGPTModel  # same class: same embed_bags / multi-hot CE hooks
     assert calls == [{"num_experts": None, "moe_grouped_gemm": False, "qk_layernorm": True}]
 
@@ -56,13 +59,14 @@ def test_transformer_engine_absent_is_a_clear_error():
 # ------------------------------------------------------------------ local spec on GPUs ------
 
 
+# One H100 without Transformer Engine or apex: what validation is asked for.
+HOPPER = Environment(kernels=KernelAvailability(cuda=True), device_name="h100", capability=(9, 0))
+
+
 @pytest.fixture
 def hopper(monkeypatch):
-    """Pretend one H100 is visible (nothing reaches a driver), launched as Megatron-LM requires
-    (``CUDA_DEVICE_MAX_CONNECTIONS=1`` for TP/CP before Blackwell)."""
+    """Pretend one H100 is visible to the model builder (nothing reaches a driver)."""
     import torch
-
-    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
@@ -71,7 +75,7 @@ def hopper(monkeypatch):
 
 def _local_spec(*extra: str, world_size: int = 2):
     args = parse_args([*TINY, "--transformer-impl", "local", *extra])
-    validate_args(args, world_size=world_size)
+    validate_args(args, world_size=world_size, env=HOPPER)
     config = model_builder.transformer_config_from_args(args)
     with model_builder.single_process_parallel_state():  # layer offsets of pipeline stage 0
         return model_builder.layer_spec_from_args(args, config)
