@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.launches import MODEL, TRAIN, TST, launch
 from tst_megatron.kernels import KernelAvailability
 from tst_megatron.settings import Environment
-from tst_megatron.testing.launches import MODEL, TRAIN, TST, launch
 from tst_megatron.training import placement
 from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
 

@@ -215,8 +215,8 @@ def mlp_saved_bytes() -> dict[bool, int]:
 
 def test_planner_activation_memory_follows_the_swiglu_fusion(tmp_path):
     """The planner's per-layer MLP bytes move by exactly what mcore's unfused SwiGLU keeps."""
+    from tests.support.multirank import run_single
     from tst_megatron.planning.memory import layer_activation_bytes
-    from tst_megatron.testing.multirank import run_single
 
     measured = run_single(mlp_saved_bytes, timeout_s=240)
     extra = measured[False] - measured[True]
