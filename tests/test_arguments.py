@@ -9,14 +9,10 @@ import pytest
 import torch
 
 from tst_megatron.config import TSTConfig
+from tst_megatron.data.tokenizer import vocab_size_with_padding
 from tst_megatron.kernels import KernelAvailability
 from tst_megatron.settings import Environment
-from tst_megatron.training.arguments import (
-    ConfigError,
-    parse_args,
-    validate_args,
-    vocab_size_with_padding,
-)
+from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
 from tst_megatron.training.model_builder import transformer_config_from_args
 
 BASE = [

@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +31,10 @@ from tst_megatron.data.tokenizer import (
     vocab_size_with_padding,
 )
 from tst_megatron.settings.environment import Environment
-from tst_megatron.settings.kernels import TE_INSTALL_HINT
+from tst_megatron.settings.kernels import TE_IMPL_MISSING, TE_INSTALL_HINT
 from tst_megatron.training import fusions
 from tst_megatron.training.flag_ranges import check_ranges
 
-TE_IMPL_MISSING = (
-    "--transformer-impl transformer_engine needs Transformer Engine, which is not installed: "
-    f"{TE_INSTALL_HINT} or pass --transformer-impl local"
-)
 EXIT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 CKPT_FORMATS = ("torch_dist",)
 DATA_PARALLEL_SHARDING_STRATEGIES = ("no_shard", "optim", "optim_grads", "optim_grads_params")
@@ -1249,11 +1246,11 @@ def _yaml_value(action: argparse.Action, via_flag: bool, value: Any, where: str)
     return [_yaml_scalar(action, item, where) for item in items]
 
 
-_KIND_NAMES = {int: "an integer", float: "a number", str: "a string"}
+_KIND_NAMES: dict[Any, str] = {int: "an integer", float: "a number", str: "a string"}
 
 
 def _yaml_scalar(action: argparse.Action, value: Any, where: str) -> Any:
-    kind = action.type or str
+    kind: Callable[[Any], Any] = action.type or str  # type: ignore[assignment]
     name = _KIND_NAMES.get(kind, f"a {getattr(kind, '__name__', kind)} value")
     if isinstance(value, (bool, dict, list)):
         raise ConfigError(f"{where} must be a single value ({name}), got {value!r}")
