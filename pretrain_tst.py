@@ -30,12 +30,19 @@ def main(argv: list[str] | None = None) -> int:
 
     exit_signals.install_from_argv(sys.argv[1:] if argv is None else argv)
 
+    from tst_megatron.settings import Environment
     from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
+    from tst_megatron.training.placement import launch_error
+    from tst_megatron.training.run_config import parallel_config
 
     single = _single_rank_environment()
     try:
         args = parse_args(argv)
-        validate_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+        env = Environment.detect()
+        validate_args(args, int(os.environ.get("WORLD_SIZE", "1")), env)
+        error = launch_error(parallel_config(args), env, os.environ)
+        if error:
+            raise ConfigError(error)
     except ConfigError as err:
         print(f"pretrain_tst.py: error: {err}", file=sys.stderr)
         return 2

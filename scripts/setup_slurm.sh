@@ -2,7 +2,7 @@
 # Install Debian's Slurm (slurmctld, slurmd, the client commands) and MUNGE for the local-Slurm
 # tests (tests/test_slurm.py). Idempotent: returns at once when they are installed. Starts no
 # service: the tests run their own daemons, with their own configuration and state, in a
-# temporary directory (tst_megatron/testing/slurm_cluster.py).
+# temporary directory (tests/support/slurm_cluster.py).
 # Needs root and apt-get; otherwise it says why and exits 0 (the tests then skip, saying why).
 # Usage: sudo scripts/setup_slurm.sh   (`make test` calls it through scripts/run_tests.sh as root)
 set -euo pipefail

@@ -1,7 +1,7 @@
 """Shared pytest setup.
 
 The repository root goes on ``sys.path`` so that ``tst_megatron`` imports without an
-installation, both here and in the CPU ranks that ``tst_megatron.testing.multirank`` starts
+installation, both here and in the CPU ranks that ``tests.support.multirank`` starts
 (they take the parent's ``sys.path``).
 """
 

@@ -28,7 +28,7 @@ ALLOWED = {
     "mcore_compat": set(),
     "kernels": set(),
     "layers": {"layers", "kernels", "training", "mcore_compat"},
-    "testing": METHOD | {"testing", "cpu", "training", "mcore_fixes", "mcore_compat", "settings"},
+    "testing": METHOD | {"testing", "training", "mcore_compat", "settings"},
 }
 # Imports allowed from one module only.
 ONLY_FROM = {
@@ -99,3 +99,18 @@ def test_tokenizers_are_loaded_in_one_place():
         offenders
     )
     assert all(call in home.read_text(encoding="utf-8") for call in TOKENIZER_LOADING[:3])
+
+
+def test_product_code_never_imports_the_tests():
+    """The test helpers (tests/support/) are not installed: nothing that ships imports them."""
+    files = [p for name in PRODUCT_CODE for p in sorted((ROOT / name).rglob("*.py"))]
+    offenders = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module]
+            offenders += [
+                f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "tests"
+            ]
+    assert not offenders, "product code imports the test suite: " + "; ".join(offenders)

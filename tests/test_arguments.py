@@ -11,13 +11,13 @@ import torch
 
 from tests.model_settings import config_of
 from tst_megatron.config import TSTConfig
-from tst_megatron.settings import RunConfig
-from tst_megatron.training import arguments
+from tst_megatron.data.tokenizer import pad_vocab_size
+from tst_megatron.kernels import KernelAvailability
+from tst_megatron.settings import Environment, RunConfig
 from tst_megatron.training.arguments import (
     ConfigError,
     parse_args,
     validate_args,
-    vocab_size_with_padding,
 )
 from tst_megatron.training.run_config import from_validated_args
 
@@ -28,17 +28,22 @@ BASE = [
 ]  # fmt: skip
 
 
-def validated(*extra: str, world_size: int = 1):
+def validated(*extra: str, world_size: int = 1, env: Environment | None = None):
     args = parse_args([*BASE, *" ".join(extra).split()])
-    validate_args(args, world_size=world_size)
+    validate_args(args, world_size=world_size, env=env)
     return args
 
 
-def rejected(*extra: str, world_size: int = 1, base: tuple[str, ...] = tuple(BASE)) -> str:
+def rejected(
+    *extra: str,
+    world_size: int = 1,
+    base: tuple[str, ...] = tuple(BASE),
+    env: Environment | None = None,
+) -> str:
     """Validate and return the ConfigError message (the test fails if nothing is raised)."""
     args = parse_args([*base, *" ".join(extra).split()])
     with pytest.raises(ConfigError) as info:
-        validate_args(args, world_size=world_size)
+        validate_args(args, world_size=world_size, env=env)
     return str(info.value)
 
 
@@ -47,10 +52,8 @@ def assert_names(message: str, *parts: str) -> None:
         assert part in message, f"{part!r} missing from: {message}"
 
 
-@pytest.fixture
-def te_installed(monkeypatch):
-    """Pretend Transformer Engine is installed (it is not on the CPU test machine)."""
-    monkeypatch.setattr(arguments, "transformer_engine_installed", lambda: True)
+# A CPU host with Transformer Engine installed (the CPU test machine has none).
+CPU_WITH_TE = Environment(kernels=KernelAvailability(cuda=False, transformer_engine=True))
 
 
 # ------------------------------------------------------------------ parser ------------------
@@ -213,8 +216,7 @@ def test_padded_vocab_and_data_parallel_size():
     )
     assert args.data_parallel_size == 2
     assert args.padded_vocab_size == 1024  # multiple of 128 * TP 2
-    args.vocab_size = 50257
-    assert vocab_size_with_padding(50257, args) == 50432
+    assert pad_vocab_size(50257, 128, 2) == 50432
     args = validated("--make-vocab-size-divisible-by 64 --vocab-size 1030")
     assert args.padded_vocab_size == 1088
 
@@ -275,8 +277,10 @@ def test_sequence_parallel_without_tp_is_disabled_with_warning():
     assert args.sequence_parallel is False
 
 
-def test_fp8_passes_with_transformer_engine(te_installed):
-    args = validated("--fp8-format hybrid --bf16 --transformer-impl transformer_engine")
+def test_fp8_passes_with_transformer_engine():
+    args = validated(
+        "--fp8-format hybrid --bf16 --transformer-impl transformer_engine", env=CPU_WITH_TE
+    )
     assert args.fp8 == "hybrid"
 
 
@@ -495,8 +499,8 @@ def test_rejections_name_flags_and_values(extra, world_size, parts):
     assert_names(message, *parts)
 
 
-def test_fp8_needs_transformer_engine_impl(te_installed):
-    message = rejected("--fp8-format e4m3 --transformer-impl local")
+def test_fp8_needs_transformer_engine_impl():
+    message = rejected("--fp8-format e4m3 --transformer-impl local", env=CPU_WITH_TE)
     assert_names(message, "--fp8-format e4m3", "--transformer-impl transformer_engine", "local")
 
 

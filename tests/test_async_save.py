@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tst_megatron.testing.launches import assert_same_losses, iters, launch, listing
+from tests.support.launches import assert_same_losses, iters, launch, listing
 from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
 
 NOTE = (

@@ -24,7 +24,7 @@ import psutil
 import pytest
 import torch
 
-from tst_megatron.testing.launches import (
+from tests.support.launches import (
     ERROR,
     MODEL,
     TRAIN,
@@ -36,7 +36,7 @@ from tst_megatron.testing.launches import (
     launch,
     listing,
 )
-from tst_megatron.testing.multirank import run_single
+from tests.support.multirank import run_single
 from tst_megatron.training import checkpointing as ckpt
 from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
 from tst_megatron.training.checkpoint_lock import LOCK_NAME, LockHolder, SaveDirLock

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tst_megatron.testing.launches import (
+from tests.support.launches import (
     DP2,
     ERROR,
     MODEL,

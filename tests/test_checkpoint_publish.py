@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tst_megatron.testing.launches import (
+from tests.support.launches import (
     ERROR,
     MOCK,
     MODEL,

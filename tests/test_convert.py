@@ -29,7 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tst_megatron.testing.multirank import run_single
+from tests.support.multirank import run_single
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"  # its tokenizer.json has 8192 tokens, <|endoftext|> = 0

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-from tst_megatron.testing.multirank import (
+from tests.support.multirank import (
     MultiRankError,
     gather_full_grads,
     gather_full_params,
@@ -78,7 +78,7 @@ def _build(kind: str, tp=1, pp=1, cp=1, ep=1, vpp=None, sp=False, dispatcher="al
     """This rank's model chunks (one per virtual stage), each a DDP-wrapped GPTModel stage."""
     from megatron.core.models.gpt import GPTModel
 
-    from tst_megatron.testing.tiny_models import build_tiny_chunks, tiny_config
+    from tests.support.tiny_models import build_tiny_chunks, tiny_config
 
     # the MoE model also covers QK-norm: TP sums its grads by name, SP uses layers.norm.QKNorm
     config = tiny_config(

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.multirank import free_port
 from tst_megatron.mcore_compat import MCORE_RELEASE, MCORE_VERSION, release_of
-from tst_megatron.testing.multirank import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden" / "cross_version"

@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.support.multirank import free_port
 from tests.tool_import import import_tool
 from tst_megatron.data import checks
 from tst_megatron.data.builders import open_indexed_dataset, parse_blend
 from tst_megatron.data.checks import DataError
 from tst_megatron.testing.datasets import write_documents as write_dataset
-from tst_megatron.testing.multirank import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 512

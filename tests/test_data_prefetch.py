@@ -15,12 +15,12 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+from tests.support.multirank import free_port
 from tst_megatron.config import PhaseSpec
 from tst_megatron.data.prefetch import StepPrefetcher, StepRequest
 from tst_megatron.data.samples import TrainingSamples
 from tst_megatron.data.tokenizer import TokenizerSpec, build_training_tokenizer
 from tst_megatron.testing.datasets import reference_windows
-from tst_megatron.testing.multirank import free_port
 
 
 def write_dataset(prefix, lengths, seed, dtype=np.uint16):

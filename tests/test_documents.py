@@ -13,6 +13,12 @@ import torch
 from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
 from megatron.core.transformer.enums import AttnMaskType
 
+from tests.support.multirank import (
+    gather_full_params,
+    load_full_params,
+    run_multirank,
+    switch_layout,
+)
 from tst_megatron.config import STANDARD_PHASE, PhaseSpec
 from tst_megatron.data.documents import (
     DocumentMasking,
@@ -22,12 +28,6 @@ from tst_megatron.data.documents import (
 )
 from tst_megatron.data.masks import attention_mask_from_documents, with_document_attention
 from tst_megatron.targets import build_batch
-from tst_megatron.testing.multirank import (
-    gather_full_params,
-    load_full_params,
-    run_multirank,
-    switch_layout,
-)
 
 EOD = 7
 LAYOUTS = [

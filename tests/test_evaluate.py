@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tst_megatron.testing.launches import MOCK, MODEL, launch
+from tests.support.launches import MOCK, MODEL, launch
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL = ["--micro-batch-size", "2", "--eval-iters", "3"]

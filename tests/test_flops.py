@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.model_settings import config_of, model_of
-from tst_megatron.settings import ModelConfig, MoEConfig
+from tst_megatron.settings import Environment, ModelConfig, MoEConfig
 from tst_megatron.training.arguments import parse_args, validate_args
 from tst_megatron.training.flops import (
     achieved_tflops_per_gpu,
@@ -225,18 +225,12 @@ def test_peak_table(name, tflops):
         assert peak_tflops_for_device(name, fp8=True) == 2 * tflops
 
 
-def test_fp8_mfu_is_against_the_bf16_peak(monkeypatch):
+def test_fp8_mfu_is_against_the_bf16_peak():
     """--fp8-format on an H100: the default --peak-tflops is the BF16 peak, not twice it."""
-    from tst_megatron.training import arguments
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    monkeypatch.setattr(arguments, "transformer_engine_installed", lambda: True)
     flags = [*BASE.split(), "--transformer-impl", "transformer_engine"]
     for extra in ([], ["--fp8-format", "hybrid"]):
         args = parse_args([*flags, *extra])
-        validate_args(args, world_size=1)
+        validate_args(args, world_size=1, env=Environment.gpu("h100"))
         assert args.peak_tflops == 989.0
 
 

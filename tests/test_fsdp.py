@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from tst_megatron.testing.launches import MODEL, TRAIN, TST, launch
+from tests.support.launches import MODEL, TRAIN, TST, launch
+from tst_megatron.kernels import KernelAvailability
+from tst_megatron.settings import Environment
 from tst_megatron.training import placement
 from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
 from tst_megatron.training.run_config import settings_from_flags
@@ -74,9 +76,13 @@ def test_fsdp2_needs_untied_embeddings():
         validate_args(args, world_size=2)
 
 
-def test_fsdp2_refuses_a_single_cuda_connection(monkeypatch):
-    monkeypatch.setenv(placement.CUDA_CONNECTIONS, "1")
-    assert "CUDA_DEVICE_MAX_CONNECTIONS unset or > 1" in refusal(FSDP)
+def test_fsdp2_refuses_a_single_cuda_connection():
+    args = parse_args([*ARGS, *FSDP.split()])
+    validate_args(args, world_size=2)
+    hopper = Environment(kernels=KernelAvailability(cuda=True), capability=(9, 0))
+    message = placement.launch_error(args, hopper, {placement.CUDA_CONNECTIONS: "1"})
+    assert message.startswith("--use-torch-fsdp2: FSDP needs CUDA_DEVICE_MAX_CONNECTIONS unset")
+    assert placement.launch_error(args, hopper, {}) is None
 
 
 def test_fsdp_never_asks_for_a_single_cuda_connection():

@@ -153,30 +153,28 @@ def test_te_cross_entropy_needs_te():
 INTERLEAVED = "--num-layers 8 --num-layers-per-virtual-pipeline-stage 1 --global-batch-size 8"
 
 
-@pytest.fixture
-def hopper(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+# One H100 without Transformer Engine or apex (nccl is its default backend).
+HOPPER = Environment(kernels=KernelAvailability(cuda=True), device_name="h100", capability=(9, 0))
 
 
-def p2p(*flags: str, world_size: int):
+def p2p(*flags: str, world_size: int, env: Environment | None = None):
     argv = [*BASE, "--transformer-impl", "local", *" ".join(flags).split()]
-    config = config_of(settings_from_flags(argv, world_size))
+    config = config_of(settings_from_flags(argv, world_size, env))
     return config.overlap_p2p_comm, config.batch_p2p_comm
 
 
-def test_interleaved_p2p_is_megatron_lms_on_nccl(hopper):
-    assert p2p("--pipeline-model-parallel-size 2", INTERLEAVED, world_size=2) == (True, False)
-    assert p2p("--pipeline-model-parallel-size 2", world_size=2) == (False, True)  # 1F1B
+def test_interleaved_p2p_is_megatron_lms_on_nccl():
+    pp2 = "--pipeline-model-parallel-size 2"
+    assert p2p(pp2, INTERLEAVED, world_size=2, env=HOPPER) == (True, False)
+    assert p2p(pp2, world_size=2, env=HOPPER) == (False, True)  # 1F1B
     no_overlap = ("--pipeline-model-parallel-size 4", INTERLEAVED, "--no-overlap-p2p-communication")
-    assert p2p(*no_overlap, world_size=4) == (False, True)
+    assert p2p(*no_overlap, world_size=4, env=HOPPER) == (False, True)
 
 
-def test_unbatched_interleaving_at_pp2_is_refused_on_nccl(hopper):
+def test_unbatched_interleaving_at_pp2_is_refused_on_nccl():
     flags = ("--pipeline-model-parallel-size 2", INTERLEAVED, "--no-overlap-p2p-communication")
     with pytest.raises(ConfigError, match="--pipeline-model-parallel-size > 2"):
-        p2p(*flags, world_size=2)
+        p2p(*flags, world_size=2, env=HOPPER)
 
 
 def test_gloo_neither_batches_nor_overlaps():
@@ -236,10 +234,11 @@ def mlp_saved_bytes() -> dict[bool, int]:
 
 def test_planner_activation_memory_follows_the_swiglu_fusion(tmp_path):
     """The planner's per-layer MLP bytes move by exactly what mcore's unfused SwiGLU keeps."""
+
+    from tests.support.multirank import run_single
     from tests.tool_import import import_tool
     from tst_megatron.planning.memory import layer_activation_bytes
     from tst_megatron.settings import Environment
-    from tst_megatron.testing.multirank import run_single
     from tst_megatron.training.run_config import settings_from_flags
 
     measured = run_single(mlp_saved_bytes, timeout_s=240)

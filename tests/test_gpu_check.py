@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from tst_megatron.kernels import KernelAvailability
+from tst_megatron.settings import Environment
 from tst_megatron.testing import gpu_check
-from tst_megatron.training import arguments
 from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,8 +76,8 @@ def _pretrain_args(run: gpu_check.Run, tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("transformer_engine", [False, True])
-def test_every_planned_command_validates(tmp_path, monkeypatch, transformer_engine):
-    monkeypatch.setattr(arguments, "transformer_engine_installed", lambda: transformer_engine)
+def test_every_planned_command_validates(tmp_path, transformer_engine):
+    env = Environment(kernels=KernelAvailability(cuda=False, transformer_engine=transformer_engine))
     fsdp = gpu_check.detect()["megatron_fsdp"]
     runs = gpu_check.plan(tmp_path, transformer_engine, megatron_fsdp=fsdp, gpus=2)
     extra = (["te_fp8"] if transformer_engine else []) + (["megatron_fsdp"] if fsdp else [])
@@ -85,15 +86,15 @@ def test_every_planned_command_validates(tmp_path, monkeypatch, transformer_engi
         args = parse_args(_pretrain_args(run, tmp_path))
         if run.name == "megatron_fsdp":  # this host has no CUDA: refused for that alone
             with pytest.raises(ConfigError, match="--use-megatron-fsdp needs CUDA GPUs"):
-                validate_args(args, world_size=run.nproc)
+                validate_args(args, world_size=run.nproc, env=env)
             continue
-        validate_args(args, world_size=run.nproc)
+        validate_args(args, world_size=run.nproc, env=env)
         assert args.tst.phase1_iterations(args.train_iters) == run.phase1_iters, run.name
         assert args.bf16 != args.fp16, run.name
         assert args.transformer_impl == ("transformer_engine" if run.name == "te_fp8" else "local")
         assert f"--nproc-per-node {run.nproc}" in " ".join(run.command(tmp_path))
     dense = parse_args(_pretrain_args(runs[0], tmp_path))
-    validate_args(dense, world_size=1)
+    validate_args(dense, world_size=1, env=env)
     assert dense.save_interval < dense.train_iters  # a mid-run save
     resume = runs[1].command(tmp_path)
     assert str(tmp_path / "ckpt_dense_learned" / "iter_0000008") in resume

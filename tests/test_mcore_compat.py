@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.support.multirank import run_multirank, run_single, switch_layout
 from tst_megatron import mcore_compat
 from tst_megatron.mcore_compat import (
     MCORE_RELEASE,
@@ -29,7 +30,6 @@ from tst_megatron.mcore_compat import (
     release_of,
     spec_module,
 )
-from tst_megatron.testing.multirank import run_multirank, run_single, switch_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 

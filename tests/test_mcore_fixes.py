@@ -24,13 +24,13 @@ from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from tst_megatron.cpu.shim import cpu_shim_installed
+from tst_megatron.kernels import KernelAvailability
 from tst_megatron.layers.spec import local_layer_spec
 from tst_megatron.mcore_compat import TE_GEMM_UNBOUND_WITHOUT_TE, build_mlp
 from tst_megatron.mcore_fixes import apply_mcore_fixes
-from tst_megatron.training.arguments import transformer_engine_installed
 from tst_megatron.training.model_builder import single_process_parallel_state
 
-assert not cpu_shim_installed() and not transformer_engine_installed()
+assert not cpu_shim_installed() and not KernelAvailability.detect().transformer_engine
 assert hasattr(moe_utils, "te_general_gemm") != TE_GEMM_UNBOUND_WITHOUT_TE, "unexpected binding"
 print("UNBOUND:", TE_GEMM_UNBOUND_WITHOUT_TE)
 torch.cuda.current_device = lambda: torch.device("cpu")

@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 
+from tst_megatron.kernels import KernelAvailability
 from tst_megatron.model import TSTGPTModel
 from tst_megatron.settings import Environment, KernelsConfig, RunConfig
 from tst_megatron.training import arguments, model_builder
@@ -54,7 +55,7 @@ def test_transformer_engine_spec_builds_the_same_tst_model(monkeypatch):
         calls.append(kwargs)
         return cpu_spec(local.model, local.kernels, _config(local))
 
-    monkeypatch.setattr(arguments, "transformer_engine_installed", lambda: True)
+    monkeypatch.setattr(arguments, "transformer_engine_installed", lambda: True)  # the builder's
     monkeypatch.setattr(model_builder, "get_gpt_layer_with_transformer_engine_spec", te_spec)
     model = _build(local, _with_te(local))
     assert type(model) is TSTGPTModel  # same class: same embed_bags / multi-hot CE hooks
@@ -73,13 +74,14 @@ def test_transformer_engine_absent_is_a_clear_error():
 # ------------------------------------------------------------------ local spec on GPUs ------
 
 
+# One H100 without Transformer Engine or apex: what validation is asked for.
+HOPPER = Environment(kernels=KernelAvailability(cuda=True), device_name="h100", capability=(9, 0))
+
+
 @pytest.fixture
 def hopper(monkeypatch):
-    """Pretend one H100 is visible (nothing reaches a driver), launched as Megatron-LM requires
-    (``CUDA_DEVICE_MAX_CONNECTIONS=1`` for TP/CP before Blackwell)."""
+    """Pretend one H100 is visible to the model builder (nothing reaches a driver)."""
     import torch
-
-    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
@@ -88,7 +90,7 @@ def hopper(monkeypatch):
 
 def _local_spec(*extra: str, world_size: int = 2):
     settings = settings_from_flags(
-        [*TINY, "--transformer-impl", "local", *extra], world_size, Environment.detect()
+        [*TINY, "--transformer-impl", "local", *extra], world_size, HOPPER
     )
     config = _config(settings)
     with model_builder.single_process_parallel_state():  # layer offsets of pipeline stage 0

@@ -8,7 +8,8 @@ import warnings
 import pytest
 
 from tests import model_settings
-from tst_megatron.training import arguments
+from tst_megatron.kernels import KernelAvailability
+from tst_megatron.settings import Environment
 from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
 from tst_megatron.training.run_config import settings_from_flags
 
@@ -20,9 +21,9 @@ BASE = [
 MOE = ["--num-experts", "8", "--moe-router-topk", "2"]
 
 
-def validated(*extra: str, world_size: int = 1, moe: bool = True):
+def validated(*extra: str, world_size: int = 1, moe: bool = True, env: Environment | None = None):
     args = parse_args([*BASE, *(MOE if moe else []), *" ".join(extra).split()])
-    validate_args(args, world_size=world_size)
+    validate_args(args, world_size=world_size, env=env)
     return args
 
 
@@ -98,11 +99,11 @@ def test_yaml_takes_one_value_or_a_list_for_list_flags(tmp_path):
     assert args.moe_permute_fusion is False
 
 
-def test_permute_fusion_resolves_off_without_transformer_engine_kernels(monkeypatch):
+def test_permute_fusion_resolves_off_without_transformer_engine_kernels():
     assert validated().moe_permute_fusion is False
     assert validated("--no-moe-permute-fusion").moe_permute_fusion is False
-    monkeypatch.setattr(arguments, "transformer_engine_installed", lambda: True)
-    args = validated("--transformer-impl transformer_engine")  # TE "installed", but no GPU
+    cpu_with_te = Environment(kernels=KernelAvailability(cuda=False, transformer_engine=True))
+    args = validated("--transformer-impl transformer_engine", env=cpu_with_te)  # no GPU
     assert args.moe_permute_fusion is False
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tst_megatron.testing.multirank import free_port
+from tests.support.multirank import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = [

@@ -27,8 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tst_megatron.config import STANDARD_PHASE, PhaseSpec
-from tst_megatron.testing.multirank import (
+from tests.support.multirank import (
     gather_full_grads,
     gather_full_params,
     load_full_params,
@@ -36,6 +35,7 @@ from tst_megatron.testing.multirank import (
     run_single,
     switch_layout,
 )
+from tst_megatron.config import STANDARD_PHASE, PhaseSpec
 
 SEQ, MBS, VOCAB = 16, 2, 256
 FLAGS = [

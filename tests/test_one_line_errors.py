@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.launches import ERROR, MOCK, MODEL, TRAIN, TST, Running, launch
 from tst_megatron.testing.datasets import write_documents
-from tst_megatron.testing.launches import ERROR, MOCK, MODEL, TRAIN, TST, Running, launch
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "data" / "sample" / "tokenizer.json"
@@ -31,7 +31,7 @@ ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
 def pretrain(*flags: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
     """pretrain_tst.py with the tiny model, schedule and (unless ``flags`` set the phase-1
-    length) the TST flags of `tst_megatron.testing.launches`."""
+    length) the TST flags of `tests.support.launches`."""
     tst = [] if "--tst-phase1-iters" in flags else TST
     command = [sys.executable, str(ROOT / "pretrain_tst.py"), *MODEL, *TRAIN, *tst, *flags]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd,

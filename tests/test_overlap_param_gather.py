@@ -14,9 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.support.launches import DP2, launch
 from tst_megatron import model
 from tst_megatron.model import run_forward_pre_hooks
-from tst_megatron.testing.launches import DP2, launch
 
 FP32_ATOL = 1e-6
 OVERLAP = ["--overlap-param-gather"]

@@ -2,25 +2,31 @@
 
 Megatron-LM's rules: the device is ``LOCAL_RANK % device_count`` (one GPU per Slurm task still
 works), ``CUDA_DEVICE_MAX_CONNECTIONS=1`` with TP or CP > 1 before Blackwell, required in the
-environment (the launchers set it) and never set in-process. Without CUDA the backend
-defaults to gloo, with a log line.
+environment (the launchers set it; the entry points check it, `placement.launch_error`) and
+never set in-process. Without CUDA the backend defaults to gloo, with a log line.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from tst_megatron.kernels import KernelAvailability
+from tst_megatron.settings import Environment
 from tst_megatron.training import loop, placement
 from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
+from tst_megatron.training.run_config import resolve
 
 BASE = (
     "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
     "--micro-batch-size 2 --train-iters 10 --lr 1e-3 --mock-data --vocab-size 512"
 ).split()
 VAR = placement.CUDA_CONNECTIONS
+# One H100 without Transformer Engine or apex.
+HOPPER = Environment(kernels=KernelAvailability(cuda=True), device_name="h100", capability=(9, 0))
 
 
 @pytest.mark.parametrize(
@@ -103,16 +109,21 @@ def hopper(monkeypatch):
 
 
 @pytest.mark.parametrize("value", [None, "8"])
-def test_validation_refuses_a_missing_or_other_value(hopper, monkeypatch, value):
-    if value is None:
-        monkeypatch.delenv(VAR, raising=False)
-    else:
-        monkeypatch.setenv(VAR, value)
+def test_the_launch_check_refuses_a_missing_or_other_value(value):
     args = parse_args([*BASE, "--tensor-model-parallel-size", "2"])
-    with pytest.raises(ConfigError, match=f"{VAR} (is not set|is 8), but"):
-        validate_args(args, world_size=2)
-    monkeypatch.setenv(VAR, "1")
-    validate_args(parse_args([*BASE, "--tensor-model-parallel-size", "2"]), world_size=2)
+    validate_args(args, world_size=2, env=HOPPER)  # the configuration is valid for an H100
+    environ = {} if value is None else {VAR: value}
+    assert re.match(f"{VAR} (is not set|is 8), but", placement.launch_error(args, HOPPER, environ))
+    assert placement.launch_error(args, HOPPER, {VAR: "1"}) is None
+    assert placement.launch_error(args, Environment.gpu("b200"), environ) is None
+    assert placement.launch_error(args, Environment.cpu(), environ) is None
+
+
+def test_settings_for_an_h100_do_not_depend_on_this_hosts_launch(monkeypatch):
+    monkeypatch.delenv(VAR, raising=False)
+    argv = [*BASE, "--tensor-model-parallel-size", "2"]
+    settings = resolve(parse_args(argv), 2, Environment.gpu("h100"))
+    assert settings.parallel.tensor_model_parallel_size == 2
 
 
 def test_initialize_distributed_leaves_the_variable_alone(hopper, monkeypatch):
@@ -120,7 +131,7 @@ def test_initialize_distributed_leaves_the_variable_alone(hopper, monkeypatch):
     monkeypatch.setenv(VAR, "1")
     monkeypatch.setenv("LOCAL_RANK", "3")
     args = parse_args([*BASE, "--tensor-model-parallel-size", "2"])
-    validate_args(args, world_size=2)
+    validate_args(args, world_size=2, env=HOPPER)
     monkeypatch.delenv(VAR)
     seen = []
 
@@ -155,7 +166,7 @@ def test_nccl_without_cuda_names_the_alternative():
         validate_args(args, world_size=1)
 
 
-def test_nccl_is_the_default_with_cuda(hopper):
+def test_nccl_is_the_default_with_cuda():
     args = parse_args(BASE)
-    validate_args(args, world_size=1)
+    validate_args(args, world_size=1, env=HOPPER)
     assert args.distributed_backend == "nccl"

@@ -21,7 +21,7 @@ import math
 import pytest
 import torch
 
-from tst_megatron.testing.multirank import run_single
+from tests.support.multirank import run_single
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 POSITIONS = ("learned_absolute", "rope", "none")

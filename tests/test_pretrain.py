@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tst_megatron.testing.multirank import free_port
+from tests.support.multirank import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"

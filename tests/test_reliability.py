@@ -24,12 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from tst_megatron.data.builders import build_train_samples, open_indexed_dataset
-from tst_megatron.data.checks import DataError
-from tst_megatron.data.tokenizer import TokenizerError
-from tst_megatron.settings import ReliabilityConfig
-from tst_megatron.testing.datasets import write_documents as write_dataset
-from tst_megatron.testing.launches import (
+from tests.support.launches import (
     DP2,
     ERROR,
     MODEL,
@@ -41,6 +36,11 @@ from tst_megatron.testing.launches import (
     launch,
     listing,
 )
+from tst_megatron.data.builders import build_train_samples, open_indexed_dataset
+from tst_megatron.data.checks import DataError
+from tst_megatron.data.tokenizer import TokenizerError
+from tst_megatron.settings import ReliabilityConfig
+from tst_megatron.testing.datasets import write_documents as write_dataset
 from tst_megatron.training import exit_signals, fault_injection
 from tst_megatron.training.arguments import parse_args, validate_args
 from tst_megatron.training.faults import ExitRequests

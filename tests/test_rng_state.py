@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from tst_megatron.testing.launches import DP2, MODEL, TRAIN, TST, assert_same_losses, launch
-from tst_megatron.testing.multirank import run_multirank
+from tests.support.launches import DP2, MODEL, TRAIN, TST, assert_same_losses, launch
+from tests.support.multirank import run_multirank
 
 MOE_EP2 = ["--num-experts", "4", "--moe-ffn-hidden-size", "64", "--expert-model-parallel-size",
            "2", "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]  # fmt: skip

@@ -34,8 +34,8 @@ ACTIONS = [a for a in build_parser()._actions if a.dest != "help"]
 MOE = ["--num-experts", "4"]
 FILES = ["--train-data-path", "train"]  # instead of BASE's --mock-data
 GROUPS = [*MOE, "--moe-router-num-groups", "2", "--moe-router-group-topk", "1"]
-# dest -> (context flags, world size) where the default one cannot show the field changing
-# (the MoE fields default to a 4-expert model).
+# dest (or flag, for one of two flags of a dest) -> (context flags, world size) where the
+# default one cannot show the field changing (the MoE fields default to a 4-expert model).
 SETTINGS_CONTEXT: dict[str, tuple[list[str], int]] = {
     **CONTEXT,
     "bias_swiglu_fusion": (["--swiglu"], 1),
@@ -53,6 +53,8 @@ SETTINGS_CONTEXT: dict[str, tuple[list[str], int]] = {
     "moe_router_group_topk": (GROUPS, 1),
     "moe_router_num_groups": (GROUPS, 1),
     "moe_token_drop_policy": ([*MOE, "--moe-expert-capacity-factor", "1.0"], 1),
+    # on for MoE on an H100 node by default: turned back on after the context's off
+    "--moe-permute-fusion": ([*MOE, "--no-moe-permute-fusion"], 1),
 }
 SETTINGS_PROBES: dict[str, list[str]] = {
     **PROBES,
@@ -120,8 +122,9 @@ def _resolved(argv: tuple[str, ...], world_size: int) -> RunConfig:
 def audit(action, path: str, tmp_path) -> str | None:
     """None when ``action`` changes field ``path`` (or is refused naming itself), else why."""
     moe = path.startswith(("model.moe.", "kernels.moe_"))
-    context, world_size = SETTINGS_CONTEXT.get(action.dest, (MOE if moe else [], 1))
     flag = action.option_strings[0]
+    default = SETTINGS_CONTEXT.get(action.dest, (MOE if moe else [], 1))
+    context, world_size = SETTINGS_CONTEXT.get(flag, default)
     value = SETTINGS_PROBES.get(action.dest) or _probe_value(action, tmp_path)
     probe = [flag, *value]
     base = [f for f in BASE if f != "--mock-data"] if context is FILES else BASE

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tst_megatron.testing.launches import ERROR, Launch, launch
+from tests.support.launches import ERROR, Launch, launch
 from tst_megatron.training import checkpoint_settings as settings
 from tst_megatron.training import checkpointing as ckpt
 from tst_megatron.training.arguments import parse_args, validate_args

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tst_megatron.testing.launches import (
+from tests.support.launches import (
     DP2,
     Launch,
     Running,
@@ -261,7 +261,7 @@ def test_launch_wrapper_refuses_an_unusable_process_count(tmp):
     import subprocess
     import sys
 
-    from tst_megatron.testing.launches import ROOT
+    from tests.support.launches import ROOT
 
     for value in ("zero", "0", "-1"):
         done = subprocess.run(

@@ -1,6 +1,6 @@
 """The shipped Slurm scripts under a real local Slurm (Debian's slurm-wlm 22.05, one node).
 
-`tst_megatron.testing.slurm_cluster.LocalSlurm` starts munged, slurmctld and slurmd for this
+`tests.support.slurm_cluster.LocalSlurm` starts munged, slurmctld and slurmd for this
 host once for the module (state in a temporary directory; stopped by pid afterwards). The jobs
 are ``examples/slurm/cpu_smoke.sbatch``: 2 tasks, gloo, a tiny model, 24 steps, through the
 same ``common.sh`` as the GPU scripts. Faults come from outside, as Slurm sends them:
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tst_megatron.testing.slurm_cluster import LocalSlurm, SlurmUnavailable, unavailable_reason
+from tests.support.slurm_cluster import LocalSlurm, SlurmUnavailable, unavailable_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_DIR = ROOT / "examples" / "slurm"

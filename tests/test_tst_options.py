@@ -10,7 +10,8 @@ import pytest
 
 from tests.model_settings import model_of
 from tst_megatron.config import PhaseSpec, TSTConfig
-from tst_megatron.settings import ModelConfig
+from tst_megatron.kernels import KernelAvailability
+from tst_megatron.settings import Environment, ModelConfig
 from tst_megatron.training import checkpointing as ckpt
 from tst_megatron.training import model_builder
 from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
@@ -24,16 +25,22 @@ BASE = (
 TST = "--tst-bag-size 4 --tst-phase1-iters 3"
 
 
-def validated(*extra: str, world_size: int = 1) -> argparse.Namespace:
+# A CPU host with Transformer Engine installed (the CPU test machine has none).
+CPU_WITH_TE = Environment(kernels=KernelAvailability(cuda=False, transformer_engine=True))
+
+
+def validated(
+    *extra: str, world_size: int = 1, env: Environment | None = None
+) -> argparse.Namespace:
     args = parse_args([*BASE, *" ".join(extra).split()])
-    validate_args(args, world_size=world_size)
+    validate_args(args, world_size=world_size, env=env)
     return args
 
 
-def rejected(*extra: str, world_size: int = 1) -> str:
+def rejected(*extra: str, world_size: int = 1, env: Environment | None = None) -> str:
     args = parse_args([*BASE, *" ".join(extra).split()])
     with pytest.raises(ConfigError) as info:
-        validate_args(args, world_size=world_size)
+        validate_args(args, world_size=world_size, env=env)
     return str(info.value)
 
 
@@ -96,13 +103,10 @@ def test_batch_fold_layout_checks_use_the_latent_length():
     assert validated(fold.replace("16", "8"), tp, world_size=4).tst.fold == "batch"
 
 
-def test_fp8_token_count_is_checked(monkeypatch):
-    from tst_megatron.training import arguments
-
-    monkeypatch.setattr(arguments, "transformer_engine_installed", lambda: True)
+def test_fp8_token_count_is_checked():
     fp8 = "--fp8-format hybrid --transformer-impl transformer_engine --micro-batch-size 1"
     message = rejected("--tst-bag-size 2 --tst-phase1-iters 3 --tst-fold batch", fp8,
-                       "--seq-length 24 --max-position-embeddings 24")  # fmt: skip
+                       "--seq-length 24 --max-position-embeddings 24", env=CPU_WITH_TE)  # fmt: skip
     assert message == (
         "--tst-fold batch with --fp8-format hybrid --fp8-recipe delayed: a phase-1 micro-batch "
         "puts 24 tokens per rank into each GEMM (L/s = 12 / 1 x s*b = 2); Transformer "
@@ -111,26 +115,23 @@ def test_fp8_token_count_is_checked(monkeypatch):
 
 
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise", "blockwise", "mxfp8"])
-def test_fp8_token_multiple_is_per_recipe(monkeypatch, recipe):
+def test_fp8_token_multiple_is_per_recipe(recipe):
     """48 tokens per GEMM (L/s = 24, s*b = 2) suit every recipe but MXFP8 (blocks of 32)."""
-    from tst_megatron.training import arguments
-
-    monkeypatch.setattr(arguments, "transformer_engine_installed", lambda: True)
     fold = "--tst-bag-size 2 --tst-phase1-iters 3 --tst-fold batch"
     fp8 = ("--fp8-format e4m3 --transformer-impl transformer_engine --micro-batch-size 1 "
            f"--fp8-recipe {recipe}")  # fmt: skip
     shape = "--seq-length 48 --max-position-embeddings 48"
     if recipe != "mxfp8":
-        assert validated(fold, fp8, shape).fp8_recipe == recipe
+        assert validated(fold, fp8, shape, env=CPU_WITH_TE).fp8_recipe == recipe
         return
-    message = rejected(fold, fp8, shape)
+    message = rejected(fold, fp8, shape, env=CPU_WITH_TE)
     assert message == (
         "--tst-fold batch with --fp8-format e4m3 --fp8-recipe mxfp8: a phase-1 micro-batch "
         "puts 48 tokens per rank into each GEMM (L/s = 24 / 1 x s*b = 2); Transformer "
         "Engine's FP8 GEMMs with this recipe need a multiple of 32"
     )
     assert validated(fold, fp8.replace("--micro-batch-size 1", "--micro-batch-size 2"), shape,
-                     "--global-batch-size 2").fp8_recipe == "mxfp8"  # 96 tokens  # fmt: skip
+                     "--global-batch-size 2", env=CPU_WITH_TE).fp8_recipe == "mxfp8"  # fmt: skip
 
 
 def test_fused_output_loss_flag_reaches_the_model():

@@ -27,9 +27,7 @@ from typing import Any
 import pytest
 import torch
 
-from tst_megatron.config import STANDARD_PHASE, PhaseSpec, bag_weights
-from tst_megatron.model import TSTGPTModel
-from tst_megatron.testing.multirank import (
+from tests.support.multirank import (
     gather_full_grads,
     gather_full_params,
     load_full_params,
@@ -37,6 +35,8 @@ from tst_megatron.testing.multirank import (
     run_single,
     switch_layout,
 )
+from tst_megatron.config import STANDARD_PHASE, PhaseSpec, bag_weights
+from tst_megatron.model import TSTGPTModel
 
 LATENT = 16
 MICRO_BATCH = 2
@@ -93,7 +93,7 @@ GRAD_ACCUM_FUSION = {"gaf_untied": DENSE, "gaf_tied": TIED}
 
 def _build(kind: str, model_cls=None, fused: bool = False, **layout):
     """This rank's DDP-wrapped model (no virtual pipeline here)."""
-    from tst_megatron.testing.tiny_models import build_tiny_chunks, tiny_config
+    from tests.support.tiny_models import build_tiny_chunks, tiny_config
 
     config = tiny_config(moe=kind == MOE, **layout)
     if model_cls is None:

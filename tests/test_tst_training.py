@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.multirank import run_multirank
 from tst_megatron.config import PhaseSpec
-from tst_megatron.testing.multirank import run_multirank
 
 ITERS, PHASE1 = 20, 10
 ARGS = (

@@ -37,7 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tst_megatron.settings import Environment  # noqa: E402
 from tst_megatron.training.arguments import ConfigError, build_parser, validate_args  # noqa: E402
+from tst_megatron.training.placement import launch_error  # noqa: E402
+from tst_megatron.training.run_config import parallel_config  # noqa: E402
 
 # Training settings that evaluation does not use but validation requires.
 PLACEHOLDERS = {"train_iters": 1, "lr": 0.0}
@@ -73,7 +76,11 @@ def adjust(args):
         override_opt_param_scheduler=False, use_checkpoint_opt_param_scheduler=False,
         tst_allow_schedule_change=False,
     )  # fmt: skip
-    validate_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+    env = Environment.detect()
+    validate_args(args, int(os.environ.get("WORLD_SIZE", "1")), env)
+    error = launch_error(parallel_config(args), env, os.environ)
+    if error:
+        raise ConfigError(error)
     if args.eval_iters < 1:
         raise ConfigError(f"--eval-iters must be >= 1, got {args.eval_iters}")
     pp = args.pipeline_model_parallel_size

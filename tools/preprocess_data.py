@@ -481,7 +481,9 @@ def prepare_job(args: argparse.Namespace) -> Job:
     """Check inputs, output location and tokenizer before any work; fail on the first."""
     inputs = resolve_inputs(args.input)
     check_output_prefix(args.output_prefix)
-    spec = TokenizerSpec.from_args(args)
+    spec = TokenizerSpec(
+        args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size
+    )
     try:
         tokenizer = build_tokenizer(spec)
         if args.append_eod:

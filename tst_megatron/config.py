@@ -47,11 +47,11 @@ def _check_fold_mode(fold: str, mode: str, bag_size: int) -> None:
         )
 
 
-def check_bag_weighting(
+def _check_bag_weighting(
     bag_size: int, mode: str, weighting: str, explicit: tuple[float, ...] | None
 ) -> None:
     """The bag-loss weighting checks (``--tst-bag-weighting`` / ``--tst-bag-weights``), the
-    one copy: `TSTConfig` and ``validate_args`` both call it.
+    one copy: `TSTConfig` runs them (``validate_args`` reports them as it builds ``args.tst``).
 
     Raises:
         TSTConfigError: an unknown weighting; a weighting or weights without TST
@@ -104,7 +104,7 @@ def bag_weights(
     ``uniform`` 1, ``power-law`` 1/i, ``exponential`` exp(-i), ``first-token`` delta(i = 1)
     (the report's Appendix D); ``explicit`` weights (``--tst-bag-weights``) take precedence.
     The loss normalises them over the unmasked targets of each position, so only their ratios
-    matter. The settings are checked by `check_bag_weighting`.
+    matter. The settings are checked by `TSTConfig`.
     """
     if explicit is not None:
         return tuple(float(w) for w in explicit)
@@ -253,7 +253,7 @@ class TSTConfig:
                 f"bag_size={self.bag_size} turns TST on: also give the phase-1 length "
                 "(phase1_fraction r in (0, 1), e.g. 0.3, or phase1_iters)"
             )
-        check_bag_weighting(self.bag_size, self.mode, self.bag_weighting, self.bag_weights)
+        _check_bag_weighting(self.bag_size, self.mode, self.bag_weighting, self.bag_weights)
 
     @property
     def enabled(self) -> bool:

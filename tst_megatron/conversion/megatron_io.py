@@ -22,11 +22,11 @@ from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
 from tst_megatron.conversion import ConversionError
-from tst_megatron.data.tokenizer import TokenizerSpec, build_training_tokenizer, model_vocab_size
+from tst_megatron.data.tokenizer import build_training_tokenizer, model_vocab_size
 from tst_megatron.model import TSTGPTModel
 from tst_megatron.settings import ModelConfig, MoEConfig
 from tst_megatron.training import checkpointing as ckpt
-from tst_megatron.training.arguments import load_yaml_defaults, validate_args
+from tst_megatron.training.arguments import load_yaml_defaults, tokenizer_spec, validate_args
 from tst_megatron.training.checkpoint_settings import (
     apply_recorded_settings,
     flag,
@@ -141,7 +141,7 @@ def single_process_args(run_args: Namespace) -> tuple[Namespace, Any]:
     if args.seq_length is None:  # the sequence length is no part of the weights
         args.seq_length = args.max_position_embeddings
     validate_args(args, 1)
-    tokenizer = build_training_tokenizer(TokenizerSpec.from_args(args))
+    tokenizer = build_training_tokenizer(tokenizer_spec(args))
     args.padded_vocab_size = model_vocab_size(
         tokenizer,
         padding.vocab_size,

@@ -10,7 +10,7 @@ optimizer) run in CPU test processes. Every patch names the mcore file it is for
 Rules:
 
 * Nothing is patched at import time: call :func:`install_cpu_shim` in each CPU process
-  (``tst_megatron.testing.multirank`` does this in every rank it spawns).
+  (``tests.support.multirank`` does this in every rank it spawns).
 * It refuses to install where CUDA is available: on GPUs the real CUDA paths (and Transformer
   Engine) are used and a silent redirect to the CPU would be a disaster.
 * Patches on ``torch`` itself only replace calls that raise on a CUDA-less build, except

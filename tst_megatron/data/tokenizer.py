@@ -31,7 +31,6 @@ Every tokenizer has ``vocab_size``, ``eod`` (None when the tokenizer has none),
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -80,17 +79,6 @@ class TokenizerSpec:
     vocab_file: str | None = None
     merge_file: str | None = None
     vocab_size: int | None = None
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> TokenizerSpec:
-        """The spec of ``pretrain_tst.py``-style args (``--tokenizer-type`` ...)."""
-        return cls(
-            args.tokenizer_type,
-            args.tokenizer_model,
-            args.vocab_file,
-            args.merge_file,
-            args.vocab_size,
-        )
 
     @classmethod
     def from_settings(cls, data: DataConfig, vocab_size: int | None) -> TokenizerSpec:
@@ -176,13 +164,6 @@ def pad_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int
     """Megatron's padding: round up to a multiple of ``--make-vocab-size-divisible-by`` x TP."""
     multiple = divisible_by * tensor_parallel_size
     return int(math.ceil(vocab_size / multiple) * multiple)
-
-
-def vocab_size_with_padding(vocab_size: int, args: argparse.Namespace) -> int:
-    """`pad_vocab_size` with the parser's flags (``validate_args``'s ``--vocab-size``)."""
-    return pad_vocab_size(
-        vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
-    )
 
 
 def model_vocab_size(

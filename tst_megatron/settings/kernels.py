@@ -13,6 +13,10 @@ from tst_megatron.settings.checks import SettingsError
 from tst_megatron.settings.environment import Environment, TransformerImpl
 
 TE_INSTALL_HINT = "install transformer-engine[pytorch]"
+TE_IMPL_MISSING = (
+    "--transformer-impl transformer_engine needs Transformer Engine, which is not installed: "
+    f"{TE_INSTALL_HINT} or pass --transformer-impl local"
+)
 
 
 @dataclass(frozen=True)
@@ -60,10 +64,7 @@ class KernelsConfig:
                 fused permutation where its kernels are missing.
         """
         if self.transformer_impl == "transformer_engine" and not env.transformer_engine:
-            raise SettingsError(
-                "--transformer-impl transformer_engine needs Transformer Engine, which is not "
-                f"installed: {TE_INSTALL_HINT} or pass --transformer-impl local"
-            )
+            raise SettingsError(TE_IMPL_MISSING)
         if self.moe_permute_fusion and not (
             env.cuda and env.fused_permute and self.transformer_impl == "transformer_engine"
         ):

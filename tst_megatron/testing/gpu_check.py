@@ -590,12 +590,13 @@ def detect() -> dict:
     """What this machine has: Transformer Engine, ``--use-megatron-fsdp``, GPUs, apex."""
     import torch
 
-    from tst_megatron.training.arguments import build_parser, transformer_engine_installed
+    from tst_megatron.settings import Environment
+    from tst_megatron.training.arguments import build_parser
 
     apex = all(importlib.util.find_spec(name) is not None
                for name in ("fused_weight_gradient_mlp_cuda", "fused_layer_norm_cuda"))  # fmt: skip
     return {
-        "transformer_engine": transformer_engine_installed(),
+        "transformer_engine": Environment.detect().transformer_engine,
         "megatron_fsdp": "--use-megatron-fsdp" in build_parser()._option_string_actions,
         "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
         "apex": apex,

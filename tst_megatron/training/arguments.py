@@ -16,37 +16,25 @@ import math
 import os
 import signal
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from tst_megatron.config import (
-    BAG_WEIGHTINGS,
-    TST_FOLDS,
-    TST_MODES,
-    TSTConfig,
-    TSTConfigError,
-    check_bag_weighting,
-)
+from tst_megatron.config import BAG_WEIGHTINGS, TST_FOLDS, TST_MODES, TSTConfig, TSTConfigError
 from tst_megatron.data.tokenizer import (
     TOKENIZER_TYPES,
     TokenizerError,
     TokenizerSpec,
-    vocab_size_with_padding,
+    pad_vocab_size,
 )
-from tst_megatron.kernels import KernelAvailability
-from tst_megatron.settings.kernels import Fusions
-from tst_megatron.training import fusions, placement
+from tst_megatron.settings.environment import Environment
+from tst_megatron.settings.kernels import TE_IMPL_MISSING, TE_INSTALL_HINT, Fusions
+from tst_megatron.training import fusions
 from tst_megatron.training.flag_ranges import check_ranges
-from tst_megatron.training.flops import current_device_peak_tflops
 
-TE_INSTALL_HINT = "install transformer-engine[pytorch]"
-TE_IMPL_MISSING = (
-    "--transformer-impl transformer_engine needs Transformer Engine, which is not installed: "
-    f"{TE_INSTALL_HINT} or pass --transformer-impl local"
-)
 EXIT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 CKPT_FORMATS = ("torch_dist",)
 DATA_PARALLEL_SHARDING_STRATEGIES = ("no_shard", "optim", "optim_grads", "optim_grads_params")
@@ -1275,11 +1263,11 @@ def _yaml_value(action: argparse.Action, via_flag: bool, value: Any, where: str)
     return [_yaml_scalar(action, item, where) for item in items]
 
 
-_KIND_NAMES = {int: "an integer", float: "a number", str: "a string"}
+_KIND_NAMES: dict[Any, str] = {int: "an integer", float: "a number", str: "a string"}
 
 
 def _yaml_scalar(action: argparse.Action, value: Any, where: str) -> Any:
-    kind = action.type or str
+    kind: Callable[[Any], Any] = action.type or str  # type: ignore[assignment]
     name = _KIND_NAMES.get(kind, f"a {getattr(kind, '__name__', kind)} value")
     if isinstance(value, (bool, dict, list)):
         raise ConfigError(f"{where} must be a single value ({name}), got {value!r}")
@@ -1300,8 +1288,15 @@ def _yaml_scalar(action: argparse.Action, value: Any, where: str) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def validate_args(args: argparse.Namespace, world_size: int) -> None:
-    """Check ``args`` for a job of ``world_size`` ranks and fill the derived fields.
+def validate_args(
+    args: argparse.Namespace, world_size: int, env: Environment | None = None
+) -> None:
+    """Check ``args`` for a job of ``world_size`` ranks on ``env`` and fill the derived fields.
+
+    ``env`` is the machine the job runs on (default: this process, `Environment.detect`);
+    validation asks the machine nothing else (CUDA, Transformer Engine, kernels, peak
+    TFLOP/s all come from ``env``), so a GPU node's flags validate on a CPU host
+    (`tst_megatron.training.run_config.resolve`).
 
     Derived: ``world_size``, ``data_parallel_size``, ``transformer_impl`` (when unset),
     ``use_cpu_initialization`` (forced on without CUDA), ``params_dtype``, ``ffn_hidden_size``,
@@ -1315,35 +1310,40 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     `tst_megatron.training.fusions.Fusions`: what this device runs) and ``startup_notes``
     (lines for the start of the log: fusions turned off, the backend chosen).
 
+    The launch environment (``CUDA_DEVICE_MAX_CONNECTIONS``) is the entry point's to check,
+    with `placement.launch_error`.
+
     Raises:
         ConfigError: naming the offending flags, their values and what is allowed.
     """
+    env = env or Environment.detect()
     args.world_size = world_size
     args.startup_notes = []
     _check_required(args)
     check_ranges(args, ConfigError)
-    _validate_implementation(args)
+    _validate_implementation(args, env)
     _validate_precision(args)
-    _validate_backend(args)
+    _validate_backend(args, env)
     _validate_parallel_layout(args)
-    _validate_fsdp(args)
-    _validate_local_spec(args)
+    _validate_fsdp(args, env)
+    _validate_local_spec(args, env)
     _validate_model_shape(args)
-    _validate_moe(args)
-    _validate_recompute(args)
+    _validate_moe(args, env)
+    _validate_recompute(args, env)
     _validate_batch(args)
     _validate_learning_rate(args)
     _validate_data(args)
     _validate_checkpointing(args)
-    _validate_logging(args)
+    _validate_logging(args, env)
     _validate_tst(args)
     _validate_reliability(args)
     _validate_timing_and_memory(args)
-    _validate_fusions(args)
+    _validate_fusions(args, env)
 
 
 def transformer_engine_installed() -> bool:
-    """Whether Transformer Engine can be imported (checked without importing it)."""
+    """Whether this process can import Transformer Engine (checked without importing it);
+    the model builder's check. Validation asks its `Environment` instead."""
     return importlib.util.find_spec("transformer_engine") is not None
 
 
@@ -1361,9 +1361,8 @@ def _check_positive(args: argparse.Namespace, dest: str) -> None:
         raise ConfigError(f"--{dest.replace('_', '-')} must be >= 1, got {value}")
 
 
-def _validate_implementation(args: argparse.Namespace) -> None:
-    has_cuda = torch.cuda.is_available()
-    has_te = transformer_engine_installed()
+def _validate_implementation(args: argparse.Namespace, env: Environment) -> None:
+    has_cuda, has_te = env.cuda, env.transformer_engine
     if args.fp8 is not None and not has_te:
         raise ConfigError(
             f"--fp8-format {args.fp8} needs Transformer Engine, which is not installed: "
@@ -1420,9 +1419,9 @@ def _validate_precision(args: argparse.Namespace) -> None:
         )
 
 
-def _validate_backend(args: argparse.Namespace) -> None:
+def _validate_backend(args: argparse.Namespace, env: Environment) -> None:
     """nccl with CUDA, gloo without: the default, or a clear error for nccl without GPUs."""
-    has_cuda = torch.cuda.is_available()
+    has_cuda = env.cuda
     if args.distributed_backend is None:
         args.distributed_backend = "nccl" if has_cuda else "gloo"
         if not has_cuda:
@@ -1436,22 +1435,13 @@ def _validate_backend(args: argparse.Namespace) -> None:
             f"{torch.__version__}, CUDA available: no): use --distributed-backend gloo to run "
             "on CPUs"
         )
-    error = placement.cuda_connections_error(
-        tensor_parallel=args.tensor_model_parallel_size,
-        context_parallel=args.context_parallel_size,
-        fsdp=args.use_torch_fsdp2 or args.use_megatron_fsdp,
-        arch_major=placement.cuda_arch_major(),
-        environ=os.environ,
-    )
-    if error:
-        raise ConfigError(error)
 
 
-def _validate_local_spec(args: argparse.Namespace) -> None:
+def _validate_local_spec(args: argparse.Namespace, env: Environment) -> None:
     """What the local (no-TE) spec cannot do on GPUs, refused before any work."""
     if args.transformer_impl != "local":
         return
-    kernels = KernelAvailability.detect()
+    kernels = env.kernels
     if kernels.cuda and args.context_parallel_size > 1:
         raise ConfigError(
             f"--context-parallel-size {args.context_parallel_size} with --transformer-impl "
@@ -1530,7 +1520,7 @@ def _validate_parallel_layout(args: argparse.Namespace) -> None:
         )
 
 
-def _validate_fsdp(args: argparse.Namespace) -> None:
+def _validate_fsdp(args: argparse.Namespace, env: Environment) -> None:
     """``--use-torch-fsdp2`` / ``--use-megatron-fsdp`` with Megatron-LM's rules (its
     ``validate_args``), plus what this trainer cannot honour with them (named in each message)."""
     torch_fsdp, megatron_fsdp = args.use_torch_fsdp2, args.use_megatron_fsdp
@@ -1546,19 +1536,10 @@ def _validate_fsdp(args: argparse.Namespace) -> None:
         return
     if torch_fsdp and megatron_fsdp:
         raise ConfigError("--use-torch-fsdp2 and --use-megatron-fsdp are exclusive; give one")
-    flag = "--use-torch-fsdp2" if torch_fsdp else "--use-megatron-fsdp"
-    if os.environ.get(placement.CUDA_CONNECTIONS) == "1":
-        raise ConfigError(
-            f"{flag}: FSDP needs {placement.CUDA_CONNECTIONS} unset or > 1 (it overlaps its "
-            f"all-gathers and reduce-scatters on several queues), got "
-            f"{placement.CUDA_CONNECTIONS}=1: export {placement.CUDA_CONNECTIONS}=8 before the "
-            "launcher (tools/launch.py, examples/slurm/common.sh and the Dockerfile set 1 only "
-            "when it is not set)"
-        )
     if torch_fsdp:
         _validate_torch_fsdp2(args)
     else:
-        _validate_megatron_fsdp(args)
+        _validate_megatron_fsdp(args, env)
 
 
 def _validate_torch_fsdp2(args: argparse.Namespace) -> None:
@@ -1608,8 +1589,8 @@ def _validate_torch_fsdp2(args: argparse.Namespace) -> None:
             raise ConfigError(message)
 
 
-def _validate_megatron_fsdp(args: argparse.Namespace) -> None:
-    if not torch.cuda.is_available():
+def _validate_megatron_fsdp(args: argparse.Namespace, env: Environment) -> None:
+    if not env.cuda:
         raise ConfigError(
             "--use-megatron-fsdp needs CUDA GPUs, and none is visible: Megatron-FSDP builds "
             "its parameter/gradient buffers and device meshes on CUDA devices. On CPUs use "
@@ -1682,10 +1663,12 @@ def _validate_model_shape(args: argparse.Namespace) -> None:
     args.padded_vocab_size = None
     if args.vocab_size is not None:
         _check_positive(args, "vocab_size")
-        args.padded_vocab_size = vocab_size_with_padding(args.vocab_size, args)
+        args.padded_vocab_size = pad_vocab_size(
+            args.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
+        )
 
 
-def _validate_moe(args: argparse.Namespace) -> None:
+def _validate_moe(args: argparse.Namespace, env: Environment) -> None:
     if args.expert_tensor_parallel_size is None:
         args.expert_tensor_parallel_size = args.tensor_model_parallel_size
     ep = args.expert_model_parallel_size
@@ -1727,11 +1710,7 @@ def _validate_moe(args: argparse.Namespace) -> None:
             "--moe-router-topk 1 with --moe-router-score-function softmax needs "
             "--moe-router-pre-softmax (a softmax over the one selected expert has zero gradient)"
         )
-    if (
-        args.moe_grouped_gemm
-        and args.transformer_impl == "local"
-        and importlib.util.find_spec("grouped_gemm") is None
-    ):
+    if args.moe_grouped_gemm and args.transformer_impl == "local" and not env.grouped_gemm:
         if not args.transformer_impl_resolved:
             raise ConfigError(
                 "--moe-grouped-gemm with --transformer-impl local needs the grouped_gemm package, "
@@ -1768,7 +1747,7 @@ def _validate_moe(args: argparse.Namespace) -> None:
         )
     _validate_moe_routing(args)
     _validate_moe_capacity(args)
-    _resolve_moe_speed_flags(args)
+    _resolve_moe_speed_flags(args, env)
 
 
 def _normalize_load_balancing(args: argparse.Namespace) -> None:
@@ -1901,16 +1880,12 @@ def _validate_moe_capacity(args: argparse.Namespace) -> None:
         )
 
 
-def _resolve_moe_speed_flags(args: argparse.Namespace) -> None:
+def _resolve_moe_speed_flags(args: argparse.Namespace, env: Environment) -> None:
     """``moe_permute_fusion`` (auto: on where Transformer Engine's kernels run) and the router
     precision (``--moe-router-dtype none`` -> None)."""
     if args.moe_router_dtype == "none":
         args.moe_router_dtype = None
-    available = (
-        args.transformer_impl == "transformer_engine"
-        and torch.cuda.is_available()
-        and _fused_permute_available()
-    )
+    available = args.transformer_impl == "transformer_engine" and env.cuda and env.fused_permute
     if args.moe_permute_fusion is None:
         args.moe_permute_fusion = available
     elif args.moe_permute_fusion and not available:
@@ -1918,27 +1893,11 @@ def _resolve_moe_speed_flags(args: argparse.Namespace) -> None:
             "--moe-permute-fusion needs Transformer Engine >= 2.1's fused permutation kernels "
             "on a GPU (--transformer-impl transformer_engine); this run has "
             f"--transformer-impl {args.transformer_impl}"
-            f"{'' if torch.cuda.is_available() else ' and no GPU'}: drop the flag"
+            f"{'' if env.cuda else ' and no GPU'}: drop the flag"
         )
 
 
-def _fused_permute_available() -> bool:
-    """Whether Megatron-Core found Transformer Engine's fused permutation kernels."""
-    from megatron.core.transformer.moe import moe_utils
-
-    return all(
-        getattr(moe_utils, name, None) is not None
-        for name in (
-            "fused_permute",
-            "fused_permute_with_probs",
-            "fused_sort_chunks_by_index",
-            "fused_sort_chunks_by_index_with_probs",
-            "fused_unpermute",
-        )
-    )
-
-
-def _validate_recompute(args: argparse.Namespace) -> None:
+def _validate_recompute(args: argparse.Namespace, env: Environment) -> None:
     """Megatron-LM's recompute flags, checked before Megatron-Core asserts on them."""
     granularity, method, num = (
         args.recompute_granularity,
@@ -2003,7 +1962,7 @@ def _validate_recompute(args: argparse.Namespace) -> None:
         refused, why = unusable.get(module, (False, ""))
         if refused:
             raise ConfigError(f"--recompute-modules {module}: {why}")
-        if module in ("layernorm", "moe_act") and not transformer_engine_installed():
+        if module in ("layernorm", "moe_act") and not env.transformer_engine:
             raise ConfigError(
                 f"--recompute-modules {module} needs Transformer Engine (Megatron-Core's "
                 "output-discarding checkpoint, tensor_parallel/random.py CheckpointWithoutOutput, "
@@ -2145,7 +2104,7 @@ def _validate_data(args: argparse.Namespace) -> None:
             )
         args.tokenizer_type = "NullTokenizer"
     try:
-        TokenizerSpec.from_args(args).check()
+        tokenizer_spec(args).check()
     except TokenizerError as err:
         raise ConfigError(str(err)) from None
     if args.num_workers < 0:
@@ -2231,7 +2190,7 @@ def _validate_checkpointing(args: argparse.Namespace) -> None:
         )
 
 
-def _validate_logging(args: argparse.Namespace) -> None:
+def _validate_logging(args: argparse.Namespace, env: Environment) -> None:
     for dest in ("log_interval", "eval_interval"):
         _check_positive(args, dest)
     if args.eval_iters < 0:
@@ -2239,7 +2198,7 @@ def _validate_logging(args: argparse.Namespace) -> None:
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         raise ConfigError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     if args.peak_tflops is None:
-        args.peak_tflops = current_device_peak_tflops()
+        args.peak_tflops = env.peak_tflops
     _check_logging_outputs(args)
 
 
@@ -2321,25 +2280,18 @@ def _validate_tst(args: argparse.Namespace) -> None:
             "off. Give a larger fraction, --tst-phase1-iters N (N >= 1), or --tst-bag-size 1 "
             "for a baseline run"
         )
-    _validate_tst_weighting(args)
     _validate_tst_fold(args)
-    explicit = tuple(args.tst_bag_weights) if args.tst_bag_weights else None
-    args.tst = TSTConfig(
-        bag_size=bag,
-        mode=args.tst_mode,
-        phase1_fraction=fraction,
-        phase1_iters=iters,
-        fold=args.tst_fold,
-        bag_weighting=args.tst_bag_weighting,
-        bag_weights=explicit,
-    )
-
-
-def _validate_tst_weighting(args: argparse.Namespace) -> None:
-    """``--tst-bag-weighting`` / ``--tst-bag-weights``: `config.check_bag_weighting`."""
-    weights = tuple(args.tst_bag_weights) if args.tst_bag_weights is not None else None
-    try:
-        check_bag_weighting(args.tst_bag_size, args.tst_mode, args.tst_bag_weighting, weights)
+    explicit = tuple(args.tst_bag_weights) if args.tst_bag_weights is not None else None
+    try:  # the bag-loss weighting is checked by TSTConfig (its messages name the flags)
+        args.tst = TSTConfig(
+            bag_size=bag,
+            mode=args.tst_mode,
+            phase1_fraction=fraction,
+            phase1_iters=iters,
+            fold=args.tst_fold,
+            bag_weighting=args.tst_bag_weighting,
+            bag_weights=explicit,
+        )
     except TSTConfigError as err:
         raise ConfigError(str(err)) from None
 
@@ -2401,9 +2353,9 @@ def fp8_token_multiple(recipe: str) -> int:
     return get_fp8_align_size(Fp8Recipe(recipe))
 
 
-def _validate_fusions(args: argparse.Namespace) -> None:
+def _validate_fusions(args: argparse.Namespace, env: Environment) -> None:
     te_loss = args.cross_entropy_loss_fusion and args.cross_entropy_fusion_impl == "te"
-    if te_loss and not transformer_engine_installed():
+    if te_loss and not env.transformer_engine:
         raise ConfigError(
             "--cross-entropy-fusion-impl te needs Transformer Engine, which is not "
             f"installed: {TE_INSTALL_HINT} or use --cross-entropy-fusion-impl native"
@@ -2423,7 +2375,7 @@ def _validate_fusions(args: argparse.Namespace) -> None:
         )
     args.fusions, notes = fusions.resolve_fusions(
         requested_fusions(args),
-        KernelAvailability.detect(),
+        env.kernels,
         transformer_impl=args.transformer_impl,
         normalization=args.normalization,
     )
@@ -2441,3 +2393,10 @@ def _validate_reliability(args: argparse.Namespace) -> None:
         _check_positive(args, dest)
     if isinstance(args.exit_signal, str):
         args.exit_signal = signal.Signals[args.exit_signal]
+
+
+def tokenizer_spec(args: argparse.Namespace) -> TokenizerSpec:
+    """The tokenizer of ``pretrain_tst.py``-style flags (``--tokenizer-type`` ...)."""
+    return TokenizerSpec(
+        args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size
+    )

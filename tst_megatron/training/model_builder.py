@@ -62,6 +62,7 @@ def transformer_config(
     ``calculate_per_token_loss`` (``--calculate-per-token-loss``) and ``barrier_with_L1_time``
     (``--barrier-with-L1-time``) come from the batch and logging sections.
     """
+    fusions = kernels.fusions
     kwargs: dict[str, Any] = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -96,7 +97,14 @@ def transformer_config(
         variable_seq_lengths=False,
         deallocate_pipeline_outputs=True,
         **p2p_settings(parallel),
-        **kernels.fusions.as_config_kwargs(),
+        bias_activation_fusion=fusions.bias_activation_fusion,
+        bias_dropout_fusion=fusions.bias_dropout_fusion,
+        masked_softmax_fusion=fusions.masked_softmax_fusion,
+        persist_layer_norm=fusions.persist_layer_norm,
+        apply_rope_fusion=fusions.apply_rope_fusion,
+        gradient_accumulation_fusion=fusions.gradient_accumulation_fusion,
+        cross_entropy_loss_fusion=fusions.cross_entropy_loss_fusion,
+        cross_entropy_fusion_impl=fusions.cross_entropy_fusion_impl,
         transformer_impl=kernels.transformer_impl,
         recompute_granularity=recompute.recompute_granularity,
         recompute_method=recompute.recompute_method,

@@ -10,10 +10,15 @@
   communication kernels are scheduled in issue order, ahead of the GEMMs they overlap with.
   CUDA reads it when it initialises, so it must come from the launcher
   (``examples/slurm/common.sh``, ``tools/launch.py``, the Dockerfile), never from this
-  process: validation reads the compute capability (``get_device_capability``, which
-  initialises CUDA here, as Megatron-LM's ``get_device_arch_version`` does) and refuses a
-  missing or other value (`cuda_connections_error`). Megatron-FSDP is exempt (Megatron-LM
-  warns there instead: FSDP wants more queues).
+  process: the entry point reads the compute capability (`Environment.detect`:
+  ``get_device_capability``, which initialises CUDA here, as Megatron-LM's
+  ``get_device_arch_version`` does) and refuses a missing or other value
+  (`cuda_connections_error`). Megatron-FSDP is exempt (Megatron-LM
+  warns there instead: FSDP wants more queues), and FSDP refuses the value 1.
+
+The variable belongs to the launch, not to the configuration: the entry points check it
+(`launch_error`) after `validate_args`, for the machine they run on, so settings resolved for
+a described GPU node (`Environment.gpu`) do not depend on this host's environment.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ import os
 from collections.abc import Mapping, MutableMapping
 
 import torch
+
+from tst_megatron.settings.environment import Environment
+from tst_megatron.settings.parallel import ParallelConfig
 
 CUDA_CONNECTIONS = "CUDA_DEVICE_MAX_CONNECTIONS"
 
@@ -43,13 +51,6 @@ def needs_single_connection(
         return False
     parallel = tensor_parallel > 1 or context_parallel > 1
     return parallel and arch_major is not None and arch_major < 10
-
-
-def cuda_arch_major() -> int | None:
-    """Compute capability major of device 0 (None without CUDA)."""
-    if not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_capability(0)[0]
 
 
 def cuda_connections_error(
@@ -83,6 +84,31 @@ def cuda_connections_error(
         f"Megatron-LM requires (communication then overlaps with compute): export "
         f"{CUDA_CONNECTIONS}=1 in the launch script (examples/slurm/common.sh, tools/launch.py "
         "and the Dockerfile set it)"
+    )
+
+
+def launch_error(
+    parallel: ParallelConfig, env: Environment, environ: Mapping[str, str]
+) -> str | None:
+    """Why a launch with the variables ``environ`` cannot run the layout ``parallel`` on
+    ``env``, else None: FSDP refuses ``CUDA_DEVICE_MAX_CONNECTIONS=1`` (it overlaps its
+    collectives on several queues), TP/CP before Blackwell need it (`cuda_connections_error`)."""
+    fsdp = parallel.use_torch_fsdp2 or parallel.use_megatron_fsdp
+    if fsdp and environ.get(CUDA_CONNECTIONS) == "1":
+        flag = "--use-torch-fsdp2" if parallel.use_torch_fsdp2 else "--use-megatron-fsdp"
+        return (
+            f"{flag}: FSDP needs {CUDA_CONNECTIONS} unset or > 1 (it overlaps its "
+            f"all-gathers and reduce-scatters on several queues), got "
+            f"{CUDA_CONNECTIONS}=1: export {CUDA_CONNECTIONS}=8 before the "
+            "launcher (tools/launch.py, examples/slurm/common.sh and the Dockerfile set 1 only "
+            "when it is not set)"
+        )
+    return cuda_connections_error(
+        tensor_parallel=parallel.tensor_model_parallel_size,
+        context_parallel=parallel.context_parallel_size,
+        fsdp=fsdp,
+        arch_major=env.capability[0] if env.capability else None,
+        environ=environ,
     )
 
 

@@ -7,11 +7,11 @@ the entry point consumes itself, `DERIVED_FIELDS` the fields no single flag sets
 ``tests/test_settings_audit.py`` checks both ways: every flag reaches its field, every field is
 read from a flag.
 
-`resolve` is the path of an entry point: the flags as given, `validate_args` (unchanged: its
-checks and messages), then the sections, with the machine-dependent fields (`REQUESTED`)
-resolved for the `Environment` passed in from the values given, so the same command line
-resolves for a GPU node on a CPU host. `from_validated_args` maps a namespace that
-`validate_args` already resolved on this machine (the trainer's).
+`resolve` is the path of an entry point: the flags as given, `validate_args` for the
+`Environment` passed in (its checks and messages; the machine-dependent fields resolved for
+that environment), then the sections, so the same command line resolves for a GPU node on a
+CPU host. `from_validated_args` maps a namespace that `validate_args` already resolved (the
+trainer's, validated for this machine).
 """
 
 from __future__ import annotations
@@ -37,23 +37,12 @@ from tst_megatron.settings import (
     RunConfig,
     ScheduleConfig,
 )
-from tst_megatron.settings.environment import Backend
 from tst_megatron.settings.reliability import ExitSignal
-from tst_megatron.training.arguments import parse_args, requested_fusions, validate_args
-from tst_megatron.training.fusions import resolve_fusions
+from tst_megatron.training.arguments import parse_args, validate_args
 
 ENTRY_POINT_ONLY: dict[str, str] = {
     "yaml_config": "read by parse_args: its values become the other flags' defaults",
 }
-REQUESTED = (
-    "transformer_impl",
-    "use_cpu_initialization",
-    "distributed_backend",
-    "moe_grouped_gemm",
-    "moe_permute_fusion",
-    "peak_tflops",
-)
-"""Flags whose resolved value depends on the machine: `resolve` keeps them as given."""
 DERIVED_FIELDS: dict[str, str] = {
     "model.padded_vocab_size": "--vocab-size (or the tokenizer's) padded by "
     "--make-vocab-size-divisible-by x TP",
@@ -180,16 +169,15 @@ FLAG_FIELDS: dict[str, str] = {
 
 
 def resolve(args: argparse.Namespace, world_size: int, env: Environment) -> RunConfig:
-    """Validate the flags ``args`` as given (`validate_args`, which fills ``args``) and
-    resolve them for ``env``.
+    """Validate the flags ``args`` as given for ``env`` (`validate_args`, which fills
+    ``args``) and map them to their sections.
 
     Raises:
-        ConfigError: from `validate_args`.
-        SettingsError: what ``env`` cannot run (e.g. Transformer Engine where it is missing).
+        ConfigError: from `validate_args` (e.g. Transformer Engine asked for where ``env``
+            has none).
     """
-    given = {dest: getattr(args, dest) for dest in REQUESTED}
-    validate_args(args, world_size)
-    return _run_config(args, given, env)
+    validate_args(args, world_size, env)
+    return _run_config(args, env)
 
 
 def settings_from_flags(
@@ -201,10 +189,14 @@ def settings_from_flags(
 
 
 def from_validated_args(args: argparse.Namespace, env: Environment | None = None) -> RunConfig:
-    """`RunConfig` of arguments `validate_args` resolved on this machine (``env`` defaults to
-    `Environment.detect`, the machine they were validated on)."""
-    given = {dest: getattr(args, dest) for dest in REQUESTED}
-    return _run_config(args, given, env or Environment.detect())
+    """`RunConfig` of arguments `validate_args` resolved for ``env`` (default
+    `Environment.detect`, this machine, which `validate_args` defaults to as well).
+
+    Raises:
+        SettingsError: ``env`` is not the environment ``args`` were validated for and cannot
+            run them (e.g. Transformer Engine where it is missing).
+    """
+    return _run_config(args, env or Environment.detect())
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
@@ -219,23 +211,22 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     return ModelConfig(**_take(args, _MODEL), padded_vocab_size=args.padded_vocab_size, moe=moe)
 
 
-def parallel_config(args: argparse.Namespace, backend: Backend | None = None) -> ParallelConfig:
-    """The parallel section of validated ``args``; ``backend`` replaces the validated
-    ``--distributed-backend`` (resolved for another environment)."""
+def parallel_config(args: argparse.Namespace) -> ParallelConfig:
+    """The parallel section of validated ``args``."""
     return ParallelConfig(
         **_take(args, _PARALLEL),
         world_size=args.world_size,
         data_parallel_size=args.data_parallel_size,
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
-        distributed_backend=backend or args.distributed_backend,
+        distributed_backend=args.distributed_backend,
     )
 
 
-def _run_config(args: argparse.Namespace, given: dict[str, Any], env: Environment) -> RunConfig:
+def _run_config(args: argparse.Namespace, env: Environment) -> RunConfig:
     return RunConfig(
         environment=env,
         model=model_config(args),
-        parallel=parallel_config(args, given["distributed_backend"] or env.default_backend),
+        parallel=parallel_config(args),
         recompute=RecomputeConfig(
             **_take(args, _RECOMPUTE),
             recompute_modules=_tuple(args.recompute_modules),
@@ -244,7 +235,14 @@ def _run_config(args: argparse.Namespace, given: dict[str, Any], env: Environmen
             **_take(args, _PRECISION),
             params_dtype="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         ),
-        kernels=_kernels(args, given, env),
+        kernels=KernelsConfig(
+            transformer_impl=args.transformer_impl,
+            use_cpu_initialization=args.use_cpu_initialization,
+            fusions=args.fusions,
+            moe_grouped_gemm=args.moe_grouped_gemm,
+            moe_permute_fusion=bool(args.moe_permute_fusion),
+            tst_fused_output_loss=args.tst_fused_output_loss,
+        ),
         optimizer=OptimizerConfig(**_take(args, _OPTIMIZER)),
         schedule=ScheduleConfig(**_take(args, _SCHEDULE)),
         batch=BatchConfig(**_take(args, _BATCH), rampup_batch_size=_tuple(args.rampup_batch_size)),
@@ -256,38 +254,11 @@ def _run_config(args: argparse.Namespace, given: dict[str, Any], env: Environmen
             test_data_path=_tuple(args.test_data_path),
         ),
         checkpoint=CheckpointConfig(**_take(args, _CHECKPOINT)),
-        logging=LoggingConfig(
-            **_take(args, _LOGGING),
-            peak_tflops=env.peak_tflops if given["peak_tflops"] is None else given["peak_tflops"],
-        ),
+        logging=LoggingConfig(**_take(args, _LOGGING), peak_tflops=args.peak_tflops),
         reliability=ReliabilityConfig(
             **_take(args, _RELIABILITY), exit_signal=_exit_signal(args.exit_signal)
         ),
         tst=args.tst,
-    )
-
-
-def _kernels(args: argparse.Namespace, given: dict[str, Any], env: Environment) -> KernelsConfig:
-    """The implementation for ``env``, from the machine-dependent flags as given."""
-    impl = given["transformer_impl"] or env.default_transformer_impl
-    te = impl == "transformer_engine"
-    moe = bool(args.num_experts)
-    permute = given["moe_permute_fusion"]
-    if permute is None:
-        permute = moe and te and env.cuda and env.fused_permute
-    fusions, _ = resolve_fusions(
-        requested_fusions(args),
-        env.kernels,
-        transformer_impl=impl,
-        normalization=args.normalization,
-    )
-    return KernelsConfig(
-        transformer_impl=impl,
-        use_cpu_initialization=bool(given["use_cpu_initialization"]) or not env.cuda,
-        fusions=fusions,
-        moe_grouped_gemm=moe and given["moe_grouped_gemm"] and (te or env.grouped_gemm),
-        moe_permute_fusion=bool(permute),
-        tst_fused_output_loss=args.tst_fused_output_loss,
     )
 
 

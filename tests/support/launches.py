@@ -30,7 +30,7 @@ from pathlib import Path
 
 import psutil
 
-from tst_megatron.testing.multirank import free_port
+from tests.support.multirank import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "pretrain_tst.py"
@@ -146,8 +146,16 @@ def kill_leftovers(marker: str) -> None:
             proc.kill()
 
 
-def _save_dir(args: list[str]) -> Path | None:
-    return Path(args[args.index("--save") + 1]) if "--save" in args else None
+def _save_dir(args: list[str], cwd: Path) -> Path | None:
+    """The ``--save`` directory of ``args`` as the launched ranks read it: the last one given
+    (``--save DIR`` or ``--save=DIR``, as argparse takes it), relative to their ``cwd``."""
+    save = None
+    for i, arg in enumerate(args):
+        if arg == "--save" and i + 1 < len(args):
+            save = args[i + 1]
+        elif arg.startswith("--save="):
+            save = arg.removeprefix("--save=")
+    return None if save is None else cwd / save
 
 
 def launch(
@@ -203,7 +211,7 @@ def launch(
         ]
         try:
             if during is not None:
-                during(Running(procs, marker, _save_dir(args)))
+                during(Running(procs, marker, _save_dir(args, tmp)))
             deadline = time.monotonic() + timeout
             codes = [proc.wait(timeout=max(1.0, deadline - time.monotonic())) for proc in procs]
         finally:
