@@ -45,22 +45,24 @@ def main(argv: list[str] | None = None) -> int:
     from tst_megatron.config import TSTConfigError
     from tst_megatron.data.checks import DataError
     from tst_megatron.data.tokenizer import TokenizerError
-    from tst_megatron.training import checkpointing
-    from tst_megatron.training.checkpointing import CheckpointError
+    from tst_megatron.training.checkpointing import Checkpointer, CheckpointError, check_load_early
     from tst_megatron.training.faults import TrainingStopped, describe_peer_failure
     from tst_megatron.training.loop import Trainer, initialize_distributed, shutdown_distributed
+    from tst_megatron.training.run_config import from_validated_args
 
     if single:
         print(f"pretrain_tst.py: note: {single}", flush=True)
+    settings = from_validated_args(args)
+    checkpoints = Checkpointer(settings.checkpoint)
     initialize_distributed(args)
     code = 0
     trainer = None
     try:
-        note = checkpointing.open_save_dir(args)  # writable, and this job's alone
+        note = checkpoints.open()  # --save is writable, and this job's alone
         if note and torch_rank() == 0:
             print(f"pretrain_tst.py: note: {note}", flush=True)
-        checkpointing.check_load_early(args)  # e.g. written by a newer Megatron-Core
-        trainer = Trainer(args)
+        check_load_early(settings.checkpoint.load)  # e.g. written by a newer Megatron-Core
+        trainer = Trainer(args, checkpoints)
         trainer.train()
     except (DataError, CheckpointError, TokenizerError, TSTConfigError, TrainingStopped) as err:
         print(f"pretrain_tst.py: error: {err}", file=sys.stderr, flush=True)
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         code = 130
     finally:
-        checkpointing.close_save_dir()
+        checkpoints.close()
         shutdown_distributed()
     return code
 

@@ -118,6 +118,7 @@ def moe_grad_norms() -> dict:
     from tst_megatron.training.arguments import parse_args, validate_args
     from tst_megatron.training.loop import build_model_chunks, forward_step
     from tst_megatron.training.optimizer import build_optimizer
+    from tst_megatron.training.run_config import from_validated_args
 
     windows = torch.randint(0, 512, (2, SEQ + 1), generator=torch.Generator().manual_seed(1))
     batch = build_batch(windows, STANDARD_PHASE, SEQ).as_dict()
@@ -133,7 +134,10 @@ def moe_grad_norms() -> dict:
         with torch.no_grad():
             for key, param in params.items():
                 param.copy_(reference[key])
-        optimizer = build_optimizer(args, chunks)  # copies the weights into fp32 main params
+        run = from_validated_args(args)
+        optimizer = build_optimizer(  # copies the weights into fp32 main params
+            run.optimizer, run.schedule, run.precision, run.parallel, chunks
+        )
         if attach:
             prec.attach_loss_scale(chunks, optimizer)
         get_forward_backward_func()(

@@ -90,13 +90,13 @@ def checkpoint_of(args) -> str:
     Raises:
         CheckpointError: no checkpoint there, or a given model flag differs from the record.
     """
-    from tst_megatron.training.checkpoint_settings import apply_recorded_settings
     from tst_megatron.training.checkpointing import (
         TRACKER,
         CheckpointError,
         find_checkpoint,
         read_checkpoint_meta,
     )
+    from tst_megatron.training.recorded_flags import apply_recorded_settings
 
     path = find_checkpoint(args.load)
     if path is None:

@@ -11,6 +11,7 @@ the weights stay in host memory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from argparse import Namespace
@@ -25,16 +26,14 @@ from tst_megatron.data.tokenizer import build_tokenizer_from_args, model_vocab_s
 from tst_megatron.model import TSTGPTModel
 from tst_megatron.training import checkpointing as ckpt
 from tst_megatron.training.arguments import load_yaml_defaults, validate_args
-from tst_megatron.training.checkpoint_settings import (
-    apply_recorded_settings,
-    flag,
-    given_destinations,
-)
+from tst_megatron.training.checkpoint_settings import CheckpointedRun, flag
 from tst_megatron.training.model_builder import (
     build_model,
     single_process_parallel_state,
     transformer_config_from_args,
 )
+from tst_megatron.training.recorded_flags import apply_recorded_settings, given_destinations
+from tst_megatron.training.run_config import from_validated_args, model_config
 
 # The model as one process builds it, whatever layout and implementation the run used.
 SINGLE_PROCESS = {
@@ -173,11 +172,10 @@ def check_model_shape(args: Namespace, meta: dict, path: str) -> None:
     The padded vocabulary is not compared (it depends on the run's TP size, which the flags
     need not repeat): the caller takes the checkpoint's.
     """
-    saved, flags = meta["model"], ckpt.model_shape(args)
     diffs = [
-        f"{key}: checkpoint {saved[key]!r}, flags {flags[key]!r}"
-        for key in ckpt.MODEL_SHAPE_KEYS
-        if key in saved and key != "padded_vocab_size" and saved[key] != flags[key]
+        f"{key}: checkpoint {saved!r}, flags {now!r}"
+        for key, saved, now in ckpt.shape_differences(meta["model"], model_config(args))
+        if key != "padded_vocab_size"
     ]
     if diffs:
         raise ConversionError(
@@ -231,12 +229,14 @@ def save_model_checkpoint(args: Namespace, state: dict[str, torch.Tensor], save:
         from tst_megatron.cpu.shim import install_cpu_shim
 
         install_cpu_shim()
-    args = Namespace(**vars(args))
-    args.save = save
+    settings = from_validated_args(args)
+    checkpoints = ckpt.Checkpointer(dataclasses.replace(settings.checkpoint, save=save))
     with single_process_parallel_state():
         model = _build(args)
         _load_strict(model, state)
-        return ckpt.save_checkpoint(args, [model], None, None, ckpt.TrainingProgress(0, 0, 2, {}))
+        return checkpoints.save(
+            CheckpointedRun.of(settings), [model], None, None, ckpt.TrainingProgress(0, 0, 2, {})
+        )
 
 
 def _build(args: Namespace) -> TSTGPTModel:

@@ -261,7 +261,9 @@ def split_for_context_parallel(batch: dict, bag_size: int) -> dict:
 class Trainer:
     """State of one run: model chunks, optimizer, data stream, counters."""
 
-    def __init__(self, args: Namespace) -> None:
+    def __init__(self, args: Namespace, checkpoints: ckpt.Checkpointer | None = None) -> None:
+        """``checkpoints``: the job's `Checkpointer`, opened by the entry point (default: one
+        of this run's checkpoint settings, not opened: saves without the ``--save`` lock)."""
         self.args = args
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.tokenizer = build_tokenizer_from_args(args)
@@ -284,9 +286,13 @@ class Trainer:
             build_train_samples(args, self.tokenizer), self._host_microbatches, args.num_workers
         )
         self.chunks = build_model_chunks(args)
-        self.optimizer = build_optimizer(args, self.chunks)
+        run = self.settings
+        self.optimizer = build_optimizer(
+            run.optimizer, run.schedule, run.precision, run.parallel, self.chunks
+        )
         precision.attach_loss_scale(self.chunks, self.optimizer)
-        self.scheduler = build_scheduler(args, self.optimizer)
+        self.scheduler = build_scheduler(run.optimizer, run.schedule, run.batch, self.optimizer)
+        self.checkpoints = checkpoints or ckpt.Checkpointer(run.checkpoint)
         self.phase1_iters = args.tst.phase1_iterations(args.train_iters)
         self.progress = ckpt.TrainingProgress(0, 0, 1 if self.phase1_iters else 2, {})
         self.guard = BadStepGuard(args.max_bad_steps)
@@ -340,12 +346,14 @@ class Trainer:
                 f"{ckpt.META}); pass --allow-fresh-start to start from scratch"
             )
         meta = ckpt.read_checkpoint_meta(path)
-        for note in ckpt.check_compatible(args, meta, path):
+        run, checkpoint = ckpt.CheckpointedRun.of(self.settings), self.settings.checkpoint
+        evaluation_only = getattr(args, "evaluation_only", False)  # tools/evaluate.py
+        for note in ckpt.check_compatible(run, checkpoint, meta, path, evaluation_only):
             self.metrics.print(f"note: {note}")
-        same_layout = meta["layout"] == ckpt.layout(args)
+        same_layout = meta["layout"] == ckpt.layout(self.settings.parallel)
         self.timers("load-checkpoint", log_level=0).start(barrier=True)
         self.progress = ckpt.load_checkpoint(
-            args, self.chunks, self.optimizer, self.scheduler, path, load_rng=same_layout
+            run, checkpoint, self.chunks, self.optimizer, self.scheduler, path, same_layout
         )
         self.timers("load-checkpoint").stop(barrier=True)
         self.metrics.checkpoint_time(self.progress.iteration, "load-checkpoint")
@@ -371,8 +379,13 @@ class Trainer:
         if overlapped:  # finish the pending all-gather of updated params before writing them
             for chunk in self.chunks:
                 chunk.disable_forward_pre_hook(param_sync=True)
-        path = ckpt.save_checkpoint(
-            self.args, self.chunks, self.optimizer, self.scheduler, self.progress, async_save
+        path = self.checkpoints.save(
+            ckpt.CheckpointedRun.of(self.settings),
+            self.chunks,
+            self.optimizer,
+            self.scheduler,
+            self.progress,
+            async_save,
         )
         if overlapped:
             for chunk in self.chunks:
@@ -390,15 +403,15 @@ class Trainer:
             f"{done} checkpoint {path} at iteration {self.progress.iteration} "
             f"({time.time() - start:.1f}s)"
         )
-        for note in ckpt.pop_notes():
+        for note in self.checkpoints.pop_notes():
             self.metrics.print(f"note: {note}")
         self.metrics.checkpoint_time(self.progress.iteration, "save-checkpoint")
 
     def finalize_saves(self, blocking: bool) -> None:
         """Publish the async saves every rank finished writing (all when ``blocking``)."""
-        for path in ckpt.finalize_async_saves(blocking):
+        for path in self.checkpoints.finalize_async_saves(blocking):
             self.metrics.print(f"saved checkpoint {path} (async save published)")
-        for note in ckpt.pop_notes():
+        for note in self.checkpoints.pop_notes():
             self.metrics.print(f"note: {note}")
 
     # --- data ---------------------------------------------------------------------------
