@@ -16,7 +16,7 @@ verifies every file against the recorded digests first (torch's distributed chec
 none of its own: a garbled shard would load silently).
 
 A published checkpoint is never modified: a save of the iteration the tracker names, whose
-files are all there at their recorded sizes, is skipped (`save_checkpoint` returns None). An
+files are all there at their recorded sizes, is skipped (`Checkpointer.save` returns None). An
 ``iter_XXXXXXX`` the tracker does not name (left by a publication killed before the tracker
 moved) or a damaged one is renamed aside to ``iter_XXXXXXX.replaced`` only once the new copy is
 complete, and removed only after the tracker moved; so are the checkpoints that
