@@ -30,51 +30,52 @@ def main(argv: list[str] | None = None) -> int:
 
     exit_signals.install_from_argv(sys.argv[1:] if argv is None else argv)
 
-    from tst_megatron.settings import Environment
-    from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
+    from tst_megatron.settings import Environment, SettingsError
+    from tst_megatron.training.arguments import ConfigError, parse_args
     from tst_megatron.training.placement import launch_error
-    from tst_megatron.training.run_config import parallel_config
+    from tst_megatron.training.run_config import resolve
 
     single = _single_rank_environment()
     try:
         args = parse_args(argv)
         env = Environment.detect()
-        validate_args(args, int(os.environ.get("WORLD_SIZE", "1")), env)
-        error = launch_error(parallel_config(args), env, os.environ)
+        settings = resolve(args, int(os.environ.get("WORLD_SIZE", "1")), env)
+        error = launch_error(settings.parallel, env, os.environ)
         if error:
             raise ConfigError(error)
-    except ConfigError as err:
+    except (ConfigError, SettingsError) as err:
         print(f"pretrain_tst.py: error: {err}", file=sys.stderr)
         return 2
-    if args.exit_signal_handler:  # also when only --yaml-config asked for it
-        exit_signals.install(args.exit_signal)
+    reliability = settings.reliability
+    if reliability.exit_signal_handler:  # also when only --yaml-config asked for it
+        exit_signals.install(reliability.exit_signum)
 
     from tst_megatron.config import TSTConfigError
     from tst_megatron.data.checks import DataError
     from tst_megatron.data.tokenizer import TokenizerError
-    from tst_megatron.training import checkpointing
-    from tst_megatron.training.checkpointing import CheckpointError
+    from tst_megatron.training.checkpointing import Checkpointer, CheckpointError, check_load_early
     from tst_megatron.training.faults import TrainingStopped, describe_peer_failure
     from tst_megatron.training.loop import Trainer, initialize_distributed, shutdown_distributed
 
     if single:
         print(f"pretrain_tst.py: note: {single}", flush=True)
-    initialize_distributed(args)
+    checkpoints = Checkpointer(settings.checkpoint)
+    initialize_distributed(settings.parallel, settings.batch, reliability, settings.schedule.seed)
     code = 0
     trainer = None
     try:
-        note = checkpointing.open_save_dir(args)  # writable, and this job's alone
+        note = checkpoints.open()  # --save is writable, and this job's alone
         if note and torch_rank() == 0:
             print(f"pretrain_tst.py: note: {note}", flush=True)
-        checkpointing.check_load_early(args)  # e.g. written by a newer Megatron-Core
-        trainer = Trainer(args)
+        check_load_early(settings.checkpoint.load)  # e.g. written by a newer Megatron-Core
+        trainer = Trainer(settings, checkpoints, args.startup_notes)
         trainer.train()
     except (DataError, CheckpointError, TokenizerError, TSTConfigError, TrainingStopped) as err:
         print(f"pretrain_tst.py: error: {err}", file=sys.stderr, flush=True)
         code = 1
     except RuntimeError as err:  # gloo: "Timed out ...", "Connection closed by peer", NCCL
         where = f" after iteration {trainer.progress.iteration}" if trainer else ""
-        line = describe_peer_failure(err, args.collective_timeout_s, where)
+        line = describe_peer_failure(err, reliability.collective_timeout_s, where)
         if line is None:
             raise
         print(f"pretrain_tst.py: error: {line}", file=sys.stderr, flush=True)
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         code = 130
     finally:
-        checkpointing.close_save_dir()
+        checkpoints.close()
         shutdown_distributed()
     return code
 

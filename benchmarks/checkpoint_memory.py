@@ -22,6 +22,7 @@ Usage: torchrun --nproc-per-node 2 benchmarks/checkpoint_memory.py [--hidden-siz
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -97,16 +98,16 @@ def main() -> None:
 
     import torch
 
-    from tst_megatron.training import checkpointing
-    from tst_megatron.training.arguments import parse_args, validate_args
+    from tst_megatron.training.checkpointing import Checkpointer
     from tst_megatron.training.loop import Trainer, initialize_distributed, shutdown_distributed
+    from tst_megatron.training.run_config import settings_from_flags
 
     # one directory for all ranks (the launch's rendezvous port tells them apart from others)
     out = options.out or os.path.join(
         tempfile.gettempdir(), f"ckpt_memory_{os.environ.get('MASTER_PORT', '0')}"
     )
     h = options.hidden_size
-    args = parse_args([
+    run = settings_from_flags([
         "--num-layers", str(options.num_layers), "--hidden-size", str(h),
         "--num-attention-heads", str(max(1, h // 64)), "--seq-length", "64",
         "--transformer-impl", "local", "--distributed-backend", "gloo",
@@ -114,20 +115,22 @@ def main() -> None:
         "--train-iters", "1", "--log-interval", "1", "--eval-iters", "0",
         "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "32000",
         "--use-distributed-optimizer", "--save", out, "--save-interval", "1000",
-    ])  # fmt: skip
-    validate_args(args, int(os.environ["WORLD_SIZE"]))
-    initialize_distributed(args)
+    ], int(os.environ["WORLD_SIZE"]))  # fmt: skip
+    checkpoints = Checkpointer(run.checkpoint)
+    initialize_distributed(run.parallel, run.batch, run.reliability, run.schedule.seed)
     rank = torch.distributed.get_rank()
     try:
-        checkpointing.open_save_dir(args)
-        trainer = Trainer(args)
+        checkpoints.open()
+        trainer = Trainer(run, checkpoints)
         trainer.train_step(trainer.phase_spec(1))  # optimizer state exists from here on
         trainer.progress.iteration = 1
         shard = optimizer_shard_bytes(trainer.optimizer)
         params = sum(p.numel() for chunk in trainer.chunks for p in chunk.parameters())
         trainer.save()  # warm-up: the writer-results manager, cached save strategy
         for fully in (False, True):
-            args.ckpt_fully_reshardable = fully
+            checkpoints.config = dataclasses.replace(
+                checkpoints.config, ckpt_fully_reshardable=fully
+            )
             trainer.progress.iteration += 1
             torch.distributed.barrier()
             with open("/proc/self/clear_refs", "w") as f:
@@ -150,7 +153,7 @@ def main() -> None:
                 for item in gathered:
                     print(json.dumps(item), flush=True)
     finally:
-        checkpointing.close_save_dir()
+        checkpoints.close()
         shutdown_distributed()
         if rank == 0 and options.out is None:
             shutil.rmtree(out, ignore_errors=True)

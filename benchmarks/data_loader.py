@@ -240,8 +240,8 @@ def training_wait(prefixes: list[str], steps: int) -> dict:
     The model (1 layer, hidden 32, vocabulary 512) is small enough for the data path to be a
     visible part of a CPU step; at GPU scale see measurement 1-2.
     """
-    from tst_megatron.training.arguments import parse_args, validate_args
     from tst_megatron.training.loop import Trainer, initialize_distributed
+    from tst_megatron.training.run_config import settings_from_flags
 
     port = str(29_400 + os.getpid() % 500)
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
@@ -258,12 +258,11 @@ def training_wait(prefixes: list[str], steps: int) -> dict:
     ]  # fmt: skip
     results, initialized = {}, False
     for workers in (0, 2):
-        args = parse_args([*common, "--num-workers", str(workers)])
-        validate_args(args, 1)
+        run = settings_from_flags([*common, "--num-workers", str(workers)], 1)
         if not initialized:
-            initialize_distributed(args)
+            initialize_distributed(run.parallel, run.batch, run.reliability, run.schedule.seed)
             initialized = True
-        trainer = Trainer(args)
+        trainer = Trainer(run)
         trainer.set_phase(1)
         spec = trainer.phase_spec(1)
         trainer.train_step(spec)  # warm-up

@@ -24,8 +24,8 @@ import time
 def build_trainer(opts: argparse.Namespace):
     import torch
 
-    from tst_megatron.training.arguments import parse_args, validate_args
     from tst_megatron.training.loop import Trainer, initialize_distributed
+    from tst_megatron.training.run_config import settings_from_flags
 
     argv = (
         f"--num-layers {opts.num_layers} --hidden-size {opts.hidden_size} "
@@ -40,14 +40,13 @@ def build_trainer(opts: argparse.Namespace):
         argv += ["--bf16"]
     else:
         argv += ["--distributed-backend", "gloo"]
-    args = parse_args(argv)
-    validate_args(args, world_size=1)
+    run = settings_from_flags(argv, 1)
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         store = torch.distributed.HashStore()  # one process: no port to collide on
         torch.distributed.init_process_group(backend, store=store, rank=0, world_size=1)
-    initialize_distributed(args)
-    return args, Trainer(args)
+    initialize_distributed(run.parallel, run.batch, run.reliability, run.schedule.seed)
+    return run, Trainer(run)
 
 
 def main() -> None:
@@ -69,10 +68,9 @@ def main() -> None:
     from tst_megatron.config import STANDARD_PHASE, PhaseSpec
     from tst_megatron.training.flops import phase_flops_per_step
     from tst_megatron.training.loop import unwrap
-    from tst_megatron.training.run_config import model_config
 
     torch.set_num_threads(opts.threads)
-    args, trainer = build_trainer(opts)
+    run, trainer = build_trainer(opts)
     s, L = opts.bag_size, opts.seq_length
     specs = {
         "phase 1, sequence fold": PhaseSpec(s, "full", "sequence"),
@@ -92,13 +90,13 @@ def main() -> None:
                 torch.cuda.synchronize()
             if rep:
                 times[name].append(time.perf_counter() - start)
-    shape = model_config(args)
-    flops = {name: phase_flops_per_step(shape, spec, L, args.micro_batch_size)
+    micro_batch_size = run.batch.micro_batch_size
+    flops = {name: phase_flops_per_step(run.model, spec, L, micro_batch_size)
              for name, spec in specs.items()}  # fmt: skip
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else (
         f"{platform.machine()}, {os.cpu_count()} cores, {opts.threads} threads"
     )
-    print(f"# {where}, torch {torch.__version__}, transformer impl {args.transformer_impl}; "
+    print(f"# {where}, torch {torch.__version__}, transformer impl {run.kernels.transformer_impl}; "
           f"{opts.num_layers} layers, h {opts.hidden_size}, {opts.heads} heads, V "
           f"{opts.vocab_size}, L {L}, s {s}, micro-batch {opts.micro_batch_size}; median of "
           f"{opts.repeats} steps")  # fmt: skip
@@ -107,7 +105,7 @@ def main() -> None:
     base = statistics.median(times["phase 2"])
     for name, spec in specs.items():
         t = statistics.median(times[name])
-        tokens = args.micro_batch_size * spec.data_tokens_per_sample(L)
+        tokens = micro_batch_size * spec.data_tokens_per_sample(L)
         print(f"| {name} | {t / base:.2f}x | {flops[name] / flops['phase 2']:.2f}x | "
               f"{t * 1e3:.0f} | {tokens} |")  # fmt: skip
 

@@ -293,18 +293,19 @@ def timing_worker(argv: list[str]) -> int:
     snapshot, out_json, rounds, steps, bag, modes = argv[:6]
     common = argv[argv.index("--") + 1 :]
     sys.path.insert(0, snapshot)
-    from tst_megatron.training.arguments import parse_args, validate_args
     from tst_megatron.training.loop import Trainer, initialize_distributed
+    from tst_megatron.training.run_config import settings_from_flags
 
-    args = {}
-    for mode in modes.split(","):
-        args[mode] = parse_args(common + variant_flags(mode, int(bag), 0.9))
-        validate_args(args[mode], 1)
-    initialize_distributed(next(iter(args.values())))
+    runs = {
+        mode: settings_from_flags(common + variant_flags(mode, int(bag), 0.9), 1)
+        for mode in modes.split(",")
+    }
+    first = next(iter(runs.values()))
+    initialize_distributed(first.parallel, first.batch, first.reliability, first.schedule.seed)
     trainers, specs = {}, {}
-    for mode, margs in args.items():
-        trainers[mode] = Trainer(margs)
-        phase = 1 if margs.tst.enabled else 2
+    for mode, run in runs.items():
+        trainers[mode] = Trainer(run)
+        phase = 1 if run.tst.enabled else 2
         trainers[mode].set_phase(phase)
         specs[mode] = trainers[mode].phase_spec(phase)
     order = list(trainers)

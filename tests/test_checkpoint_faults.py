@@ -17,7 +17,6 @@ import re
 import shutil
 import subprocess
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import psutil
@@ -37,9 +36,12 @@ from tests.support.launches import (
     listing,
 )
 from tests.support.multirank import run_single
+from tst_megatron.settings import CheckpointConfig, Environment
 from tst_megatron.training import checkpointing as ckpt
-from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
+from tst_megatron.training.arguments import ConfigError, parse_args
 from tst_megatron.training.checkpoint_lock import LOCK_NAME, LockHolder, SaveDirLock
+from tst_megatron.training.checkpoint_settings import CheckpointedRun
+from tst_megatron.training.run_config import settings_from_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -267,11 +269,12 @@ def test_truncated_record_is_named(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def resume_args(*extra: str) -> Namespace:
-    args = parse_args([*MODEL, *TRAIN, *TST, "--mock-data", "--vocab-size", "512",
-                       "--tokenizer-type", "NullTokenizer", "--load", "x", *extra])  # fmt: skip
-    validate_args(args, 1)
-    return args
+def resumed(*extra: str) -> tuple[CheckpointedRun, CheckpointConfig]:
+    """The checkpointed sections and the checkpoint section of a resume with ``extra``."""
+    run = settings_from_flags([*MODEL, *TRAIN, *TST, "--mock-data", "--vocab-size", "512",
+                               "--tokenizer-type", "NullTokenizer", "--load", "x", *extra],
+                              env=Environment.cpu())  # fmt: skip
+    return CheckpointedRun.of(run.with_padded_vocab_size(512)), run.checkpoint
 
 
 def saved_meta(iteration: int, phase: int, bag: int = 4, fraction=0.5, train_iters=8) -> dict:
@@ -284,40 +287,40 @@ def saved_meta(iteration: int, phase: int, bag: int = 4, fraction=0.5, train_ite
 
 def test_schedule_changes_are_refused_or_need_a_flag():
     check = ckpt.check_schedule
-    assert check(resume_args(), saved_meta(6, 2), "C") == []
+    assert check(*resumed(), saved_meta(6, 2), "C") == []
     with pytest.raises(ckpt.CheckpointError, match=r"checkpoint C is at iteration 6, in phase 2, "
                        r"but this run's phase 1 ends at iteration 7 \(--tst-phase1-fraction "
                        r"0.875, --train-iters 8\).*go back to bag"):
-        check(resume_args("--tst-phase1-fraction", "0.875"), saved_meta(6, 2), "C")
+        check(*resumed("--tst-phase1-fraction", "0.875"), saved_meta(6, 2), "C")
     smaller = ("--tst-phase1-fraction", "0.25")
     with pytest.raises(ckpt.CheckpointError, match=r"iteration 3, in phase 1, and this run's "
                        r"phase 1 ends at iteration 2 .*--tst-allow-schedule-change"):
-        check(resume_args(*smaller), saved_meta(3, 1), "C")
-    notes = check(resume_args(*smaller, "--tst-allow-schedule-change"), saved_meta(3, 1), "C")
+        check(*resumed(*smaller), saved_meta(3, 1), "C")
+    notes = check(*resumed(*smaller, "--tst-allow-schedule-change"), saved_meta(3, 1), "C")
     assert notes == ["TST schedule changed (--tst-allow-schedule-change): phase 1 ends now "
                      "instead of at iteration 4"]  # fmt: skip
     with pytest.raises(ckpt.CheckpointError, match=r"--train-iters 16 differs from checkpoint "
                        r"C's 8: .*--override-opt_param-scheduler"):
-        check(resume_args("--train-iters", "16", "--tst-phase1-fraction", "0.25"),
+        check(*resumed("--train-iters", "16", "--tst-phase1-fraction", "0.25"),
               saved_meta(6, 2), "C")
     assert "--override-opt_param-scheduler" in check(
-        resume_args("--train-iters", "16", "--tst-phase1-fraction", "0.25",
+        *resumed("--train-iters", "16", "--tst-phase1-fraction", "0.25",
                     "--override-opt_param-scheduler"), saved_meta(6, 2), "C")[0]  # fmt: skip
     phase2 = ("--tst-phase", "2")
     with pytest.raises(ckpt.CheckpointError, match="saved by a baseline run"):
-        check(resume_args(*phase2), saved_meta(8, 2, bag=1, fraction=None), "C")
+        check(*resumed(*phase2), saved_meta(8, 2, bag=1, fraction=None), "C")
     with pytest.raises(ckpt.CheckpointError, match=r"inside phase 1 \(which ends at iteration "
                        r"4\): finish phase 1 first"):
-        check(resume_args(*phase2), saved_meta(2, 1), "C")
-    assert check(resume_args(*phase2), saved_meta(4, 1), "C") == []  # phase 1 complete
+        check(*resumed(*phase2), saved_meta(2, 1), "C")
+    assert check(*resumed(*phase2), saved_meta(4, 1), "C") == []  # phase 1 complete
     with pytest.raises(ckpt.CheckpointError, match="already in phase 2"):
-        check(resume_args("--tst-phase", "1"), saved_meta(6, 2), "C")
+        check(*resumed("--tst-phase", "1"), saved_meta(6, 2), "C")
 
 
 def test_phase1_length_rounding_to_zero_is_refused():
     with pytest.raises(ConfigError, match=r"--tst-phase1-fraction 0.1 x --train-iters 8 = 0.8 "
                        r"rounds down to 0 phase-1 iterations: TST would be off"):
-        resume_args("--tst-phase1-fraction", "0.1")
+        resumed("--tst-phase1-fraction", "0.1")
 
 
 @pytest.mark.slow
@@ -434,14 +437,11 @@ def test_publication_fsyncs_before_the_rename_and_the_tracker(tmp_path, monkeypa
     staging.mkdir()
     for name in ckpt.REQUIRED_FILES:
         (staging / name).write_bytes(b"x")
-    args = Namespace(save=str(tmp_path), use_distributed_optimizer=False, ckpt_keep_last=0,
-                     tst=resume_args().tst, train_iters=8, **dict.fromkeys(ckpt.MODEL_SHAPE_KEYS))
     pending = ckpt._PendingSave(
-        args=args,
-        iteration=2, phase=1, consumed_tokens=0, staging=str(staging),
-        final=str(tmp_path / "iter_0000002"), digests=None, sharding_type="dp_reshardable",
+        save=str(tmp_path), keep_last=0, record={"iteration": 2}, iteration=2,
+        staging=str(staging), final=str(tmp_path / "iter_0000002"), digests=None,
+        sharding_type="dp_reshardable",
     )  # fmt: skip
-    monkeypatch.setattr(ckpt, "layout", lambda args: {})
     ckpt._publish_on_rank0(pending, {}, [])
     final = str(tmp_path / "iter_0000002")
     names = [(kind, os.path.basename(path)) for kind, path in events]

@@ -19,10 +19,6 @@ import pytest
 
 from tests.support.launches import (
     ERROR,
-    MOCK,
-    MODEL,
-    TRAIN,
-    TST,
     Launch,
     assert_same_losses,
     iters,
@@ -31,7 +27,6 @@ from tests.support.launches import (
 )
 from tst_megatron.training import checkpointing as ckpt
 from tst_megatron.training import fault_injection
-from tst_megatron.training.arguments import parse_args, validate_args
 
 
 def chattr(flag: str, *paths: Path) -> bool:
@@ -179,7 +174,6 @@ def test_publication_moves_an_unpublished_directory_aside_and_removes_it_after_t
 
     monkeypatch.setattr(ckpt.os, "replace", replace)
     monkeypatch.setattr(ckpt, "_remove", remove)
-    monkeypatch.setattr(ckpt, "layout", lambda args: {})
     (tmp_path / ckpt.TRACKER).write_text("1")
     old = tmp_path / "iter_0000002"
     old.mkdir()
@@ -188,12 +182,9 @@ def test_publication_moves_an_unpublished_directory_aside_and_removes_it_after_t
     staging.mkdir()
     for name in ckpt.REQUIRED_FILES:
         (staging / name).write_bytes(b"x")
-    args = parse_args([*MODEL, *TRAIN, *TST, *MOCK, "--save", str(tmp_path)])
-    validate_args(args, 1)
-    args.padded_vocab_size = 512
     pending = ckpt._PendingSave(
-        args=args, iteration=2, phase=1, consumed_tokens=0, staging=str(staging),
-        final=str(old), digests=None, sharding_type="fully_reshardable",
+        save=str(tmp_path), keep_last=0, record={"iteration": 2}, iteration=2,
+        staging=str(staging), final=str(old), digests=None, sharding_type="fully_reshardable",
     )  # fmt: skip
     notes: list[str] = []
     ckpt._publish_on_rank0(pending, {}, notes)

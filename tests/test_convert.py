@@ -403,12 +403,13 @@ def _fake_checkpoint(root: Path, flags: list[str], iteration: int = 5) -> Path:
     from tst_megatron.conversion.megatron_io import single_process_args
     from tst_megatron.training.arguments import parse_args
     from tst_megatron.training.checkpointing import model_shape
+    from tst_megatron.training.run_config import model_config
 
     args, _ = single_process_args(parse_args(flags))
     path = root / f"iter_{iteration:07d}"
     path.mkdir(parents=True)
     meta = {"iteration": iteration, "tst": {"phase": 2, "bag_size": 4, "mode": "full"},
-            "model": model_shape(args), "layout": {}}  # fmt: skip
+            "model": model_shape(model_config(args)), "layout": {}}  # fmt: skip
     (path / "tst_checkpoint.json").write_text(json.dumps(meta))
     (root / "latest_checkpointed_iteration.txt").write_text(str(iteration))
     return root

@@ -130,8 +130,7 @@ def test_initialize_distributed_leaves_the_variable_alone(hopper, monkeypatch):
     """initialize_distributed sets the device and nothing in the CUDA environment."""
     monkeypatch.setenv(VAR, "1")
     monkeypatch.setenv("LOCAL_RANK", "3")
-    args = parse_args([*BASE, "--tensor-model-parallel-size", "2"])
-    validate_args(args, world_size=2, env=HOPPER)
+    settings = resolve(parse_args([*BASE, "--tensor-model-parallel-size", "2"]), 2, HOPPER)
     monkeypatch.delenv(VAR)
     seen = []
 
@@ -149,7 +148,9 @@ def test_initialize_distributed_leaves_the_variable_alone(hopper, monkeypatch):
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
     with pytest.raises(Stop):
-        loop.initialize_distributed(args)
+        loop.initialize_distributed(
+            settings.parallel, settings.batch, settings.reliability, settings.schedule.seed
+        )
     assert seen == [(3, None)]
 
 

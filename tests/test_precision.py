@@ -144,7 +144,10 @@ def moe_grad_norms() -> dict:
         with torch.no_grad():
             for key, param in params.items():
                 param.copy_(reference[key])
-        optimizer = build_optimizer(args, chunks)  # copies the weights into fp32 main params
+        run = from_validated_args(args)
+        optimizer = build_optimizer(  # copies the weights into fp32 main params
+            run.optimizer, run.schedule, run.precision, run.parallel, chunks
+        )
         if attach:
             prec.attach_loss_scale(chunks, optimizer)
         get_forward_backward_func()(

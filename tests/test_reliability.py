@@ -426,12 +426,12 @@ def test_tokens_outside_the_vocabulary_are_rejected(datasets):
 def test_tokenizer_larger_than_the_model_vocabulary_is_rejected():
     from tst_megatron.training.loop import Trainer
 
-    args = validated(
-        "--mock-data", "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
-        str(ROOT / "data" / "sample"), "--vocab-size", "100",
-    )
+    settings = settings_from_flags([
+        *MODEL, *TRAIN, *TST, "--mock-data", "--tokenizer-type", "HuggingFaceTokenizer",
+        "--tokenizer-model", str(ROOT / "data" / "sample"), "--vocab-size", "100",
+    ])  # fmt: skip
     with pytest.raises(TokenizerError, match=r"has 8192 tokens but .*--vocab-size 100\) has 128"):
-        Trainer(args)
+        Trainer(settings)
 
 
 def validated(*data: str) -> Namespace:

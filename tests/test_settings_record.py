@@ -13,6 +13,7 @@ one line too.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -21,9 +22,11 @@ from pathlib import Path
 import pytest
 
 from tests.support.launches import ERROR, Launch, launch
+from tst_megatron.settings import CheckpointConfig, Environment, ModelConfig, MoEConfig
 from tst_megatron.training import checkpoint_settings as settings
 from tst_megatron.training import checkpointing as ckpt
-from tst_megatron.training.arguments import parse_args, validate_args
+from tst_megatron.training.checkpoint_settings import CheckpointedRun
+from tst_megatron.training.run_config import settings_from_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA = [
@@ -74,6 +77,53 @@ def resume(tmp: Path, name: str, *extra: str) -> Launch:
 # --------------------------------------------------------------------------------------------
 # The record
 # --------------------------------------------------------------------------------------------
+
+
+MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32"]
+
+
+def resumed(*extra: str) -> tuple[CheckpointedRun, CheckpointConfig]:
+    """The checkpointed sections and the checkpoint section of ``BASE`` + ``DATA`` + ``extra``."""
+    run = settings_from_flags([*BASE, *DATA, "--load", "x", *extra], env=Environment.cpu())
+    return CheckpointedRun.of(run.with_padded_vocab_size(512)), run.checkpoint
+
+
+@pytest.mark.parametrize("extra", [[], MOE], ids=["dense", "moe"])
+def test_the_record_holds_every_model_field(extra):
+    """Every `ModelConfig` / `MoEConfig` field is in the record with the run's value, under
+    ``settings`` (``model`` or ``data``) or in the model shape (``model``), except those named
+    in `NOT_IN_SETTINGS` with the reason; a dense model records ``num_experts`` None alone."""
+    run, _ = resumed(*extra)
+    record = ckpt.checkpoint_record(run, ckpt.TrainingProgress(4, 16, 2, {}), "dp_reshardable")
+    recorded = {**record["model"], **record["settings"]["data"], **record["settings"]["model"]}
+    model = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "moe"]
+    experts = [f.name for f in dataclasses.fields(MoEConfig)] if extra else ["num_experts"]
+    missing = [name for name in (*model, *experts) if name not in recorded]
+    assert missing == (["moe_token_dispatcher_type"] if extra else [])
+    assert set(missing) <= set(settings.NOT_IN_SETTINGS)
+    assert all(reason for reason in settings.NOT_IN_SETTINGS.values())
+    flat = settings.plain(run.model.flat())
+    assert {name: recorded[name] for name in flat if name not in missing} == {
+        name: value for name, value in flat.items() if name not in missing
+    }
+    assert record["settings"]["model"]["rotary_base"] == 50000
+    assert record["model"] == ckpt.model_shape(run.model)
+    shape = set(ckpt.MODEL_SHAPE_KEYS) - (set() if extra else {"moe_router_topk",
+                                                                "moe_ffn_hidden_size"})
+    assert set(record["model"]) == shape
+
+
+def test_the_model_shape_keys_are_the_model_sections_and_old_records_keep_them():
+    """`MODEL_SHAPE_KEYS` come from the model section; the keys records written before it held
+    (the cross-version golden checkpoints) are exactly these."""
+    golden = ROOT / "tests" / "golden" / "cross_version"
+    for meta_file in sorted(golden.glob("*/iter_*/tst_checkpoint.json")):
+        assert set(json.loads(meta_file.read_text())["model"]) == set(ckpt.MODEL_SHAPE_KEYS)
+    assert len(list(golden.glob("*/iter_*/tst_checkpoint.json"))) == 2
+    run, checkpoint = resumed("--num-layers", "3")
+    old = json.loads(next(golden.glob("*/iter_*/tst_checkpoint.json")).read_text())
+    with pytest.raises(ckpt.CheckpointError, match=r"num_layers: checkpoint 2, this run 3"):
+        ckpt.check_compatible(run, checkpoint, {**old, "settings": None}, "C")
 
 
 def test_the_record_holds_model_optimizer_and_schedule_settings(trained, tmp):
@@ -132,28 +182,25 @@ def test_use_checkpoint_schedule_continues_exactly_and_override_takes_this_runs(
 
 
 def test_each_section_names_the_flag_that_allows_a_difference():
-    def args(*extra: str):
-        parsed = parse_args([*BASE, *DATA, "--load", "x", *extra])
-        validate_args(parsed, 1)
-        parsed.padded_vocab_size = 512
-        return parsed
-
-    meta = {"settings": settings.recorded_settings(args())}
+    args = resumed
+    meta = {"settings": settings.recorded_settings(resumed()[0])}
     notes = settings.check_resume_settings(
-        args("--rotary-base", "1000000", "--finetune"), meta, "C"
+        *args("--rotary-base", "1000000", "--finetune"), meta, "C"
     )
     assert notes == ["this run's model settings replace the checkpoint's (--finetune): "
                      "--rotary-base: checkpoint 50000, this run 1000000"]  # fmt: skip
-    notes = settings.check_resume_settings(args("--adam-eps", "1e-6", "--no-load-optim"), meta, "C")
+    notes = settings.check_resume_settings(
+        *args("--adam-eps", "1e-6", "--no-load-optim"), meta, "C"
+    )
     assert notes == ["this run's optimizer settings apply (--no-load-optim): --adam-eps: "
                      "checkpoint 1e-08, this run 1e-06"]  # fmt: skip
-    assert settings.check_resume_settings(args("--init-method-std", "0.01"), meta, "C") == []
-    assert settings.check_resume_settings(args("--rotary-base", "7"), {}, "C") == []  # old
+    assert settings.check_resume_settings(*args("--init-method-std", "0.01"), meta, "C") == []
+    assert settings.check_resume_settings(*args("--rotary-base", "7"), {}, "C") == []  # old
     with pytest.raises(ckpt.CheckpointError, match=r"--global-batch-size: checkpoint 4, this "
                        r"run 8.*--override-opt_param-scheduler"):
-        settings.check_resume_settings(args("--global-batch-size", "8"), meta, "C")
+        settings.check_resume_settings(*args("--global-batch-size", "8"), meta, "C")
     with pytest.raises(ckpt.CheckpointError, match=r"--clip-grad: checkpoint 1.0, this run 0.5"):
-        settings.check_resume_settings(args("--clip-grad", "0.5"), meta, "C")
+        settings.check_resume_settings(*args("--clip-grad", "0.5"), meta, "C")
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,10 +11,11 @@ import pytest
 from tests.model_settings import model_of
 from tst_megatron.config import PhaseSpec, TSTConfig
 from tst_megatron.kernels import KernelAvailability
-from tst_megatron.settings import Environment, ModelConfig
+from tst_megatron.settings import CheckpointConfig, Environment, ModelConfig
 from tst_megatron.training import checkpointing as ckpt
 from tst_megatron.training import model_builder
 from tst_megatron.training.arguments import ConfigError, parse_args, validate_args
+from tst_megatron.training.checkpoint_settings import CheckpointedRun
 from tst_megatron.training.flops import flops_per_step, phase_flops_per_step
 from tst_megatron.training.run_config import settings_from_flags
 
@@ -142,31 +143,37 @@ def test_fused_output_loss_flag_reaches_the_model():
     assert not validated().tst_fused_output_loss
 
 
+def resumed(*extra: str) -> tuple[CheckpointedRun, CheckpointConfig]:
+    """The checkpointed sections and the checkpoint section of a run of ``extra`` flags."""
+    run = settings_from_flags([*BASE, *" ".join(extra).split()], env=Environment.cpu())
+    return CheckpointedRun.of(run.with_padded_vocab_size(512)), run.checkpoint
+
+
 def _phase1_meta(**tst) -> dict:
-    args = validated(TST)
-    saved = {**ckpt.tst_state(args, phase=1), **tst}
-    return {"model": ckpt.model_shape(args), "tst": saved, "use_distributed_optimizer": False,
-            "iteration": 2}  # fmt: skip
+    run, _ = resumed(TST)
+    saved = {**ckpt.tst_state(run.tst, run.schedule.train_iters, phase=1), **tst}
+    return {"model": ckpt.model_shape(run.model), "tst": saved,
+            "use_distributed_optimizer": False, "iteration": 2}  # fmt: skip
 
 
 def test_phase1_resume_checks_fold_and_weighting():
-    args = validated(TST, "--tst-bag-weighting power-law --tst-fold batch")
+    run, checkpoint = resumed(TST, "--tst-bag-weighting power-law --tst-fold batch")
     with pytest.raises(ckpt.CheckpointError) as err:
-        ckpt.check_compatible(args, _phase1_meta(), "ckpt/iter_0000002")
+        ckpt.check_compatible(run, checkpoint, _phase1_meta(), "ckpt/iter_0000002")
     for part in ("--tst-fold: checkpoint 'sequence', this run 'batch'",
                  "--tst-bag-weighting: checkpoint 'uniform', this run 'power-law'"):  # fmt: skip
         assert part in str(err.value)
-    explicit = validated(TST, "--tst-bag-weights 4 3 2 1")
+    explicit = resumed(TST, "--tst-bag-weights 4 3 2 1")
     with pytest.raises(ckpt.CheckpointError, match=r"--tst-bag-weights: checkpoint None, this "
                        r"run \[4.0, 3.0, 2.0, 1.0\]"):  # fmt: skip
-        ckpt.check_compatible(explicit, _phase1_meta(), "ckpt")
+        ckpt.check_compatible(*explicit, _phase1_meta(), "ckpt")
     # a checkpoint written before these keys existed means sequence fold, uniform weights
     old = _phase1_meta()
     for key in ("fold", "bag_weighting", "bag_weights"):
         del old["tst"][key]
-    ckpt.check_compatible(validated(TST), old, "ckpt")
+    ckpt.check_compatible(*resumed(TST), old, "ckpt")
     # phase 2 (or a phase-1 checkpoint continued with --tst-phase 2) does not care
-    ckpt.check_compatible(args, {**old, "tst": {**old["tst"], "phase": 2}}, "ckpt")
+    ckpt.check_compatible(run, checkpoint, {**old, "tst": {**old["tst"], "phase": 2}}, "ckpt")
 
 
 def tiny_model(vocab: int) -> ModelConfig:

@@ -35,17 +35,17 @@ def training_runs(out_dir: str) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
 
-    from tst_megatron.training.arguments import parse_args, validate_args
     from tst_megatron.training.loop import Trainer, initialize_distributed
+    from tst_megatron.training.run_config import settings_from_flags
 
     for name, extra in (("unfused", []), ("fused", ["--tst-fused-output-loss"])):
-        args = parse_args([*ARGS, "--metrics-jsonl", str(Path(out_dir) / f"{name}.jsonl"),
-                           *extra])  # fmt: skip
-        validate_args(args, world_size=2)
+        run = settings_from_flags(
+            [*ARGS, "--metrics-jsonl", str(Path(out_dir) / f"{name}.jsonl"), *extra], 2
+        )
         ps.destroy_model_parallel()
         destroy_num_microbatches_calculator()
-        initialize_distributed(args)
-        Trainer(args).train()
+        initialize_distributed(run.parallel, run.batch, run.reliability, run.schedule.seed)
+        Trainer(run).train()
 
 
 @pytest.fixture(scope="module")

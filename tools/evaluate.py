@@ -37,10 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tst_megatron.settings import Environment  # noqa: E402
-from tst_megatron.training.arguments import ConfigError, build_parser, validate_args  # noqa: E402
+from tst_megatron.settings import Environment, RunConfig, SettingsError  # noqa: E402
+from tst_megatron.training.arguments import ConfigError, build_parser  # noqa: E402
 from tst_megatron.training.placement import launch_error  # noqa: E402
-from tst_megatron.training.run_config import parallel_config  # noqa: E402
+from tst_megatron.training.run_config import resolve  # noqa: E402
 
 # Training settings that evaluation does not use but validation requires.
 PLACEHOLDERS = {"train_iters": 1, "lr": 0.0}
@@ -61,8 +61,12 @@ def parse(argv: list[str] | None):
     return args
 
 
-def adjust(args):
-    """``args`` adjusted for a weights-only evaluation, then validated."""
+def adjust(args) -> RunConfig:
+    """The settings of ``args`` adjusted for a weights-only evaluation (validated).
+
+    Raises:
+        ConfigError: the flags as adjusted are invalid, or the launch cannot run them.
+    """
     for key, value in PLACEHOLDERS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -71,14 +75,17 @@ def adjust(args):
         args.train_data_path = args.train_data_path or args.valid_data_path  # validation wants one
     vars(args).update(
         no_load_optim=True, no_load_rng=True, finetune=False, allow_fresh_start=False,
-        evaluation_only=True, save=None, tensorboard_dir=None, wandb_project=None,
+        save=None, tensorboard_dir=None, wandb_project=None,
         metrics_jsonl=None, global_batch_size=None, rampup_batch_size=None,
         override_opt_param_scheduler=False, use_checkpoint_opt_param_scheduler=False,
         tst_allow_schedule_change=False,
     )  # fmt: skip
     env = Environment.detect()
-    validate_args(args, int(os.environ.get("WORLD_SIZE", "1")), env)
-    error = launch_error(parallel_config(args), env, os.environ)
+    try:
+        run = resolve(args, int(os.environ.get("WORLD_SIZE", "1")), env)
+    except SettingsError as err:
+        raise ConfigError(str(err)) from err
+    error = launch_error(run.parallel, env, os.environ)
     if error:
         raise ConfigError(error)
     if args.eval_iters < 1:
@@ -89,7 +96,7 @@ def adjust(args):
             f"the interleaved pipeline schedule needs at least --pipeline-model-parallel-size "
             f"{pp} micro-batches: --eval-iters {args.eval_iters} is too small"
         )
-    return args
+    return run
 
 
 def checkpoint_of(args) -> str:
@@ -98,13 +105,13 @@ def checkpoint_of(args) -> str:
     Raises:
         CheckpointError: no checkpoint there, or a given model flag differs from the record.
     """
-    from tst_megatron.training.checkpoint_settings import apply_recorded_settings
     from tst_megatron.training.checkpointing import (
         TRACKER,
         CheckpointError,
         find_checkpoint,
         read_checkpoint_meta,
     )
+    from tst_megatron.training.recorded_flags import apply_recorded_settings
 
     path = find_checkpoint(args.load)
     if path is None:
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate.py: error: {err}", file=sys.stderr, flush=True)
         return 1
     try:
-        adjust(args)
+        run = adjust(args)
     except ConfigError as err:
         print(f"evaluate.py: error: {err}", file=sys.stderr)
         return 2
@@ -159,10 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     from tst_megatron.training.evaluator import Evaluator
     from tst_megatron.training.loop import initialize_distributed, shutdown_distributed
 
-    initialize_distributed(args)
+    initialize_distributed(run.parallel, run.batch, run.reliability, run.schedule.seed)
     code = 0
     try:
-        evaluator = Evaluator(args)
+        evaluator = Evaluator(run)
         iteration = evaluator.load(path)
         loss = evaluator.evaluate()
         if loss is None:

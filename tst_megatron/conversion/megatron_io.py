@@ -24,19 +24,16 @@ from torch.distributed.checkpoint.api import CheckpointException
 from tst_megatron.conversion import ConversionError
 from tst_megatron.data.tokenizer import build_training_tokenizer, model_vocab_size
 from tst_megatron.model import TSTGPTModel
-from tst_megatron.settings import ModelConfig, MoEConfig
+from tst_megatron.settings import ModelConfig
 from tst_megatron.training import checkpointing as ckpt
 from tst_megatron.training.arguments import load_yaml_defaults, tokenizer_spec, validate_args
-from tst_megatron.training.checkpoint_settings import (
-    apply_recorded_settings,
-    flag,
-    given_destinations,
-)
+from tst_megatron.training.checkpoint_settings import CheckpointedRun, flag
 from tst_megatron.training.model_builder import (
     build_model,
     single_process_parallel_state,
     transformer_config,
 )
+from tst_megatron.training.recorded_flags import apply_recorded_settings, given_destinations
 from tst_megatron.training.run_config import from_validated_args
 
 # The model as one process builds it, whatever layout and implementation the run used.
@@ -182,18 +179,11 @@ def check_model_shape(model: ModelConfig, meta: dict, path: str) -> None:
     need not repeat): the caller takes the checkpoint's. The routing keys of a dense model
     are not compared (it has no router).
     """
-    saved = meta["model"]
-    moe_fields = {field.name for field in dataclasses.fields(MoEConfig)}
-    diffs = []
-    for key in ckpt.MODEL_SHAPE_KEYS:
-        if key not in saved or key == "padded_vocab_size":
-            continue
-        if key in moe_fields and model.moe is None and saved.get("num_experts") is None:
-            continue
-        section = model.moe if key in moe_fields else model
-        now = None if section is None else getattr(section, key)
-        if saved[key] != now:
-            diffs.append(f"{key}: checkpoint {saved[key]!r}, flags {now!r}")
+    diffs = [
+        f"{key}: checkpoint {saved!r}, flags {now!r}"
+        for key, saved, now in ckpt.shape_differences(meta["model"], model)
+        if key != "padded_vocab_size"
+    ]
     if diffs:
         raise ConversionError(
             f"the model flags describe another model than checkpoint {path} ("
@@ -246,12 +236,14 @@ def save_model_checkpoint(args: Namespace, state: dict[str, torch.Tensor], save:
         from tst_megatron.cpu.shim import install_cpu_shim
 
         install_cpu_shim()
-    args = Namespace(**vars(args))
-    args.save = save
+    settings = from_validated_args(args)
+    checkpoints = ckpt.Checkpointer(dataclasses.replace(settings.checkpoint, save=save))
     with single_process_parallel_state():
         model = _build(args)
         _load_strict(model, state)
-        return ckpt.save_checkpoint(args, [model], None, None, ckpt.TrainingProgress(0, 0, 2, {}))
+        return checkpoints.save(
+            CheckpointedRun.of(settings), [model], None, None, ckpt.TrainingProgress(0, 0, 2, {})
+        )
 
 
 def _build(args: Namespace) -> TSTGPTModel:

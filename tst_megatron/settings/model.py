@@ -7,14 +7,17 @@ Field names are Megatron-LM's flag attributes (``--num-layers`` -> ``num_layers`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 from tst_megatron.settings.checks import SettingsError, check_choice, check_positive
 
 PositionEmbedding = Literal["rope", "learned_absolute", "none"]
 Normalization = Literal["LayerNorm", "RMSNorm"]
 LoadBalancing = Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"]
+SHAPE = {"shape": True}
+"""Field metadata: the field is part of the model's shape (`ModelConfig.shape`), which a
+checkpoint's weights must match on every resume, ``--finetune`` included."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -26,9 +29,9 @@ class MoEConfig:
     precision. ``moe_expert_capacity_factor`` None = dropless.
     """
 
-    num_experts: int
-    moe_router_topk: int = 2
-    moe_ffn_hidden_size: int
+    num_experts: int = field(metadata=SHAPE)
+    moe_router_topk: int = field(default=2, metadata=SHAPE)
+    moe_ffn_hidden_size: int = field(metadata=SHAPE)
     moe_shared_expert_intermediate_size: int | None = None
     moe_aux_loss_coeff: float | tuple[float, ...] = 0.0
     moe_router_load_balancing_type: LoadBalancing | tuple[LoadBalancing, ...] = "aux_loss"
@@ -73,27 +76,27 @@ class ModelConfig:
     ``moe`` is None for a dense model.
     """
 
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    kv_channels: int
+    num_layers: int = field(metadata=SHAPE)
+    hidden_size: int = field(metadata=SHAPE)
+    ffn_hidden_size: int = field(metadata=SHAPE)
+    num_attention_heads: int = field(metadata=SHAPE)
+    num_query_groups: int = field(metadata=SHAPE)
+    kv_channels: int = field(metadata=SHAPE)
     seq_length: int
     max_position_embeddings: int
     vocab_size: int | None = None
-    padded_vocab_size: int | None = None
+    padded_vocab_size: int | None = field(default=None, metadata=SHAPE)
     make_vocab_size_divisible_by: int = 128
-    position_embedding_type: PositionEmbedding = "learned_absolute"
+    position_embedding_type: PositionEmbedding = field(default="learned_absolute", metadata=SHAPE)
     rotary_base: int = 10000
     rotary_percent: float = 1.0
-    normalization: Normalization = "LayerNorm"
+    normalization: Normalization = field(default="LayerNorm", metadata=SHAPE)
     norm_epsilon: float = 1e-5
     apply_layernorm_1p: bool = False
-    swiglu: bool = False
-    untie_embeddings_and_output_weights: bool = False
-    add_bias_linear: bool = True
-    qk_layernorm: bool = False
+    swiglu: bool = field(default=False, metadata=SHAPE)
+    untie_embeddings_and_output_weights: bool = field(default=False, metadata=SHAPE)
+    add_bias_linear: bool = field(default=True, metadata=SHAPE)
+    qk_layernorm: bool = field(default=False, metadata=SHAPE)
     init_method_std: float = 0.02
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
@@ -126,6 +129,19 @@ class ModelConfig:
                 f"--max-position-embeddings {self.max_position_embeddings} is smaller than "
                 f"--seq-length {self.seq_length}"
             )
+
+    def flat(self) -> dict[str, Any]:
+        """Every field by its flag's name, the MoE section's beside the model's; a dense model
+        has ``num_experts`` None and no other MoE field."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "moe"}
+        if self.moe is None:
+            return {**values, "num_experts": None}
+        return {**values, **{f.name: getattr(self.moe, f.name) for f in fields(self.moe)}}
+
+    def shape(self) -> dict[str, Any]:
+        """The fields marked `SHAPE` (`SHAPE_FIELDS`), as `flat` gives them: what the weights
+        of a checkpoint must match."""
+        return {name: value for name, value in self.flat().items() if name in SHAPE_FIELDS}
 
     @property
     def vocab(self) -> int:
@@ -163,6 +179,15 @@ class ModelConfig:
         """Rows of the learned absolute position embedding (0 for RoPE / none)."""
         learned = self.position_embedding_type == "learned_absolute"
         return self.max_position_embeddings if learned else 0
+
+
+SHAPE_FIELDS: tuple[str, ...] = tuple(
+    f.name
+    for section in (ModelConfig, MoEConfig)
+    for f in fields(section)
+    if f.metadata.get("shape")
+)
+"""The model's shape: the names of `ModelConfig`'s and `MoEConfig`'s `SHAPE` fields."""
 
 
 def moe_layer_pattern(num_layers: int, moe_layer_freq: int) -> list[int]:

@@ -25,7 +25,6 @@ Two Megatron-Core behaviours are replaced, each for a failure it caused:
 from __future__ import annotations
 
 import os
-from argparse import Namespace
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
@@ -57,9 +56,10 @@ _manager: SyncManager | None = None
 _save_strategy: tuple | None = None  # (data-parallel group, fully parallel, strategy)
 
 
-def optimizer_format(args: Namespace) -> str:
-    """The distributed-optimizer checkpoint format this run saves in."""
-    return FULLY_RESHARDABLE if getattr(args, "ckpt_fully_reshardable", False) else DP_RESHARDABLE
+def optimizer_format(fully_reshardable: bool) -> str:
+    """The distributed-optimizer checkpoint format a run saves in (``--ckpt-fully-reshardable``
+    or not)."""
+    return FULLY_RESHARDABLE if fully_reshardable else DP_RESHARDABLE
 
 
 def sharded_state_dict_metadata(sharding_type: str) -> dict:
@@ -67,14 +67,14 @@ def sharded_state_dict_metadata(sharding_type: str) -> dict:
     return {"distrib_optim_sharding_type": sharding_type}
 
 
-def save_strategy(args: Namespace):
-    """torch_dist saving, fully parallel over the data-parallel group unless turned off.
+def save_strategy(parallel: bool):
+    """torch_dist saving, fully parallel over the data-parallel group unless turned off
+    (``parallel``: ``--ckpt-fully-parallel-save``).
 
     Built once per process and parallel state (kept for later saves, as Megatron-LM keeps it
     in its ``checkpointing_context``).
     """
     global _save_strategy
-    parallel = getattr(args, "ckpt_fully_parallel_save", True)
     group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     if _save_strategy is None or _save_strategy[:2] != (group, parallel):
         strategy = get_default_save_sharded_strategy("torch_dist")
@@ -84,11 +84,11 @@ def save_strategy(args: Namespace):
     return _save_strategy[2]
 
 
-def load_strategy(args: Namespace, path: str):
+def load_strategy(path: str, parallel: bool):
     """The checkpoint's load strategy, fully parallel over the data-parallel group unless
-    turned off."""
+    turned off (``parallel``: ``--ckpt-fully-parallel-load``)."""
     strategy = get_default_load_sharded_strategy(path)
-    if getattr(args, "ckpt_fully_parallel_load", True):
+    if parallel:
         strategy = FullyParallelLoadStrategyWrapper(
             strategy, parallel_state.get_data_parallel_group(with_context_parallel=True)
         )

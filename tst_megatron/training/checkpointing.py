@@ -16,11 +16,16 @@ verifies every file against the recorded digests first (torch's distributed chec
 none of its own: a garbled shard would load silently).
 
 A published checkpoint is never modified: a save of the iteration the tracker names, whose
-files are all there at their recorded sizes, is skipped (`save_checkpoint` returns None). An
+files are all there at their recorded sizes, is skipped (`Checkpointer.save` returns None). An
 ``iter_XXXXXXX`` the tracker does not name (left by a publication killed before the tracker
 moved) or a damaged one is renamed aside to ``iter_XXXXXXX.replaced`` only once the new copy is
 complete, and removed only after the tracker moved; so are the checkpoints that
-``--ckpt-keep-last`` drops. A removal that fails is a note (`pop_notes`), never a failed save.
+``--ckpt-keep-last`` drops. A removal that fails is a note (`Checkpointer.pop_notes`), never
+a failed save.
+
+A job's saving state (the ``--save`` lock, the async saves in flight, the saves published and
+the notes since the log last asked) belongs to one `Checkpointer`, which the entry point
+creates and opens before any expensive work and closes at the end.
 
 Every failure is agreed by all ranks (one all-gather) and raised everywhere as a
 `CheckpointError` with one line naming the file or directory, so no rank is left waiting.
@@ -44,21 +49,22 @@ import json
 import os
 import shutil
 import sys
-from argparse import Namespace
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
-from tst_megatron.config import RESUME_SETTINGS
+from tst_megatron.config import RESUME_SETTINGS, TSTConfig
 from tst_megatron.mcore_compat import (
     MCORE_VERSION,
     RANK0_CHECKPOINT_FILES,
     async_save_kwargs,
     check_checkpoint_readable,
 )
+from tst_megatron.settings import CheckpointConfig, ModelConfig, ParallelConfig, ScheduleConfig
+from tst_megatron.settings.model import SHAPE_FIELDS
 from tst_megatron.training import fault_injection
 from tst_megatron.training import rng_state as rng
 from tst_megatron.training.checkpoint_files import (
@@ -75,7 +81,11 @@ from tst_megatron.training.checkpoint_files import (
     write_atomically,
 )
 from tst_megatron.training.checkpoint_lock import SaveDirLock
-from tst_megatron.training.checkpoint_settings import check_resume_settings, recorded_settings
+from tst_megatron.training.checkpoint_settings import (
+    CheckpointedRun,
+    check_resume_settings,
+    recorded_settings,
+)
 from tst_megatron.training.checkpoint_strategies import (
     DP_RESHARDABLE,
     FULLY_RESHARDABLE,
@@ -98,24 +108,7 @@ META = "tst_checkpoint.json"
 REQUIRED_META = ("iteration", "tst", "model", "layout")
 # Files Megatron-Core's torch_dist format always writes; a record without them is incomplete.
 REQUIRED_FILES = RANK0_CHECKPOINT_FILES
-MODEL_SHAPE_KEYS = (
-    "num_layers",
-    "hidden_size",
-    "ffn_hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "kv_channels",
-    "padded_vocab_size",
-    "num_experts",
-    "moe_ffn_hidden_size",
-    "moe_router_topk",
-    "swiglu",
-    "normalization",
-    "position_embedding_type",
-    "untie_embeddings_and_output_weights",
-    "add_bias_linear",
-    "qk_layernorm",
-)
+MODEL_SHAPE_KEYS = SHAPE_FIELDS  # the record's ``model``: the model section's shape fields
 # The part of the layout a dp_reshardable optimizer state is tied to (it reshards over DP).
 OPTIMIZER_LAYOUT_KEYS = (
     "tensor_model_parallel_size",
@@ -126,11 +119,6 @@ OPTIMIZER_LAYOUT_KEYS = (
 )
 
 REPLACED = ".replaced"  # suffix of a directory moved aside by a publication, then removed
-
-_save_lock: SaveDirLock | None = None  # held by rank 0 of a training job for its life
-_async_saves: AsyncSaves | None = None
-published: list[str] = []  # async saves published by `finalize_async_saves`, for the log
-_notes: list[str] = []  # removals after a publication that failed, for the log (every rank)
 
 
 @dataclass
@@ -148,34 +136,47 @@ def iteration_dir(save: str, iteration: int) -> str:
     return os.path.join(save, f"iter_{iteration:07d}")
 
 
-def model_shape(args: Namespace) -> dict:
-    return {key: getattr(args, key, None) for key in MODEL_SHAPE_KEYS}
+def model_shape(model: ModelConfig) -> dict:
+    """The record's ``model``: the model's shape (`ModelConfig.shape`; a dense model has
+    ``num_experts`` None and no other MoE entry)."""
+    return model.shape()
 
 
-def layout(args: Namespace) -> dict:
+def shape_differences(saved: dict, model: ModelConfig) -> list[tuple[str, object, object]]:
+    """``(key, recorded, this model's)`` for each shape entry both have that differs (a dense
+    model and an old record's MoE entries are not compared)."""
+    shape = model_shape(model)
+    return [
+        (key, saved[key], shape[key])
+        for key in MODEL_SHAPE_KEYS
+        if key in saved and key in shape and saved[key] != shape[key]
+    ]
+
+
+def layout(parallel: ParallelConfig) -> dict:
     """The parallel layout a checkpoint was written at (RNG states depend on it)."""
-    world = torch.distributed.get_world_size()
     return {
-        "tensor_model_parallel_size": args.tensor_model_parallel_size,
-        "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
-        "virtual_pipeline_model_parallel_size": args.virtual_pipeline_model_parallel_size,
-        "expert_model_parallel_size": args.expert_model_parallel_size,
-        "expert_tensor_parallel_size": args.expert_tensor_parallel_size,
-        "context_parallel_size": args.context_parallel_size,
-        "world_size": world,
+        "tensor_model_parallel_size": parallel.tensor_model_parallel_size,
+        "pipeline_model_parallel_size": parallel.pipeline_model_parallel_size,
+        "virtual_pipeline_model_parallel_size": parallel.virtual_pipeline_model_parallel_size,
+        "expert_model_parallel_size": parallel.expert_model_parallel_size,
+        "expert_tensor_parallel_size": parallel.expert_tensor_parallel_size,
+        "context_parallel_size": parallel.context_parallel_size,
+        "world_size": parallel.world_size,
     }
 
 
-def tst_state(args: Namespace, phase: int) -> dict:
+def tst_state(tst: TSTConfig, train_iters: int, phase: int) -> dict:
+    """The record's ``tst``: the TST settings and where phase 1 ends in ``train_iters``."""
     return {
         "phase": phase,
-        "bag_size": args.tst.bag_size,
-        "mode": args.tst.mode,
-        "phase1_fraction": args.tst.phase1_fraction,
-        "phase1_iters": args.tst.phase1_iters,
-        "phase1_iterations": args.tst.phase1_iterations(args.train_iters),
-        "train_iters": args.train_iters,
-        **args.tst.resume_settings(),
+        "bag_size": tst.bag_size,
+        "mode": tst.mode,
+        "phase1_fraction": tst.phase1_fraction,
+        "phase1_iters": tst.phase1_iters,
+        "phase1_iterations": tst.phase1_iterations(train_iters),
+        "train_iters": train_iters,
+        **tst.resume_settings(),
     }
 
 
@@ -246,180 +247,221 @@ def _on_rank0(action) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
-# The save directory
-# --------------------------------------------------------------------------------------------
-
-
-def open_save_dir(args: Namespace) -> str | None:
-    """At start-up, before any expensive work: ``--save`` is writable and this job's alone.
-
-    Rank 0 creates the directory and takes its lock (`checkpoint_lock`), which writes and
-    fsyncs a file there: a read-only, full or unwritable ``--save`` fails now, not at the
-    first save. Returns a note for the log when a stale lock was taken over.
-
-    Raises:
-        CheckpointError: on every rank, naming the directory and the problem.
-    """
-    global _save_lock
-    if not args.save:
-        return None
-    note = []
-
-    def take() -> None:
-        global _save_lock
-        try:
-            os.makedirs(args.save, exist_ok=True)
-            _save_lock, taken_over = SaveDirLock.acquire(
-                args.save, override=getattr(args, "override_save_lock", False)
-            )
-        except OSError as err:
-            raise CheckpointError(
-                f"--save {args.save} is not writable: {describe_storage_failure(err, args.save)}"
-            ) from None
-        if taken_over:
-            note.append(taken_over)
-
-    _agree(_on_rank0(take))
-    return note[0] if note else None
-
-
-def close_save_dir() -> None:
-    """Stop the persistent checkpoint worker (`AsyncSaves.close`) and release the ``--save``
-    lock (rank 0; a no-op elsewhere). Safe to call twice."""
-    global _save_lock, _async_saves
-    if _async_saves is not None:
-        _async_saves.close()
-        _async_saves = None
-    if _save_lock is not None:
-        with contextlib.suppress(OSError):  # a read-only or vanished directory
-            _save_lock.release()
-        _save_lock = None
-
-
-# --------------------------------------------------------------------------------------------
 # Saving
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass
 class _PendingSave:
-    """A save whose shards are written (or being written) and that waits for publication."""
+    """A save whose shards are written (or being written) and that waits for publication.
 
-    args: Namespace
+    ``record``: ``tst_checkpoint.json`` but its ``files``. ``lock``: the ``--save`` lock the
+    publication checks it still holds (None: not taken, e.g. a conversion).
+    """
+
+    save: str
+    keep_last: int
+    record: dict
     iteration: int
-    phase: int
-    consumed_tokens: int
     staging: str
     final: str
     digests: WrittenDigests
     sharding_type: str
+    lock: SaveDirLock | None = None
 
 
-def save_checkpoint(
-    args, model_chunks, optimizer, scheduler, progress: TrainingProgress, async_save=False
-) -> str | None:
-    """Write ``SAVE/iter_XXXXXXX`` and publish it (point the tracker at it).
+@dataclass
+class Checkpointer:
+    """One job's saving to ``--save`` (Megatron-LM's ``checkpointing_context``).
 
-    With ``async_save`` the shards are written by a background process and the checkpoint is
-    published by `finalize_async_saves` once every rank is done; earlier pending saves are
-    finalized first. Returns the checkpoint's path.
-
-    Returns None, saving nothing, when ``--save``'s tracker already names this iteration and
-    its checkpoint is intact (`published_intact`): a published checkpoint is never rewritten.
-
-    Raises:
-        CheckpointError: on every rank; the previous checkpoint and the tracker are intact.
+    It holds the directory's lock (rank 0, from `open` to `close`), the async saves in flight,
+    the async saves published since `finalize_async_saves` last returned them and the notes of
+    publications (`pop_notes`). Saving without `open` works, unlocked (tests, conversions).
     """
-    if _async_saves is not None:  # one save in flight at a time; logged by the next finalize
-        _async_saves.finalize(blocking=True)
-    final = iteration_dir(args.save, progress.iteration)
-    if _gather(_rank_and_world()[0] == 0 and published_intact(args.save, progress.iteration))[0]:
-        return None
-    pending = _PendingSave(
-        args=args,
-        iteration=progress.iteration,
-        phase=progress.phase,
-        consumed_tokens=progress.data_state.get("consumed_tokens", 0),
-        staging=final + ".tmp",
-        final=final,
-        digests=WrittenDigests(),
-        sharding_type=optimizer_format(args),
-    )
 
-    def prepare() -> None:
-        if _save_lock is not None:
-            _save_lock.check_held()
-        try:
-            os.makedirs(args.save, exist_ok=True)
-            shutil.rmtree(pending.staging, ignore_errors=True)
-            os.makedirs(pending.staging)
-        except OSError as err:
-            reason = describe_storage_failure(err, args.save)
-            raise CheckpointError(_save_failure(pending, reason)) from None
+    config: CheckpointConfig
+    _lock: SaveDirLock | None = field(default=None, init=False)
+    _async_saves: AsyncSaves | None = field(default=None, init=False)
+    _published: list[str] = field(default_factory=list, init=False)
+    _notes: list[str] = field(default_factory=list, init=False)
 
-    _agree(_on_rank0(prepare))
-    shield_checkpoint_writer()
-    state = _sharded_state_dict(
-        model_chunks, optimizer, scheduler, progress, pending.sharding_type, False
-    )
-    request, failure = None, None
-    with deferred_rank0_write_errors() as deferred, pending.digests.capturing():
-        try:
-            request = dist_checkpointing.save(
-                state,
-                pending.staging,
-                save_strategy(args),
-                async_sharded_save=async_save,
-                content_metadata=sharded_state_dict_metadata(pending.sharding_type),
-                **async_save_kwargs(),
-            )
-        except (Exception, CheckpointException) as err:  # CheckpointException: BaseException
-            failure = err
-        if deferred and failure is None:
-            failure = deferred[0]
-        if request is not None and failure is None:
-            _schedule(request, pending)
-            return final
-    _publish(pending, failure)
-    return final
+    def open(self) -> str | None:
+        """At start-up, before any expensive work: ``--save`` is writable and this job's alone.
+
+        Rank 0 creates the directory and takes its lock (`checkpoint_lock`), which writes and
+        fsyncs a file there: a read-only, full or unwritable ``--save`` fails now, not at the
+        first save. Returns a note for the log when a stale lock was taken over.
+
+        Raises:
+            CheckpointError: on every rank, naming the directory and the problem.
+        """
+        save = self.config.save
+        if not save:
+            return None
+        note = []
+
+        def take() -> None:
+            try:
+                os.makedirs(save, exist_ok=True)
+                self._lock, taken_over = SaveDirLock.acquire(
+                    save, override=self.config.override_save_lock
+                )
+            except OSError as err:
+                raise CheckpointError(
+                    f"--save {save} is not writable: {describe_storage_failure(err, save)}"
+                ) from None
+            if taken_over:
+                note.append(taken_over)
+
+        _agree(_on_rank0(take))
+        return note[0] if note else None
+
+    def close(self) -> None:
+        """Stop the persistent checkpoint worker (`AsyncSaves.close`) and release the
+        ``--save`` lock (rank 0; a no-op elsewhere). Safe to call twice."""
+        if self._async_saves is not None:
+            self._async_saves.close()
+            self._async_saves = None
+        if self._lock is not None:
+            with contextlib.suppress(OSError):  # a read-only or vanished directory
+                self._lock.release()
+            self._lock = None
+
+    def save(
+        self,
+        run: CheckpointedRun,
+        model_chunks: list,
+        optimizer,
+        scheduler,
+        progress: TrainingProgress,
+        async_save: bool = False,
+    ) -> str | None:
+        """Write ``SAVE/iter_XXXXXXX`` of ``run`` and publish it (point the tracker at it).
+
+        With ``async_save`` the shards are written by a background process and the checkpoint
+        is published by `finalize_async_saves` once every rank is done; earlier pending saves
+        are finalized first. Returns the checkpoint's path.
+
+        Returns None, saving nothing, when ``--save``'s tracker already names this iteration
+        and its checkpoint is intact (`published_intact`): a published checkpoint is never
+        rewritten.
+
+        Raises:
+            CheckpointError: on every rank; the previous checkpoint and the tracker are intact.
+        """
+        save = self.config.save
+        assert save, "Checkpointer.save needs --save"
+        if self._async_saves is not None:  # one save in flight at a time; logged at finalize
+            self._async_saves.finalize(blocking=True)
+        final = iteration_dir(save, progress.iteration)
+        if _gather(_rank_and_world()[0] == 0 and published_intact(save, progress.iteration))[0]:
+            return None
+        sharding_type = optimizer_format(self.config.ckpt_fully_reshardable)
+        pending = _PendingSave(
+            save=save,
+            keep_last=self.config.ckpt_keep_last,
+            record=checkpoint_record(run, progress, sharding_type),
+            iteration=progress.iteration,
+            staging=final + ".tmp",
+            final=final,
+            digests=WrittenDigests(),
+            sharding_type=sharding_type,
+            lock=self._lock,
+        )
+
+        def prepare() -> None:
+            if self._lock is not None:
+                self._lock.check_held()
+            try:
+                os.makedirs(save, exist_ok=True)
+                shutil.rmtree(pending.staging, ignore_errors=True)
+                os.makedirs(pending.staging)
+            except OSError as err:
+                reason = describe_storage_failure(err, save)
+                raise CheckpointError(_save_failure(pending, reason)) from None
+
+        _agree(_on_rank0(prepare))
+        shield_checkpoint_writer()
+        state = _sharded_state_dict(
+            model_chunks, optimizer, scheduler, progress, pending.sharding_type, False
+        )
+        request, failure = None, None
+        with deferred_rank0_write_errors() as deferred, pending.digests.capturing():
+            try:
+                request = dist_checkpointing.save(
+                    state,
+                    pending.staging,
+                    save_strategy(self.config.ckpt_fully_parallel_save),
+                    async_sharded_save=async_save,
+                    content_metadata=sharded_state_dict_metadata(pending.sharding_type),
+                    **async_save_kwargs(),
+                )
+            except (Exception, CheckpointException) as err:  # CheckpointException: BaseException
+                failure = err
+            if deferred and failure is None:
+                failure = deferred[0]
+            if request is not None and failure is None:
+                self._schedule(request, pending)
+                return final
+        self._notes.extend(_publish(pending, failure))
+        return final
+
+    def _schedule(self, request, pending: _PendingSave) -> None:
+        """Queue an async save: its finalize functions and our publication run once all ranks'
+        writes are done, inside `deferred_rank0_write_errors`."""
+        mcore_finalize = list(request.finalize_fns)
+        request.finalize_fns.clear()
+        request.finalize_fns.append(partial(self._finalize_and_publish, mcore_finalize, pending))
+        if self._async_saves is None:
+            self._async_saves = AsyncSaves()
+        self._async_saves.schedule(request)
+
+    def _finalize_and_publish(self, mcore_finalize: list, pending: _PendingSave) -> None:
+        assert self._async_saves is not None
+        pending.digests.add(self._async_saves.written_digests())  # this rank's writes are done
+        failure = None
+        with deferred_rank0_write_errors() as deferred:
+            try:
+                for finalize in mcore_finalize:
+                    finalize()
+            except (Exception, CheckpointException) as err:
+                failure = err
+            if deferred and failure is None:
+                failure = deferred[0]
+        self._notes.extend(_publish(pending, failure))
+        self._published.append(pending.final)
+
+    def finalize_async_saves(self, blocking: bool) -> list[str]:
+        """Publish the async saves that every rank finished writing (all of them when
+        ``blocking``); returns their paths. Call on all ranks, e.g. once per step."""
+        if self._async_saves is None:
+            return []
+        self._async_saves.finalize(blocking)
+        done = list(self._published)
+        self._published.clear()
+        return done
+
+    def pop_notes(self) -> list[str]:
+        """Notes of the publications since the last call (old directories that stayed)."""
+        notes = list(self._notes)
+        self._notes.clear()
+        return notes
 
 
-def _schedule(request, pending: _PendingSave) -> None:
-    """Queue an async save: its finalize functions and our publication run once all ranks'
-    writes are done, inside `deferred_rank0_write_errors`."""
-    global _async_saves
-    mcore_finalize = list(request.finalize_fns)
-    request.finalize_fns.clear()
-    request.finalize_fns.append(partial(_finalize_and_publish, mcore_finalize, pending))
-    if _async_saves is None:
-        _async_saves = AsyncSaves()
-    _async_saves.schedule(request)
-
-
-def _finalize_and_publish(mcore_finalize: list, pending: _PendingSave) -> None:
-    pending.digests.add(_async_saves.written_digests())  # this rank's writes are done
-    failure = None
-    with deferred_rank0_write_errors() as deferred:
-        try:
-            for finalize in mcore_finalize:
-                finalize()
-        except (Exception, CheckpointException) as err:
-            failure = err
-        if deferred and failure is None:
-            failure = deferred[0]
-    _publish(pending, failure)
-    published.append(pending.final)
-
-
-def finalize_async_saves(blocking: bool) -> list[str]:
-    """Publish the async saves that every rank finished writing (all of them when
-    ``blocking``); returns their paths. Call on all ranks, e.g. once per step."""
-    if _async_saves is None:
-        return []
-    _async_saves.finalize(blocking)
-    done = list(published)
-    published.clear()
-    return done
+def checkpoint_record(run: CheckpointedRun, progress: TrainingProgress, sharding_type: str) -> dict:
+    """``tst_checkpoint.json`` of ``run`` at ``progress``, but the file digests."""
+    return {
+        "iteration": progress.iteration,
+        "megatron_core": MCORE_VERSION,
+        "tst": tst_state(run.tst, run.schedule.train_iters, progress.phase),
+        "model": model_shape(run.model),
+        "layout": layout(run.parallel),
+        "use_distributed_optimizer": run.parallel.use_distributed_optimizer,
+        "optimizer_format": sharding_type,
+        "overlap_grad_reduce": run.parallel.overlap_grad_reduce,
+        "consumed_data_tokens": progress.data_state.get("consumed_tokens", 0),
+        "settings": recorded_settings(run),
+    }
 
 
 def _previous_checkpoint(save: str) -> str:
@@ -451,23 +493,19 @@ def published_intact(save: str, iteration: int) -> bool:
         return False
 
 
-def pop_notes() -> list[str]:
-    """Notes of the publications since the last call (old directories that stayed)."""
-    notes = list(_notes)
-    _notes.clear()
-    return notes
-
-
 def _save_failure(pending: _PendingSave, reason: str) -> str:
     return (
         f"cannot save the checkpoint of iteration {pending.iteration} to {pending.staging}: "
-        f"{reason}; {_previous_checkpoint(pending.args.save)}. Free space or fix --save "
-        f"{pending.args.save} (or give another --save) and resume from the previous checkpoint"
+        f"{reason}; {_previous_checkpoint(pending.save)}. Free space or fix --save "
+        f"{pending.save} (or give another --save) and resume from the previous checkpoint"
     )
 
 
-def _publish(pending: _PendingSave, failure: BaseException | None) -> None:
-    """All ranks: agree that every write succeeded, then rank 0 publishes (see module doc)."""
+def _publish(pending: _PendingSave, failure: BaseException | None) -> list[str]:
+    """All ranks: agree that every write succeeded, then rank 0 publishes (see module doc).
+
+    Returns rank 0's notes of old directories it could not remove (on every rank).
+    """
     written = pending.digests.collect()
     problem = None
     if failure is not None:
@@ -482,12 +520,12 @@ def _publish(pending: _PendingSave, failure: BaseException | None) -> None:
     if problem is not None and _rank_and_world()[0] == 0:
         shutil.rmtree(pending.staging, ignore_errors=True)  # free the space it took
     _agree(problem)
-    _notes.extend(_gather(cleanup)[0])
+    return _gather(cleanup)[0]
 
 
 def _publish_on_rank0(pending: _PendingSave, files: dict[str, Digest], notes: list) -> None:
     """Record, move in beside the published checkpoint, move the tracker, then clean up."""
-    args, staging, final = pending.args, pending.staging, pending.final
+    staging, final = pending.staging, pending.final
     aside = final + REPLACED
     try:
         present = set(os.listdir(staging))
@@ -501,23 +539,11 @@ def _publish_on_rank0(pending: _PendingSave, files: dict[str, Digest], notes: li
             raise CheckpointError(
                 f"cannot publish {staging}: it holds {unexpected or 'no'} files that no rank of "
                 f"this job wrote and lacks {missing or 'none'} that were written: another job "
-                f"is writing to --save {args.save} (each --save must have one writer)"
+                f"is writing to --save {pending.save} (each --save must have one writer)"
             )
-        if _save_lock is not None:
-            _save_lock.check_held()
-        meta = {
-            "iteration": pending.iteration,
-            "megatron_core": MCORE_VERSION,
-            "tst": tst_state(args, pending.phase),
-            "model": model_shape(args),
-            "layout": layout(args),
-            "use_distributed_optimizer": bool(args.use_distributed_optimizer),
-            "optimizer_format": pending.sharding_type,
-            "overlap_grad_reduce": bool(getattr(args, "overlap_grad_reduce", False)),
-            "consumed_data_tokens": pending.consumed_tokens,
-            "settings": recorded_settings(args),
-            "files": dict(sorted(files.items())),
-        }
+        if pending.lock is not None:
+            pending.lock.check_held()
+        meta = {**pending.record, "files": dict(sorted(files.items()))}
         write_atomically(os.path.join(staging, META), json.dumps(meta, indent=2))
         fsync_dir(staging)
         fault_injection.publishing(pending.iteration, "recorded")
@@ -526,9 +552,9 @@ def _publish_on_rank0(pending: _PendingSave, files: dict[str, Digest], notes: li
             os.replace(final, aside)
             fault_injection.publishing(pending.iteration, "moved_aside")
         os.replace(staging, final)
-        fsync_dir(args.save)
+        fsync_dir(pending.save)
         fault_injection.publishing(pending.iteration, "renamed")
-        write_atomically(os.path.join(args.save, TRACKER), str(pending.iteration))
+        write_atomically(os.path.join(pending.save, TRACKER), str(pending.iteration))
         fault_injection.publishing(pending.iteration, "tracked")
     except OSError as err:
         raise CheckpointError(
@@ -536,7 +562,7 @@ def _publish_on_rank0(pending: _PendingSave, files: dict[str, Digest], notes: li
         ) from None
     if os.path.lexists(aside):
         _remove(aside, notes)
-    _rotate(args.save, getattr(args, "ckpt_keep_last", 0) or 0, pending.iteration, notes)
+    _rotate(pending.save, pending.keep_last, pending.iteration, notes)
 
 
 def _remove(path: str, notes: list[str]) -> None:
@@ -548,7 +574,10 @@ def _remove(path: str, notes: list[str]) -> None:
     def failed(function, name: str, exc) -> None:  # exc: the exception (3.12) or exc_info
         failures.append(f"{name}: {exc[1] if isinstance(exc, tuple) else exc}")
 
-    shutil.rmtree(path, **{"onexc" if sys.version_info >= (3, 12) else "onerror": failed})
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=failed)
+    else:
+        shutil.rmtree(path, onerror=failed)
     if failures:
         notes.append(
             f"could not remove {path} after publishing ({failures[0]}); the published "
@@ -659,14 +688,14 @@ def _record_problems(meta: dict) -> list[str]:
     return problems
 
 
-def check_load_early(args: Namespace) -> None:
+def check_load_early(load: str | None) -> None:
     """Before the model is built: the record of ``--load``'s checkpoint (if there is one) is
     readable and was written by a Megatron-Core this one can read (`read_checkpoint_meta`).
 
     Raises:
         CheckpointError: as `find_checkpoint` and `read_checkpoint_meta` do.
     """
-    path = find_checkpoint(args.load) if getattr(args, "load", None) else None
+    path = find_checkpoint(load) if load else None
     if path is not None:
         read_checkpoint_meta(path)
 
@@ -678,9 +707,10 @@ def recorded_files(meta: dict, path: str) -> dict[str, Digest]:
         CheckpointError: the ``files`` entry, or one of Megatron-Core's files in it, is missing.
     """
     files = meta.get("files")
-    missing = ["files"] if not isinstance(files, dict) else [
-        f"files[{name!r}]" for name in REQUIRED_FILES if name not in files
-    ]
+    if not isinstance(files, dict):
+        files, missing = {}, ["files"]
+    else:
+        missing = [f"files[{name!r}]" for name in REQUIRED_FILES if name not in files]
     if missing:
         raise CheckpointError(
             f"cannot load checkpoint {path}: {os.path.join(path, META)} lacks "
@@ -708,28 +738,34 @@ def verify_files(path: str, files: dict[str, Digest]) -> None:
         )
 
 
-def check_compatible(args: Namespace, meta: dict, path: str) -> list[str]:
-    """Reject a resume whose model shape or phase-1 TST settings (bag size, mode, fold, bag-loss
-    weighting) differ from the checkpoint.
+def check_compatible(
+    run: CheckpointedRun,
+    checkpoint: CheckpointConfig,
+    meta: dict,
+    path: str,
+    evaluation_only: bool = False,
+) -> list[str]:
+    """Reject a resume of ``run`` whose model shape or phase-1 TST settings (bag size, mode,
+    fold, bag-loss weighting) differ from the checkpoint.
 
     Every difference is named in one message, with the checkpoint's value and this run's.
-    Also checks the schedule (`check_schedule`) and the optimizer format against the layout.
-    Returns notes for the log (schedule changes the flags allowed).
+    Also checks the recorded settings (`check_resume_settings`), the schedule
+    (`check_schedule`; not with ``evaluation_only``, as `tools/evaluate.py` loads the weights
+    alone) and the optimizer format against the layout. Returns notes for the log (the
+    changes the flags allowed).
     """
-    saved_shape, shape = meta["model"], model_shape(args)
     diffs = [
-        f"{key}: checkpoint {saved_shape.get(key)!r}, this run {shape[key]!r}"
-        for key in MODEL_SHAPE_KEYS
-        if key in saved_shape and saved_shape.get(key) != shape[key]
+        f"{key}: checkpoint {saved!r}, this run {now!r}"
+        for key, saved, now in shape_differences(meta["model"], run.model)
     ]
-    saved_tst = meta["tst"]
-    if saved_tst["phase"] == 1 and args.tst_phase != "2" and not args.finetune:
+    saved_tst, tst = meta["tst"], run.tst
+    if saved_tst["phase"] == 1 and run.schedule.tst_phase != "2" and not checkpoint.finetune:
         diffs += [
-            f"{flag}: checkpoint {saved_tst[key]!r}, this run {getattr(args.tst, key)!r}"
+            f"{flag}: checkpoint {saved_tst[key]!r}, this run {getattr(tst, key)!r}"
             for key, flag in (("bag_size", "--tst-bag-size"), ("mode", "--tst-mode"))
-            if saved_tst[key] != getattr(args.tst, key)
+            if saved_tst[key] != getattr(tst, key)
         ]
-        current = args.tst.resume_settings()  # fold, bag-loss weighting (issue 13)
+        current = tst.resume_settings()  # fold, bag-loss weighting (issue 13)
         diffs += [
             f"{flag}: checkpoint {saved_tst.get(key, default)!r}, this run {current[key]!r}"
             for key, (flag, default) in RESUME_SETTINGS.items()
@@ -740,36 +776,36 @@ def check_compatible(args: Namespace, meta: dict, path: str) -> list[str]:
             f"checkpoint {path} does not match this run (resume with its model shape and, "
             "for a phase-1 checkpoint, its TST settings): " + "; ".join(diffs)
         )
-    notes = check_resume_settings(args, meta, path)
+    notes = check_resume_settings(run, checkpoint, meta, path, evaluation_only)
     saved_dist_opt = meta.get("use_distributed_optimizer")
-    loads_optimizer = not (args.no_load_optim or args.finetune)
-    if loads_optimizer and saved_dist_opt != bool(args.use_distributed_optimizer):
+    loads_optimizer = not (checkpoint.no_load_optim or checkpoint.finetune)
+    if loads_optimizer and saved_dist_opt != run.parallel.use_distributed_optimizer:
         flag = "with" if saved_dist_opt else "without"
         raise CheckpointError(
             f"checkpoint {path} was saved {flag} --use-distributed-optimizer; the optimizer "
             "state formats differ: resume with the same setting, or pass --no-load-optim"
         )
     if loads_optimizer and saved_dist_opt:
-        _check_optimizer_layout(args, meta, path)
-    if getattr(args, "evaluation_only", False):  # tools/evaluate.py: weights only, no schedule
+        _check_optimizer_layout(run.parallel, meta, path)
+    if evaluation_only:  # tools/evaluate.py: weights only, no schedule
         return notes
-    return notes + check_schedule(args, meta, path)
+    return notes + check_schedule(run, checkpoint, meta, path)
 
 
-def _check_optimizer_layout(args: Namespace, meta: dict, path: str) -> None:
+def _check_optimizer_layout(parallel: ParallelConfig, meta: dict, path: str) -> None:
     """A dp_reshardable optimizer state loads only at its model-parallel layout."""
     if meta.get("optimizer_format", FULLY_RESHARDABLE) != DP_RESHARDABLE:
         return
-    saved, now = meta["layout"], layout(args)
+    saved, now = meta["layout"], layout(parallel)
     diffs = [
         f"{key}: checkpoint {saved.get(key)!r}, this run {now[key]!r}"
         for key in OPTIMIZER_LAYOUT_KEYS
         if saved.get(key) != now[key]
     ]
-    if bool(meta.get("overlap_grad_reduce")) != bool(getattr(args, "overlap_grad_reduce", False)):
+    if bool(meta.get("overlap_grad_reduce")) != parallel.overlap_grad_reduce:
         diffs.append(
             f"--overlap-grad-reduce: checkpoint {bool(meta.get('overlap_grad_reduce'))}, this "
-            f"run {bool(getattr(args, 'overlap_grad_reduce', False))} (it sets the buckets)"
+            f"run {parallel.overlap_grad_reduce} (it sets the buckets)"
         )
     if diffs:
         raise CheckpointError(
@@ -782,22 +818,25 @@ def _check_optimizer_layout(args: Namespace, meta: dict, path: str) -> None:
         )
 
 
-def check_schedule(args: Namespace, meta: dict, path: str) -> list[str]:
+def check_schedule(
+    run: CheckpointedRun, checkpoint: CheckpointConfig, meta: dict, path: str
+) -> list[str]:
     """Refuse a resume that would change the TST phase schedule or the LR schedule silently.
 
     Returns notes for the log when ``--tst-allow-schedule-change`` allowed a change.
     """
-    if args.finetune:
+    if checkpoint.finetune:
         return []
+    tst, tst_phase, train_iters = run.tst, run.schedule.tst_phase, run.schedule.train_iters
     saved = meta["tst"]
     iteration = int(meta["iteration"])
     saved_phase, saved_p1 = saved["phase"], saved.get("phase1_iterations")
-    now_p1 = args.tst.phase1_iterations(args.train_iters)
-    allow = getattr(args, "tst_allow_schedule_change", False)
+    now_p1 = tst.phase1_iterations(train_iters)
+    allow = checkpoint.tst_allow_schedule_change
     schedule_flags = (
-        f"--tst-phase1-fraction {args.tst.phase1_fraction}"
-        if args.tst.phase1_fraction is not None
-        else f"--tst-phase1-iters {args.tst.phase1_iters}"
+        f"--tst-phase1-fraction {tst.phase1_fraction}"
+        if tst.phase1_fraction is not None
+        else f"--tst-phase1-iters {tst.phase1_iters}"
     )
     saved_flags = (
         f"--tst-phase1-fraction {saved.get('phase1_fraction')}"
@@ -805,13 +844,13 @@ def check_schedule(args: Namespace, meta: dict, path: str) -> list[str]:
         else f"--tst-phase1-iters {saved.get('phase1_iters')}"
     )
     notes = []
-    if args.tst_phase == "2" and saved["bag_size"] == 1:
+    if tst_phase == "2" and saved["bag_size"] == 1:
         raise CheckpointError(
             f"--tst-phase 2 continues a TST phase-1 run, but checkpoint {path} was saved by a "
             "baseline run (--tst-bag-size 1, no phase 1): drop --tst-phase 2 and the --tst-* "
             "flags to continue the baseline, or --load the phase-1 checkpoint"
         )
-    if args.tst_phase == "2" and saved_phase == 1 and saved_p1 is not None and iteration < saved_p1:
+    if tst_phase == "2" and saved_phase == 1 and saved_p1 is not None and iteration < saved_p1:
         if not allow:
             raise CheckpointError(
                 f"checkpoint {path} is at iteration {iteration}, inside phase 1 (which ends at "
@@ -819,15 +858,15 @@ def check_schedule(args: Namespace, meta: dict, path: str) -> list[str]:
                 "--tst-allow-schedule-change to start phase 2 now"
             )
         notes.append(f"phase 1 cut short at iteration {iteration} (it was to end at {saved_p1})")
-    if args.tst_phase == "1" and saved_phase == 2:
+    if tst_phase == "1" and saved_phase == 2:
         raise CheckpointError(
             f"checkpoint {path} is already in phase 2 (iteration {iteration}): --tst-phase 1 "
             "has nothing left to do; continue with --tst-phase 2"
         )
-    if args.tst_phase != "2" and saved_p1 is not None and now_p1 != saved_p1:
+    if tst_phase != "2" and saved_p1 is not None and now_p1 != saved_p1:
         what = (
             f"this run's phase 1 ends at iteration {now_p1} ({schedule_flags}, --train-iters "
-            f"{args.train_iters}); the checkpoint's ended at {saved_p1} ({saved_flags}, "
+            f"{train_iters}); the checkpoint's ended at {saved_p1} ({saved_flags}, "
             f"--train-iters {saved.get('train_iters')})"
         )
         if saved_phase == 2 and now_p1 > iteration:
@@ -849,16 +888,16 @@ def check_schedule(args: Namespace, meta: dict, path: str) -> list[str]:
                 f"instead of at iteration {saved_p1}"
             )
     saved_t = saved.get("train_iters")
-    if saved_t is not None and saved_t != args.train_iters and not args.no_load_optim:
-        if getattr(args, "use_checkpoint_opt_param_scheduler", False):
+    if saved_t is not None and saved_t != train_iters and not checkpoint.no_load_optim:
+        if checkpoint.use_checkpoint_opt_param_scheduler:
             notes.append(
-                f"--train-iters {args.train_iters} (checkpoint: {saved_t}): the learning-rate "
+                f"--train-iters {train_iters} (checkpoint: {saved_t}): the learning-rate "
                 "and weight-decay schedules continue as the checkpoint's "
                 "(--use-checkpoint-opt_param-scheduler)"
             )
-        elif not getattr(args, "override_opt_param_scheduler", False):
+        elif not checkpoint.override_opt_param_scheduler:
             raise CheckpointError(
-                f"--train-iters {args.train_iters} differs from checkpoint {path}'s "
+                f"--train-iters {train_iters} differs from checkpoint {path}'s "
                 f"{saved_t}: the learning-rate and weight-decay schedules were built for "
                 f"{saved_t} iterations. Resume with --train-iters {saved_t}, or pass "
                 "--override-opt_param-scheduler to continue with this run's schedules or "
@@ -866,14 +905,14 @@ def check_schedule(args: Namespace, meta: dict, path: str) -> list[str]:
             )
         else:
             notes.append(
-                f"--train-iters {args.train_iters} (checkpoint: {saved_t}): the learning-rate "
+                f"--train-iters {train_iters} (checkpoint: {saved_t}): the learning-rate "
                 "and weight-decay schedules follow this run's flags "
                 "(--override-opt_param-scheduler)"
             )
     return notes
 
 
-def _match_saved_learning_rates(args, optimizer, meta: dict) -> None:
+def _match_saved_learning_rates(schedule: ScheduleConfig, optimizer, meta: dict) -> None:
     """Give this run's param groups the recorded ``--lr`` / ``--min-lr`` before a load.
 
     Megatron-Core 0.19 pairs saved and current param groups by a key that includes
@@ -885,7 +924,7 @@ def _match_saved_learning_rates(args, optimizer, meta: dict) -> None:
     """
     saved = (meta.get("settings") or {}).get("schedule") or {}
     for key, dest in (("max_lr", "lr"), ("min_lr", "min_lr")):
-        now, then = getattr(args, dest, None), saved.get(dest)
+        now, then = getattr(schedule, dest), saved.get(dest)
         if then is None or now is None or then == now:
             continue
         for group in optimizer.param_groups:
@@ -894,9 +933,17 @@ def _match_saved_learning_rates(args, optimizer, meta: dict) -> None:
 
 
 def load_checkpoint(
-    args, model_chunks, optimizer, scheduler, path: str, load_rng: bool = True
+    run: CheckpointedRun,
+    checkpoint: CheckpointConfig,
+    model_chunks: list,
+    optimizer,
+    scheduler,
+    path: str,
+    load_rng: bool = True,
 ) -> TrainingProgress:
-    """Load model (+ optimizer, scheduler, RNG unless disabled) from a published checkpoint.
+    """Load model (+ optimizer, scheduler, RNG unless disabled) from a published checkpoint
+    into the chunks of ``run``, as ``checkpoint``'s ``--no-load-*`` / ``--finetune`` /
+    ``--override-opt_param-scheduler`` ask.
 
     RNG states are per rank of the layout they were saved at: pass ``load_rng=False`` when the
     layout changed.
@@ -905,10 +952,10 @@ def load_checkpoint(
         CheckpointError: on every rank, naming the checkpoint and what failed.
     """
     meta = read_checkpoint_meta(path)
-    load_optim = optimizer is not None and not args.no_load_optim and not args.finetune
+    load_optim = optimizer is not None and not checkpoint.no_load_optim and not checkpoint.finetune
     if load_optim:
         init_optimizer_state(optimizer)
-        if getattr(args, "override_opt_param_scheduler", False):
+        if checkpoint.override_opt_param_scheduler:
             scheduler.override_opt_param_scheduler = True
     sharding_type = meta.get("optimizer_format", FULLY_RESHARDABLE)
     state = _sharded_state_dict(
@@ -919,25 +966,27 @@ def load_checkpoint(
         sharding_type,
         True,
     )
-    if args.no_load_rng or args.finetune or not load_rng:
+    if checkpoint.no_load_rng or checkpoint.finetune or not load_rng:
         state.pop(rng.KEY)
     verify_files(path, recorded_files(meta, path))
     try:
-        loaded = dist_checkpointing.load(state, path, load_strategy(args, path))
-        in_place = getattr(args, "use_torch_fsdp2", False)  # see the module doc
+        loaded = dist_checkpointing.load(
+            state, path, load_strategy(path, checkpoint.ckpt_fully_parallel_load)
+        )
+        in_place = run.parallel.use_torch_fsdp2  # see the module doc
         for i, chunk in enumerate(model_chunks):
             if not in_place:
                 key = _model_key(i, len(model_chunks))
                 _unwrap(chunk).load_state_dict(loaded[key], strict=True)
         if load_optim:
             this_run = [(g.get("max_lr"), g.get("min_lr")) for g in optimizer.param_groups]
-            _match_saved_learning_rates(args, optimizer, meta)
+            _match_saved_learning_rates(run.schedule, optimizer, meta)
             if in_place:
                 restore_steps_after_in_place_load(optimizer, loaded["optimizer"])
             else:
                 optimizer.load_state_dict(loaded["optimizer"])
                 unshare_adam_steps(optimizer)
-            if getattr(args, "override_opt_param_scheduler", False):
+            if checkpoint.override_opt_param_scheduler:
                 # the scheduler reads each group's max_lr / min_lr, which the load restored
                 for group, (max_lr, min_lr) in zip(optimizer.param_groups, this_run, strict=True):
                     group.update({k: v for k, v in (("max_lr", max_lr), ("min_lr", min_lr))
@@ -948,7 +997,7 @@ def load_checkpoint(
     except (Exception, CheckpointException) as err:  # CheckpointException: BaseException
         raise CheckpointError(describe_load_failure(err, path)) from None
     progress = loaded["progress"]
-    if args.finetune:
+    if checkpoint.finetune:
         return TrainingProgress(0, 0, 2, {})
     return TrainingProgress(
         iteration=int(progress["iteration"]),

@@ -9,13 +9,13 @@ the pipeline schedule), so it is the number the trainer logs for the same weight
 
 from __future__ import annotations
 
-from argparse import Namespace
 from typing import cast
 
 import torch
 
 from tst_megatron.data.builders import check_evaluation_datasets
 from tst_megatron.data.documents import DocumentMasking
+from tst_megatron.settings import RunConfig
 from tst_megatron.training import checkpointing as ckpt
 from tst_megatron.training.loop import (
     loaded_line,
@@ -25,31 +25,24 @@ from tst_megatron.training.loop import (
     validation_microbatches,
 )
 from tst_megatron.training.metrics import MetricsLogger
-from tst_megatron.training.run_config import from_validated_args
 
 
 class Evaluator:
-    """Model chunks and validation samples of validated ``args`` (``--eval-iters``
-    micro-batches of ``--micro-batch-size`` per data-parallel rank), on an initialised
-    process group (`loop.initialize_distributed`)."""
+    """Model chunks and validation samples of a run's settings (``--eval-iters`` micro-batches
+    of ``--micro-batch-size`` per data-parallel rank), on an initialised process group
+    (`loop.initialize_distributed`)."""
 
-    def __init__(self, args: Namespace) -> None:
-        self.args = args
+    def __init__(self, settings: RunConfig) -> None:
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        self.tokenizer, self.settings = training_tokenizer(from_validated_args(args))
-        args.padded_vocab_size = self.settings.model.padded_vocab_size  # read by checkpointing
-        data = self.settings.data
-        check_evaluation_datasets(data, self.settings.model.padded_vocab_size)  # before the model
-        self.metrics = MetricsLogger(
-            self.settings.logging,
-            self.settings.model,
-            self.settings.schedule,
-            self.settings.precision,
-            0,
-        )
-        self.chunks = model_chunks(self.settings)
+        self.tokenizer, self.settings = training_tokenizer(settings)
+        run = self.settings
+        check_evaluation_datasets(run.data, run.model.padded_vocab_size)  # before the model
+        self.metrics = MetricsLogger(run.logging, run.model, run.schedule, run.precision, 0)
+        self.chunks = model_chunks(run)
         eod = cast(int, self.tokenizer.eod)  # the training tokenizer requires one
-        self.documents = DocumentMasking(eod, data.reset_position_ids, data.reset_attention_mask)
+        self.documents = DocumentMasking(
+            eod, run.data.reset_position_ids, run.data.reset_attention_mask
+        )
 
     def load(self, path: str) -> int:
         """Load the model weights of published checkpoint ``path``; returns its iteration.
@@ -58,10 +51,13 @@ class Evaluator:
             CheckpointError: the checkpoint does not fit this model, or cannot be read.
         """
         meta = ckpt.read_checkpoint_meta(path)
-        for note in ckpt.check_compatible(self.args, meta, path):
+        run, checkpoint = ckpt.CheckpointedRun.of(self.settings), self.settings.checkpoint
+        for note in ckpt.check_compatible(run, checkpoint, meta, path, evaluation_only=True):
             self.metrics.print(f"note: {note}")
-        same_layout = meta["layout"] == ckpt.layout(self.args)
-        progress = ckpt.load_checkpoint(self.args, self.chunks, None, None, path, load_rng=False)
+        same_layout = meta["layout"] == ckpt.layout(self.settings.parallel)
+        progress = ckpt.load_checkpoint(
+            run, checkpoint, self.chunks, None, None, path, load_rng=False
+        )
         self.metrics.print(loaded_line(path, progress, same_layout, ", model weights only"))
         return progress.iteration
 

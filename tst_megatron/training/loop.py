@@ -9,10 +9,9 @@ FSDP, `data_parallel`),
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import time
-from argparse import Namespace
+from collections.abc import Sequence
 from datetime import timedelta
 from functools import partial
 
@@ -53,24 +52,24 @@ from tst_megatron.mcore_compat import batch_on_this_cp_rank
 from tst_megatron.planning import footprint
 from tst_megatron.planning.memory import MemorySettings
 from tst_megatron.settings import (
+    BatchConfig,
     DataConfig,
     KernelsConfig,
     ModelConfig,
     ParallelConfig,
     PrecisionConfig,
+    ReliabilityConfig,
     RunConfig,
 )
 from tst_megatron.targets import build_batch
 from tst_megatron.training import checkpointing as ckpt
 from tst_megatron.training import data_parallel, fault_injection, placement, precision
-from tst_megatron.training.arguments import requested_fusions
 from tst_megatron.training.faults import BadStepGuard, ExitRequests, TrainingStopped, check_step
 from tst_megatron.training.manual_gc import ManualGarbageCollection
 from tst_megatron.training.metrics import MetricsLogger
 from tst_megatron.training.model_builder import build_model, transformer_config
 from tst_megatron.training.moe_metrics import MoEStepMetrics
 from tst_megatron.training.optimizer import build_optimizer, build_scheduler, describe_kernels
-from tst_megatron.training.run_config import from_validated_args
 from tst_megatron.training.timers import StepTimers, attach_timers
 
 # Megatron-LM reports the measured memory after the second step, which includes the optimizer
@@ -78,45 +77,48 @@ from tst_megatron.training.timers import StepTimers, attach_timers
 MEASURE_MEMORY_AFTER_STEPS = 2
 
 
-def initialize_distributed(args: Namespace) -> None:
+def initialize_distributed(
+    parallel: ParallelConfig, batch: BatchConfig, reliability: ReliabilityConfig, seed: int
+) -> None:
     """Process group, model-parallel groups, seeds and the micro-batch calculator.
 
-    On CUDA, first this rank's device (`placement.set_cuda_device`; validation checked the
-    environment Megatron-LM requires, ``CUDA_DEVICE_MAX_CONNECTIONS``).
+    On CUDA, first this rank's device (`placement.set_cuda_device`; the entry point checked the
+    environment Megatron-LM requires, ``CUDA_DEVICE_MAX_CONNECTIONS``). Collectives time out
+    after ``--collective-timeout-s`` when given, else ``--distributed-timeout-minutes``.
     """
     if not torch.cuda.is_available():
         from tst_megatron.cpu.shim import install_cpu_shim
 
         install_cpu_shim()
     timeout = (
-        timedelta(seconds=args.collective_timeout_s)
-        if getattr(args, "collective_timeout_s", None)
-        else timedelta(minutes=args.distributed_timeout_minutes)
+        timedelta(seconds=reliability.collective_timeout_s)
+        if reliability.collective_timeout_s
+        else timedelta(minutes=parallel.distributed_timeout_minutes)
     )
     if not torch.distributed.is_initialized():
         if torch.cuda.is_available():
             placement.set_cuda_device()
-        torch.distributed.init_process_group(args.distributed_backend, timeout=timeout)
+        torch.distributed.init_process_group(parallel.distributed_backend, timeout=timeout)
     ps.initialize_model_parallel(
         # mcore's own groups (data, tensor, pipeline, ...) otherwise wait 30 minutes
         distributed_timeout_minutes=timeout.total_seconds() / 60,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
-        context_parallel_size=args.context_parallel_size,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
     )
-    seed = args.seed + 100 * ps.get_pipeline_model_parallel_rank()
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    rank_seed = seed + 100 * ps.get_pipeline_model_parallel_rank()
+    random.seed(rank_seed)
+    np.random.seed(rank_seed)
+    torch.manual_seed(rank_seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(rank_seed)
     init_num_microbatches_calculator(
         torch.distributed.get_rank(),
-        args.rampup_batch_size,
-        args.global_batch_size,
-        args.micro_batch_size,
+        list(batch.rampup_batch_size) if batch.rampup_batch_size else None,
+        batch.global_batch_size,
+        batch.micro_batch_size,
         ps.get_data_parallel_world_size(),
         decrease_batch_size_if_needed=False,
     )
@@ -448,71 +450,76 @@ def model_chunks(run: RunConfig) -> list[torch.nn.Module]:
 class Trainer:
     """State of one run: model chunks, optimizer, data stream, counters."""
 
-    def __init__(self, args: Namespace) -> None:
-        self.args = args
+    def __init__(
+        self,
+        settings: RunConfig,
+        checkpoints: ckpt.Checkpointer | None = None,
+        startup_notes: Sequence[str] = (),
+    ) -> None:
+        """``settings``: the run's (`run_config.resolve`), on an initialised process group
+        (`initialize_distributed`). ``checkpoints``: the job's `Checkpointer`, opened by the
+        entry point (default: one of this run's checkpoint settings, not opened: saves without
+        the ``--save`` lock). ``startup_notes``: what validation noticed, logged first."""
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        self.tokenizer, self.settings = training_tokenizer(from_validated_args(args))
-        args.padded_vocab_size = self.settings.model.padded_vocab_size  # read by modules on args
+        self.tokenizer, self.settings = training_tokenizer(settings)
+        run = self.settings
+        data = run.data
         self.documents = DocumentMasking(
-            self.tokenizer.eod, args.reset_position_ids, args.reset_attention_mask
+            self.tokenizer.eod, data.reset_position_ids, data.reset_attention_mask
         )
         self.step_layout = StepLayout(
-            seq_length=args.seq_length,
-            micro_batch_size=args.micro_batch_size,
+            seq_length=run.model.seq_length,
+            micro_batch_size=run.batch.micro_batch_size,
             dp_rank=ps.get_data_parallel_rank(),
             dp_size=ps.get_data_parallel_world_size(),
             eod=self.tokenizer.eod,
-            eod_mask_loss=args.eod_mask_loss,
+            eod_mask_loss=data.eod_mask_loss,
             documents=self.documents,
             pin_memory=self.device.type == "cuda",
         )
         self.stream = StepPrefetcher(
-            build_train_samples(
-                self.settings.data,
-                self.settings.schedule,
-                self.settings.batch,
-                self.settings.tst,
-                self.settings.model,
-                self.tokenizer,
-            ),
+            build_train_samples(data, run.schedule, run.batch, run.tst, run.model, self.tokenizer),
             self._host_microbatches,
-            args.num_workers,
+            data.num_workers,
         )
-        self.chunks = model_chunks(self.settings)
-        self.optimizer = build_optimizer(args, self.chunks)
+        self.chunks = model_chunks(run)
+        self.optimizer = build_optimizer(
+            run.optimizer, run.schedule, run.precision, run.parallel, self.chunks
+        )
         precision.attach_loss_scale(self.chunks, self.optimizer)
-        self.scheduler = build_scheduler(args, self.optimizer)
-        self.phase1_iters = args.tst.phase1_iterations(args.train_iters)
+        self.scheduler = build_scheduler(run.optimizer, run.schedule, run.batch, self.optimizer)
+        self.checkpoints = checkpoints or ckpt.Checkpointer(run.checkpoint)
+        self.phase1_iters = run.tst.phase1_iterations(run.schedule.train_iters)
         self.progress = ckpt.TrainingProgress(0, 0, 1 if self.phase1_iters else 2, {})
-        self.guard = BadStepGuard(args.max_bad_steps)
-        self.exits = ExitRequests(self.settings.reliability)
+        self.guard = BadStepGuard(run.reliability.max_bad_steps)
+        self.exits = ExitRequests(run.reliability)
         self.metrics = MetricsLogger(
-            self.settings.logging,
-            self.settings.model,
-            self.settings.schedule,
-            self.settings.precision,
+            run.logging,
+            run.model,
+            run.schedule,
+            run.precision,
             self.phase1_iters,
-            wandb_config=vars(args) | {"tst": str(args.tst)},
+            wandb_config=run.to_dict(),
         )
-        self._valid = None
-        self.timers = StepTimers(self.settings.logging)
+        self._valid: list[dict] | None = None
+        self.timers = StepTimers(run.logging)
         attach_timers(self.timers, get_model_config(self.chunks[0]), self.optimizer)
         self.metrics.attach_timers(self.timers)
-        self.moe = MoEStepMetrics(self.settings.model, self.chunks) if args.num_experts else None
-        self.gc = ManualGarbageCollection(self.settings.reliability)
-        if args.manual_gc:
+        self.moe = MoEStepMetrics(run.model, self.chunks) if run.model.moe else None
+        self.gc = ManualGarbageCollection(run.reliability)
+        if run.reliability.manual_gc:
             self.metrics.print(self.gc.describe())
-        for note in args.startup_notes:
+        for note in startup_notes:
             self.metrics.print(note)
         self.metrics.print(
-            f"transformer impl: {args.transformer_impl}; optimizer kernel: "
+            f"transformer impl: {run.kernels.transformer_impl}; optimizer kernel: "
             f"{describe_kernels(self.optimizer)} (Megatron-Core uses Transformer Engine or apex "
             "fused Adam when installed, torch otherwise)"
         )
 
     # --- phases -------------------------------------------------------------------------
     def phase_spec(self, phase: int) -> PhaseSpec:
-        return self.args.tst.phase_spec(phase)
+        return self.settings.tst.phase_spec(phase)
 
     def set_phase(self, phase: int) -> None:
         self.progress.phase = phase
@@ -521,56 +528,64 @@ class Trainer:
 
     def last_iteration(self) -> int:
         """Where this invocation stops: end of phase 1 for ``--tst-phase 1``."""
-        if self.args.tst_phase == "1":
+        if self.settings.schedule.tst_phase == "1":
             return self.phase1_iters
-        return self.args.train_iters
+        return self.settings.schedule.train_iters
 
     # --- checkpoints --------------------------------------------------------------------
     def maybe_load(self) -> None:
-        args = self.args
-        if not args.load:
-            if args.tst_phase == "2":
+        checkpoint = self.settings.checkpoint
+        if not checkpoint.load:
+            if self.settings.schedule.tst_phase == "2":
                 raise ckpt.CheckpointError("--tst-phase 2 needs --load of a phase-1 checkpoint")
             return
-        path = ckpt.find_checkpoint(args.load)
+        path = ckpt.find_checkpoint(checkpoint.load)
         if path is None:
-            if args.allow_fresh_start:
-                self.metrics.print(f"no checkpoint under --load {args.load}; starting fresh")
+            if checkpoint.allow_fresh_start:
+                self.metrics.print(f"no checkpoint under --load {checkpoint.load}; starting fresh")
                 return
             raise ckpt.CheckpointError(
-                f"--load {args.load}: no checkpoint found (no {ckpt.TRACKER} and no "
+                f"--load {checkpoint.load}: no checkpoint found (no {ckpt.TRACKER} and no "
                 f"{ckpt.META}); pass --allow-fresh-start to start from scratch"
             )
         meta = ckpt.read_checkpoint_meta(path)
-        for note in ckpt.check_compatible(args, meta, path):
+        run = ckpt.CheckpointedRun.of(self.settings)
+        for note in ckpt.check_compatible(run, checkpoint, meta, path):
             self.metrics.print(f"note: {note}")
-        same_layout = meta["layout"] == ckpt.layout(args)
+        same_layout = meta["layout"] == ckpt.layout(self.settings.parallel)
         self.timers("load-checkpoint", log_level=0).start(barrier=True)
         self.progress = ckpt.load_checkpoint(
-            args, self.chunks, self.optimizer, self.scheduler, path, load_rng=same_layout
+            run, checkpoint, self.chunks, self.optimizer, self.scheduler, path, same_layout
         )
         self.timers("load-checkpoint").stop(barrier=True)
         self.metrics.checkpoint_time(self.progress.iteration, "load-checkpoint")
         if self.progress.data_state:
             self.stream.load_state(self.progress.data_state)
         optimizer = ""
-        if args.use_distributed_optimizer and not (args.no_load_optim or args.finetune):
+        loads_optimizer = not (checkpoint.no_load_optim or checkpoint.finetune)
+        if self.settings.parallel.use_distributed_optimizer and loads_optimizer:
             optimizer = f", optimizer state {meta.get('optimizer_format', 'fully_reshardable')}"
         self.metrics.print(loaded_line(path, self.progress, same_layout, optimizer))
 
     def save(self, async_save: bool = False) -> None:
         """Save now (``async_save``: write in the background, publish in `finalize_saves`)."""
-        if not self.args.save:
+        save = self.settings.checkpoint.save
+        if not save:
             return
         self.progress.data_state = self.stream.state.as_dict()
         start = time.time()
         self.timers("save-checkpoint", log_level=0).start(barrier=True)
-        overlapped = self.args.overlap_param_gather
+        overlapped = self.settings.parallel.overlap_param_gather
         if overlapped:  # finish the pending all-gather of updated params before writing them
             for chunk in self.chunks:
                 chunk.disable_forward_pre_hook(param_sync=True)
-        path = ckpt.save_checkpoint(
-            self.args, self.chunks, self.optimizer, self.scheduler, self.progress, async_save
+        path = self.checkpoints.save(
+            ckpt.CheckpointedRun.of(self.settings),
+            self.chunks,
+            self.optimizer,
+            self.scheduler,
+            self.progress,
+            async_save,
         )
         if overlapped:
             for chunk in self.chunks:
@@ -578,7 +593,7 @@ class Trainer:
         self.timers("save-checkpoint").stop(barrier=True)
         if path is None:
             self.metrics.print(
-                f"checkpoint {ckpt.iteration_dir(self.args.save, self.progress.iteration)} of "
+                f"checkpoint {ckpt.iteration_dir(save, self.progress.iteration)} of "
                 f"iteration {self.progress.iteration} is published and intact: not saved again "
                 "(a published checkpoint is never rewritten)"
             )
@@ -588,15 +603,15 @@ class Trainer:
             f"{done} checkpoint {path} at iteration {self.progress.iteration} "
             f"({time.time() - start:.1f}s)"
         )
-        for note in ckpt.pop_notes():
+        for note in self.checkpoints.pop_notes():
             self.metrics.print(f"note: {note}")
         self.metrics.checkpoint_time(self.progress.iteration, "save-checkpoint")
 
     def finalize_saves(self, blocking: bool) -> None:
         """Publish the async saves every rank finished writing (all when ``blocking``)."""
-        for path in ckpt.finalize_async_saves(blocking):
+        for path in self.checkpoints.finalize_async_saves(blocking):
             self.metrics.print(f"saved checkpoint {path} (async save published)")
-        for note in ckpt.pop_notes():
+        for note in self.checkpoints.pop_notes():
             self.metrics.print(f"note: {note}")
 
     # --- data ---------------------------------------------------------------------------
@@ -618,10 +633,14 @@ class Trainer:
 
     def _upcoming_requests(self, request: StepRequest) -> list[StepRequest]:
         """What the next ``--num-workers`` steps will ask for (the schedule's phases)."""
-        args, after = self.args, self.progress.iteration + 1
+        schedule, after = self.settings.schedule, self.progress.iteration + 1
         upcoming = []
         for completed in range(after, min(after + self.stream.depth, self.last_iteration())):
-            phase = 2 if args.tst_phase == "2" else args.tst.phase_at(completed, args.train_iters)
+            phase = (
+                2
+                if schedule.tst_phase == "2"
+                else self.settings.tst.phase_at(completed, schedule.train_iters)
+            )
             upcoming.append(StepRequest(self.phase_spec(phase), request.num_microbatches))
         return upcoming
 
@@ -644,16 +663,16 @@ class Trainer:
         self.timers("batch-generator", log_level=1).start()
         batches = self._microbatches(spec)
         self.timers("batch-generator").stop()
-        args = self.args
+        run = self.settings
         outputs = run_schedule(
-            self.chunks, batches, False, args.seq_length, args.micro_batch_size,
-            args.context_parallel_size, step_func, spec,
+            self.chunks, batches, False, run.model.seq_length, run.batch.micro_batch_size,
+            run.parallel.context_parallel_size, step_func, spec,
         )  # fmt: skip
         health = check_step(outputs, self.chunks)
-        fp16 = self.args.fp16
+        fp16 = run.precision.params_dtype == "fp16"
         scale = precision.current_loss_scale(self.optimizer) if fp16 else None
         bad = health.is_bad(loss_scaling=fp16)
-        self.timers("optimizer", log_level=1).start(barrier=self.args.barrier_with_L1_time)
+        self.timers("optimizer", log_level=1).start(barrier=run.logging.barrier_with_L1_time)
         if bad:
             updated, grad_norm = False, float("nan")
         else:  # fp16: the optimizer skips an overflow step itself and lowers the loss scale
@@ -664,7 +683,7 @@ class Trainer:
         if updated:
             self.scheduler.step(increment=gbs)
         # an overflow at the minimum loss scale cannot be scaled away: a bad step too
-        self.guard.record(bad or (overflow and scale <= self.args.min_loss_scale), iteration)
+        self.guard.record(bad or (overflow and scale <= run.precision.min_loss_scale), iteration)
         return {
             "loss": health.loss,
             "loss_kl": health.loss - health.target_entropy,
@@ -680,11 +699,10 @@ class Trainer:
 
     def evaluate(self) -> float | None:
         """Standard next-token validation loss (comparable across phases and baselines)."""
-        args = self.args
-        if not args.eval_iters:
+        run = self.settings
+        if not run.logging.eval_iters:
             return None
         if self._valid is None:
-            run = self.settings
             self._valid = validation_microbatches(
                 run.data, run.schedule.seed, run.model.seq_length, run.batch.micro_batch_size,
                 run.logging.eval_iters, self.tokenizer, self.documents, self.device,
@@ -695,8 +713,8 @@ class Trainer:
         config.timers = None  # like Megatron-LM: evaluation stays out of the step timers
         with self.gc.evaluation():
             loss = validation_loss(
-                self.chunks, self._valid, args.seq_length, args.micro_batch_size,
-                args.context_parallel_size,
+                self.chunks, self._valid, run.model.seq_length, run.batch.micro_batch_size,
+                run.parallel.context_parallel_size,
             )  # fmt: skip
         config.timers = self.timers.timers
         self.set_phase(self.progress.phase)
@@ -707,11 +725,9 @@ class Trainer:
         """Log the planner's memory estimate per GPU of every pipeline stage for this run
         (Megatron-LM's "theoretical memory footprints"; a collective: every rank calls it)."""
         run = self.settings
-        # the GPU's fusions (the fused SwiGLU keeps less), also where this host runs none
-        kernels = dataclasses.replace(run.kernels, fusions=requested_fusions(self.args))
         memory = MemorySettings(model=run.model, parallel=run.parallel, recompute=run.recompute,
                                 precision=run.precision, optimizer=run.optimizer,
-                                batch=run.batch, kernels=kernels, tst=run.tst)  # fmt: skip
+                                batch=run.batch, kernels=run.kernels, tst=run.tst)  # fmt: skip
         models = [unwrap(chunk) for chunk in self.chunks]
         self.footprint = footprint.run_footprint(memory, run.schedule, models,
                                                  run.num_microbatches)  # fmt: skip
@@ -732,13 +748,14 @@ class Trainer:
 
     # --- the loop -----------------------------------------------------------------------
     def train(self) -> dict:
-        args = self.args
+        run = self.settings
+        checkpoint, schedule = run.checkpoint, run.schedule
         self.maybe_load()
         self.log_memory_estimate()
         # The schedule, not the checkpoint, decides the phase: an imported or --finetune
         # checkpoint at iteration 0 starts with TST phase 1 when it is configured.
-        scheduled = args.tst.phase_at(self.progress.iteration, args.train_iters)
-        if args.tst_phase == "2":
+        scheduled = run.tst.phase_at(self.progress.iteration, schedule.train_iters)
+        if schedule.tst_phase == "2":
             scheduled = 2
         if self.progress.phase == 1 and scheduled == 2:  # also a boundary moved before it
             self.metrics.phase_boundary(self.progress.iteration, self.stream.state)
@@ -780,13 +797,14 @@ class Trainer:
             if self.guard.should_stop():
                 raise TrainingStopped(self.guard.stop_message())
             at_end = self.progress.iteration == stop_at
-            if not at_end and self.progress.iteration % args.eval_interval == 0:
+            if not at_end and self.progress.iteration % run.logging.eval_interval == 0:
                 self.metrics.validation(self.progress.iteration, self.evaluate())
-            if args.async_save:
+            if checkpoint.async_save:
                 self.finalize_saves(blocking=False)
             saved = False
-            if args.save_interval and self.progress.iteration % args.save_interval == 0:
-                self.save(async_save=args.async_save and not at_end)
+            interval = checkpoint.save_interval
+            if interval and self.progress.iteration % interval == 0:
+                self.save(async_save=checkpoint.async_save and not at_end)
                 saved = True
             reason = self.exits.check(self.progress.iteration, self.metrics.start_time)
             if reason:
@@ -797,7 +815,8 @@ class Trainer:
                 final["exit_reason"] = reason
                 return final
         self.finalize_saves(blocking=True)
-        if args.save and (not args.save_interval or self.progress.iteration % args.save_interval):
+        interval = checkpoint.save_interval
+        if checkpoint.save and (not interval or self.progress.iteration % interval):
             self.save()
         valid = self.evaluate()
         self.metrics.validation(self.progress.iteration, valid, final=True)

@@ -1,4 +1,5 @@
-"""Megatron-Core optimizer + LR scheduler from args, with the torch-AdamW fallback fixed.
+"""Megatron-Core optimizer + LR scheduler of the run's sections, with the torch-AdamW fallback
+fixed.
 
 Without apex/Transformer Engine, `get_megatron_optimizer` falls back to `torch.optim.AdamW`,
 and three mcore 0.16.1 paths then break checkpointing (found on CPU, and they bite on GPUs
@@ -20,69 +21,87 @@ without apex/TE too):
 
 from __future__ import annotations
 
-from argparse import Namespace
 from functools import partial
 
 import torch
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from tst_megatron.settings import (
+    BatchConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    ScheduleConfig,
+)
 
-def optimizer_config_from_args(args: Namespace) -> OptimizerConfig:
-    return OptimizerConfig(
-        optimizer=args.optimizer,
-        lr=args.lr,
-        min_lr=args.min_lr,
-        weight_decay=args.weight_decay,
-        adam_beta1=args.adam_beta1,
-        adam_beta2=args.adam_beta2,
-        adam_eps=args.adam_eps,
-        clip_grad=args.clip_grad,
-        bf16=args.bf16,
-        fp16=args.fp16,
-        params_dtype=args.params_dtype,
-        loss_scale=args.loss_scale,
-        initial_loss_scale=args.initial_loss_scale,
-        min_loss_scale=args.min_loss_scale,
-        loss_scale_window=args.loss_scale_window,
-        hysteresis=args.hysteresis,
-        use_distributed_optimizer=args.use_distributed_optimizer,
+
+def megatron_optimizer_config(
+    optimizer: OptimizerConfig,
+    schedule: ScheduleConfig,
+    precision: PrecisionConfig,
+    parallel: ParallelConfig,
+) -> MegatronOptimizerConfig:
+    """Megatron-Core's `OptimizerConfig` of the run's sections."""
+    return MegatronOptimizerConfig(
+        optimizer=optimizer.optimizer,
+        lr=schedule.lr,
+        min_lr=schedule.min_lr,
+        weight_decay=optimizer.weight_decay,
+        adam_beta1=optimizer.adam_beta1,
+        adam_beta2=optimizer.adam_beta2,
+        adam_eps=optimizer.adam_eps,
+        clip_grad=optimizer.clip_grad,
+        bf16=precision.params_dtype == "bf16",
+        fp16=precision.params_dtype == "fp16",
+        params_dtype=precision.torch_dtype,
+        loss_scale=precision.loss_scale,
+        initial_loss_scale=precision.initial_loss_scale,
+        min_loss_scale=precision.min_loss_scale,
+        loss_scale_window=precision.loss_scale_window,
+        hysteresis=precision.hysteresis,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
 
 
-def build_optimizer(args: Namespace, model_chunks: list):
+def build_optimizer(
+    optimizer: OptimizerConfig,
+    schedule: ScheduleConfig,
+    precision: PrecisionConfig,
+    parallel: ParallelConfig,
+    model_chunks: list,
+):
     """`get_megatron_optimizer` (ZeRO-1 with ``--use-distributed-optimizer``) + fixes."""
-    optimizer = get_megatron_optimizer(optimizer_config_from_args(args), model_chunks)
-    for inner in _inner_optimizers(optimizer):
+    config = megatron_optimizer_config(optimizer, schedule, precision, parallel)
+    megatron_optimizer = get_megatron_optimizer(config, model_chunks)
+    for inner in _inner_optimizers(megatron_optimizer):
         fix_torch_adam_state(inner)
-    return optimizer
+    return megatron_optimizer
 
 
-def build_scheduler(args: Namespace, optimizer) -> OptimizerParamScheduler:
-    """Megatron's LR/WD schedule in units of samples, like Megatron-LM's training loop."""
-    gbs = args.global_batch_size
-    decay_iters = args.lr_decay_iters or args.train_iters
-    warmup_iters = args.lr_warmup_iters
-    if getattr(args, "lr_warmup_fraction", None):
-        warmup_iters = int(args.lr_warmup_fraction * decay_iters)
-    wd = args.weight_decay
+def build_scheduler(
+    optimizer: OptimizerConfig, schedule: ScheduleConfig, batch: BatchConfig, megatron_optimizer
+) -> OptimizerParamScheduler:
+    """Megatron's LR/WD schedule of ``megatron_optimizer`` in units of samples, like
+    Megatron-LM's training loop (``schedule``'s warm-up and decay are resolved iterations)."""
+    gbs = batch.global_batch_size
+    wsd = schedule.lr_decay_style == "WSD"
     return OptimizerParamScheduler(
-        optimizer,
-        init_lr=getattr(args, "lr_warmup_init", 0.0) or 0.0,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
-        lr_warmup_steps=warmup_iters * gbs,
-        lr_decay_steps=decay_iters * gbs,
-        lr_decay_style=args.lr_decay_style,
-        start_wd=getattr(args, "start_weight_decay", None) or wd,
-        end_wd=getattr(args, "end_weight_decay", None) or wd,
-        wd_incr_steps=args.train_iters * gbs,
-        wd_incr_style=getattr(args, "weight_decay_incr_style", None) or "constant",
-        wsd_decay_steps=(args.lr_wsd_decay_iters or 0) * gbs
-        if args.lr_decay_style == "WSD"
-        else None,
-        lr_wsd_decay_style=args.lr_wsd_decay_style,
+        megatron_optimizer,
+        init_lr=schedule.lr_warmup_init,
+        max_lr=schedule.lr,
+        min_lr=schedule.min_lr,
+        lr_warmup_steps=schedule.lr_warmup_iters * gbs,
+        lr_decay_steps=schedule.lr_decay_iters * gbs,
+        lr_decay_style=schedule.lr_decay_style,
+        start_wd=optimizer.start_weight_decay,
+        end_wd=optimizer.end_weight_decay,
+        wd_incr_steps=schedule.train_iters * gbs,
+        wd_incr_style=optimizer.weight_decay_incr_style,
+        wsd_decay_steps=(schedule.lr_wsd_decay_iters or 0) * gbs if wsd else None,
+        lr_wsd_decay_style=schedule.lr_wsd_decay_style,
     )
 
 
