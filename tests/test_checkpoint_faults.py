@@ -230,12 +230,13 @@ def test_checkpoint_exception_of_torch_dcp_is_one_error_line(reference, tmp):
 def conversion_load_error(path: str) -> str:
     """`megatron_io.load_model` of ``path`` in one process: the ConversionError's message."""
     from tst_megatron.conversion import ConversionError
-    from tst_megatron.conversion.megatron_io import load_model, single_process_args
+    from tst_megatron.conversion.megatron_io import load_model
+    from tst_megatron.training.tool_flags import single_process_settings
 
     flags = [*MODEL, "--vocab-size", "512", "--tokenizer-type", "NullTokenizer"]
-    args, _ = single_process_args(parse_args(flags))
+    run, _ = single_process_settings(parse_args(flags))
     try:
-        load_model(args, path)
+        load_model(run, path)
     except ConversionError as err:
         return str(err)
     return "loaded"

@@ -114,12 +114,13 @@ def megatron_outputs(
 ) -> dict:
     """Logits ``[b, n, V]`` on ``tokens``, greedy continuation of ``prompt``, and the mean
     next-token loss on ``windows`` over the padded vocabulary (as the trainer computes it)."""
-    from tst_megatron.conversion.megatron_io import find_checkpoint, load_model, single_process_args
+    from tst_megatron.conversion.megatron_io import find_checkpoint, load_model
     from tst_megatron.training.arguments import parse_args
+    from tst_megatron.training.tool_flags import single_process_settings
 
-    args, _ = single_process_args(parse_args(flags))
-    model = load_model(args, find_checkpoint(load)[0]).eval()
-    vocab = args.vocab_size
+    run, _ = single_process_settings(parse_args(flags))
+    model = load_model(run, find_checkpoint(load)[0]).eval()
+    vocab = run.model.vocab_size
     out = {}
     with torch.no_grad():
         out["logits"] = _logits(model, tokens)[..., :vocab]
@@ -400,16 +401,15 @@ def test_corrupted_checkpoint_is_refused(trained, capsys, tmp_path):
 
 def _fake_checkpoint(root: Path, flags: list[str], iteration: int = 5) -> Path:
     """A published-looking checkpoint whose metadata describes ``flags`` (no weights)."""
-    from tst_megatron.conversion.megatron_io import single_process_args
     from tst_megatron.training.arguments import parse_args
     from tst_megatron.training.checkpointing import model_shape
-    from tst_megatron.training.run_config import model_config
+    from tst_megatron.training.tool_flags import single_process_settings
 
-    args, _ = single_process_args(parse_args(flags))
+    run, _ = single_process_settings(parse_args(flags))
     path = root / f"iter_{iteration:07d}"
     path.mkdir(parents=True)
     meta = {"iteration": iteration, "tst": {"phase": 2, "bag_size": 4, "mode": "full"},
-            "model": model_shape(model_config(args)), "layout": {}}  # fmt: skip
+            "model": model_shape(run.model), "layout": {}}  # fmt: skip
     (path / "tst_checkpoint.json").write_text(json.dumps(meta))
     (root / "latest_checkpointed_iteration.txt").write_text(str(iteration))
     return root

@@ -49,7 +49,7 @@ import yaml  # noqa: E402
 
 from tst_megatron.conversion import ConversionError  # noqa: E402
 from tst_megatron.data.tokenizer import TokenizerError  # noqa: E402
-from tst_megatron.settings import DataConfig  # noqa: E402
+from tst_megatron.settings import DataConfig, SettingsError  # noqa: E402
 from tst_megatron.training.arguments import ConfigError, build_parser  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -98,20 +98,21 @@ def mcore_to_hf(argv: list[str]) -> str:
     """Run the mcore-to-hf direction; returns the output directory."""
     from tst_megatron.conversion.hf_config import hf_config
     from tst_megatron.conversion.megatron_io import (
-        apply_checkpoint_settings,
         check_model_shape,
         find_checkpoint,
         load_model,
-        parse_run_args,
-        single_process_args,
         stored_dtype,
     )
     from tst_megatron.conversion.safetensors_io import parse_size, save_weights
     from tst_megatron.conversion.spec import architecture, convertible_model
     from tst_megatron.conversion.weights import mcore_to_hf as convert
-    from tst_megatron.settings import Environment
+    from tst_megatron.training.checkpoint_files import CheckpointError
     from tst_megatron.training.model_builder import single_process_parallel_state
-    from tst_megatron.training.run_config import from_validated_args
+    from tst_megatron.training.tool_flags import (
+        apply_recorded_settings,
+        parse_run_args,
+        single_process_settings,
+    )
 
     run_args = parse_run_args(mcore_to_hf_parser(), argv)
     if run_args.load is None:
@@ -121,7 +122,10 @@ def mcore_to_hf(argv: list[str]) -> str:
         raise ConversionError(f"--hf-dir {out} is not empty; give a new or empty directory")
     max_shard = parse_size(run_args.max_shard_size)
     path, meta = find_checkpoint(run_args.load)
-    apply_checkpoint_settings(run_args, path, meta)
+    try:  # the record's model and tokenizer settings, for the flags not given
+        apply_recorded_settings(run_args, run_args.given_settings, meta, path)
+    except CheckpointError as err:
+        raise ConversionError(str(err)) from None
     tst = meta["tst"]
     if tst["phase"] == 1 and not run_args.allow_phase1:
         raise ConversionError(
@@ -133,14 +137,13 @@ def mcore_to_hf(argv: list[str]) -> str:
         )
     if run_args.tokenizer_model and run_args.tokenizer_type is None:
         run_args.tokenizer_type = "HuggingFaceTokenizer"
-    args, tokenizer = single_process_args(run_args)
-    args.padded_vocab_size = meta["model"]["padded_vocab_size"]
-    settings = from_validated_args(args, Environment.cpu())
+    settings, tokenizer = single_process_settings(run_args)
+    settings = settings.with_padded_vocab_size(meta["model"]["padded_vocab_size"])
     check_model_shape(settings.model, meta, path)
     model = convertible_model(settings.model, settings.model.vocab_size or tokenizer.vocab_size)
     dtype = stored_dtype(path) if run_args.dtype == "auto" else DTYPES[run_args.dtype]
     with single_process_parallel_state():
-        state = load_model(args, path).state_dict()
+        state = load_model(settings, path).state_dict()
     tensors = convert(state, model)
     dtype_name = str(dtype).removeprefix("torch.")
     eos = None if settings.data.tokenizer_type == "NullTokenizer" else tokenizer.eod
@@ -257,11 +260,12 @@ def hf_to_mcore_parser() -> argparse.ArgumentParser:
 def hf_to_mcore(argv: list[str]) -> str:
     """Run the hf-to-mcore direction; returns the iteration directory written."""
     from tst_megatron.conversion.hf_config import model_from_hf_config
-    from tst_megatron.conversion.megatron_io import save_model_checkpoint, single_process_args
+    from tst_megatron.conversion.megatron_io import save_model_checkpoint
     from tst_megatron.conversion.safetensors_io import load_weights
     from tst_megatron.conversion.spec import architecture, model_settings
     from tst_megatron.conversion.weights import hf_to_mcore as convert
     from tst_megatron.training.checkpointing import TRACKER
+    from tst_megatron.training.tool_flags import single_process_settings
 
     options = hf_to_mcore_parser().parse_args(argv)
     if os.path.exists(os.path.join(options.save, TRACKER)):
@@ -288,16 +292,17 @@ def hf_to_mcore(argv: list[str]) -> str:
             "--make-vocab-size-divisible-by", str(options.make_vocab_size_divisible_by),
         ]
     )  # fmt: skip
-    args, _ = single_process_args(run_args)
-    state = convert(load_weights(options.hf_dir), model, args.padded_vocab_size)
-    path = save_model_checkpoint(args, state, options.save)
+    run, _ = single_process_settings(run_args)
+    padded_vocab_size = run.model.padded_vocab_size
+    state = convert(load_weights(options.hf_dir), model, padded_vocab_size)
+    path = save_model_checkpoint(run, state, options.save)
     model_yaml = os.path.join(options.save, "model.yaml")
     with open(model_yaml, "w") as f:
         f.write(f"# model settings of {architecture(model)} {options.hf_dir}\n")
         yaml.safe_dump(settings, f, sort_keys=False)
     print(
         f"converted {options.hf_dir} ({architecture(model)}) to {path} (phase 2, vocabulary "
-        f"{model.vocab_size} padded to {args.padded_vocab_size} for TP "
+        f"{model.vocab_size} padded to {padded_vocab_size} for TP "
         f"{options.tensor_model_parallel_size}); continue with: pretrain_tst.py "
         f"--yaml-config {model_yaml} --load {options.save} --finetune ...   (model settings: "
         + ", ".join(f"{key}: {value}" for key, value in settings.items())
@@ -326,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module="megatron")
     try:
         DIRECTIONS[argv[0]](argv[1:])
-    except ConfigError as err:
+    except (ConfigError, SettingsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (ConversionError, TokenizerError) as err:

@@ -48,7 +48,7 @@ PLACEHOLDERS = {"train_iters": 1, "lr": 0.0}
 
 def parse(argv: list[str] | None):
     """The flags plus ``--json`` (not validated: the checkpoint's record may add settings)."""
-    from tst_megatron.conversion.megatron_io import parse_run_args
+    from tst_megatron.training.tool_flags import parse_run_args
 
     parser = build_parser()
     parser.prog = "evaluate.py"
@@ -111,7 +111,7 @@ def checkpoint_of(args) -> str:
         find_checkpoint,
         read_checkpoint_meta,
     )
-    from tst_megatron.training.recorded_flags import apply_recorded_settings
+    from tst_megatron.training.tool_flags import apply_recorded_settings
 
     path = find_checkpoint(args.load)
     if path is None:

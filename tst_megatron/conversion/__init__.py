@@ -12,8 +12,9 @@ One concern per module:
 * `hf_qwen3_moe`: parameter names and layouts of the Qwen3-MoE router and experts.
 * `weights`: whole-model state dicts, Megatron (TP=PP=1) <-> Hugging Face.
 * `safetensors_io`: reading and writing (sharded) ``model*.safetensors``.
-* `megatron_io`: run flags -> single-process arguments, loading a checkpoint saved at any
-  layout into one process, and saving a state dict as a checkpoint ``pretrain_tst.py`` loads.
+* `megatron_io`: loading a checkpoint saved at any layout into one process, and saving a state
+  dict as a checkpoint ``pretrain_tst.py`` loads, for the single-process settings
+  (`training.tool_flags.single_process_settings`: the run's flags, completed from the record).
 """
 
 

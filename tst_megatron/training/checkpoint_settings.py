@@ -18,7 +18,7 @@ restarts with this run's settings; torch restores the saved betas and epsilon ot
 and Megatron-LM's ``--override-opt_param-scheduler`` (this run's schedule) or
 ``--use-checkpoint-opt_param-scheduler`` (the checkpoint's) for the schedule. The tools take
 the model and data settings they are not given from the record, as Megatron-LM's
-``--use-checkpoint-args``, and refuse given ones that differ (`recorded_flags`).
+``--use-checkpoint-args``, and refuse given ones that differ (`tool_flags`).
 Checkpoints without the record load with the flags as before.
 """
 
