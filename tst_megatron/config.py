@@ -51,7 +51,7 @@ def _check_bag_weighting(
     bag_size: int, mode: str, weighting: str, explicit: tuple[float, ...] | None
 ) -> None:
     """The bag-loss weighting checks (``--tst-bag-weighting`` / ``--tst-bag-weights``), the
-    one copy: `TSTConfig` runs them (``validate_args`` reports them as it builds ``args.tst``).
+    one copy: `TSTConfig` runs them (``validate_args`` reports them as it builds the TST section).
 
     Raises:
         TSTConfigError: an unknown weighting; a weighting or weights without TST
