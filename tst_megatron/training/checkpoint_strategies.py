@@ -52,8 +52,9 @@ from tst_megatron.training.checkpoint_worker import PersistentCheckpointWorker
 DP_RESHARDABLE = "dp_reshardable"
 FULLY_RESHARDABLE = "fully_reshardable"
 
+# Megatron-Core keeps its writer-results queue in a module global for the process's life; this
+# is the manager that serves it (`shield_checkpoint_writer`), kept as long as the queue is.
 _manager: SyncManager | None = None
-_save_strategy: tuple | None = None  # (data-parallel group, fully parallel, strategy)
 
 
 def optimizer_format(fully_reshardable: bool) -> str:
@@ -67,21 +68,15 @@ def sharded_state_dict_metadata(sharding_type: str) -> dict:
     return {"distrib_optim_sharding_type": sharding_type}
 
 
-def save_strategy(parallel: bool):
-    """torch_dist saving, fully parallel over the data-parallel group unless turned off
-    (``parallel``: ``--ckpt-fully-parallel-save``).
+def save_strategy(group, parallel: bool):
+    """torch_dist saving, fully parallel over the data-parallel ``group`` (with context
+    parallelism) unless turned off (``parallel``: ``--ckpt-fully-parallel-save``).
 
-    Built once per process and parallel state (kept for later saves, as Megatron-LM keeps it
-    in its ``checkpointing_context``).
+    The `Checkpointer` builds it once per parallel state and keeps it for later saves, as
+    Megatron-LM keeps it in its ``checkpointing_context``.
     """
-    global _save_strategy
-    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    if _save_strategy is None or _save_strategy[:2] != (group, parallel):
-        strategy = get_default_save_sharded_strategy("torch_dist")
-        if parallel:
-            strategy = FullyParallelSaveStrategyWrapper(strategy, group)
-        _save_strategy = (group, parallel, strategy)
-    return _save_strategy[2]
+    strategy = get_default_save_sharded_strategy("torch_dist")
+    return FullyParallelSaveStrategyWrapper(strategy, group) if parallel else strategy
 
 
 def load_strategy(path: str, parallel: bool):
@@ -168,20 +163,17 @@ def shield_checkpoint_writer() -> None:
     filesystem_async._results_queue = _manager.Queue()
 
 
-_deferred: list[OSError] = []
-
-
-def _deferring(write: Callable) -> Callable:
+def _deferring(write: Callable, errors: list[Exception]) -> Callable:
     @wraps(write)
     def deferred(*args, **kwargs):
         try:
             return write(*args, **kwargs)
         except OSError as err:  # RuntimeError("... file write failed") from torch.save too
-            _deferred.append(err)
+            errors.append(err)
         except RuntimeError as err:
             if "write" not in str(err).lower():
                 raise
-            _deferred.append(err)
+            errors.append(err)
 
     return deferred
 
@@ -198,11 +190,11 @@ def deferred_rank0_write_errors() -> Iterator[list]:
     """
     patched = rank0_checkpoint_writers()
     originals = [getattr(owner, name) for owner, name in patched]
+    errors: list[Exception] = []
     for (owner, name), original in zip(patched, originals, strict=True):
-        setattr(owner, name, _deferring(original))
-    _deferred.clear()
+        setattr(owner, name, _deferring(original, errors))
     try:
-        yield _deferred
+        yield errors
     finally:
         for (owner, name), original in zip(patched, originals, strict=True):
             setattr(owner, name, original)

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state
 from torch.distributed.checkpoint.api import CheckpointException
 
 from tst_megatron.config import RESUME_SETTINGS, TSTConfig
@@ -284,6 +284,16 @@ class Checkpointer:
     _async_saves: AsyncSaves | None = field(default=None, init=False)
     _published: list[str] = field(default_factory=list, init=False)
     _notes: list[str] = field(default_factory=list, init=False)
+    _save_strategy: tuple | None = field(default=None, init=False)  # (group, parallel, strategy)
+
+    def _strategy(self):
+        """The save strategy (`checkpoint_strategies.save_strategy`), built once per
+        data-parallel group and ``--ckpt-fully-parallel-save``."""
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        parallel = self.config.ckpt_fully_parallel_save
+        if self._save_strategy is None or self._save_strategy[:2] != (group, parallel):
+            self._save_strategy = (group, parallel, save_strategy(group, parallel))
+        return self._save_strategy[2]
 
     def open(self) -> str | None:
         """At start-up, before any expensive work: ``--save`` is writable and this job's alone.
@@ -391,7 +401,7 @@ class Checkpointer:
                 request = dist_checkpointing.save(
                     state,
                     pending.staging,
-                    save_strategy(self.config.ckpt_fully_parallel_save),
+                    self._strategy(),
                     async_sharded_save=async_save,
                     content_metadata=sharded_state_dict_metadata(pending.sharding_type),
                     **async_save_kwargs(),
