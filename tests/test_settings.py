@@ -25,8 +25,8 @@ import yaml
 
 from tst_megatron.kernels import KernelAvailability
 from tst_megatron.settings import Environment, ReliabilityConfig, RunConfig, SettingsError
-from tst_megatron.training.arguments import parse_args, validate_args
-from tst_megatron.training.run_config import from_validated_args, resolve
+from tst_megatron.training.arguments import parse_args
+from tst_megatron.training.run_config import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "golden" / "settings"
@@ -182,14 +182,6 @@ def test_what_the_environment_cannot_run_is_refused():
     assert no_te.default_transformer_impl == "local" and no_te.default_backend == "nccl"
     with pytest.raises(ValueError, match="unknown GPU model 'v100'; known: a100, b200"):
         Environment.gpu("v100")
-
-
-def test_the_trainer_path_equals_the_entry_point_path():
-    """`from_validated_args` (the trainer's, on this machine) = `resolve` for this machine."""
-    env = Environment.detect()
-    args = parse_args(DEMO)
-    validate_args(args, 1)
-    assert from_validated_args(args, env) == resolved(DEMO, 1, env)
 
 
 # ------------------------------------------------------------------ sections ---------------

@@ -10,8 +10,8 @@ read from a flag.
 `resolve` is the path of an entry point: the flags as given, `validate_args` for the
 `Environment` passed in (its checks and messages; the machine-dependent fields resolved for
 that environment), then the sections, so the same command line resolves for a GPU node on a
-CPU host. `from_validated_args` maps a namespace that `validate_args` already resolved (the
-trainer's, validated for this machine).
+CPU host; `from_validated_args` is its second half, the mapping of a namespace `validate_args`
+already resolved.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def resolve(args: argparse.Namespace, world_size: int, env: Environment) -> RunC
             has none).
     """
     validate_args(args, world_size, env)
-    return _run_config(args, env)
+    return from_validated_args(args, env)
 
 
 def settings_from_flags(
