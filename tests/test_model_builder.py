@@ -4,10 +4,11 @@ import dataclasses
 
 import pytest
 
+from tst_megatron import kernels
 from tst_megatron.kernels import KernelAvailability
 from tst_megatron.model import TSTGPTModel
-from tst_megatron.settings import Environment, KernelsConfig, RunConfig
-from tst_megatron.training import arguments, model_builder
+from tst_megatron.settings import Environment, KernelsConfig, RunConfig, SettingsError
+from tst_megatron.training import model_builder
 from tst_megatron.training.arguments import ConfigError
 from tst_megatron.training.run_config import settings_from_flags
 
@@ -55,7 +56,7 @@ def test_transformer_engine_spec_builds_the_same_tst_model(monkeypatch):
         calls.append(kwargs)
         return cpu_spec(local.model, local.kernels, _config(local))
 
-    monkeypatch.setattr(arguments, "transformer_engine_installed", lambda: True)  # the builder's
+    monkeypatch.setattr(kernels, "transformer_engine_importable", lambda: True)  # the builder's
     monkeypatch.setattr(model_builder, "get_gpt_layer_with_transformer_engine_spec", te_spec)
     model = _build(local, _with_te(local))
     assert type(model) is TSTGPTModel  # same class: same embed_bags / multi-hot CE hooks
@@ -65,7 +66,7 @@ def test_transformer_engine_spec_builds_the_same_tst_model(monkeypatch):
 def test_transformer_engine_absent_is_a_clear_error():
     """Settings asking for Transformer Engine, built where it is missing."""
     local = settings_from_flags([*TINY, "--transformer-impl", "local"])
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(SettingsError) as err:
         _build(local, _with_te(local))
     assert "needs Transformer Engine, which is not installed" in str(err.value)
     assert "--transformer-impl local" in str(err.value)

@@ -21,6 +21,11 @@ def _importable(name: str) -> bool:
         return False
 
 
+def transformer_engine_importable() -> bool:
+    """Whether this process can import Transformer Engine (checked without importing it)."""
+    return _importable("transformer_engine")
+
+
 @dataclass(frozen=True)
 class KernelAvailability:
     """Optional kernels present in this process.
@@ -46,7 +51,7 @@ class KernelAvailability:
         cuda = torch.cuda.is_available()
         return cls(
             cuda=cuda,
-            transformer_engine=_importable("transformer_engine"),
+            transformer_engine=transformer_engine_importable(),
             apex_layer_norm=cuda and _importable("apex.normalization.fused_layer_norm"),
             apex_persistent_layer_norm=cuda and _importable("apex.contrib.layer_norm"),
             masked_softmax=cuda

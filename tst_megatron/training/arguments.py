@@ -1341,12 +1341,6 @@ def validate_args(
     _validate_fusions(args, env)
 
 
-def transformer_engine_installed() -> bool:
-    """Whether this process can import Transformer Engine (checked without importing it);
-    the model builder's check. Validation asks its `Environment` instead."""
-    return importlib.util.find_spec("transformer_engine") is not None
-
-
 def _check_required(args: argparse.Namespace) -> None:
     for dest in REQUIRED:
         if getattr(args, dest) is None:

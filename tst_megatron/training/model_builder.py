@@ -25,6 +25,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+from tst_megatron import kernels as kernels_available
 from tst_megatron.data.masks import with_document_attention
 from tst_megatron.layers.spec import local_block_spec
 from tst_megatron.mcore_fixes import apply_mcore_fixes
@@ -36,10 +37,9 @@ from tst_megatron.settings import (
     ParallelConfig,
     PrecisionConfig,
     RecomputeConfig,
+    SettingsError,
 )
-from tst_megatron.settings.kernels import Fusions
-from tst_megatron.training import arguments
-from tst_megatron.training.arguments import ConfigError
+from tst_megatron.settings.kernels import TE_IMPL_MISSING, Fusions
 from tst_megatron.training.fusions import p2p_settings
 
 LayerSpec: TypeAlias = ModuleSpec | TransformerBlockSubmodules
@@ -176,8 +176,8 @@ def layer_spec(
     this pipeline stage (``vp_stage`` chunk), like Megatron-Core's `get_gpt_decoder_block_spec`.
     """
     if kernels.transformer_impl == "transformer_engine":
-        if not arguments.transformer_engine_installed():
-            raise ConfigError(arguments.TE_IMPL_MISSING)
+        if not kernels_available.transformer_engine_importable():  # settings for another host
+            raise SettingsError(TE_IMPL_MISSING)
         if model.moe is not None and model.moe.moe_layer_freq != 1:
             return get_gpt_decoder_block_spec(
                 config, use_transformer_engine=True, vp_stage=vp_stage
@@ -235,7 +235,7 @@ def _build(
     vp_stage: int | None,
 ) -> TSTGPTModel:
     if model.padded_vocab_size is None:
-        raise ConfigError("the padded vocabulary size is not set (set it from the tokenizer)")
+        raise SettingsError("the padded vocabulary size is not set (set it from the tokenizer)")
     apply_mcore_fixes()
     return TSTGPTModel(
         config=config,
