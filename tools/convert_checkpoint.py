@@ -181,7 +181,8 @@ def _output_dir(out: str):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(out, name))
         reason = err.strerror or str(err)
-        code = f" [{errno.errorcode[err.errno]}]" if err.errno in errno.errorcode else ""
+        symbol = errno.errorcode.get(err.errno) if err.errno is not None else None
+        code = f" [{symbol}]" if symbol is not None else ""
         raise ConversionError(
             f"cannot write --hf-dir {out}: {reason}{code}"
             + (f" ({err.filename})" if err.filename else "")
@@ -293,9 +294,10 @@ def hf_to_mcore(argv: list[str]) -> str:
         ]
     )  # fmt: skip
     run, _ = single_process_settings(run_args)
-    padded_vocab_size = run.model.padded_vocab_size
+    padded_vocab_size = run.model.vocab
     state = convert(load_weights(options.hf_dir), model, padded_vocab_size)
     path = save_model_checkpoint(run, state, options.save)
+    assert path is not None  # None only where --save's tracker names iteration 0: refused above
     model_yaml = os.path.join(options.save, "model.yaml")
     with open(model_yaml, "w") as f:
         f.write(f"# model settings of {architecture(model)} {options.hf_dir}\n")

@@ -35,13 +35,13 @@ import sys
 import time
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import BinaryIO, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from merge_datasets import (
@@ -107,7 +107,7 @@ def import_zstandard(path: str) -> ModuleType:
     return zstandard
 
 
-def open_input(path: str) -> BinaryIO:
+def open_input(path: str) -> io.BufferedIOBase:
     """Open an input file for reading binary lines, decompressing ``.gz``/``.zst``."""
     if path.endswith(".gz"):
         return gzip.open(path, "rb")
@@ -180,6 +180,11 @@ class Encoder:
     def __init__(self, config: EncodeConfig) -> None:
         self.config = config
         self.tokenizer = build_tokenizer(config.tokenizer)
+        self.eod = (
+            require_eod(self.tokenizer, config.tokenizer, "--append-eod")
+            if config.append_eod
+            else None
+        )
 
     def __call__(self, line: bytes) -> list[np.ndarray] | Skip:
         line = line.rstrip(b"\r\n")
@@ -214,8 +219,8 @@ class Encoder:
 
     def _tokens(self, text: str) -> np.ndarray:
         ids = self.tokenizer.tokenize(text)
-        if self.config.append_eod:
-            ids.append(self.tokenizer.eod)
+        if self.eod is not None:
+            ids.append(self.eod)
         return np.array(ids, dtype=self.config.dtype)
 
 
@@ -235,6 +240,7 @@ def _start_worker(config: EncodeConfig) -> None:
 
 
 def _encode_in_worker(line: bytes) -> list[np.ndarray] | Skip:
+    assert _worker_encoder is not None  # the pool's initializer, _start_worker, sets it
     return _worker_encoder(line)
 
 
@@ -248,7 +254,7 @@ class Encoded(NamedTuple):
 
 def encode_lines(
     lines: Iterator[tuple[str, bytes]], config: EncodeConfig, workers: int
-) -> Iterator[Encoded]:
+) -> Generator[Encoded, None, None]:
     """Yield ``(location, line size, result)`` in input order, using ``workers`` processes.
 
     Lines go to the pool one window at a time (the next window is submitted before the

@@ -280,6 +280,7 @@ class TSTConfig:
                     f"phase1_iters={self.phase1_iters} exceeds train_iters={train_iters}"
                 )
             return self.phase1_iters
+        assert self.phase1_fraction is not None  # __post_init__: one of the two is set
         return math.floor(self.phase1_fraction * train_iters)
 
     def phase_at(self, iteration: int, train_iters: int) -> int:

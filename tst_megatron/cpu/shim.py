@@ -135,7 +135,7 @@ def _patch_torch_cuda() -> None:
     stream), moe/token_dispatcher.py (device-to-host stream and event), pipeline schedules
     (``synchronize``).
     """
-    cuda = torch.cuda
+    cuda: Any = torch.cuda  # untyped: its typed functions and classes are replaced
     cuda.current_device = lambda: torch.device("cpu")
     cuda.synchronize = lambda device=None: None
     cuda.Stream = _CpuStream
@@ -155,9 +155,11 @@ def _patch_device_moves() -> None:
     ``Tensor.pin_memory()``: distributed/param_and_grad_buffer.py (CPU-offloaded buffers).
     "cuda" means the CPU here, so a tensor is already on the device and is returned as is.
     """
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
-    torch.nn.Module.cuda = lambda self, device=None: self
+    tensor: Any = torch.Tensor  # untyped: its typed methods are replaced
+    module: Any = torch.nn.Module
+    tensor.cuda = lambda self, *args, **kwargs: self
+    tensor.pin_memory = lambda self, *args, **kwargs: self
+    module.cuda = lambda self, device=None: self
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,7 +233,8 @@ class _TorchOnCpu:
 def _patch_hardcoded_cuda_factories() -> None:
     torch_on_cpu = _TorchOnCpu()
     for name in _CUDA_FACTORY_MODULES:
-        importlib.import_module(name).torch = torch_on_cpu
+        module: Any = importlib.import_module(name)  # untyped: its ``torch`` is replaced
+        module.torch = torch_on_cpu
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,6 +244,8 @@ def _patch_hardcoded_cuda_factories() -> None:
 
 class CpuRNGStatesTracker(tp_random.CudaRNGStatesTracker):
     """mcore's ``CudaRNGStatesTracker`` keeping CPU generator states (see _patch_rng_tracker)."""
+
+    _current_state_name: str  # set by mcore's ``reset``
 
     def add(self, name: str, seed: int) -> None:
         """Track a new state seeded with ``seed`` (same checks as mcore)."""
@@ -335,7 +340,8 @@ def _patch_optimizer_type_dispatch() -> None:
             return name.replace("torch.", "torch.cuda.", 1)
         return name
 
-    torch.Tensor.type = type_
+    tensor: Any = torch.Tensor  # untyped: its typed method is replaced
+    tensor.type = type_
 
 
 # --------------------------------------------------------------------------------------------

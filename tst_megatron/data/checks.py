@@ -164,12 +164,11 @@ def _scan(dataset) -> TokenRange:
     if total == 0:
         return TokenRange(0, -1)
     tokens = np.memmap(dataset.path_prefix + ".bin", dtype=dataset.index.dtype, mode="r")
-    low, high = None, None
-    for begin in range(0, total, SCAN_CHUNK_TOKENS):
+    chunk = tokens[:SCAN_CHUNK_TOKENS]
+    low, high = int(chunk.min()), int(chunk.max())
+    for begin in range(SCAN_CHUNK_TOKENS, total, SCAN_CHUNK_TOKENS):
         chunk = tokens[begin : begin + SCAN_CHUNK_TOKENS]
-        chunk_low, chunk_high = int(chunk.min()), int(chunk.max())
-        low = chunk_low if low is None else min(low, chunk_low)
-        high = chunk_high if high is None else max(high, chunk_high)
+        low, high = min(low, int(chunk.min())), max(high, int(chunk.max()))
     return TokenRange(low, high)
 
 

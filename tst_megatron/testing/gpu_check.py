@@ -271,7 +271,7 @@ def phase_speed(summary: Summary, run: Run, rows: list[dict], judge_mfu: bool = 
         mfu = [r["mfu"] for r in times if "mfu" in r]
         tflops = statistics.median(r["tflops_per_gpu"] for r in times)
         median_mfu = statistics.median(mfu) if mfu else None
-        mfu_text = f", MFU {100 * median_mfu:.1f}% of BF16 peak" if mfu else ""
+        mfu_text = f", MFU {100 * median_mfu:.1f}% of BF16 peak" if median_mfu is not None else ""
         summary.numbers[f"{run.name}_phase{phase}"] = {
             "step_s": seconds, "tflops_per_gpu": tflops, "mfu": median_mfu,
         }  # fmt: skip
@@ -469,9 +469,13 @@ def check_multi_hot_ce(summary: Summary) -> None:
         return -logp.gather(-1, targets).mean(-1)
 
     def plain_ce(leaf, labels):  # plain torch, fp32
-        return torch.nn.functional.cross_entropy(
-            leaf.float().flatten(0, 1), labels.flatten(), reduction="none"
-        ).view(length, batch).transpose(0, 1)
+        return (
+            torch.nn.functional.cross_entropy(
+                leaf.float().flatten(0, 1), labels.flatten(), reduction="none"
+            )
+            .view(length, batch)
+            .transpose(0, 1)
+        )
 
     labels = torch.randint(0, vocab, (length, batch), device="cuda")
     ce_loss, ce_grad, ce_ms, ce_peak = measure(standard, labels)
@@ -670,7 +674,8 @@ def _ingest_losses(summary: Summary, logs: Path) -> None:
     """The rows (and numbers) the loss child wrote; they are in summary.txt already."""
     rows = logs / "losses_rows.jsonl"
     for line in rows.read_text().splitlines() if rows.exists() else []:
-        summary.add(*json.loads(line), write=False)
+        name, value, status = json.loads(line)
+        summary.add(name, value, status, write=False)
     numbers = logs / "losses_numbers.json"
     if numbers.exists():
         summary.numbers.update(json.loads(numbers.read_text()))
@@ -751,7 +756,6 @@ def _environment() -> str:
         f"(CUDA {torch.version.cuda}); megatron-core {MCORE_VERSION}; python "
         f"{sys.version.split()[0]}"
     )
-
 
 
 if __name__ == "__main__":

@@ -209,7 +209,8 @@ _STORAGE_ERRNOS = {
 
 def _os_errors(err: BaseException) -> Iterator[OSError]:
     """OSErrors in ``err``'s chain, and in a ``CheckpointException``'s per-rank failures."""
-    seen, stack = set(), [err]
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [err]
     while stack:
         current = stack.pop()
         if current is None or id(current) in seen:

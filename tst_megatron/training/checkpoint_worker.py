@@ -36,6 +36,7 @@ from __future__ import annotations
 import atexit
 import os
 from collections import deque
+from multiprocessing.process import BaseProcess
 from queue import Empty
 
 import torch
@@ -61,7 +62,7 @@ class PersistentCheckpointWorker(AsyncCaller):
     def __init__(self) -> None:
         ctx = mp.get_context("spawn")
         self._ctx = ctx
-        self.process = None
+        self.process: BaseProcess | None = None
         self._requests = ctx.Queue()  # rank -> worker: (call index, fn, args, kwargs, stage)
         self._staged = ctx.Queue()  # worker -> rank: the GPU tensors are on the host
         self._done = ctx.Queue()  # worker -> rank: call index written
@@ -133,12 +134,13 @@ class PersistentCheckpointWorker(AsyncCaller):
         if self.process is not None:
             return
         device = torch.cuda.current_device() if torch.cuda.is_available() else None
-        self.process = self._ctx.Process(
+        process = self._ctx.Process(
             target=_worker_loop,
             args=(os.getpid(), device, self._requests, self._staged, self._done, self._digests),
             name=f"checkpoint-worker-{torch.distributed.get_rank()}",
         )
-        self.process.start()
+        self.process = process
+        process.start()
 
     def _collect_done(self) -> None:
         while True:
@@ -148,12 +150,14 @@ class PersistentCheckpointWorker(AsyncCaller):
                 return
 
     def _wait(self, queue, what: str) -> int:
+        process = self.process
+        assert process is not None  # `_start` ran for the call this waits on
         while True:
             try:
                 return queue.get(timeout=POLL_S)
             except Empty:
-                if not self.process.is_alive():
-                    code = self.process.exitcode
+                if not process.is_alive():
+                    code = process.exitcode
                     self.process = None
                     raise CheckpointWorkerDied(
                         f"the checkpoint worker of rank {torch.distributed.get_rank()} exited "

@@ -28,7 +28,9 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any
 
 EXIT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
 # Signals a cluster or launcher sends to stop or warn a job; helper processes ignore them.
@@ -37,7 +39,7 @@ SHIELDED_ENV = "TST_LAUNCHER_SHIELDED_SIGNALS"
 
 _received = 0  # the signal number once one arrived (0: none)
 _installed: signal.Signals | None = None
-_previous_handler = signal.SIG_DFL
+_previous_handler: Callable[[int, FrameType | None], Any] | int | None = signal.SIG_DFL
 
 
 def _record(signum: int, frame) -> None:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from datetime import timedelta
 from functools import partial
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ from tst_megatron.data.tokenizer import (
 )
 from tst_megatron.loss import positions_with_targets, target_entropy
 from tst_megatron.mcore_compat import batch_on_this_cp_rank
+from tst_megatron.model import TSTGPTModel
 from tst_megatron.planning import footprint
 from tst_megatron.planning.memory import MemorySettings
 from tst_megatron.settings import (
@@ -181,6 +183,11 @@ def build_model_chunks(
 unwrap = precision.unwrap
 
 
+def tst_model(chunk: torch.nn.Module) -> TSTGPTModel:
+    """The `TSTGPTModel` inside ``chunk``'s wrappers (`data_parallel.wrap_chunk`)."""
+    return cast("TSTGPTModel", unwrap(chunk))
+
+
 def loss_func(
     position_mask: torch.Tensor,
     output: torch.Tensor,
@@ -257,9 +264,7 @@ def forward_step(data_iterator, model):
         **bag_token_kwargs(batch),
     )
     per_token = get_model_config(model).calculate_per_token_loss
-    return output, partial(
-        loss_func, position_mask, per_token=per_token, target_entropy=entropy
-    )
+    return output, partial(loss_func, position_mask, per_token=per_token, target_entropy=entropy)
 
 
 def document_attention_mask(batch: dict) -> torch.Tensor | None:
@@ -277,8 +282,8 @@ def bag_token_kwargs(batch: dict) -> dict:
 
 def _target_weights(model, device: torch.device) -> torch.Tensor | None:
     """The phase's bag-loss weights of a (DDP-wrapped) `TSTGPTModel`; None = uniform."""
-    module = unwrap(model)
-    return module.target_weights(device) if hasattr(module, "target_weights") else None
+    target_weights = getattr(unwrap(model), "target_weights", None)
+    return None if target_weights is None else target_weights(device)
 
 
 def split_for_context_parallel(batch: dict, bag_size: int) -> dict:
@@ -331,7 +336,7 @@ def validation_loss(
     the chunks in the standard (phase-2) view and eval mode, forward only; the chunks are left
     in train mode and the standard view (the caller restores its phase)."""
     for chunk in chunks:
-        unwrap(chunk).set_phase(STANDARD_PHASE)
+        tst_model(chunk).set_phase(STANDARD_PHASE)
         chunk.eval()
     with torch.no_grad():
         outputs = run_schedule(
@@ -361,8 +366,7 @@ def validation_microbatches(
     first = ps.get_data_parallel_rank() * per_rank
     if data.mock_data:
         windows = mock_valid_windows(tokenizer, seed, total, seq_length + 1)
-        eod = tokenizer.eod
-        target_mask = eod_target_mask(windows, eod) if data.eod_mask_loss else None
+        target_mask = eod_target_mask(windows, documents.eod) if data.eod_mask_loss else None
         samples = [
             apply_document_masking(
                 build_batch(
@@ -464,15 +468,15 @@ class Trainer:
         self.tokenizer, self.settings = training_tokenizer(settings)
         run = self.settings
         data = run.data
-        self.documents = DocumentMasking(
-            self.tokenizer.eod, data.reset_position_ids, data.reset_attention_mask
-        )
+        eod = self.tokenizer.eod
+        assert eod is not None  # build_training_tokenizer refuses a tokenizer without one
+        self.documents = DocumentMasking(eod, data.reset_position_ids, data.reset_attention_mask)
         self.step_layout = StepLayout(
             seq_length=run.model.seq_length,
             micro_batch_size=run.batch.micro_batch_size,
             dp_rank=ps.get_data_parallel_rank(),
             dp_size=ps.get_data_parallel_world_size(),
-            eod=self.tokenizer.eod,
+            eod=eod,
             eod_mask_loss=data.eod_mask_loss,
             documents=self.documents,
             pin_memory=self.device.type == "cuda",
@@ -524,7 +528,7 @@ class Trainer:
     def set_phase(self, phase: int) -> None:
         self.progress.phase = phase
         for chunk in self.chunks:
-            unwrap(chunk).set_phase(self.phase_spec(phase))
+            tst_model(chunk).set_phase(self.phase_spec(phase))
 
     def last_iteration(self) -> int:
         """Where this invocation stops: end of phase 1 for ``--tst-phase 1``."""
@@ -578,7 +582,7 @@ class Trainer:
         overlapped = self.settings.parallel.overlap_param_gather
         if overlapped:  # finish the pending all-gather of updated params before writing them
             for chunk in self.chunks:
-                chunk.disable_forward_pre_hook(param_sync=True)
+                chunk.disable_forward_pre_hook(param_sync=True)  # type: ignore[operator]  # mcore DDP's
         path = self.checkpoints.save(
             ckpt.CheckpointedRun.of(self.settings),
             self.chunks,
@@ -589,7 +593,7 @@ class Trainer:
         )
         if overlapped:
             for chunk in self.chunks:
-                chunk.enable_forward_pre_hook()
+                chunk.enable_forward_pre_hook()  # type: ignore[operator]  # mcore DDP's
         self.timers("save-checkpoint").stop(barrier=True)
         if path is None:
             self.metrics.print(
@@ -656,7 +660,7 @@ class Trainer:
     # --- steps --------------------------------------------------------------------------
     def train_step(self, spec: PhaseSpec) -> dict:
         for chunk in self.chunks:
-            chunk.zero_grad_buffer()
+            chunk.zero_grad_buffer()  # type: ignore[operator]  # mcore DDP's
         self.optimizer.zero_grad()
         iteration = self.progress.iteration + 1
         step_func = fault_injection.forward_step(forward_step, iteration)
@@ -683,7 +687,8 @@ class Trainer:
         if updated:
             self.scheduler.step(increment=gbs)
         # an overflow at the minimum loss scale cannot be scaled away: a bad step too
-        self.guard.record(bad or (overflow and scale <= run.precision.min_loss_scale), iteration)
+        at_floor = scale is not None and scale <= run.precision.min_loss_scale
+        self.guard.record(bad or (overflow and at_floor), iteration)
         return {
             "loss": health.loss,
             "loss_kl": health.loss - health.target_entropy,
@@ -770,7 +775,7 @@ class Trainer:
             return {"iteration": self.progress.iteration, "exit_reason": early}
         stop_at = self.last_iteration()
         update_num_microbatches(self.progress.consumed_samples, consistency_check=False)
-        final = {"iteration": self.progress.iteration}
+        final: dict[str, Any] = {"iteration": self.progress.iteration}
         measure_at = min(self.progress.iteration + MEASURE_MEMORY_AFTER_STEPS, stop_at)
         self.gc.start()
         while self.progress.iteration < stop_at:
