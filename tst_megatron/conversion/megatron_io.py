@@ -22,11 +22,8 @@ from tst_megatron.model import TSTGPTModel
 from tst_megatron.settings import ModelConfig, RunConfig
 from tst_megatron.training import checkpointing as ckpt
 from tst_megatron.training.checkpoint_settings import CheckpointedRun
-from tst_megatron.training.model_builder import (
-    build_model,
-    single_process_parallel_state,
-    transformer_config,
-)
+from tst_megatron.training.loop import run_transformer_config, whole_model
+from tst_megatron.training.model_builder import single_process_parallel_state
 
 
 def find_checkpoint(load: str) -> tuple[str, dict]:
@@ -128,24 +125,9 @@ def save_model_checkpoint(run: RunConfig, state: dict[str, torch.Tensor], save: 
 
 def _build(settings: RunConfig) -> TSTGPTModel:
     """The whole model of ``settings`` (`tool_flags.single_process_settings`), uninitialised."""
-    config = transformer_config(
-        settings.model,
-        settings.parallel,
-        settings.precision,
-        settings.kernels,
-        settings.recompute,
-        calculate_per_token_loss=settings.batch.calculate_per_token_loss,
-        barrier_with_L1_time=settings.logging.barrier_with_L1_time,
-    )
+    config = run_transformer_config(settings)
     config.perform_initialization = False  # every weight is loaded
-    return build_model(
-        settings.model,
-        settings.kernels,
-        config,
-        document_attention=settings.data.reset_attention_mask,
-        pre_process=True,
-        post_process=True,
-    )
+    return whole_model(settings, config)
 
 
 def _load_strict(model: TSTGPTModel, state: dict) -> None:

@@ -59,6 +59,18 @@ class ParallelConfig:
                 f"{self.context_parallel_size} x data-parallel size {self.data_parallel_size}"
             )
 
+    def mcore_sizes(self) -> dict[str, int | None]:
+        """The layout as Megatron-Core's ``initialize_model_parallel`` and `TransformerConfig`
+        both take it (TP, PP, virtual PP, CP, EP, expert TP)."""
+        return {
+            "tensor_model_parallel_size": self.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": self.pipeline_model_parallel_size,
+            "virtual_pipeline_model_parallel_size": self.virtual_pipeline_model_parallel_size,
+            "context_parallel_size": self.context_parallel_size,
+            "expert_model_parallel_size": self.expert_model_parallel_size,
+            "expert_tensor_parallel_size": self.expert_tensor_parallel_size,
+        }
+
     @property
     def model_parallel_size(self) -> int:
         """Ranks one model replica spans: TP x PP x CP."""

@@ -104,12 +104,7 @@ def initialize_distributed(
     ps.initialize_model_parallel(
         # mcore's own groups (data, tensor, pipeline, ...) otherwise wait 30 minutes
         distributed_timeout_minutes=timeout.total_seconds() / 60,
-        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
-        context_parallel_size=parallel.context_parallel_size,
-        expert_model_parallel_size=parallel.expert_model_parallel_size,
-        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+        **parallel.mcore_sizes(),
     )
     rank_seed = seed + 100 * ps.get_pipeline_model_parallel_rank()
     random.seed(rank_seed)
@@ -429,9 +424,9 @@ def training_tokenizer(run: RunConfig) -> tuple[Tokenizer, RunConfig]:
     return tokenizer, run.with_padded_vocab_size(padded)
 
 
-def model_chunks(run: RunConfig) -> list[torch.nn.Module]:
-    """`build_model_chunks` of ``run`` (its padded vocabulary set: `training_tokenizer`)."""
-    config = transformer_config(
+def run_transformer_config(run: RunConfig) -> TransformerConfig:
+    """The `TransformerConfig` of ``run``'s sections (`model_builder.transformer_config`)."""
+    return transformer_config(
         run.model,
         run.parallel,
         run.precision,
@@ -440,8 +435,25 @@ def model_chunks(run: RunConfig) -> list[torch.nn.Module]:
         calculate_per_token_loss=run.batch.calculate_per_token_loss,
         barrier_with_L1_time=run.logging.barrier_with_L1_time,
     )
-    return build_model_chunks(
+
+
+def whole_model(run: RunConfig, config: TransformerConfig) -> TSTGPTModel:
+    """The whole model of ``run`` (first and last pipeline stage) in one process, unwrapped
+    (conversion, tests); ``config``: `run_transformer_config`."""
+    return build_model(
+        run.model,
+        run.kernels,
         config,
+        document_attention=run.data.reset_attention_mask,
+        pre_process=True,
+        post_process=True,
+    )
+
+
+def model_chunks(run: RunConfig) -> list[torch.nn.Module]:
+    """`build_model_chunks` of ``run`` (its padded vocabulary set: `training_tokenizer`)."""
+    return build_model_chunks(
+        run_transformer_config(run),
         run.model,
         run.parallel,
         run.precision,
