@@ -62,9 +62,10 @@ def tmp(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(tmp) -> Launch:
-    """4 iterations, saved at 2 and 4."""
+    """4 iterations, saved at 2 and 4, validated at the end (2 micro-batches)."""
     save = tmp / "run"
-    run = launch(tmp, "run", ["--save", str(save), "--save-interval", "2"], data=DATA, base=BASE)
+    flags = ["--save", str(save), "--save-interval", "2", "--eval-iters", "2"]
+    run = launch(tmp, "run", flags, data=DATA, base=BASE)
     assert run.returncode == 0, run.log[-3000:]
     return run
 
@@ -251,7 +252,9 @@ def test_a_checkpoint_without_the_record_converts_with_the_flags_as_before(train
 
 
 @pytest.mark.slow
-def test_evaluate_needs_no_model_flags_and_checks_given_ones(trained, tmp):
+def test_evaluate_needs_no_model_flags_gives_the_trainers_loss_and_checks_given_ones(
+    trained, tmp
+):
     common = ["--load", str(tmp / "run"), "--mock-data", "--eval-iters", "2",
               "--micro-batch-size", "2", "--json", "--seed", "5"]  # fmt: skip (mock windows)
     alone = run_tool("evaluate.py", *common, cwd=tmp)
@@ -263,6 +266,11 @@ def test_evaluate_needs_no_model_flags_and_checks_given_ones(trained, tmp):
         return json.loads(done.stdout.strip().splitlines()[-1])["lm_loss"]
 
     assert loss(alone) == loss(flagged)
+    # the Evaluator (weights only: no optimizer, no training samples) gives the trainer's
+    # validation loss for the same weights and samples, bit for bit
+    logged = [r["valid_lm_loss"] for r in trained.records if "valid_lm_loss" in r]
+    assert loss(alone) == logged[-1]
+    assert "model weights only" in alone.stdout and "optimizer" not in alone.stdout
     refused = run_tool("evaluate.py", *common, "--norm-epsilon", "1e-2", cwd=tmp)
     assert refused.returncode == 1
     lines = error_lines(refused.stderr, "evaluate.py: error:")
