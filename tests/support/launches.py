@@ -34,6 +34,7 @@ from tests.support.multirank import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "pretrain_tst.py"
+LAUNCH_PY = ROOT / "tools" / "launch.py"
 MODEL = [
     "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
     "--seq-length", "32", "--transformer-impl", "local", "--distributed-backend", "gloo",
@@ -94,7 +95,8 @@ class Running:
                 if (
                     proc.status() != psutil.STATUS_ZOMBIE
                     and str(SCRIPT) in cmd
-                    and "torch.distributed.run" not in cmd
+                    and "torch.distributed.run" not in cmd  # torchrun
+                    and str(LAUNCH_PY) not in cmd  # tools/launch.py (names the script too)
                     and not any("multiprocessing" in part for part in cmd)
                 ):
                     found.append(proc)
@@ -197,7 +199,7 @@ def launch(
         commands.append([sys.executable, *torchrun, str(SCRIPT), *args])
         envs.append(run_env)
     elif via == "wrapper":
-        commands.append([sys.executable, str(ROOT / "tools" / "launch.py"), *torchrun[2:],
+        commands.append([sys.executable, str(LAUNCH_PY), *torchrun[2:],
                          str(SCRIPT), *args])
         envs.append(run_env)
     else:
